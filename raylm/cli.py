@@ -1,0 +1,199 @@
+"""The `raylm` command line.
+
+    raylm run jobs/quickstart.yaml                       # embedded local Ray
+    raylm run jobs/quickstart.yaml --set train.lr=1e-3   # override any field
+    raylm run spec.yaml --address http://127.0.0.1:8265  # submit through the Ray Jobs API
+    raylm validate jobs/*.yaml                           # every problem, with its dotted path
+    raylm schema pretrain                                # JSON Schema of a job kind
+    raylm jobs list|status|logs|stop --address http://127.0.0.1:8265
+
+Only `raylm.spec` is imported at start-up; torch and ray load inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from raylm.spec import KINDS, SpecError, json_schema, load_spec
+
+EXIT_BAD_INPUT = 2
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors():
+    """Exceptions that mean bad input: printed as a message, exit 2, no traceback."""
+    from raylm.data import DataError
+    from raylm.submit import SubmitError
+
+    return (SpecError, DataError, SubmitError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="raylm")
+def main():
+    """raylm: LLM pretraining, fine-tuning, search, compression and serving from one job spec, on Ray."""
+
+
+overrides_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a spec field, e.g. --set train.lr=3e-4 (repeatable).",
+)
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@overrides_option
+@click.option(
+    "--address",
+    default=None,
+    metavar="URL",
+    help="Ray dashboard (Jobs API) address to submit to; default: embedded local Ray.",
+)
+@click.option(
+    "--no-follow", is_flag=True, help="With --address: submit and return without streaming the logs."
+)
+def run(spec_file, overrides, address, no_follow):
+    """Run the job described by SPEC_FILE."""
+    from raylm import submit
+
+    try:
+        job = load_spec(spec_file, overrides)
+        if address:
+            job_id = submit.submit(address, job.model_dump(mode="json", exclude_none=True), job.run_name)
+            click.echo(f"submitted {job_id} to {address}")
+            if no_follow:
+                click.echo(f"follow it with: raylm jobs logs {job_id} --address {address}")
+                return
+            status = submit.follow(address, job_id, click.echo)
+            click.echo(f"job {job_id}: {status}")
+            sys.exit(0 if status == "SUCCEEDED" else 1)
+        summary = submit.run_here(job)
+    except user_errors() as err:
+        fail(str(err))
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    metrics = summary.get("metrics") or {}
+    click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
+    if "val_loss" in metrics:
+        click.echo(f"[raylm] validation loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}")
+    click.echo(f"[raylm] model saved to {summary['model']}")
+    sample = summary.get("sample") or {}
+    if sample:
+        click.echo(f"[raylm] sample: {sample['prompt']!r} -> {sample['completion']!r}")
+
+
+@main.command()
+@click.argument("spec_files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@overrides_option
+@click.option(
+    "--no-files", is_flag=True, help="Check the spec only, not that its data and model paths exist here."
+)
+def validate(spec_files, overrides, no_files):
+    """Check specs and report every problem at once (exit 2 if any)."""
+    from raylm.preflight import check_job
+
+    failed = False
+    for spec_file in spec_files:
+        try:
+            job = load_spec(spec_file, overrides)
+            problems = [] if no_files else check_job(job)
+            if problems:
+                raise SpecError(problems, source=spec_file)
+        except SpecError as err:
+            failed = True
+            click.echo(str(err), err=True)
+            continue
+        click.echo(f"{spec_file}: ok ({job.kind})")
+    if failed:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.argument("kind", required=False, type=click.Choice(sorted(KINDS)))
+def schema(kind):
+    """Print the JSON Schema of a job kind (default: all kinds)."""
+    click.echo(json.dumps(json_schema(kind), indent=2))
+
+
+@main.group()
+def jobs():
+    """Manage jobs submitted to a Ray cluster through the Jobs API."""
+
+
+address_option = click.option(
+    "--address",
+    default=DEFAULT_DASHBOARD,
+    show_default=True,
+    metavar="URL",
+    help="Ray dashboard (Jobs API) address.",
+)
+
+
+def _client(address):
+    from raylm import submit
+
+    try:
+        return submit.client(address)
+    except submit.SubmitError as err:
+        fail(str(err))
+
+
+@jobs.command("list")
+@address_option
+def jobs_list(address):
+    """List submitted jobs."""
+    for info in sorted(_client(address).list_jobs(), key=lambda j: j.start_time or 0):
+        run_name = (info.metadata or {}).get("raylm_run", "-")
+        click.echo(f"{info.submission_id or info.job_id}\t{info.status.value}\t{run_name}\t{info.entrypoint}")
+
+
+def _job_call(address, job_id, method):
+    try:
+        return getattr(_client(address), method)(job_id)
+    except RuntimeError as err:  # the SDK raises RuntimeError for unknown ids and HTTP errors
+        fail(f"{job_id}: {err}")
+
+
+@jobs.command("status")
+@click.argument("job_id")
+@address_option
+def jobs_status(job_id, address):
+    """Show a job's status."""
+    info = _job_call(address, job_id, "get_job_info")
+    click.echo(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@address_option
+@click.option("--follow", "-f", is_flag=True, help="Stream logs until the job ends.")
+def jobs_logs(job_id, address, follow):
+    """Print a job's logs."""
+    if follow:
+        from raylm import submit
+
+        click.echo(f"job {job_id}: {submit.follow(address, job_id, click.echo)}")
+    else:
+        click.echo(_job_call(address, job_id, "get_job_logs"), nl=False)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@address_option
+def jobs_stop(job_id, address):
+    """Stop a running job."""
+    stopped = _job_call(address, job_id, "stop_job")
+    click.echo(f"{job_id}: {'stop requested' if stopped else 'not running'}")

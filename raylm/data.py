@@ -1,0 +1,236 @@
+"""Ray Data pipeline: read text / JSONL / Parquet / save_to_disk folders -> tokenize -> pack -> split.
+
+    from raylm.data import check_data, documents, packed_blocks
+    problems = check_data(spec.data)            # before any worker starts
+    train = packed_blocks(documents(spec.data), tokenizer, spec.data, split="train")
+
+Tokenizing and packing run in parallel Ray tasks (`map_batches`); the train split streams to the
+training workers (`get_dataset_shard`). Each packed block goes to the validation split by a hash of
+its tokens, so the split is deterministic and needs no pass over the data to count it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from raylm.spec.sections import DataSpec
+
+EXTENSIONS = {
+    "text": (".txt", ".text", ".md"),
+    "jsonl": (".jsonl", ".json", ".ndjson"),
+    "parquet": (".parquet",),
+}
+SNIFF_BYTES = 1 << 20
+VAL_BUCKETS = 10_000
+
+
+class DataError(Exception):
+    """Input data that cannot be trained on; `problems` are (dotted path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{where}: {what}" for where, what in self.problems)
+
+
+def resolve_format(spec: DataSpec) -> str:
+    """The input format: the spec's, or one guessed from the files' extensions."""
+    if spec.format != "auto" or spec.generate is not None:
+        return spec.format if spec.generate is None else "generated"
+    first = Path(spec.paths[0])
+    if first.is_dir():
+        if (first / "dataset_info.json").exists() or (first / "dataset_dict.json").exists():
+            return "hf"
+        files = [p for p in sorted(first.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        first = files[0] if files else first
+    for fmt, suffixes in EXTENSIONS.items():
+        if first.suffix.lower() in suffixes:
+            return fmt
+    return "text"
+
+
+def input_files(spec: DataSpec, fmt: str) -> list[Path]:
+    files: list[Path] = []
+    for raw in spec.paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += [
+                p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in EXTENSIONS[fmt]
+            ]
+        else:
+            files.append(path)
+    return files
+
+
+def check_data(spec: DataSpec) -> list[tuple[str, str]]:
+    """Problems with the input data, found before any worker starts: missing, empty, undecodable."""
+    if spec.generate is not None:
+        return []
+    problems: list[tuple[str, str]] = []
+    for raw in spec.paths:
+        if not Path(raw).exists():
+            problems.append(("data.path", f"{raw} does not exist (paths are relative to where raylm runs)"))
+    if problems:
+        return problems
+    fmt = resolve_format(spec)
+    if fmt == "hf":
+        return [p for raw in spec.paths for p in _check_hf_folder(raw, spec.text_field)]
+    files = input_files(spec, fmt)
+    if not files:
+        wanted = ", ".join(EXTENSIONS[fmt])
+        return [("data.path", f"no {fmt} files ({wanted}) found under {', '.join(spec.paths)}")]
+    for file in files:
+        problem = _check_file(file, fmt, spec.text_field)
+        if problem:
+            problems.append(("data.path", f"{file}: {problem}"))
+    return problems
+
+
+def _check_file(file: Path, fmt: str, text_field: str) -> str | None:
+    if file.stat().st_size == 0:
+        return "file is empty"
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(file)
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            return f"not a readable Parquet file ({err})"
+        if text_field not in schema.names:
+            return f"no column {text_field!r} (columns: {', '.join(schema.names)}); set data.text_field"
+        return None
+    with open(file, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the sniff boundary
+            return (
+                f"not UTF-8 text (byte {err.start}: {head[err.start : err.start + 1]!r}); convert it to UTF-8"
+            )
+        text = head[: err.start].decode("utf-8")
+    if fmt == "jsonl":
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as err:
+            return f"first line is not JSON ({err.msg}); JSONL needs one JSON object per line"
+        if not isinstance(row, dict) or text_field not in row:
+            keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            return f"rows have no field {text_field!r} (found: {keys}); set data.text_field"
+    elif not text.strip():
+        return "file holds only whitespace"
+    return None
+
+
+def _check_hf_folder(raw: str, text_field: str) -> list[tuple[str, str]]:
+    try:
+        dataset = _load_hf(raw)
+    except Exception as err:  # datasets raises FileNotFoundError, ValueError, ...
+        return [("data.path", f"{raw}: not a datasets.save_to_disk folder ({err})")]
+    if text_field not in dataset.column_names:
+        cols = ", ".join(dataset.column_names)
+        return [("data.path", f"{raw}: no column {text_field!r} (columns: {cols}); set data.text_field")]
+    if len(dataset) == 0:
+        return [("data.path", f"{raw}: the dataset has no rows")]
+    return []
+
+
+def _load_hf(raw: str):
+    import datasets
+
+    loaded = datasets.load_from_disk(raw)
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded
+
+
+def documents(spec: DataSpec):
+    """A Ray Dataset of {"text": str} rows read from the spec's inputs."""
+    import ray.data
+
+    fmt = resolve_format(spec)
+    if fmt == "generated":
+        from raylm.corpus import stories
+
+        return ray.data.from_items(
+            [{"text": s} for s in stories(spec.generate.documents, spec.generate.seed)]
+        )
+    if fmt == "hf":
+        parts = [ray.data.from_huggingface(_load_hf(p).select_columns([spec.text_field])) for p in spec.paths]
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    else:
+        files = [str(f) for f in input_files(spec, fmt)]
+        if fmt == "text":
+            # One row per line; keep the newlines so packed blocks see the text as written.
+            return ray.data.read_text(files, drop_empty_lines=False).map_batches(
+                _with_newline, batch_format="pyarrow"
+            )
+        if fmt == "jsonl":
+            ds = ray.data.read_json(files, lines=True)
+        else:
+            ds = ray.data.read_parquet(files, columns=[spec.text_field])
+    if spec.text_field != "text":
+        ds = ds.rename_columns({spec.text_field: "text"})
+    return ds.select_columns(["text"])
+
+
+def _with_newline(table):
+    import pyarrow.compute as pc
+
+    return table.set_column(0, "text", pc.binary_join_element_wise(table["text"], "\n", ""))
+
+
+def is_line_format(spec: DataSpec) -> bool:
+    """Plain text arrives line by line: an EOS after every line would break the text apart."""
+    return resolve_format(spec) == "text"
+
+
+def pack_batch(batch: dict, tokenizer, seq_len: int, add_eos: bool, split: str, val_fraction: float):
+    """Tokenize a batch of documents, concatenate, cut into `seq_len` blocks, yield this split's blocks.
+
+    A generator, so that a batch with no block of this split yields nothing (Ray Data cannot type an
+    empty tensor column).
+    """
+    texts = [str(t) for t in batch["text"]]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    stream = np.fromiter((tok for ids in encoded for tok in (*ids, *eos)), dtype=np.int32)
+    blocks = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
+    threshold = int(val_fraction * VAL_BUCKETS)
+    is_val = np.array([zlib.crc32(b.tobytes()) % VAL_BUCKETS < threshold for b in blocks], dtype=bool)
+    kept = blocks[is_val if split == "val" else ~is_val]
+    if len(kept):
+        yield {"input_ids": kept}
+
+
+def packed_blocks(docs, tokenizer, spec: DataSpec, split: str):
+    """The `split` ("train" or "val") of `docs`, tokenized and packed into `spec.seq_len` blocks."""
+    fn = functools.partial(
+        pack_batch,
+        tokenizer=tokenizer,
+        seq_len=spec.seq_len,
+        add_eos=spec.add_eos and not is_line_format(spec),
+        split=split,
+        val_fraction=spec.val_fraction,
+    )
+    return docs.map_batches(fn, batch_size=spec.pack_batch_docs, batch_format="numpy")
+
+
+def corpus_sample(docs, max_chars: int):
+    """Texts from the start of `docs` totalling at most `max_chars` characters (tokenizer training)."""
+    total = 0
+    for batch in docs.iter_batches(batch_size=1024, batch_format="numpy"):
+        for text in batch["text"]:
+            text = str(text)
+            yield text
+            total += len(text)
+            if total >= max_chars:
+                return

@@ -1,0 +1,82 @@
+"""Models: build a causal LM from an architecture block, or load one from a Hugging Face folder.
+
+    from raylm.models import build_model
+    model = build_model(spec.model, vocab_size=len(tokenizer))
+
+Loading goes through safetensors only; custom modelling code runs only with trust_remote_code.
+"""
+
+from __future__ import annotations
+
+from raylm.spec.sections import Architecture, ModelSpec
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def architecture_config(arch: Architecture, vocab_size: int, tokenizer=None):
+    """A transformers config for `arch`; special token ids follow the tokenizer."""
+    from transformers import GPT2Config, LlamaConfig
+
+    vocab = arch.vocab_size or vocab_size
+    ids = {}
+    if tokenizer is not None:
+        ids = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    if arch.family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab,
+            n_positions=arch.context,
+            n_embd=arch.hidden,
+            n_layer=arch.layers,
+            n_head=arch.heads,
+            n_inner=arch.intermediate or 4 * arch.hidden,
+            tie_word_embeddings=arch.tie_embeddings,
+            **ids,
+        )
+    intermediate = arch.intermediate or _round_up(int(8 * arch.hidden / 3), 32)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=arch.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads or arch.heads,
+        max_position_embeddings=arch.context,
+        tie_word_embeddings=arch.tie_embeddings,
+        **ids,
+    )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def build_model(spec: ModelSpec, vocab_size: int, tokenizer=None, seed: int = 0):
+    """The model of `spec`: random init from the architecture (seeded), or weights from `spec.path`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, DTYPES[spec.dtype])
+    if spec.architecture is not None:
+        torch.manual_seed(seed)
+        config = architecture_config(spec.architecture, vocab_size, tokenizer)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.path,
+        revision=spec.revision,
+        dtype=dtype,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=True,
+    )
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -1,0 +1,149 @@
+"""YAML -> validated job spec, with `--set a.b=value` overrides and errors written for people."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from raylm.spec.jobs import KINDS
+
+
+class SpecError(Exception):
+    """Every problem found in a spec, each with its dotted path and a hint. Picklable across Ray."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(self.problems, source)
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
+        lines += [f"  {where}: {what}" for where, what in self.problems]
+        return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise SpecError([(f"--set {text}", "expected KEY=VALUE with a dotted key, e.g. --set train.lr=3e-4")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise SpecError([(f"--set {text}", f"value is not valid YAML: {err}")]) from None
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+    return key.strip().split("."), value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in {"nan", "inf", "-inf", "infinity", "-infinity"}
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise SpecError([(f"--set {text}", f"{where} is a {type(child).__name__}, not a section")])
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([("file", f"no such spec file: {path}")], source=str(path))
+    try:
+        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "file"
+        raise SpecError(
+            [(where, f"not valid YAML: {getattr(err, 'problem', err)}")], source=str(path)
+        ) from None
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise SpecError([("file", "expected one YAML mapping with a `kind:` key")], source=str(path))
+    return documents[0]
+
+
+def validate_dict(data: dict, source: str = "spec") -> BaseModel:
+    kind = data.get("kind")
+    if kind not in KINDS:
+        choices = ", ".join(KINDS)
+        hint = _did_you_mean(str(kind), KINDS)
+        what = "missing: every spec starts with `kind:`" if kind is None else f"unknown kind {kind!r}"
+        raise SpecError([("kind", f"{what}; choose one of: {choices}{hint}")], source=source)
+    model = KINDS[kind]
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError([_describe(model, e) for e in err.errors()], source=source) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BaseModel:
+    data = apply_overrides(read_yaml(path), list(overrides))
+    return validate_dict(data, source=str(path))
+
+
+def _describe(model: type[BaseModel], error: dict) -> tuple[str, str]:
+    loc = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    where = ".".join(loc) or "spec"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        siblings = _fields_at(model, loc[:-1])
+        return where, f"unknown field{_did_you_mean(loc[-1], siblings)}; allowed here: {', '.join(siblings)}"
+    if kind == "missing":
+        field = _field_info(model, loc)
+        hint = f" ({field.description})" if field is not None and field.description else ""
+        return where, f"required field is missing{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind in {"literal_error", "enum"}:
+        return where, f"{message}, got {error.get('input')!r}"
+    field = _field_info(model, loc)
+    if field is not None and field.description and kind not in {"value_error", "assertion_error"}:
+        message += f" (got {error.get('input')!r}; {field.description})"
+    return where, message
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _submodel(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    if model is None or key not in model.model_fields:
+        return None
+    annotation = model.model_fields[key].annotation
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for key in loc:
+        model = _submodel(model, key)
+    return list(model.model_fields) if model is not None else []
+
+
+def _field_info(model: type[BaseModel], loc: list[str]):
+    for key in loc[:-1]:
+        model = _submodel(model, key)
+    if model is None or not loc or loc[-1] not in model.model_fields:
+        return None
+    return model.model_fields[loc[-1]]

@@ -1,0 +1,231 @@
+"""Spec sections shared by job kinds: model, tokenizer, data, train, resources, output, failure.
+
+Every field carries a description: it is the text of `raylm schema` and of error hints.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base of every spec block: unknown keys are errors (a typo must not silently do nothing)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Architecture(Section):
+    """A model built from scratch (random init) instead of loaded from a folder or the hub."""
+
+    family: Literal["llama", "gpt2"] = Field(
+        "llama", description="Decoder family: llama (RoPE, RMSNorm, SwiGLU) or gpt2."
+    )
+    layers: int = Field(4, ge=1, description="Number of transformer blocks.")
+    heads: int = Field(4, ge=1, description="Attention heads per block.")
+    kv_heads: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention, llama only); default = heads."
+    )
+    hidden: int = Field(128, ge=8, description="Hidden (embedding) size; must be divisible by heads.")
+    intermediate: int | None = Field(
+        None, ge=8, description="Feed-forward size; default 4*hidden (gpt2) or ~8/3*hidden (llama)."
+    )
+    context: int = Field(256, ge=8, description="Maximum sequence length (position embeddings / RoPE range).")
+    vocab_size: int | None = Field(None, ge=8, description="Vocabulary size; default = the tokenizer's.")
+    tie_embeddings: bool = Field(False, description="Share input embedding and LM head weights.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> Architecture:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.kv_heads is not None:
+            if self.family != "llama":
+                raise ValueError("kv_heads is only supported by family: llama")
+            if self.heads % self.kv_heads:
+                raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        return self
+
+
+class ModelSpec(Section):
+    """Where the model comes from: a local Hugging Face folder / hub id, or an architecture block."""
+
+    path: str | None = Field(
+        None, description="Local Hugging Face model folder or hub id (e.g. runs/tiny/model)."
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) when path is a hub id."
+    )
+    architecture: Architecture | None = Field(
+        None, description="Build a new model from scratch with this shape."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the weights are kept in; mixed precision is train.precision."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow custom modelling code shipped with the checkpoint (off: it runs arbitrary code).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.architecture is None):
+            raise ValueError(
+                "give exactly one of model.path (load weights) or model.architecture (build from scratch)"
+            )
+        return self
+
+
+class TokenizerTraining(Section):
+    """Train a tokenizer on the job's corpus before training starts."""
+
+    type: Literal["bpe", "char"] = Field(
+        "bpe", description="bpe: byte-level BPE; char: one token per character seen in the corpus."
+    )
+    vocab_size: int = Field(2048, ge=64, description="Target vocabulary size (bpe).")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    max_chars: int = Field(
+        50_000_000, ge=1000, description="Train on at most this many characters of the corpus."
+    )
+
+
+class TokenizerSpec(Section):
+    """A tokenizer folder, or training instructions; default: the model folder's tokenizer, else a BPE."""
+
+    path: str | None = Field(None, description="Folder with a Hugging Face fast tokenizer (tokenizer.json).")
+    train: TokenizerTraining | None = Field(None, description="Train a tokenizer on the corpus.")
+
+    @model_validator(mode="after")
+    def _not_both(self) -> TokenizerSpec:
+        if self.path is not None and self.train is not None:
+            raise ValueError("give tokenizer.path or tokenizer.train, not both")
+        return self
+
+
+class GeneratedCorpus(Section):
+    """A corpus the project writes itself (no downloads): small templated stories."""
+
+    documents: int = Field(3000, ge=10, description="Number of generated stories.")
+    seed: int = Field(0, description="Seed of the story generator.")
+
+
+class DataSpec(Section):
+    """Training text: files (text, JSONL, Parquet, datasets.save_to_disk folders) or a generated corpus."""
+
+    path: str | list[str] | None = Field(None, description="A file, a folder of files, or a list of them.")
+    generate: GeneratedCorpus | None = Field(
+        None, description="Use a corpus raylm generates (for quickstarts and tests)."
+    )
+    format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field(
+        "auto",
+        description="Input format; auto picks by file extension (.txt/.md, .jsonl/.json, .parquet, a save_to_disk folder).",
+    )
+    text_field: str = Field("text", description="Column holding the text (jsonl, parquet, hf).")
+    seq_len: int = Field(256, ge=8, description="Tokens per packed training block.")
+    val_fraction: float = Field(
+        0.05, ge=0.0, lt=0.9, description="Fraction of packed blocks held out for validation."
+    )
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="Blocks in the per-worker shuffle buffer (seeded by train.seed); 0 keeps file order.",
+    )
+    add_eos: bool = Field(
+        True,
+        description="Append the EOS token after each document before packing (not per line of text files).",
+    )
+    val_blocks: int = Field(512, ge=1, description="At most this many packed blocks are kept for validation.")
+    pack_batch_docs: int = Field(
+        1024, ge=1, description="Documents tokenized and packed together per Ray Data batch."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.path is None) == (self.generate is None):
+            raise ValueError(
+                "give exactly one of data.path (your files) or data.generate (a generated corpus)"
+            )
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class TrainSpec(Section):
+    """The optimisation loop: length, batch, schedule, precision, intervals."""
+
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to run (takes precedence over epochs)."
+    )
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training split, when max_steps is not set."
+    )
+    batch_size: int = Field(8, ge=1, description="Sequences per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate of the cosine schedule, as a fraction of lr."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the schedule.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW weight decay (not applied to norms and biases)."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this value; null disables."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision (fp16 needs a GPU)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    seed: int = Field(0, description="Seed for weights, data order and dropout.")
+    eval_every: int = Field(
+        100, ge=1, description="Evaluate on the validation split every N steps (and at the end)."
+    )
+    eval_batches: int | None = Field(
+        None, ge=1, description="Cap on validation batches per evaluation; default all."
+    )
+    checkpoint_every: int = Field(
+        200, ge=1, description="Save a resumable checkpoint every N steps (and at the end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage (oldest removed first).")
+    log_every: int = Field(10, ge=1, description="Print and record metrics every N steps.")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSpec:
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 1000
+        return self
+
+
+class ResourcesSpec(Section):
+    """What each Ray Train worker gets."""
+
+    num_workers: int = Field(1, ge=1, description="Data-parallel training workers.")
+    use_gpu: bool = Field(
+        False, description="Give each worker a GPU (NCCL backend) instead of CPU only (gloo)."
+    )
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs reserved per worker; also its torch thread count."
+    )
+    gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu is true.")
+
+
+class FailureSpec(Section):
+    """Fault tolerance: how often Ray Train restarts failed workers from the last checkpoint."""
+
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed (-1: unlimited).")
+
+
+class OutputSpec(Section):
+    """Where the run writes checkpoints, metrics and the final model."""
+
+    path: str = Field(description="Run directory (local or shared filesystem) or storage URI (s3://, gs://).")

@@ -1,0 +1,67 @@
+"""Run outputs on a local/shared path or a storage URI (s3://, gs://, file://) through pyarrow.fs.
+
+Local folders are replaced atomically: a new model folder is written beside the old one and swapped
+in with renames, so a failure while exporting never leaves a half-written `model/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def stage_dir(output: str) -> Path:
+    """Where rank 0 writes run files: the run folder itself, or a local folder mirrored to a URI."""
+    if is_uri(output):
+        return Path(tempfile.mkdtemp(prefix="raylm-stage-"))
+    return Path(output)
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move `source` to `target`, swapping out an existing `target` with renames (same filesystem)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    incoming = target.with_name(f".{target.name}.incoming-{uuid.uuid4().hex[:8]}")
+    shutil.move(str(source), str(incoming))
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        target.rename(retired)
+    incoming.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def publish_files(stage: Path, uri: str, names: list[str]) -> None:
+    """Copy files or folders `names` of `stage` to the same names under `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    for name in names:
+        source = stage / name
+        if not source.exists():
+            continue
+        if source.is_dir():
+            pafs.copy_files(
+                str(source),
+                f"{root}/{name}",
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=fs,
+            )
+        else:
+            fs.create_dir(root, recursive=True)
+            with fs.open_output_stream(f"{root}/{name}") as out:
+                out.write(source.read_bytes())
+
+
+def export_model(model, tokenizer, stage: Path, publish_to: str | None) -> None:
+    """Save `model` and `tokenizer` as a Hugging Face folder `model/` (safetensors) in the run."""
+    scratch = Path(tempfile.mkdtemp(prefix="model-", dir=stage))
+    model.save_pretrained(scratch, safe_serialization=True)
+    tokenizer.save_pretrained(scratch)
+    replace_dir(scratch, stage / "model")
+    if publish_to:
+        publish_files(stage, publish_to, ["model", "metrics.jsonl", "tensorboard"])

@@ -1,0 +1,154 @@
+"""Where a job runs: an embedded local Ray (default), or a Ray cluster through the Ray Jobs API.
+
+    raylm run jobs/quickstart.yaml                                  # embedded local Ray
+    raylm run jobs/quickstart.yaml --address http://127.0.0.1:8265  # submit to a cluster
+    raylm jobs list --address http://127.0.0.1:8265
+
+The Jobs API runs arbitrary code for whoever reaches it, so raylm refuses a non-loopback address
+unless Ray token authentication is configured (RAY_AUTH_MODE=token and a token).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import shlex
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+RUNNERS = {"pretrain": "raylm.train.pretrain:run_pretrain"}
+
+
+class SubmitError(Exception):
+    """A problem with where or how a job is submitted; the message says how to fix it."""
+
+
+# ---- embedded / in-cluster execution --------------------------------------------------------------
+
+
+def ensure_ray(job) -> None:
+    """Connect to the cluster this process runs in (a Ray job), or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    needed = job.resources.num_workers * job.resources.cpus_per_worker
+    # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 2))
+
+
+def run_here(job) -> dict:
+    """Run `job` in this process's Ray (embedded or the cluster's) and return its summary."""
+    import importlib
+
+    from raylm.preflight import check_job
+    from raylm.spec import SpecError
+
+    problems = check_job(job)
+    if problems:
+        raise SpecError(problems, source="preflight")
+    module, func = RUNNERS[job.kind].split(":")
+    runner = getattr(importlib.import_module(module), func)
+    ensure_ray(job)
+    return runner(job)
+
+
+# ---- Jobs API ------------------------------------------------------------------------------------
+
+
+def is_loopback(address: str) -> bool:
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
+            )
+        except (socket.gaierror, ValueError):
+            return False
+
+
+def token_configured() -> bool:
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return False
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return Path(token_file).is_file() and Path(token_file).read_text().strip() != ""
+
+
+def check_address(address: str) -> str:
+    """The Jobs API (dashboard) URL for `address`; refuses non-loopback hosts without token auth."""
+    if address.startswith("ray://"):
+        raise SubmitError(
+            f"{address}: raylm submits through the Ray Jobs API; give the dashboard address, e.g. http://HOST:8265"
+        )
+    url = address if "://" in address else f"http://{address}"
+    if not is_loopback(url) and not token_configured():
+        raise SubmitError(
+            f"refusing to submit to {address}: the Ray Jobs API runs arbitrary code for anyone who can reach it, "
+            "and Ray token authentication is not configured here. Start the cluster with RAY_AUTH_MODE=token, "
+            "then set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token, "
+            "e.g. from `ray get-auth-token`) in this shell."
+        )
+    return url
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    url = check_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as err:  # connection errors come in several types from requests/aiohttp
+        raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {err}") from None
+
+
+def submit(address: str, spec: dict, job_name: str, extra_pip: list[str] | None = None) -> str:
+    """Submit the validated spec as a Ray job running `raylm run`; returns the submission id."""
+    import raylm
+
+    rc = client(address)
+    workdir = Path(tempfile.mkdtemp(prefix="raylm-submit-"))
+    (workdir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    runtime_env: dict = {
+        "working_dir": str(workdir),
+        # Ship this raylm so the cluster runs the code that validated the spec.
+        "py_modules": [str(Path(raylm.__file__).parent)],
+        "env_vars": {"PYTHONUNBUFFERED": "1"},
+    }
+    if extra_pip:
+        runtime_env["pip"] = extra_pip
+    entrypoint = f"python -m raylm run {shlex.quote('spec.yaml')}"
+    return rc.submit_job(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
+        submission_id=f"raylm-{job_name}-{uuid.uuid4().hex[:8]}",
+        metadata={"raylm_run": job_name},
+    )
+
+
+def follow(address: str, submission_id: str, echo) -> str:
+    """Stream a job's logs until it ends; returns its final status name."""
+    import asyncio
+
+    rc = client(address)
+
+    async def tail() -> None:
+        async for lines in rc.tail_job_logs(submission_id):
+            echo(lines, nl=False)
+
+    asyncio.run(tail())
+    return str(rc.get_job_status(submission_id).value)

@@ -1,0 +1,210 @@
+"""The per-worker training loop, top to bottom: setup -> resume -> train/eval/checkpoint -> export.
+
+Ray Train runs `train_loop(config)` on every worker; `raylm.train.pretrain` builds the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from raylm.spec import PretrainJob
+
+
+def train_loop(config: dict) -> dict | None:
+    import ray.train
+    import torch
+
+    from raylm import storage
+    from raylm.models import build_model
+    from raylm.train import checkpoint, optim, strategy
+    from raylm.train.metrics import MetricsLog, emit, format_progress
+
+    # ---- setup -------------------------------------------------------------------------------
+    job = PretrainJob.model_validate(config["spec"])
+    spec, tokenizer = job.train, config["tokenizer"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=spec.seed)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    model = strategy.wrap(model, job)
+    optimizer = optim.adamw(model, spec)
+    total_steps = config["total_steps"]
+    scheduler = optim.scheduler(optimizer, spec, total_steps)
+    autocast = _autocast(spec.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
+
+    # ---- resume ------------------------------------------------------------------------------
+    loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "world_size": world, "tokens": 0}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            loop = checkpoint.load(Path(folder), model, optimizer, scheduler, rank)
+        if loop["world_size"] != world:
+            raise RuntimeError(
+                f"checkpoint was written by {loop['world_size']} workers, this run has {world}: "
+                "the data order cannot be replayed; set resources.num_workers back or use a new output"
+            )
+        loop["world_size"] = world
+    else:
+        torch.manual_seed(spec.seed + rank)
+    stage = Path(config["stage_dir"])
+    log = MetricsLog(stage, loop["step"]) if rank == 0 else None
+    if rank == 0 and restored is not None:
+        emit(f"[raylm] resumed from checkpoint at step {loop['step']}")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    tokens_per_micro = job.data.seq_len * spec.batch_size
+
+    def evaluate() -> dict:
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for i, batch in enumerate(
+                val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=torch.long)
+            ):
+                if spec.eval_batches is not None and i >= spec.eval_batches:
+                    break
+                ids = batch["input_ids"].to(device)
+                with autocast:
+                    loss = model(input_ids=ids, labels=ids).loss
+                n = ids.numel() - ids.shape[0]  # predicted positions
+                totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+        model.train()
+        val_loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def save_and_report(row: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as folder:
+            checkpoint.save(Path(folder), model, optimizer, scheduler, loop, rank)
+            ray.train.report(
+                row,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint_{loop['step']:08d}",
+            )
+        if rank == 0 and config["publish_to"]:
+            storage.publish_files(stage, config["publish_to"], ["metrics.jsonl", "tensorboard"])
+
+    def micro_batches():
+        """Training micro-batches forever, epoch after epoch, skipping what a resumed epoch already saw."""
+        while True:
+            seen = 0
+            batches = train_shard.iter_torch_batches(
+                batch_size=spec.batch_size,
+                dtypes=torch.long,
+                drop_last=True,
+                local_shuffle_buffer_size=config["shuffle_buffer"],
+                local_shuffle_seed=spec.seed + loop["epoch"] if config["shuffle_buffer"] else None,
+            )
+            for batch in batches:
+                seen += 1
+                if seen > loop["batches_in_epoch"]:
+                    loop["batches_in_epoch"] = seen
+                    yield batch["input_ids"].to(device)
+            if seen == 0:
+                raise RuntimeError(
+                    "the training split gave this worker no batch: add data or lower train.batch_size"
+                )
+            loop["epoch"] += 1
+            loop["batches_in_epoch"] = 0
+
+    # ---- train -------------------------------------------------------------------------------
+    model.train()
+    loss_sum, micro = 0.0, 0
+    window_start, window_tokens = time.perf_counter(), 0
+    last_row: dict = {}
+    for ids in micro_batches() if loop["step"] < total_steps else ():
+        micro += 1
+        last_micro = micro % spec.grad_accum == 0
+        sync = contextlib.nullcontext() if last_micro or world == 1 else model.no_sync()
+        with sync:
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss / spec.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += loss.item()
+        window_tokens += tokens_per_micro * world
+        if not last_micro:
+            continue
+        if scaler:
+            scaler.unscale_(optimizer)
+        if spec.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loop["step"] += 1
+        loop["tokens"] += tokens_per_micro * world * spec.grad_accum
+        step, done = loop["step"], loop["step"] >= total_steps
+        row: dict = {}
+        if step % spec.log_every == 0 or done:
+            steps_in_window = micro // spec.grad_accum
+            elapsed = time.perf_counter() - window_start
+            row.update(
+                loss=loss_sum / steps_in_window,
+                lr=scheduler.get_last_lr()[0],
+                tokens_per_s=window_tokens / elapsed,
+                tokens=loop["tokens"],
+            )
+            loss_sum, micro, window_tokens = 0.0, 0, 0
+        if step % spec.eval_every == 0 or done:
+            row.update(evaluate())
+        if row:
+            row["step"] = step
+            last_row.update(row)
+            if rank == 0:
+                log.write(row)
+                emit(format_progress(row, total_steps))
+        if step % spec.checkpoint_every == 0 or done:
+            save_and_report({**last_row, "step": step, "epoch": loop["epoch"]})
+        elif row:
+            ray.train.report(row)
+        if row:
+            window_start = time.perf_counter()
+        if done:
+            break
+
+    # ---- export ------------------------------------------------------------------------------
+    if rank != 0:
+        return None
+    log.close()
+    final = checkpoint.unwrap(model)
+    sample = _sample(final, tokenizer, config["sample_prompt"], device)
+    storage.export_model(final, tokenizer, stage, config["publish_to"])
+    return {"metrics": last_row, "sample": sample}
+
+
+def _autocast(precision: str, device):
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _sample(model, tokenizer, prompt_ids: list[int], device, new_tokens: int = 48) -> dict:
+    """Greedy continuation of the start of a corpus block: a quick look at what was learned."""
+    import torch
+
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return {"prompt": tokenizer.decode(prompt[0]), "completion": tokenizer.decode(out[0, len(prompt_ids) :])}

@@ -1,0 +1,61 @@
+"""Run metrics: JSONL rows (one per logged step) and TensorBoard event files, written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends metric rows to `metrics.jsonl` and TensorBoard under `run_dir`.
+
+    On resume, rows past the checkpoint's step are dropped first: those steps are about to be
+    replayed, and a log with two different values for one step would mislead.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        self.tensorboard = SummaryWriter(
+            str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+        )
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tensorboard.close()
+
+
+def emit(line: str) -> None:
+    """Print a line from a Train worker once: Train V2 routes `print` through logging, which doubles it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def format_progress(row: dict, max_steps: int) -> str:
+    """One progress line for the console: step, loss, learning rate, throughput, eval."""
+    parts = [f"step {row['step']}/{max_steps}"]
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.4f}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}")
+    if "tokens_per_s" in row:
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    if "val_loss" in row:
+        parts.append(f"val_loss {row['val_loss']:.4f} ppl {row['val_ppl']:.2f}")
+    return "[raylm] " + " | ".join(parts)

@@ -1,0 +1,34 @@
+"""AdamW with decoupled weight decay (not on norms and biases) and a warm-up + decay schedule."""
+
+from __future__ import annotations
+
+import math
+
+from raylm.spec.sections import TrainSpec
+
+
+def adamw(model, spec: TrainSpec):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
+
+
+def lr_factor(step: int, spec: TrainSpec, total_steps: int) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up, then cosine / linear decay or constant."""
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    if spec.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if spec.schedule == "cosine" else 1 - progress
+    return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape
+
+
+def scheduler(optimizer, spec: TrainSpec, total_steps: int):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec, total_steps))
