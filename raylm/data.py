@@ -40,6 +40,15 @@ class DataError(Exception):
         return "\n".join(f"{where}: {what}" for where, what in self.problems)
 
 
+def configure_ray_data() -> None:
+    """Deterministic order (a resumed run replays exactly the batches it would have seen), no bars."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+
+
 def resolve_format(spec: DataSpec) -> str:
     """The input format: the spec's, or one guessed from the files' extensions."""
     if spec.format != "auto" or spec.generate is not None:

@@ -37,18 +37,17 @@ SAMPLE_PROMPT_TOKENS = 8
 
 
 def run_pretrain(job: PretrainJob) -> dict:
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raylm.data import documents, packed_blocks
+    from raylm.data import configure_ray_data, documents, packed_blocks
     from raylm.train.loop import train_loop
 
     output = job.output.path
     local_output = None if storage.is_uri(output) else Path(output).resolve()
     if local_output is not None:
         check_same_run(job, local_output)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_ray_data()
 
     docs = documents(job.data)
     tokenizer = prepare_tokenizer(job, docs, local_output)

@@ -1,0 +1,143 @@
+"""Spec round trips, overrides, and every error path, each with its dotted path and a hint."""
+
+import pytest
+import yaml
+
+from raylm.spec import PretrainJob, SpecError, json_schema, load_spec, validate_dict
+
+MINIMAL = {
+    "kind": "pretrain",
+    "model": {"architecture": {"layers": 2, "heads": 2, "hidden": 64, "context": 64}},
+    "data": {"generate": {"documents": 50}, "seq_len": 32},
+    "output": "runs/x",
+}
+
+
+def write(tmp_path, data, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if isinstance(data, dict) else data)
+    return path
+
+
+def problems(tmp_path, data, overrides=()):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, data), overrides)
+    return dict(info.value.problems)
+
+
+def test_minimal_spec_fills_defaults(tmp_path):
+    job = load_spec(write(tmp_path, MINIMAL))
+    assert isinstance(job, PretrainJob)
+    assert job.output.path == "runs/x" and job.run_name == "x"
+    assert job.train.max_steps == 1000 and job.strategy == "ddp"
+    assert job.model.trust_remote_code is False
+    assert job.tokenizer.path is None and job.tokenizer.train is None
+
+
+def test_round_trip_through_yaml_is_identical(tmp_path):
+    job = load_spec(write(tmp_path, MINIMAL))
+    dumped = job.model_dump(mode="json")
+    again = load_spec(write(tmp_path, yaml.safe_dump(dumped), "again.yaml"))
+    assert again == job
+    assert again.model_dump(mode="json") == dumped
+
+
+def test_overrides_set_nested_fields_with_yaml_types(tmp_path):
+    job = load_spec(
+        write(tmp_path, MINIMAL),
+        [
+            "train.lr=3e-4",
+            "train.batch_size=4",
+            "resources.num_workers=2",
+            "output=runs/y",
+            "train.betas=[0.8, 0.9]",
+        ],
+    )
+    assert job.train.lr == pytest.approx(3e-4)
+    assert job.train.batch_size == 4 and job.resources.num_workers == 2
+    assert job.output.path == "runs/y" and job.train.betas == (0.8, 0.9)
+
+
+def test_override_creates_missing_sections(tmp_path):
+    job = load_spec(write(tmp_path, MINIMAL), ["failure.max_failures=3"])
+    assert job.failure.max_failures == 3
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=3", "train..lr=1", "output.path.x=1"])
+def test_malformed_override_is_reported(tmp_path, bad):
+    spec = dict(MINIMAL, output={"path": "runs/x"}) if bad.startswith("output.path") else MINIMAL
+    found = problems(tmp_path, spec, [bad])
+    assert any(key.startswith("--set") for key in found)
+
+
+def test_missing_required_field_names_path(tmp_path):
+    data = {k: v for k, v in MINIMAL.items() if k != "data"}
+    found = problems(tmp_path, data)
+    assert "data" in found and "required" in found["data"]
+
+
+def test_wrong_type_names_path_and_expectation(tmp_path):
+    found = problems(tmp_path, MINIMAL, ["train.batch_size=many"])
+    assert "train.batch_size" in found
+    assert "integer" in found["train.batch_size"] and "Sequences per worker" in found["train.batch_size"]
+
+
+def test_unknown_field_suggests_the_right_one(tmp_path):
+    found = problems(tmp_path, MINIMAL, ["train.lrr=0.1"])
+    assert "did you mean 'lr'" in found["train.lrr"]
+
+
+def test_unknown_kind_lists_choices(tmp_path):
+    found = problems(tmp_path, dict(MINIMAL, kind="pretrian"))
+    assert "unknown kind" in found["kind"] and "pretrain" in found["kind"]
+
+
+def test_missing_kind(tmp_path):
+    found = problems(tmp_path, {k: v for k, v in MINIMAL.items() if k != "kind"})
+    assert "kind" in found
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    found = problems(
+        tmp_path, MINIMAL, ["train.lr=-1", "train.batch_size=0", "data.seq_len=x", "strategy=zero9"]
+    )
+    assert {"train.lr", "train.batch_size", "data.seq_len", "strategy"} <= set(found)
+
+
+def test_cross_field_rules(tmp_path):
+    found = problems(tmp_path, MINIMAL, ["data.seq_len=128"])
+    assert "context" in " ".join(found.values())
+    found = problems(tmp_path, MINIMAL, ["train.precision=fp16"])
+    assert "use_gpu" in " ".join(found.values())
+    found = problems(tmp_path, MINIMAL, ["model.architecture.hidden=65"])
+    assert "divisible" in " ".join(found.values())
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    found = problems(tmp_path, MINIMAL, ["model.path=some/folder"])
+    assert "model" in found and "exactly one" in found["model"]
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, "kind: [pretrain\n"))
+    assert "YAML" in str(info.value) and "line" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "nope.yaml")
+    assert "no such spec file" in str(info.value)
+
+
+def test_spec_error_pickles_across_processes():
+    import pickle
+
+    err = SpecError([("a.b", "bad")], source="x.yaml")
+    again = pickle.loads(pickle.dumps(err))
+    assert again.problems == [("a.b", "bad")] and str(again) == str(err)
+
+
+def test_json_schema_has_descriptions():
+    schema = json_schema("pretrain")
+    assert schema["properties"]["kind"]["const"] == "pretrain"
+    train = schema["$defs"]["TrainSpec"]["properties"]
+    assert "Peak learning rate" in train["lr"]["description"]
+    assert validate_dict(dict(MINIMAL)).kind == "pretrain"

@@ -1,0 +1,106 @@
+"""The Ray Data pipeline on text, JSONL, Parquet and save_to_disk inputs, and its input checks."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raylm.corpus import stories
+from raylm.data import check_data, documents, packed_blocks, resolve_format
+from raylm.spec.sections import DataSpec
+from raylm.tokenizer import train_tokenizer
+
+TEXTS = stories(200, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, "char", 0)
+
+
+def write_inputs(tmp_path):
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("\n".join(TEXTS[:100]) + "\n")
+    (tmp_path / "txt" / "b.txt").write_text("\n".join(TEXTS[100:]) + "\n")
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for text in TEXTS:
+            f.write(json.dumps({"body": text, "id": 1}) + "\n")
+    pq.write_table(pa.table({"text": TEXTS, "n": list(range(len(TEXTS)))}), tmp_path / "data.parquet")
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "hf"))
+    return {
+        "text": DataSpec(path=str(tmp_path / "txt"), seq_len=32, val_fraction=0.1),
+        "jsonl": DataSpec(path=str(tmp_path / "data.jsonl"), text_field="body", seq_len=32, val_fraction=0.1),
+        "parquet": DataSpec(path=str(tmp_path / "data.parquet"), seq_len=32, val_fraction=0.1),
+        "hf": DataSpec(path=str(tmp_path / "hf"), seq_len=32, val_fraction=0.1),
+    }
+
+
+def test_every_format_reads_tokenizes_packs_and_splits(ray_local, tmp_path, tokenizer):
+    total_chars = sum(len(t) for t in TEXTS)
+    for fmt, spec in write_inputs(tmp_path).items():
+        assert resolve_format(spec) == fmt
+        assert check_data(spec) == []
+        docs = documents(spec)
+        assert set(docs.schema().names) == {"text"}
+        texts = [row["text"] for row in docs.take_all()]
+        assert "".join(texts).replace("\n", "") == "".join(TEXTS), fmt
+        train = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, spec, "train").take_all()])
+        val = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, spec, "val").take_all()])
+        assert train.shape[1] == val.shape[1] == 32 and train.dtype == np.int32
+        blocks = len(train) + len(val)
+        # Packing drops less than one block per batch of documents; EOS adds one token per document.
+        assert total_chars // 32 - 2 <= blocks <= (total_chars + len(TEXTS)) // 32 + 1, fmt
+        assert 0.03 < len(val) / blocks < 0.2, fmt
+        # The split is a pure function of the block: no block is in both.
+        assert not {b.tobytes() for b in train} & {b.tobytes() for b in val}
+
+
+def test_text_files_keep_lines_and_get_no_eos(ray_local, tmp_path, tokenizer):
+    spec = write_inputs(tmp_path)["text"]
+    ids = packed_blocks(documents(spec), tokenizer, spec, "train").take(1)[0]["input_ids"]
+    assert tokenizer.eos_token_id not in ids.tolist()
+
+
+def test_generated_corpus_needs_no_files(ray_local, tokenizer):
+    spec = DataSpec(generate={"documents": 50}, seq_len=16)
+    assert check_data(spec) == [] and documents(spec).count() == 50
+
+
+def test_missing_path(tmp_path):
+    [(where, what)] = check_data(DataSpec(path=str(tmp_path / "none.txt")))
+    assert where == "data.path" and "does not exist" in what
+
+
+def test_empty_file_and_folder(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty" in check_data(DataSpec(path=str(tmp_path / "empty.txt")))[0][1]
+    (tmp_path / "folder").mkdir()
+    assert "no text files" in check_data(DataSpec(path=str(tmp_path / "folder"), format="text"))[0][1]
+
+
+def test_undecodable_file(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    [(_, what)] = check_data(DataSpec(path=str(tmp_path / "latin1.txt")))
+    assert "not UTF-8" in what
+
+
+def test_jsonl_without_text_field_and_broken_json(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
+    [(_, what)] = check_data(DataSpec(path=str(tmp_path / "a.jsonl")))
+    assert "no field 'text'" in what and "body" in what
+    (tmp_path / "b.jsonl").write_text("not json\n")
+    [(_, what)] = check_data(DataSpec(path=str(tmp_path / "b.jsonl")))
+    assert "not JSON" in what
+
+
+def test_parquet_missing_column_and_corrupt(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    [(_, what)] = check_data(DataSpec(path=str(tmp_path / "a.parquet")))
+    assert "no column 'text'" in what
+    (tmp_path / "b.parquet").write_bytes(b"garbage")
+    [(_, what)] = check_data(DataSpec(path=str(tmp_path / "b.parquet")))
+    assert "Parquet" in what
