@@ -56,6 +56,11 @@ def run_here(job) -> dict:
     problems = check_job(job)
     if problems:
         raise SpecError(problems, source="preflight")
+    # Load torch on the main thread before Ray Data's executor threads can import it concurrently:
+    # a concurrent first import was seen to abort the process ("oneMKL FATAL ERROR: Cannot load
+    # libtorch_cpu.so") in a job driver.
+    import torch  # noqa: F401
+
     module, func = RUNNERS[job.kind].split(":")
     runner = getattr(importlib.import_module(module), func)
     ensure_ray(job)

@@ -217,6 +217,10 @@ class ResourcesSpec(Section):
         1, gt=0, description="CPUs reserved per worker; also its torch thread count."
     )
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu is true.")
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack",
+        description="Worker placement across nodes: pack (fewest nodes), spread (best effort), strict_spread (one per node).",
+    )
 
 
 class FailureSpec(Section):

@@ -30,6 +30,9 @@ def train_loop(config: dict) -> dict | None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     device = ray.train.torch.get_device()
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    if world > 1:
+        torch.distributed.all_gather_object(nodes, nodes[0])
 
     model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=spec.seed)
     if spec.gradient_checkpointing:
@@ -58,8 +61,10 @@ def train_loop(config: dict) -> dict | None:
         torch.manual_seed(spec.seed + rank)
     stage = Path(config["stage_dir"])
     log = MetricsLog(stage, loop["step"]) if rank == 0 else None
-    if rank == 0 and restored is not None:
-        emit(f"[raylm] resumed from checkpoint at step {loop['step']}")
+    if rank == 0:
+        emit(f"[raylm] {world} worker(s) on {len(set(nodes))} node(s), device {device.type}")
+        if restored is not None:
+            emit(f"[raylm] resumed from checkpoint at step {loop['step']}")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -185,7 +190,7 @@ def train_loop(config: dict) -> dict | None:
     final = checkpoint.unwrap(model)
     sample = _sample(final, tokenizer, config["sample_prompt"], device)
     storage.export_model(final, tokenizer, stage, config["publish_to"])
-    return {"metrics": last_row, "sample": sample}
+    return {"metrics": last_row, "sample": sample, "worker_nodes": nodes}
 
 
 def _autocast(precision: str, device):

@@ -93,6 +93,7 @@ def run_pretrain(job: PretrainJob) -> dict:
             num_workers=job.resources.num_workers,
             use_gpu=job.resources.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=job.resources.placement.upper(),
         ),
         run_config=RunConfig(
             name="checkpoints",
@@ -112,6 +113,7 @@ def run_pretrain(job: PretrainJob) -> dict:
         "model": f"{output.rstrip('/')}/model",
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "sample": outcome.get("sample", {}),
+        "worker_nodes": outcome.get("worker_nodes", []),
     }
     if local_output is not None:
         (local_output / "summary.json").write_text(json.dumps(summary, indent=2))

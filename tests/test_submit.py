@@ -1,0 +1,180 @@
+"""Submission: the loopback / token-auth guard, and the Ray Jobs API path against a real two-node
+cluster (`ray start --head` on loopback plus a second `ray start --address` node)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+
+from raylm.submit import SubmitError, check_address, is_loopback
+from tests.conftest import tiny_spec
+
+
+def test_loopback_detection():
+    assert (
+        is_loopback("http://127.0.0.1:8265")
+        and is_loopback("localhost:8265")
+        and is_loopback("http://[::1]:8265")
+    )
+    assert not is_loopback("http://10.1.2.3:8265") and not is_loopback("http://203.0.113.7:8265")
+
+
+def test_non_loopback_refused_without_token(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(SubmitError) as info:
+        check_address("http://10.1.2.3:8265")
+    assert "RAY_AUTH_MODE=token" in str(info.value)
+
+
+def test_non_loopback_allowed_with_token(monkeypatch, tmp_path):
+    token = tmp_path / "token"
+    token.write_text(uuid.uuid4().hex)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert check_address("10.1.2.3:8265") == "http://10.1.2.3:8265"
+    token.write_text("")
+    with pytest.raises(SubmitError):
+        check_address("10.1.2.3:8265")
+
+
+def test_ray_client_address_is_refused():
+    with pytest.raises(SubmitError) as info:
+        check_address("ray://127.0.0.1:10001")
+    assert "8265" in str(info.value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A token-authenticated head on loopback and a second node joined to it, each 2 CPUs."""
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    gcs, dashboard = free_port(), free_port()
+    # Each node gets its own temp dir: nodes sharing one would garbage-collect each other's job files.
+    temp = [tmp_path_factory.mktemp("ray", numbered=True) for _ in range(2)]
+    common = ["--num-cpus=2", "--object-store-memory=300000000", "--block", "--disable-usage-stats"]
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={temp[0]}",
+            *common,
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs = [head]
+    try:
+        wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=1), "head node")
+        procs.append(
+            subprocess.Popen(
+                [
+                    "ray",
+                    "start",
+                    f"--address=127.0.0.1:{gcs}",
+                    "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={temp[1]}",
+                    *common,
+                ],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=2), "second node")
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        for proc in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ready(url: str, env: dict, nodes: int) -> bool:
+    code = (
+        "import json,sys,urllib.request as u\n"
+        "from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled as h\n"
+        f"r=u.Request('{url}/nodes?view=summary', headers=h({{}}))\n"
+        "d=json.load(u.urlopen(r, timeout=5))\n"
+        "alive=[n for n in d['data']['summary'] if n['raylet']['state']=='ALIVE']\n"
+        f"sys.exit(0 if len(alive)>={nodes} else 1)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+
+
+def wait_for(check, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{what} did not come up in {timeout}s")
+
+
+def raylm(*args, env, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raylm", *args], env=env, cwd=cwd, capture_output=True, text=True
+    )
+
+
+@pytest.mark.cluster
+def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
+    address, env = two_node_cluster
+    output = tmp_path / "run"  # an absolute path: both nodes share this machine's filesystem
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(tiny_spec(output, resources={"num_workers": 2, "placement": "strict_spread"}))
+    )
+
+    done = raylm("run", str(spec_file), "--address", address, "--set", "train.max_steps=10", env=env)
+    (tmp_path / "job.log").write_text(done.stdout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "SUCCEEDED" in done.stdout and "[raylm] done" in done.stdout  # logs were followed
+    summary = json.loads((output / "summary.json").read_text())
+    assert len(summary["worker_nodes"]) == 2 and len(set(summary["worker_nodes"])) == 2
+    assert (output / "model" / "model.safetensors").exists()
+
+    job_id = done.stdout.split("submitted ", 1)[1].split()[0]
+    listed = raylm("jobs", "list", "--address", address, env=env)
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = raylm("jobs", "status", job_id, "--address", address, env=env)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    logs = raylm("jobs", "logs", job_id, "--address", address, env=env)
+    assert "[raylm] done" in logs.stdout
+    stop = raylm("jobs", "stop", job_id, "--address", address, env=env)
+    assert stop.returncode == 0 and "not running" in stop.stdout
+    unknown = raylm("jobs", "status", "no-such-job", "--address", address, env=env)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+
+
+@pytest.mark.cluster
+def test_wrong_token_is_a_clear_error(two_node_cluster, tmp_path):
+    address, env = two_node_cluster
+    bad = dict(env, RAY_AUTH_TOKEN="not-the-token")
+    listed = raylm("jobs", "list", "--address", address, env=bad)
+    assert listed.returncode == 2 and "Traceback" not in listed.stderr
+    assert "token" in listed.stderr.lower()
