@@ -1,0 +1,132 @@
+"""raylm's pretraining loop (1 Ray Train worker) against a bare PyTorch loop, side by side.
+
+    python benchmarks/pretrain_overhead.py                 # writes benchmarks/results/pretrain_overhead.json
+    python benchmarks/pretrain_overhead.py --steps 300 --rounds 2
+
+Same model (raylm.models.build_model, same seed), same packed data, batch, optimizer and torch
+thread count. raylm's in-loop step time comes from its own metrics (tokens/s over each logging
+window, which excludes evaluation and checkpointing); the bare loop is timed the same way. Rounds
+alternate bare/raylm so that drift on a shared machine hits both. Reported: median step times and
+their ratio (target <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SPEC = {
+    "kind": "pretrain",
+    "model": {"architecture": {"family": "llama", "layers": 4, "heads": 4, "hidden": 128, "context": 64}},
+    "tokenizer": {"train": {"type": "char"}},
+    "data": {"path": None, "seq_len": 64, "val_fraction": 0.05, "shuffle_buffer": 0},
+    "train": {
+        "batch_size": 12,
+        "lr": 1e-3,
+        "warmup_steps": 10,
+        "eval_every": 100000,
+        "checkpoint_every": 100000,
+        "log_every": 25,
+    },
+    "resources": {"num_workers": 1, "cpus_per_worker": 2},
+}
+
+
+def bare_loop(job, tokenizer, blocks, steps: int, threads: int, log_every: int) -> list[float]:
+    """The same training step with nothing around it; step times per logging window."""
+    import torch
+
+    from raylm.models import build_model
+    from raylm.train import optim
+
+    torch.set_num_threads(threads)
+    model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
+    model.config.use_cache = False
+    model.train()
+    optimizer = optim.adamw(model, job.train)
+    scheduler = optim.scheduler(optimizer, job.train, steps)
+    batch = job.train.batch_size
+    data = torch.from_numpy(blocks).long()
+    windows, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        i = (step - 1) * batch % (len(data) - batch)
+        ids = data[i : i + batch]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        loss.item()  # raylm reads the loss every step too
+        if step % log_every == 0:
+            windows.append((time.perf_counter() - start) / log_every)
+            start = time.perf_counter()
+    return windows[1:]  # the first window holds warm-up
+
+
+def raylm_loop(job) -> list[float]:
+    from raylm.submit import run_here
+
+    run_here(job)
+    rows = [json.loads(line) for line in (Path(job.output.path) / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = job.train.batch_size * job.data.seq_len * job.train.grad_accum
+    return [tokens_per_step / row["tokens_per_s"] for row in rows if "tokens_per_s" in row][1:-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+    )
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pretrain_overhead.json"))
+    args = parser.parse_args()
+
+    import numpy as np
+    import ray
+
+    from raylm.data import configure_ray_data, documents, packed_blocks
+    from raylm.spec import validate_dict
+    from raylm.tokenizer import train_tokenizer
+
+    ray.init(address="local", num_cpus=4, log_to_driver=False)
+    configure_ray_data()
+    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
+    spec = {
+        **SPEC,
+        "data": {**SPEC["data"], "path": args.corpus},
+        "train": {**SPEC["train"], "max_steps": args.steps},
+    }
+    base = validate_dict({**spec, "output": str(scratch / "probe")})
+    docs = documents(base.data)
+    tokenizer = train_tokenizer((r["text"] for r in docs.take_all()), "char", 0)
+    blocks = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, base.data, "train").take_all()])
+    threads = int(base.resources.cpus_per_worker)
+
+    bare, ours = [], []
+    for round_ in range(args.rounds):
+        bare += bare_loop(base, tokenizer, blocks, args.steps, threads, base.train.log_every)
+        ours += raylm_loop(validate_dict({**spec, "output": str(scratch / f"raylm-{round_}")}))
+    result = {
+        "command": "python benchmarks/pretrain_overhead.py " + f"--steps {args.steps} --rounds {args.rounds}",
+        "model": SPEC["model"]["architecture"],
+        "batch_size": base.train.batch_size,
+        "seq_len": base.data.seq_len,
+        "torch_threads": threads,
+        "bare_step_ms": 1000 * statistics.median(bare),
+        "raylm_step_ms": 1000 * statistics.median(ours),
+        "windows": {"bare": len(bare), "raylm": len(ours)},
+    }
+    result["ratio"] = result["raylm_step_ms"] / result["bare_step_ms"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Every file under jobs/ and cluster/ parses and validates (the litgpt `test_config_hub` habit)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raylm.preflight import check_job
+from raylm.spec import load_spec, validate_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+CLUSTER = sorted((ROOT / "cluster").glob("*.yaml"))
+
+
+def test_there_are_examples():
+    assert JOBS and CLUSTER
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
+def test_job_spec_validates(path, monkeypatch):
+    job = load_spec(path)
+    monkeypatch.chdir(ROOT)  # example paths are relative to the checkout
+    if not _cluster_path(job):
+        assert check_job(job) == []
+    assert path.read_text().lstrip().startswith("#"), "each example opens with a comment saying how to run it"
+
+
+def _cluster_path(job) -> bool:
+    """Examples for a cluster name paths on its shared storage (/shared/...), absent here."""
+    return any(p.startswith("/shared/") for p in job.data.paths)
+
+
+def _launcher(path: Path) -> bool:
+    return any("provider" in doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+
+
+@pytest.mark.parametrize("path", [p for p in CLUSTER if _launcher(p)], ids=lambda p: p.name)
+def test_cluster_launcher_config_passes_rays_schema(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(config))
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all(
+        "RAY_AUTH_MODE=token" in cmd for cmd in starts if cmd.strip().startswith(("ray start", "RAY_AUTH"))
+    )
+    assert any("raylm" in cmd for cmd in config["setup_commands"])
+
+
+def _containers(pod_template: dict) -> list:
+    return pod_template["spec"]["containers"]
+
+
+def _cluster_specs(doc: dict) -> list[dict]:
+    if doc["kind"] == "RayCluster":
+        return [doc["spec"]]
+    if doc["kind"] == "RayJob":
+        return [doc["spec"]["rayClusterSpec"]]
+    return []
+
+
+@pytest.mark.parametrize("path", [p for p in CLUSTER if not _launcher(p)], ids=lambda p: p.name)
+def test_kuberay_manifests(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    kinds = {d["kind"] for d in docs}
+    assert kinds & {"RayCluster", "RayJob"}
+    config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    for doc in docs:
+        assert doc["apiVersion"] in {"ray.io/v1", "v1"} and doc["metadata"]["name"]
+        for cluster in _cluster_specs(doc):
+            groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+            for group in groups:
+                for container in _containers(group["template"]):
+                    env = {e["name"]: e for e in container["env"]}
+                    assert env["RAY_AUTH_MODE"]["value"] == "token"
+                    assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+                    assert "raylm" in " ".join(container.get("args", []))
+        if doc["kind"] == "RayJob":
+            entry = doc["spec"]["entrypoint"].split()
+            assert entry[:2] == ["raylm", "run"]
+            spec_path = Path(entry[2])
+            head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+            mount = next(
+                m
+                for c in head["containers"]
+                for m in c["volumeMounts"]
+                if m["mountPath"] == str(spec_path.parent)
+            )
+            volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
+            spec_text = config_maps[volume["configMap"]["name"]][spec_path.name]
+            validate_dict(yaml.safe_load(spec_text), source=f"{path.name}:{spec_path}")
