@@ -80,7 +80,7 @@ def raylm_loop(job) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
     )
@@ -88,13 +88,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    import ray
 
     from raylm.data import configure_ray_data, documents, packed_blocks
     from raylm.spec import validate_dict
+    from raylm.submit import start_local_ray
     from raylm.tokenizer import train_tokenizer
 
-    ray.init(address="local", num_cpus=4, log_to_driver=False)
+    start_local_ray(num_cpus=4)  # as `raylm run` starts it
     configure_ray_data()
     scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
     spec = {

@@ -57,6 +57,29 @@ def publish_files(stage: Path, uri: str, names: list[str]) -> None:
                 out.write(source.read_bytes())
 
 
+def write_text(output: str, name: str, text: str) -> None:
+    """Write file `name` into the run at `output` (a folder or a URI)."""
+    if not is_uri(output):
+        Path(output, name).write_text(text)
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(output)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as out:
+        out.write(text.encode())
+
+
+def fetch_file(output: str, name: str, into: Path) -> None:
+    """Copy file `name` of the run at URI `output` into folder `into`, if it exists there."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(output)
+    if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
+        with fs.open_input_stream(f"{root}/{name}") as source:
+            (into / name).write_bytes(source.read())
+
+
 def export_model(model, tokenizer, stage: Path, publish_to: str | None) -> None:
     """Save `model` and `tokenizer` as a Hugging Face folder `model/` (safetensors) in the run."""
     scratch = Path(tempfile.mkdtemp(prefix="model-", dir=stage))

@@ -43,7 +43,19 @@ def ensure_ray(job) -> None:
         return
     needed = job.resources.num_workers * job.resources.cpus_per_worker
     # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 2))
+    start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2))
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """An embedded single-machine Ray that exists to run raylm's job.
+
+    Ray runs its workers at nice 15 by default; here they share the cores with Ray's own daemons
+    and the driver, and lost ~10% of their CPU time to them (benchmarks/pretrain_overhead.py), so
+    the embedded Ray runs its workers at normal priority.
+    """
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, _system_config={"worker_niceness": 0})
 
 
 def run_here(job) -> dict:

@@ -12,8 +12,10 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 def ray_local():
     import ray
 
+    from raylm.submit import start_local_ray
+
     # Logical CPUs: two training workers plus room for Ray Data's tasks on a 2-core machine.
-    ray.init(address="local", num_cpus=4, log_to_driver=True)
+    start_local_ray(num_cpus=4)
     from raylm.data import configure_ray_data
 
     configure_ray_data()

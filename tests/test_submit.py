@@ -144,11 +144,12 @@ def raylm(*args, env, cwd=None) -> subprocess.CompletedProcess:
 @pytest.mark.cluster
 def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
     address, env = two_node_cluster
-    output = tmp_path / "run"  # an absolute path: both nodes share this machine's filesystem
+    # A storage URI, as a cluster would use (s3://, gs://); file:// reaches this machine's disk,
+    # which both nodes share here.
+    output = tmp_path / "run"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(
-        yaml.safe_dump(tiny_spec(output, resources={"num_workers": 2, "placement": "strict_spread"}))
-    )
+    spec = tiny_spec(f"file://{output}", resources={"num_workers": 2, "placement": "strict_spread"})
+    spec_file.write_text(yaml.safe_dump(spec))
 
     done = raylm("run", str(spec_file), "--address", address, "--set", "train.max_steps=10", env=env)
     (tmp_path / "job.log").write_text(done.stdout)
@@ -156,7 +157,14 @@ def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
     assert "SUCCEEDED" in done.stdout and "[raylm] done" in done.stdout  # logs were followed
     summary = json.loads((output / "summary.json").read_text())
     assert len(summary["worker_nodes"]) == 2 and len(set(summary["worker_nodes"])) == 2
-    assert (output / "model" / "model.safetensors").exists()
+    assert (output / "model" / "model.safetensors").exists() and (
+        output / "model" / "tokenizer.json"
+    ).exists()
+    assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [
+        5,
+        10,
+    ]
+    assert (output / "checkpoints" / "checkpoint_00000010" / "MANIFEST.json").exists()
 
     job_id = done.stdout.split("submitted ", 1)[1].split()[0]
     listed = raylm("jobs", "list", "--address", address, env=env)

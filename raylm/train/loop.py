@@ -59,7 +59,9 @@ def train_loop(config: dict) -> dict | None:
         loop["world_size"] = world
     else:
         torch.manual_seed(spec.seed + rank)
-    stage = Path(config["stage_dir"])
+    stage = Path(config["stage_dir"]) if config["stage_dir"] else storage.stage_dir(config["publish_to"])
+    if rank == 0 and config["publish_to"] and restored is not None:
+        storage.fetch_file(config["publish_to"], "metrics.jsonl", stage)  # the log so far, to append to
     log = MetricsLog(stage, loop["step"]) if rank == 0 else None
     if rank == 0:
         emit(f"[raylm] {world} worker(s) on {len(set(nodes))} node(s), device {device.type}")

@@ -115,8 +115,7 @@ def run_pretrain(job: PretrainJob) -> dict:
         "sample": outcome.get("sample", {}),
         "worker_nodes": outcome.get("worker_nodes", []),
     }
-    if local_output is not None:
-        (local_output / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.write_text(output, "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
