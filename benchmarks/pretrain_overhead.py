@@ -7,7 +7,8 @@ Same model (raylm.models.build_model, same seed), same packed data, batch, optim
 thread count. raylm's in-loop step time comes from its own metrics (tokens/s over each logging
 window, which excludes evaluation and checkpointing); the bare loop is timed the same way. Rounds
 alternate bare/raylm so that drift on a shared machine hits both. Reported: median step times and
-their ratio (target <= 1.05).
+their ratio (target <= 1.05). The bare loop also runs inside a Ray Train worker, which tells the
+cost of the worker process apart from the cost of raylm's loop.
 """
 
 from __future__ import annotations
@@ -68,6 +69,24 @@ def bare_loop(job, tokenizer, blocks, steps: int, threads: int, log_every: int) 
     return windows[1:]  # the first window holds warm-up
 
 
+def bare_in_ray_worker(
+    job, tokenizer, blocks, steps: int, threads: int, log_every: int, storage: Path
+) -> list[float]:
+    """The bare loop again, inside a Ray Train worker: separates the worker process from raylm's loop."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(_config):
+        return bare_loop(job, tokenizer, blocks, steps, threads, log_every)
+
+    scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads})
+    return (
+        TorchTrainer(loop, scaling_config=scaling, run_config=RunConfig(storage_path=str(storage)))
+        .fit()
+        .return_value
+    )
+
+
 def raylm_loop(job) -> list[float]:
     from raylm.submit import run_here
 
@@ -108,9 +127,12 @@ def main() -> None:
     blocks = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, base.data, "train").take_all()])
     threads = int(base.resources.cpus_per_worker)
 
-    bare, ours = [], []
+    bare, in_worker, ours = [], [], []
     for round_ in range(args.rounds):
         bare += bare_loop(base, tokenizer, blocks, args.steps, threads, base.train.log_every)
+        in_worker += bare_in_ray_worker(
+            base, tokenizer, blocks, args.steps, threads, base.train.log_every, scratch / "bare"
+        )
         ours += raylm_loop(validate_dict({**spec, "output": str(scratch / f"raylm-{round_}")}))
     result = {
         "command": "python benchmarks/pretrain_overhead.py " + f"--steps {args.steps} --rounds {args.rounds}",
@@ -119,10 +141,12 @@ def main() -> None:
         "seq_len": base.data.seq_len,
         "torch_threads": threads,
         "bare_step_ms": 1000 * statistics.median(bare),
+        "bare_in_ray_worker_step_ms": 1000 * statistics.median(in_worker),
         "raylm_step_ms": 1000 * statistics.median(ours),
-        "windows": {"bare": len(bare), "raylm": len(ours)},
+        "windows": {"bare": len(bare), "bare_in_ray_worker": len(in_worker), "raylm": len(ours)},
     }
     result["ratio"] = result["raylm_step_ms"] / result["bare_step_ms"]
+    result["ratio_to_bare_in_ray_worker"] = result["raylm_step_ms"] / result["bare_in_ray_worker_step_ms"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -128,6 +128,94 @@ def schema(kind):
     click.echo(json.dumps(json_schema(kind), indent=2))
 
 
+@main.command()
+@click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
+@overrides_option
+@click.option(
+    "--params",
+    type=float,
+    default=None,
+    help="Estimate for a model of this many parameters (e.g. 1e9) instead of a spec.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Data-parallel workers (default: the spec's, else 1).",
+)
+@click.option(
+    "--gpu-memory",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GB",
+    help="Memory per GPU, to say what fits.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Default: the spec's, else fp32.",
+)
+@click.option(
+    "--batch", type=click.IntRange(min=1), default=None, help="Sequences per worker per micro-batch."
+)
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per sequence.")
+@click.option(
+    "--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations in backward."
+)
+@click.option(
+    "--flash-attention/--no-flash-attention",
+    default=None,
+    help="Attention without seq^2 scores (default: on with GPUs).",
+)
+def estimate(
+    spec_file,
+    overrides,
+    params,
+    workers,
+    gpu_memory,
+    precision,
+    batch,
+    seq_len,
+    gradient_checkpointing,
+    flash_attention,
+):
+    """Per-worker training memory for each strategy: weights, gradients, optimizer, activations."""
+    from raylm import memory
+
+    try:
+        if spec_file:
+            job = load_spec(spec_file, overrides)
+            shape = memory.shape_of_job(job)
+            workers = workers or job.resources.num_workers
+            precision = precision or job.train.precision
+            batch = batch or job.train.batch_size
+            seq_len = seq_len or job.data.seq_len
+            if gradient_checkpointing is None:
+                gradient_checkpointing = job.train.gradient_checkpointing
+            if flash_attention is None:
+                flash_attention = job.resources.use_gpu
+        elif params:
+            shape = memory.shape_from_params(params)
+            flash_attention = True if flash_attention is None else flash_attention
+        else:
+            fail("give a SPEC_FILE or --params")
+    except SpecError as err:
+        fail(str(err))
+    click.echo(
+        memory.report(
+            shape,
+            workers or 1,
+            precision or "fp32",
+            batch or 1,
+            seq_len or 2048,
+            bool(gradient_checkpointing),
+            bool(flash_attention),
+            gpu_memory,
+        )
+    )
+
+
 @main.group()
 def jobs():
     """Manage jobs submitted to a Ray cluster through the Jobs API."""

@@ -59,6 +59,7 @@ def train_loop(config: dict) -> dict | None:
         loop["world_size"] = world
     else:
         torch.manual_seed(spec.seed + rank)
+    resumed_from = loop["step"] if restored is not None else 0
     stage = Path(config["stage_dir"]) if config["stage_dir"] else storage.stage_dir(config["publish_to"])
     if rank == 0 and config["publish_to"] and restored is not None:
         storage.fetch_file(config["publish_to"], "metrics.jsonl", stage)  # the log so far, to append to
@@ -192,7 +193,7 @@ def train_loop(config: dict) -> dict | None:
     final = checkpoint.unwrap(model)
     sample = _sample(final, tokenizer, config["sample_prompt"], device)
     storage.export_model(final, tokenizer, stage, config["publish_to"])
-    return {"metrics": last_row, "sample": sample, "worker_nodes": nodes}
+    return {"metrics": last_row, "sample": sample, "worker_nodes": nodes, "resumed_from": resumed_from}
 
 
 def _autocast(precision: str, device):

@@ -114,6 +114,7 @@ def run_pretrain(job: PretrainJob) -> dict:
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "sample": outcome.get("sample", {}),
         "worker_nodes": outcome.get("worker_nodes", []),
+        "resumed_from": outcome.get("resumed_from", 0),
     }
     storage.write_text(output, "summary.json", json.dumps(summary, indent=2))
     return summary

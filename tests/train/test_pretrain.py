@@ -96,7 +96,7 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
     assert not (output / "model").exists()
 
     summary = run_here(validate_dict(tiny_spec(output)))
-    assert summary["steps"] == 30
+    assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
     resumed = load_file(output / "model" / "model.safetensors")
     reference = load_file(reference_dir / "model" / "model.safetensors")
     assert resumed.keys() == reference.keys()
@@ -114,3 +114,40 @@ def test_rerun_with_a_different_spec_is_refused(reference_run):
     with pytest.raises(SpecError) as info:
         run_here(validate_dict(changed))
     assert "train.lr" in str(info.value)
+
+
+def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
+    """SIGKILL a training worker after the step-10 checkpoint: failure.max_failures restarts the
+    worker group from it, and the run ends with the uninterrupted run's weights."""
+    import threading
+
+    from ray.util.state import list_actors
+
+    reference_dir, _ = reference_run
+    output = tmp_path / "run"
+    marker = output / "checkpoints" / "checkpoint_00000010" / "MANIFEST.json"
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_checkpoint():
+        pids: list[int] = []
+        while len(pids) < 2:  # find the workers first, so the kill follows the checkpoint closely
+            pids = [
+                w["pid"]
+                for w in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            ]
+            time.sleep(0.5)
+        while not marker.exists():
+            time.sleep(0.05)
+        os.kill(max(pids), signal.SIGKILL)  # either rank will do
+        killed.append(max(pids))
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_here(validate_dict(tiny_spec(output, failure={"max_failures": 1})))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)  # the last attempt restarted
+    resumed = load_file(output / "model" / "model.safetensors")
+    reference = load_file(reference_dir / "model" / "model.safetensors")
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name

@@ -1,0 +1,212 @@
+"""Memory estimator: per-worker bytes of weights, gradients, optimizer state and activations.
+
+    raylm estimate jobs/quickstart.yaml
+    raylm estimate --params 1e9 --workers 8 --gpu-memory 80
+
+The rules of thumb it reproduces: fp32 AdamW keeps 16 bytes per trained parameter (4 weights + 4
+gradients + 8 Adam moments), so a 1B model takes 4 GB to store and about 16 GB plus activations to
+train; bf16 mixed precision with fp32 master weights is 2 + 2 + 12 = 16 bytes too; ZeRO-1 shards the
+optimizer states, ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (16/N bytes per
+parameter at stage 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GiB = 1024**3
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs to know about a decoder-only model."""
+
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    temporary: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.temporary
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def shape_from_config(config) -> Shape:
+    """A Shape from a transformers config, counting parameters on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    return Shape(
+        params=params,
+        layers=getattr(config, "num_hidden_layers", None) or config.n_layer,
+        hidden=hidden,
+        heads=getattr(config, "num_attention_heads", None) or config.n_head,
+        intermediate=getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or 4 * hidden,
+        vocab=config.vocab_size,
+    )
+
+
+def shape_from_params(params: float, vocab: int = 32000) -> Shape:
+    """A Shape from a parameter count alone, with Llama-like proportions (layers ~ hidden / 128).
+
+    From params ~ 12 * layers * hidden^2: a 1B model comes out at hidden 2176, 18 layers.
+    """
+    hidden = max(64, round((params * 128 / 12) ** (1 / 3) / 64) * 64)
+    layers = max(1, round(params / (12 * hidden * hidden)))
+    return Shape(
+        params=int(params),
+        layers=layers,
+        hidden=hidden,
+        heads=max(1, hidden // 128),
+        intermediate=int(8 * hidden / 3),
+        vocab=vocab,
+    )
+
+
+def activation_bytes(
+    shape: Shape,
+    batch: int,
+    seq_len: int,
+    precision: str,
+    gradient_checkpointing: bool,
+    flash_attention: bool = False,
+) -> float:
+    """Activations kept for backward by one worker for one micro-batch, logits and loss included.
+
+    Per decoder layer (element counts): the block input, two norm outputs, q/k/v and rotated q/k,
+    the attention output: ~10 x (tokens x hidden); the MLP's gate, up, activation and product:
+    4 x (tokens x intermediate); attention scores and probabilities, 2 x (batch x heads x seq^2),
+    unless a flash kernel keeps only their log-sum-exp. With gradient checkpointing only the
+    block inputs stay, plus one block recomputed at a time. The LM head keeps fp32 logits and their
+    log-softmax (2 x tokens x vocab x 4 bytes).
+    """
+    element = 4 if precision == "fp32" else 2
+    tokens = batch * seq_len
+    per_layer = tokens * (10 * shape.hidden + 4 * shape.intermediate) * element
+    if not flash_attention:
+        per_layer += 2 * batch * shape.heads * seq_len * seq_len * element  # scores and probabilities
+    layers = (
+        tokens * shape.hidden * element * shape.layers + per_layer
+        if gradient_checkpointing
+        else per_layer * shape.layers
+    )
+    logits = 3 * tokens * shape.vocab * 4  # fp32 logits, log-softmax, and their gradient in backward
+    return float(layers + logits)
+
+
+def estimate(
+    shape: Shape,
+    strategy: str,
+    precision: str = "fp32",
+    workers: int = 1,
+    batch: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = False,
+    trainable: int | None = None,
+    flash_attention: bool = False,
+) -> Breakdown:
+    """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers.
+
+    `trainable` parameters (default all) carry gradients and AdamW state; a frozen base (LoRA) only
+    weights. `flash_attention`: attention kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. Mixed precision (bf16/fp16) counts 16-bit weights and gradients plus fp32 master
+    weights with the optimizer (2 + 2 + 12 bytes per trained parameter).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    trained = shape.params if trainable is None else trainable
+    mixed = precision != "fp32"
+    weight_bytes = 2 if mixed else 4
+    weights = shape.params * weight_bytes
+    gradients = trained * weight_bytes
+    optimizer = trained * (12 if mixed else 8)
+    shard = {"ddp": (1, 1, 1), "zero1": (1, 1, workers), "zero2": (1, workers, workers)}.get(
+        strategy, (workers, workers, workers)
+    )
+    return Breakdown(
+        weights=weights / shard[0],
+        gradients=gradients / shard[1],
+        optimizer=optimizer / shard[2],
+        activations=activation_bytes(
+            shape, batch, seq_len, precision, gradient_checkpointing, flash_attention
+        ),
+        # AdamW's multi-tensor step holds one more fp32 copy of the (local) trained parameters.
+        temporary=trained * 4 / shard[2],
+    )
+
+
+def shape_of_job(job) -> Shape:
+    """The Shape of a job's model: its architecture block, or the config.json of its folder."""
+    from transformers import AutoConfig
+
+    from raylm.models import architecture_config
+
+    if job.model.architecture is not None:
+        arch = job.model.architecture
+        tokenizer = job.tokenizer.train
+        vocab = arch.vocab_size or (tokenizer.vocab_size if tokenizer and tokenizer.type == "bpe" else 256)
+        return shape_from_config(architecture_config(arch, vocab))
+    config = AutoConfig.from_pretrained(
+        job.model.path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code
+    )
+    return shape_from_config(config)
+
+
+def report(
+    shape: Shape,
+    workers: int,
+    precision: str,
+    batch: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    flash_attention: bool,
+    gpu_memory_gb: float | None,
+) -> str:
+    """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`."""
+    unit, scale = (
+        ("GiB", GiB)
+        if estimate(
+            shape, "ddp", precision, workers, batch, seq_len, gradient_checkpointing, None, flash_attention
+        ).total
+        >= GiB
+        else ("MiB", 1024**2)
+    )
+    lines = [
+        f"model: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
+        f"{workers} worker(s), {precision}, batch {batch} x {seq_len} tokens"
+        + (", gradient checkpointing" if gradient_checkpointing else "")
+        + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)"),
+        f"weights alone: {shape.params * (4 if precision == 'fp32' else 2) / scale:.2f} {unit}",
+        "",
+        f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'total ' + unit:>11}"
+        + ("  fits" if gpu_memory_gb else ""),
+    ]
+    for strategy in STRATEGIES:
+        b = estimate(
+            shape, strategy, precision, workers, batch, seq_len, gradient_checkpointing, None, flash_attention
+        )
+        row = f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.total / scale:>11.2f}"
+        if gpu_memory_gb:
+            row += "  yes" if b.total <= gpu_memory_gb * GiB else "  no"
+        lines.append(row)
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""The memory estimator: the bytes-per-parameter rules, and agreement with measured peak memory of
+real training steps on CPU (peak RSS of a fresh process, which also holds allocator slack)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raylm.memory import GiB, estimate, shape_from_config, shape_from_params
+
+TOLERANCE = 0.25  # |estimate / measured - 1|
+
+MEASURE = """
+import json, resource, sys, torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+layers, hidden, inter, vocab, batch, seq, ckpt = (int(a) for a in sys.argv[1:8])
+torch.set_num_threads(2)
+config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                     num_attention_heads=hidden // 64, max_position_embeddings=seq)
+ids = torch.randint(0, vocab, (batch, seq))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = AutoModelForCausalLM.from_config(config)
+model.config.use_cache = False
+if ckpt:
+    model.gradient_checkpointing_enable()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+for _ in range(3):
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before}))
+"""
+
+
+def llama(layers, hidden, inter, vocab, seq):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=seq,
+    )
+
+
+@pytest.mark.parametrize(
+    "layers,hidden,inter,vocab,batch,seq,ckpt",
+    [(8, 512, 1376, 8000, 8, 256, 0), (8, 512, 1376, 8000, 8, 256, 1), (4, 768, 2048, 16000, 4, 512, 0)],
+    ids=["33M", "33M-checkpointing", "53M-long"],
+)
+def test_estimate_matches_measured_peak(layers, hidden, inter, vocab, batch, seq, ckpt):
+    args = [str(a) for a in (layers, hidden, inter, vocab, batch, seq, ckpt)]
+    out = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, check=True)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    predicted = estimate(
+        shape_from_config(llama(layers, hidden, inter, vocab, seq)), "ddp", "fp32", 1, batch, seq, bool(ckpt)
+    ).total
+    assert abs(predicted / measured - 1) <= TOLERANCE, (
+        f"predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
+    )
+
+
+def test_bytes_per_parameter_rules():
+    shape = shape_from_params(1e9)
+    fp32 = estimate(shape, "ddp", "fp32", workers=1, batch=1, seq_len=128)
+    assert fp32.weights == 4e9 and (fp32.weights + fp32.gradients + fp32.optimizer) / shape.params == 16
+    mixed = estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128)
+    assert (mixed.weights + mixed.gradients + mixed.optimizer) / shape.params == 16  # 2 + 2 + 12
+    n = 8
+    z1 = estimate(shape, "zero1", "fp32", workers=n, batch=1, seq_len=128)
+    z2 = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128)
+    z3 = estimate(shape, "zero3", "fp32", workers=n, batch=1, seq_len=128)
+    state = lambda b: (b.weights + b.gradients + b.optimizer) / shape.params  # noqa: E731
+    assert state(z1) == 4 + 4 + 8 / n and state(z2) == 4 + 12 / n and state(z3) == 16 / n
+    assert estimate(shape, "fsdp", "fp32", workers=n, batch=1, seq_len=128) == z3
+    # A frozen base (LoRA-style): only the trainable part carries gradients and optimizer state.
+    lora = estimate(shape, "ddp", "fp32", workers=1, batch=1, seq_len=128, trainable=10_000_000)
+    assert lora.gradients == 4e7 and lora.optimizer == 8e7 and lora.weights == 4e9
+
+
+def test_one_billion_parameters_rule_of_thumb():
+    shape = shape_from_params(1e9)
+    assert 2000 <= shape.hidden <= 2300 and 14 <= shape.layers <= 22
+    weights = shape.params * 4 / GiB
+    assert 3.5 < weights < 4  # "4 GB to store"
+    train = estimate(shape, "ddp", "fp32", workers=1, batch=8, seq_len=2048, flash_attention=True).total / GiB
+    assert 60 < train < 100  # "~80 GB to train", activations at batch 8 x 2048 included
