@@ -81,6 +81,16 @@ def run(spec_file, overrides, address, no_follow):
         summary = submit.run_here(job)
     except user_errors() as err:
         fail(str(err))
+    except Exception as err:
+        from ray.train import TrainingFailedError
+
+        if not isinstance(err, TrainingFailedError):
+            raise
+        # Ray already printed each worker's traceback above; end with what failed and where things are.
+        fail(
+            f"training failed: {str(err).strip().splitlines()[0]} (checkpoints so far are kept under {job.output.path})",
+            code=1,
+        )
     _print_summary(summary)
 
 

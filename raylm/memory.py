@@ -38,9 +38,19 @@ class Breakdown:
     activations: float
     temporary: float
 
+    buckets: float = 0.0
+
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.temporary
+        """Peak bytes. Activations are freed as backward creates gradients, and gradients are freed
+        (zero_grad(set_to_none=True)) before the next forward, so the two peaks do not add; the
+        optimizer step's temporaries come with the gradients. DDP's buckets hold one more copy."""
+        return (
+            self.weights
+            + self.optimizer
+            + max(self.activations, self.gradients + self.temporary)
+            + self.buckets
+        )
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -152,6 +162,7 @@ def estimate(
         ),
         # AdamW's multi-tensor step holds one more fp32 copy of the (local) trained parameters.
         temporary=trained * 4 / shard[2],
+        buckets=gradients if strategy == "ddp" and workers > 1 else 0.0,
     )
 
 
@@ -198,7 +209,7 @@ def report(
         + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)"),
         f"weights alone: {shape.params * (4 if precision == 'fp32' else 2) / scale:.2f} {unit}",
         "",
-        f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'total ' + unit:>11}"
+        f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'peak ' + unit:>11}"
         + ("  fits" if gpu_memory_gb else ""),
     ]
     for strategy in STRATEGIES:

@@ -11,17 +11,20 @@ unless Ray token authentication is configured (RAY_AUTH_MODE=token and a token).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import os
 import shlex
 import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
 
+AGENT_RETRIES = 30
 RUNNERS = {"pretrain": "raylm.train.pretrain:run_pretrain"}
 
 
@@ -133,7 +136,7 @@ def client(address: str):
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {err}") from None
 
 
-def submit(address: str, spec: dict, job_name: str, extra_pip: list[str] | None = None) -> str:
+def submit(address: str, spec: dict, job_name: str) -> str:
     """Submit the validated spec as a Ray job running `raylm run`; returns the submission id."""
     import raylm
 
@@ -146,15 +149,22 @@ def submit(address: str, spec: dict, job_name: str, extra_pip: list[str] | None 
         "py_modules": [str(Path(raylm.__file__).parent)],
         "env_vars": {"PYTHONUNBUFFERED": "1"},
     }
-    if extra_pip:
-        runtime_env["pip"] = extra_pip
     entrypoint = f"python -m raylm run {shlex.quote('spec.yaml')}"
-    return rc.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=runtime_env,
-        submission_id=f"raylm-{job_name}-{uuid.uuid4().hex[:8]}",
-        metadata={"raylm_run": job_name},
-    )
+    submission_id = f"raylm-{job_name}-{uuid.uuid4().hex[:8]}"
+    for attempt in itertools.count():
+        try:
+            return rc.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                submission_id=submission_id,
+                metadata={"raylm_run": job_name},
+            )
+        except RuntimeError as err:  # the SDK's HTTP errors
+            # A head that just started answers 500 "No available agent" until its job agent is up.
+            if "No available agent" in str(err) and attempt < AGENT_RETRIES:
+                time.sleep(2)
+                continue
+            raise SubmitError(f"the Jobs API at {address} refused the job: {err}") from None
 
 
 def follow(address: str, submission_id: str, echo) -> str:

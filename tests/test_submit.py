@@ -60,48 +60,41 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
     """A token-authenticated head on loopback and a second node joined to it, each 2 CPUs."""
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, RAY_ADDRESS="")
-    env.pop("RAY_ADDRESS")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
     gcs, dashboard = free_port(), free_port()
     # Each node gets its own temp dir: nodes sharing one would garbage-collect each other's job files.
     temp = [tmp_path_factory.mktemp("ray", numbered=True) for _ in range(2)]
-    common = ["--num-cpus=2", "--object-store-memory=300000000", "--block", "--disable-usage-stats"]
-    head = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--head",
+
+    def start_node(*args: str, temp) -> subprocess.Popen:
+        """`ray start --block` in its own session: SIGTERM stops the node's processes with it."""
+        flags = [
             "--node-ip-address=127.0.0.1",
+            f"--temp-dir={temp}",
+            "--num-cpus=2",
+            "--object-store-memory=300000000",
+            "--block",
+        ]
+        return subprocess.Popen(
+            ["ray", "start", *args, *flags, "--disable-usage-stats"],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    procs = [
+        start_node(
+            "--head",
             f"--port={gcs}",
             f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1",
-            f"--temp-dir={temp[0]}",
-            *common,
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    procs = [head]
+            temp=temp[0],
+        )
+    ]
     try:
         wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=1), "head node")
-        procs.append(
-            subprocess.Popen(
-                [
-                    "ray",
-                    "start",
-                    f"--address=127.0.0.1:{gcs}",
-                    "--node-ip-address=127.0.0.1",
-                    f"--temp-dir={temp[1]}",
-                    *common,
-                ],
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        procs.append(start_node(f"--address=127.0.0.1:{gcs}", temp=temp[1]))
         wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=2), "second node")
         yield f"http://127.0.0.1:{dashboard}", env
     finally:

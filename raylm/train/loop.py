@@ -51,12 +51,11 @@ def train_loop(config: dict) -> dict | None:
     if restored is not None:
         with restored.as_directory() as folder:
             loop = checkpoint.load(Path(folder), model, optimizer, scheduler, rank)
-        if loop["world_size"] != world:
+        if loop["world_size"] != world:  # the driver refuses this earlier; a checkpoint from elsewhere
             raise RuntimeError(
                 f"checkpoint was written by {loop['world_size']} workers, this run has {world}: "
                 "the data order cannot be replayed; set resources.num_workers back or use a new output"
             )
-        loop["world_size"] = world
     else:
         torch.manual_seed(spec.seed + rank)
     resumed_from = loop["step"] if restored is not None else 0

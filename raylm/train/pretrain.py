@@ -19,11 +19,15 @@ from raylm import storage
 from raylm.spec import PretrainJob, SpecError
 from raylm.spec.sections import TokenizerTraining
 
-# Fields that may change between a run and its resumption; any other change makes a different run.
+# Fields that may change between a run and its resumption; any other change makes a different run
+# (resources.num_workers too: each worker's share of the data, and so the batches, would change).
 RESUMABLE_CHANGES = {
     ("name",),
-    ("resources",),
     ("failure",),
+    ("resources", "use_gpu"),
+    ("resources", "cpus_per_worker"),
+    ("resources", "gpus_per_worker"),
+    ("resources", "placement"),
     ("train", "max_steps"),
     ("train", "epochs"),
     ("train", "log_every"),

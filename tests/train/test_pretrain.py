@@ -26,6 +26,12 @@ def reference_run(ray_local, tmp_path_factory):
     return output, summary
 
 
+def registered(run_dir: Path, step: int) -> bool:
+    """Ray Train has registered the checkpoint of `step` (written its manager snapshot)."""
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    return snapshot.exists() and f"checkpoint_{step:08d}" in snapshot.read_text()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -73,7 +79,7 @@ def test_checkpoints_are_complete_and_pruned(reference_run):
 
 
 def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
-    """SIGKILL the driver (and its embedded Ray) after the step-10 checkpoint, re-run, compare."""
+    """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered, re-run, compare."""
     reference_dir, _ = reference_run
     output = tmp_path / "run"
     spec_file = tmp_path / "spec.yaml"
@@ -85,9 +91,8 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    marker = output / "checkpoints" / "checkpoint_00000010" / "MANIFEST.json"
     try:
-        while not marker.exists():
+        while not registered(output, 10):
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.2)
     finally:
@@ -125,7 +130,6 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
 
     reference_dir, _ = reference_run
     output = tmp_path / "run"
-    marker = output / "checkpoints" / "checkpoint_00000010" / "MANIFEST.json"
     killed: list[int] = []
 
     def kill_a_worker_after_first_checkpoint():
@@ -136,7 +140,7 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
                 for w in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             ]
             time.sleep(0.5)
-        while not marker.exists():
+        while not registered(output, 10):
             time.sleep(0.05)
         os.kill(max(pids), signal.SIGKILL)  # either rank will do
         killed.append(max(pids))
