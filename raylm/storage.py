@@ -45,6 +45,7 @@ def publish_files(stage: Path, uri: str, names: list[str]) -> None:
         if not source.exists():
             continue
         if source.is_dir():
+            fs.create_dir(f"{root}/{name}", recursive=True)
             pafs.copy_files(
                 str(source),
                 f"{root}/{name}",
