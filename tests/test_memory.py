@@ -23,7 +23,8 @@ torch.set_num_threads(2)
 config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                      num_attention_heads=hidden // 64, max_position_embeddings=seq)
 ids = torch.randint(0, vocab, (batch, seq))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# The resident size now, not the high-water mark: imports may have peaked above it.
+before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 model = AutoModelForCausalLM.from_config(config)
 model.config.use_cache = False
 if ckpt:

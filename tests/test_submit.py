@@ -57,6 +57,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+AGENT_PORT_FLAGS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
     """A token-authenticated head on loopback and a second node joined to it, each 2 CPUs."""
@@ -68,7 +76,11 @@ def two_node_cluster(tmp_path_factory):
 
     def start_node(*args: str, temp) -> subprocess.Popen:
         """`ray start --block` in its own session: SIGTERM stops the node's processes with it."""
+        # Every agent port is free-picked: the session's own local Ray may hold the default ones,
+        # and a head whose job agent cannot bind answers "No available agent" forever.
+        agent_ports = [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS]
         flags = [
+            *agent_ports,
             "--node-ip-address=127.0.0.1",
             f"--temp-dir={temp}",
             "--num-cpus=2",
