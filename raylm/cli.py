@@ -30,10 +30,9 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
 
 def user_errors():
     """Exceptions that mean bad input: printed as a message, exit 2, no traceback."""
-    from raylm.data import DataError
     from raylm.submit import SubmitError
 
-    return (SpecError, DataError, SubmitError)
+    return (SpecError, SubmitError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

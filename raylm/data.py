@@ -29,17 +29,6 @@ SNIFF_BYTES = 1 << 20
 VAL_BUCKETS = 10_000
 
 
-class DataError(Exception):
-    """Input data that cannot be trained on; `problems` are (dotted path, message) pairs."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = list(problems)
-        super().__init__(self.problems)
-
-    def __str__(self) -> str:
-        return "\n".join(f"{where}: {what}" for where, what in self.problems)
-
-
 def configure_ray_data() -> None:
     """Deterministic order (a resumed run replays exactly the batches it would have seen), no bars."""
     import ray.data
