@@ -53,22 +53,25 @@ def publish_files(stage: Path, uri: str, names: list[str]) -> None:
                 destination_filesystem=fs,
             )
         else:
-            fs.create_dir(root, recursive=True)
-            with fs.open_output_stream(f"{root}/{name}") as out:
-                out.write(source.read_bytes())
+            write_bytes(uri, name, source.read_bytes())
 
 
 def write_text(output: str, name: str, text: str) -> None:
     """Write file `name` into the run at `output` (a folder or a URI)."""
+    write_bytes(output, name, text.encode())
+
+
+def write_bytes(output: str, name: str, data: bytes) -> None:
+    """Write `data` as file `name` into the run at `output` (a folder or a URI)."""
     if not is_uri(output):
-        Path(output, name).write_text(text)
+        Path(output, name).write_bytes(data)
         return
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(output)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{name}") as out:
-        out.write(text.encode())
+        out.write(data)
 
 
 def fetch_file(output: str, name: str, into: Path) -> None:
