@@ -196,7 +196,7 @@ def estimate(
         if spec_file:
             job = load_spec(spec_file, overrides)
             shape = memory.shape_of_job(job)
-            workers = workers or job.resources.num_workers
+            workers = workers or job.resources.max_workers
             precision = precision or job.train.precision
             batch = batch or job.train.batch_size
             seq_len = seq_len or job.data.seq_len

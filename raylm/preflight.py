@@ -29,4 +29,29 @@ def check_job(job: PretrainJob) -> list[tuple[str, str]]:
         problems += check_model_folder(job.model.path, "model.path", "config.json")
     if job.tokenizer.path is not None:
         problems += check_model_folder(job.tokenizer.path, "tokenizer.path", "tokenizer_config.json")
+    problems += check_strategy_files(job.strategy)
     return problems
+
+
+def check_strategy_files(strategy) -> list[tuple[str, str]]:
+    import json
+
+    path = getattr(strategy, "config", None)
+    if not isinstance(path, str):
+        return []
+    try:
+        loaded = json.loads(Path(path).expanduser().read_text())
+    except OSError as err:
+        return [("strategy.config", f"cannot read {path}: {err.strerror}")]
+    except json.JSONDecodeError as err:
+        return [("strategy.config", f"{path} is not valid JSON: {err}")]
+    if not isinstance(loaded, dict):
+        return [("strategy.config", f"{path} must hold a JSON object")]
+    from raylm.spec.strategies import DEEPSPEED_OWNED_KEYS
+
+    owned = [k for k in DEEPSPEED_OWNED_KEYS if k in loaded]
+    if owned:
+        return [
+            ("strategy.config", f"{path} sets {', '.join(owned)}: raylm sets these from train.*; remove them")
+        ]
+    return []

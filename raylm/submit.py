@@ -44,7 +44,7 @@ def ensure_ray(job) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    needed = job.resources.num_workers * job.resources.cpus_per_worker
+    needed = job.resources.max_workers * job.resources.cpus_per_worker
     # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
     start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2))
 

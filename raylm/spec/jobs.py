@@ -17,6 +17,13 @@ from raylm.spec.sections import (
     TokenizerSpec,
     TrainSpec,
 )
+from raylm.spec.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    StrategySpec,
+    strategy_shorthand,
+)
 
 
 class PretrainJob(Section):
@@ -33,8 +40,9 @@ class PretrainJob(Section):
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    strategy: Literal["ddp"] = Field(
-        "ddp", description="Distributed strategy: ddp (gloo on CPU, NCCL on GPU)."
+    strategy: StrategySpec = Field(
+        default_factory=lambda: DDPStrategy(name="ddp"),
+        description="Distributed strategy: ddp, fsdp, deepspeed (ZeRO 1-3) or auto (from the memory estimate).",
     )
     output: OutputSpec
     failure: FailureSpec = Field(default_factory=FailureSpec)
@@ -43,6 +51,8 @@ class PretrainJob(Section):
     @classmethod
     def _output_shorthand(cls, value):
         return {"path": value} if isinstance(value, str) else value
+
+    _strategy_shorthand = field_validator("strategy", mode="before")(strategy_shorthand)
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainJob:
@@ -53,11 +63,26 @@ class PretrainJob(Section):
             )
         if self.train.precision == "fp16" and not self.resources.use_gpu:
             raise ValueError("train.precision fp16 needs resources.use_gpu: true; on CPU use bf16 or fp32")
+        check_strategy(self.strategy, self.train, self.resources)
         return self
 
     @property
     def run_name(self) -> str:
         return self.name or PurePosixPath(self.output.path.rstrip("/")).name or "raylm-run"
+
+
+def check_strategy(strategy, train: TrainSpec, resources: ResourcesSpec) -> None:
+    """Combinations the strategies cannot run, refused before any worker starts."""
+    if isinstance(strategy, FSDPStrategy) and train.precision == "fp16":
+        raise ValueError(
+            "strategy fsdp runs fp32 or bf16 (fp16 needs loss scaling, which raylm does under ddp and "
+            "deepspeed): set train.precision: bf16"
+        )
+    if resources.elastic and isinstance(strategy, DeepSpeedStrategy):
+        raise ValueError(
+            "elastic resources.num_workers [min, max] needs strategy ddp or fsdp: DeepSpeed's ZeRO "
+            "checkpoints cannot be reloaded by a different number of workers"
+        )
 
 
 KINDS: dict[str, type[Section]] = {"pretrain": PretrainJob}

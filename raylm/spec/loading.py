@@ -101,20 +101,23 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def _describe(model: type[BaseModel], error: dict) -> tuple[str, str]:
-    loc = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    raw = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    loc = _walk(model, raw)[1]
     where = ".".join(loc) or "spec"
     kind = error["type"]
     if kind == "extra_forbidden":
-        siblings = _fields_at(model, loc[:-1])
+        siblings = _fields_at(model, raw[:-1])
         return where, f"unknown field{_did_you_mean(loc[-1], siblings)}; allowed here: {', '.join(siblings)}"
     if kind == "missing":
-        field = _field_info(model, loc)
+        field = _field_info(model, raw)
         hint = f" ({field.description})" if field is not None and field.description else ""
         return where, f"required field is missing{hint}"
     message = error["msg"].removeprefix("Value error, ")
     if kind in {"literal_error", "enum"}:
         return where, f"{message}, got {error.get('input')!r}"
-    field = _field_info(model, loc)
+    if kind == "union_tag_invalid":
+        return where, f"unknown name {error['ctx']['tag']!r}; choose one of: {error['ctx']['expected_tags']}"
+    field = _field_info(model, raw)
     if field is not None and field.description and kind not in {"value_error", "assertion_error"}:
         message += f" (got {error.get('input')!r}; {field.description})"
     return where, message
@@ -125,25 +128,47 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _submodel(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+def _members(model: type[BaseModel] | None, key: str) -> list[type[BaseModel]]:
+    """The spec models a field holds: one section, or the members of a tagged union (strategy)."""
     if model is None or key not in model.model_fields:
-        return None
+        return []
     annotation = model.model_fields[key].annotation
-    for candidate in (annotation, *getattr(annotation, "__args__", ())):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+    return [
+        c
+        for c in (annotation, *getattr(annotation, "__args__", ()))
+        if isinstance(c, type) and issubclass(c, BaseModel)
+    ]
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("name")
+    args = getattr(field.annotation, "__args__", ()) if field is not None else ()
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
+
+
+def _walk(model: type[BaseModel], loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The model at `loc`, and `loc` without the union tags pydantic puts in error paths."""
+    clean: list[str] = []
+    i = 0
+    while i < len(loc):
+        members = _members(model, loc[i])
+        clean.append(loc[i])
+        i += 1
+        tagged = [m for m in members if i < len(loc) and _tag(m) == loc[i]]
+        if len(members) > 1 and tagged:
+            model, i = tagged[0], i + 1
+        else:
+            model = members[0] if members else None
+    return model, clean
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
-    for key in loc:
-        model = _submodel(model, key)
-    return list(model.model_fields) if model is not None else []
+    found, _ = _walk(model, loc)
+    return list(found.model_fields) if found is not None else []
 
 
 def _field_info(model: type[BaseModel], loc: list[str]):
-    for key in loc[:-1]:
-        model = _submodel(model, key)
-    if model is None or not loc or loc[-1] not in model.model_fields:
+    found, _ = _walk(model, loc[:-1])
+    if found is None or not loc or loc[-1] not in found.model_fields:
         return None
-    return model.model_fields[loc[-1]]
+    return found.model_fields[loc[-1]]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -209,7 +209,11 @@ class TrainSpec(Section):
 class ResourcesSpec(Section):
     """What each Ray Train worker gets."""
 
-    num_workers: int = Field(1, ge=1, description="Data-parallel training workers.")
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description="Data-parallel training workers, or [min, max] for elastic training (ddp and fsdp): "
+        "Ray Train starts with what it can get, at least min, and resizes the group after failures.",
+    )
     use_gpu: bool = Field(
         False, description="Give each worker a GPU (NCCL backend) instead of CPU only (gloo)."
     )
@@ -221,6 +225,22 @@ class ResourcesSpec(Section):
         "pack",
         description="Worker placement across nodes: pack (fewest nodes), spread (best effort), strict_spread (one per node).",
     )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"need 1 <= workers (and min <= max), got {value}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class FailureSpec(Section):

@@ -1,10 +1,11 @@
-"""Resumable training checkpoints: weights (safetensors), optimizer, scheduler, RNG and loop position.
+"""Resumable training checkpoints: the strategy's model and optimizer state, RNG and loop position.
 
 Each worker writes its part into a fresh local folder and hands it to `ray.train.report`, which
 copies the parts of all workers into one `checkpoint_*` folder on the run's storage and registers it
 only once every part has arrived: a crash while saving never replaces the last good checkpoint.
-`MANIFEST.json` (rank 0) lists every file with its size, and loading refuses a folder that does not
-match it.
+What the parts are depends on the strategy (raylm/train/engine.py): DDP writes the full weights once
+(rank 0), FSDP one DCP shard per rank, DeepSpeed its ZeRO partition files. Every rank lists the files
+it wrote, with their sizes, in `MANIFEST.rank<r>.json`; loading refuses a folder that does not match.
 """
 
 from __future__ import annotations
@@ -13,39 +14,65 @@ import json
 import random
 from pathlib import Path
 
-MANIFEST = "MANIFEST.json"
-
 
 class CheckpointError(Exception):
     pass
 
 
-def unwrap(model):
-    """The plain model inside a DDP / FSDP wrapper."""
-    return getattr(model, "module", model)
-
-
-def save(directory: Path, model, optimizer, scheduler, loop_state: dict, rank: int) -> None:
-    """Write this rank's part of a checkpoint into `directory`."""
+def save(directory: Path, engine, loop_state: dict, rank: int) -> None:
+    """Write this rank's part of a checkpoint into `directory` (every rank calls this)."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
-    if rank != 0:
-        return
+    engine.save(directory, rank)
+    if rank == 0:
+        (directory / "loop_state.json").write_text(json.dumps(loop_state))
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.startswith("MANIFEST")
+    }
+    (directory / f"MANIFEST.rank{rank}.json").write_text(json.dumps({"files": files}))
+
+
+def load(directory: Path, engine, rank: int) -> dict:
+    """Restore the engine and this rank's RNG from `directory`; returns the loop state."""
+    import torch
+
+    loop_state = verify(directory)
+    engine.load(directory, rank)
+    rng_file = directory / f"rng_rank{rank}.pt"
+    if rng_file.exists():  # an elastic run may have more workers than the run that saved
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return loop_state
+
+
+def verify(directory: Path) -> dict:
+    """Check every rank's files against its manifest; returns the loop state."""
+    state_file = directory / "loop_state.json"
+    if not state_file.exists():
+        raise CheckpointError(f"{directory}: no loop_state.json; the checkpoint is incomplete")
+    loop_state = json.loads(state_file.read_text())
+    for rank in range(loop_state["world_size"]):
+        manifest_file = directory / f"MANIFEST.rank{rank}.json"
+        if not manifest_file.exists():
+            raise CheckpointError(f"{directory}: no manifest of rank {rank}; the checkpoint is incomplete")
+        for name, size in json.loads(manifest_file.read_text())["files"].items():
+            path = directory / name
+            if not path.exists() or path.stat().st_size != size:
+                raise CheckpointError(
+                    f"{directory}: {name} is missing or truncated; the checkpoint is incomplete"
+                )
+    return loop_state
+
+
+def save_weights(model, path: Path) -> None:
+    """A model's full state dict as safetensors (tied weights stored once per name)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    save_file(_untie(state), directory / "model.safetensors")
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-    (directory / "loop_state.json").write_text(json.dumps(loop_state))
-    files = {
-        p.name: p.stat().st_size
-        for p in directory.iterdir()
-        if p.name.startswith(("model", "optimizer", "scheduler", "loop"))
-    }
-    (directory / MANIFEST).write_text(json.dumps({"files": files, "world_size": loop_state["world_size"]}))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(_untie(state), path)
 
 
 def _untie(state: dict) -> dict:
@@ -57,34 +84,6 @@ def _untie(state: dict) -> dict:
         out[key] = tensor.clone() if ptr in seen else tensor
         seen.setdefault(ptr, key)
     return out
-
-
-def load(directory: Path, model, optimizer, scheduler, rank: int) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from `directory`; returns the loop state."""
-    import torch
-    from safetensors.torch import load_file
-
-    verify(directory)
-    unwrap(model).load_state_dict(load_file(directory / "model.safetensors"), strict=True)
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-    rng_file = directory / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((directory / "loop_state.json").read_text())
-
-
-def verify(directory: Path) -> None:
-    manifest_file = directory / MANIFEST
-    if not manifest_file.exists():
-        raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete")
-    manifest = json.loads(manifest_file.read_text())
-    for name, size in manifest["files"].items():
-        path = directory / name
-        if not path.exists() or path.stat().st_size != size:
-            raise CheckpointError(
-                f"{directory}: {name} is missing or truncated; the checkpoint is incomplete"
-            )
 
 
 def _rng_state() -> dict:

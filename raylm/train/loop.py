@@ -5,13 +5,15 @@ Ray Train runs `train_loop(config)` on every worker; `raylm.train.pretrain` buil
 
 from __future__ import annotations
 
-import contextlib
 import math
 import tempfile
 import time
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
 from raylm.spec import PretrainJob
+from raylm.spec.strategies import StrategySpec
 
 
 def train_loop(config: dict) -> dict | None:
@@ -20,7 +22,7 @@ def train_loop(config: dict) -> dict | None:
 
     from raylm import storage
     from raylm.models import build_model
-    from raylm.train import checkpoint, optim, strategy
+    from raylm.train import checkpoint, strategies
     from raylm.train.metrics import MetricsLog, emit, format_progress
 
     # ---- setup -------------------------------------------------------------------------------
@@ -38,24 +40,26 @@ def train_loop(config: dict) -> dict | None:
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    model = strategy.wrap(model, job)
-    optimizer = optim.adamw(model, spec)
     total_steps = config["total_steps"]
-    scheduler = optim.scheduler(optimizer, spec, total_steps)
-    autocast = _autocast(spec.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if spec.precision == "fp16" else None
+    plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])  # `auto` is resolved by now
+    engine = strategies.setup(model, plan, spec, total_steps, device)
 
     # ---- resume ------------------------------------------------------------------------------
     loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "world_size": world, "tokens": 0}
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
-            loop = checkpoint.load(Path(folder), model, optimizer, scheduler, rank)
-        if loop["world_size"] != world:  # the driver refuses this earlier; a checkpoint from elsewhere
-            raise RuntimeError(
-                f"checkpoint was written by {loop['world_size']} workers, this run has {world}: "
-                "the data order cannot be replayed; set resources.num_workers back or use a new output"
-            )
+            loop = checkpoint.load(Path(folder), engine, rank)
+        if loop["world_size"] != world:
+            if not job.resources.elastic:  # the driver refuses this earlier; a checkpoint from elsewhere
+                raise RuntimeError(
+                    f"checkpoint was written by {loop['world_size']} workers, this run has {world}: "
+                    "the data order cannot be replayed; set resources.num_workers back or use a new output"
+                )
+            # Elastic resize: the data is re-split over `world` workers; skip as many batches of the
+            # current epoch as the old group consumed in total (the order within it is not replayed).
+            loop["batches_in_epoch"] = loop["batches_in_epoch"] * loop["world_size"] // world
+            loop["resized_from"], loop["world_size"] = loop["world_size"], world
     else:
         torch.manual_seed(spec.seed + rank)
     resumed_from = loop["step"] if restored is not None else 0
@@ -67,13 +71,16 @@ def train_loop(config: dict) -> dict | None:
         emit(f"[raylm] {world} worker(s) on {len(set(nodes))} node(s), device {device.type}")
         if restored is not None:
             emit(f"[raylm] resumed from checkpoint at step {loop['step']}")
+        if "resized_from" in loop:
+            emit(f"[raylm] elastic: the checkpoint's {loop.pop('resized_from')} workers continue as {world}")
+        emit(f"[raylm] strategy {plan.name}: {_describe(plan)}")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     tokens_per_micro = job.data.seq_len * spec.batch_size
 
     def evaluate() -> dict:
-        model.eval()
+        engine.model.eval()
         totals = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for i, batch in enumerate(
@@ -82,19 +89,18 @@ def train_loop(config: dict) -> dict | None:
                 if spec.eval_batches is not None and i >= spec.eval_batches:
                     break
                 ids = batch["input_ids"].to(device)
-                with autocast:
-                    loss = model(input_ids=ids, labels=ids).loss
+                loss = engine.loss(ids)
                 n = ids.numel() - ids.shape[0]  # predicted positions
                 totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
-        model.train()
+        engine.model.train()
         val_loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     def save_and_report(row: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as folder:
-            checkpoint.save(Path(folder), model, optimizer, scheduler, loop, rank)
+            checkpoint.save(Path(folder), engine, loop, rank)
             ray.train.report(
                 row,
                 checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -127,33 +133,17 @@ def train_loop(config: dict) -> dict | None:
             loop["batches_in_epoch"] = 0
 
     # ---- train -------------------------------------------------------------------------------
-    model.train()
+    engine.model.train()
     loss_sum, micro = 0.0, 0
     window_start, window_tokens = time.perf_counter(), 0
     last_row: dict = {}
     for ids in micro_batches() if loop["step"] < total_steps else ():
         micro += 1
         last_micro = micro % spec.grad_accum == 0
-        sync = contextlib.nullcontext() if last_micro or world == 1 else model.no_sync()
-        with sync:
-            with autocast:
-                loss = model(input_ids=ids, labels=ids).loss / spec.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += loss.item()
+        loss_sum += engine.micro_step(ids, boundary=last_micro)
         window_tokens += tokens_per_micro * world
         if not last_micro:
             continue
-        if scaler:
-            scaler.unscale_(optimizer)
-        if spec.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         loop["step"] += 1
         loop["tokens"] += tokens_per_micro * world * spec.grad_accum
         step, done = loop["step"], loop["step"] >= total_steps
@@ -163,7 +153,7 @@ def train_loop(config: dict) -> dict | None:
             elapsed = time.perf_counter() - window_start
             row.update(
                 loss=loss_sum / steps_in_window,
-                lr=scheduler.get_last_lr()[0],
+                lr=engine.lr,
                 tokens_per_s=window_tokens / elapsed,
                 tokens=loop["tokens"],
             )
@@ -186,29 +176,31 @@ def train_loop(config: dict) -> dict | None:
             break
 
     # ---- export ------------------------------------------------------------------------------
+    final = engine.consolidated(rank)  # collective: gathers shards of fsdp / ZeRO-3
     if rank != 0:
         return None
     log.close()
-    final = checkpoint.unwrap(model)
-    sample = _sample(final, tokenizer, config["sample_prompt"], device)
+    sample = _sample(final, tokenizer, config["sample_prompt"])
     storage.export_model(final, tokenizer, stage, config["publish_to"])
-    return {"metrics": last_row, "sample": sample, "worker_nodes": nodes, "resumed_from": resumed_from}
+    return {
+        "metrics": last_row,
+        "sample": sample,
+        "worker_nodes": nodes,
+        "resumed_from": resumed_from,
+        "strategy": plan.model_dump(),
+    }
 
 
-def _autocast(precision: str, device):
-    import torch
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def _describe(plan) -> str:
+    fields = {k: v for k, v in plan.model_dump().items() if k not in ("name", "config") and v is not None}
+    return ", ".join(f"{k}={v}" for k, v in fields.items()) or "defaults"
 
 
-def _sample(model, tokenizer, prompt_ids: list[int], device, new_tokens: int = 48) -> dict:
+def _sample(model, tokenizer, prompt_ids: list[int], new_tokens: int = 48) -> dict:
     """Greedy continuation of the start of a corpus block: a quick look at what was learned."""
     import torch
 
-    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
     model.eval()
     with torch.no_grad():
         out = model.generate(

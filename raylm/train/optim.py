@@ -7,14 +7,19 @@ import math
 from raylm.spec.sections import TrainSpec
 
 
+def param_groups(model, spec: TrainSpec) -> list[dict]:
+    """Trainable parameters in two groups: matrices decay, norms and biases do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
 def adamw(model, spec: TrainSpec):
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
+    return torch.optim.AdamW(param_groups(model, spec), lr=spec.lr, betas=spec.betas)
 
 
 def lr_factor(step: int, spec: TrainSpec, total_steps: int) -> float:

@@ -73,9 +73,12 @@ def run_pretrain(job: PretrainJob) -> dict:
             [("data.val_fraction", "no block landed in the validation split: raise val_fraction or add text")]
         )
     total_steps = planned_steps(job, train_ds)
+    strategy, why = resolve_strategy(job)
+    workers = job.resources.num_workers
     print(
-        f"[raylm] pretrain {job.run_name}: {job.resources.num_workers} worker(s), strategy {job.strategy}, "
-        f"{total_steps} steps, vocab {len(tokenizer)}, output {output}",
+        f"[raylm] pretrain {job.run_name}: {workers if isinstance(workers, int) else list(workers)} "
+        f"worker(s), strategy {strategy['name']} ({why}), {total_steps} steps, vocab {len(tokenizer)}, "
+        f"output {output}",
         flush=True,
     )
 
@@ -88,13 +91,14 @@ def run_pretrain(job: PretrainJob) -> dict:
             "spec": job.model_dump(mode="json"),
             "tokenizer": tokenizer,
             "total_steps": total_steps,
+            "strategy": strategy,
             "shuffle_buffer": job.data.shuffle_buffer,
             "stage_dir": str(local_output) if local_output else None,
             "publish_to": output if storage.is_uri(output) else None,
             "sample_prompt": first[0]["input_ids"][:SAMPLE_PROMPT_TOKENS].tolist(),
         },
         scaling_config=ScalingConfig(
-            num_workers=job.resources.num_workers,
+            num_workers=workers if isinstance(workers, int) else tuple(workers),
             use_gpu=job.resources.use_gpu,
             resources_per_worker=resources,
             placement_strategy=job.resources.placement.upper(),
@@ -119,6 +123,7 @@ def run_pretrain(job: PretrainJob) -> dict:
         "sample": outcome.get("sample", {}),
         "worker_nodes": outcome.get("worker_nodes", []),
         "resumed_from": outcome.get("resumed_from", 0),
+        "strategy": {**outcome.get("strategy", strategy), "why": why},
     }
     storage.write_text(output, "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -127,7 +132,7 @@ def run_pretrain(job: PretrainJob) -> dict:
 def planned_steps(job: PretrainJob, train_ds) -> int:
     if job.train.max_steps is not None:
         return job.train.max_steps
-    per_worker = train_ds.count() // job.resources.num_workers
+    per_worker = train_ds.count() // job.resources.max_workers
     batches = per_worker // job.train.batch_size
     if batches == 0:
         raise SpecError(
@@ -139,6 +144,15 @@ def planned_steps(job: PretrainJob, train_ds) -> int:
             ]
         )
     return max(1, math.ceil(job.train.epochs * batches / job.train.grad_accum))
+
+
+def resolve_strategy(job: PretrainJob) -> tuple[dict, str]:
+    from raylm.plan import NothingFits, resolve
+
+    try:
+        return resolve(job)
+    except NothingFits as err:
+        raise SpecError([("strategy", str(err))]) from None
 
 
 def prepare_tokenizer(job: PretrainJob, docs, local_output: Path | None):

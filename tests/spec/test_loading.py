@@ -29,7 +29,7 @@ def test_minimal_spec_fills_defaults(tmp_path):
     job = load_spec(write(tmp_path, MINIMAL))
     assert isinstance(job, PretrainJob)
     assert job.output.path == "runs/x" and job.run_name == "x"
-    assert job.train.max_steps == 1000 and job.strategy == "ddp"
+    assert job.train.max_steps == 1000 and job.strategy.name == "ddp"
     assert job.model.trust_remote_code is False
     assert job.tokenizer.path is None and job.tokenizer.train is None
 

@@ -72,7 +72,8 @@ def test_checkpoints_are_complete_and_pruned(reference_run):
         "optimizer.pt",
         "scheduler.pt",
         "loop_state.json",
-        "MANIFEST.json",
+        "MANIFEST.rank0.json",
+        "MANIFEST.rank1.json",
         "rng_rank0.pt",
         "rng_rank1.pt",
     } <= files

@@ -1,0 +1,113 @@
+"""`strategy: auto`: the least sharding whose estimated peak memory fits each worker's device.
+
+    raylm run spec.yaml --set strategy=auto
+
+Candidates in order of preference (less communication first): ddp, DeepSpeed ZeRO-1, ZeRO-2, FSDP
+(full sharding, as ZeRO-3 but native PyTorch). The first whose estimate (raylm.memory) fits in
+`headroom` x the device memory of a worker wins; the job log says which and why. Elastic runs skip
+the ZeRO stages (their checkpoints do not reload on another worker count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raylm.memory import GiB, Shape, estimate
+
+CANDIDATES = (
+    ("ddp", {"name": "ddp"}),
+    ("zero1", {"name": "deepspeed", "stage": 1}),
+    ("zero2", {"name": "deepspeed", "stage": 2}),
+    ("fsdp", {"name": "fsdp"}),
+)
+
+
+class NothingFits(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Choice:
+    strategy: dict
+    needed: float  # estimated peak bytes per worker
+    budget: float  # bytes per worker the estimate may use
+    reason: str
+
+
+def choose(
+    shape: Shape,
+    workers: int,
+    memory_bytes: float,
+    headroom: float = 0.9,
+    precision: str = "fp32",
+    batch: int = 1,
+    seq_len: int = 2048,
+    gradient_checkpointing: bool = False,
+    flash_attention: bool = False,
+    trainable: int | None = None,
+    elastic: bool = False,
+) -> Choice:
+    budget = memory_bytes * headroom
+    tried = []
+    for key, strategy in CANDIDATES:
+        if elastic and strategy["name"] == "deepspeed":
+            continue
+        needed = estimate(
+            shape, key, precision, workers, batch, seq_len, gradient_checkpointing, trainable, flash_attention
+        ).total
+        if needed <= budget:
+            rejected = "; ".join(f"{k} needs {n / GiB:.2f} GiB" for k, n in tried)
+            reason = (
+                f"{key} needs {needed / GiB:.2f} GiB per worker, within {budget / GiB:.2f} GiB "
+                f"({headroom:.0%} of {memory_bytes / GiB:.2f} GiB)" + (f"; {rejected}" if rejected else "")
+            )
+            return Choice(strategy, needed, budget, reason)
+        tried.append((key, needed))
+    smallest, needed = min(tried, key=lambda t: t[1])
+    raise NothingFits(
+        f"no strategy fits: the smallest, {smallest}, needs {needed / GiB:.2f} GiB per worker of "
+        f"{budget / GiB:.2f} GiB: add workers, turn on train.gradient_checkpointing, lower "
+        "train.batch_size, or offload (strategy: {name: fsdp, cpu_offload: true})"
+    )
+
+
+def worker_memory(job) -> float:
+    """Bytes of device memory per worker: the spec's figure, a GPU's total memory, or a CPU share."""
+    import ray
+
+    if job.strategy.memory_per_worker_gb is not None:
+        return job.strategy.memory_per_worker_gb * GiB
+    if job.resources.use_gpu:
+        if not ray.cluster_resources().get("GPU"):
+            raise NothingFits("resources.use_gpu is set but the Ray cluster has no GPU")
+
+        @ray.remote(num_gpus=1, num_cpus=0)
+        def gpu_memory() -> int:
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory
+
+        return float(ray.get(gpu_memory.remote(), timeout=300))
+    return ray.cluster_resources().get("memory", 0) / job.resources.max_workers
+
+
+def resolve(job) -> tuple[dict, str]:
+    """The concrete strategy of `job` (as a dict) and why it was chosen."""
+    from raylm.memory import shape_of_job
+
+    if job.strategy.name != "auto":
+        return job.strategy.model_dump(), "set in the spec"
+    workers = job.resources.num_workers
+    choice = choose(
+        shape_of_job(job),
+        workers if isinstance(workers, int) else workers[0],
+        worker_memory(job),
+        job.strategy.headroom,
+        job.train.precision,
+        job.train.batch_size,
+        job.data.seq_len,
+        job.train.gradient_checkpointing,
+        flash_attention=job.resources.use_gpu,
+        elastic=job.resources.elastic,
+    )
+    return choice.strategy, f"auto: {choice.reason}"

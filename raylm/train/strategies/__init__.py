@@ -1,0 +1,45 @@
+"""Distributed strategies, one module each: `setup(model, strategy, train, total_steps, device) -> Engine`.
+
+ddp        torch DistributedDataParallel through Ray Train (gloo on CPU, NCCL on GPU)
+fsdp       PyTorch FSDP2: fully_shard per transformer block, DCP sharded checkpoints
+deepspeed  DeepSpeed ZeRO stage 1/2/3 with optional CPU offload
+"""
+
+from __future__ import annotations
+
+import importlib
+
+STRATEGIES = {
+    "ddp": "raylm.train.strategies.ddp",
+    "fsdp": "raylm.train.strategies.fsdp",
+    "deepspeed": "raylm.train.strategies.deepspeed",
+}
+
+
+def setup(model, strategy, train, total_steps: int, device):
+    """Wrap `model` for data-parallel training under `strategy` (a concrete strategy spec)."""
+    return importlib.import_module(STRATEGIES[strategy.name]).setup(
+        model, strategy, train, total_steps, device
+    )
+
+
+def autocast(precision: str, device):
+    """Autocast to the 16-bit type of `precision` (nothing for fp32)."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def transformer_blocks(model) -> list:
+    """The repeated decoder layers (the unit of sharding and offload), found the way transformers marks
+    them for device maps: the classes in `model._no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
+    return blocks

@@ -1,0 +1,84 @@
+"""FSDP2: `fully_shard` on every transformer block, then on the whole model.
+
+Each worker holds 1/N of the weights, gradients and optimizer state; a block's weights are gathered
+for its forward and backward. Checkpoints are torch.distributed.checkpoint (DCP) shards, one file per
+rank, which DCP can reload on a different number of workers (elastic runs). The final model is
+gathered into one full state dict on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from raylm.train.engine import Engine, plain_copy
+
+
+class FSDPEngine(Engine):
+    def no_sync(self):
+        @contextlib.contextmanager
+        def unsynced():
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+
+        return unsynced()
+
+    def save(self, folder: Path, rank: int) -> None:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "sharded"))
+        if rank == 0:
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+
+    def load(self, folder: Path, rank: int) -> None:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(folder / "sharded"))
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+
+    def consolidated(self, rank: int):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return plain_copy(self.model, full) if rank == 0 else None
+
+
+def setup(model, strategy, train, total_steps: int, device):
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from raylm.train import optim
+    from raylm.train.strategies import transformer_blocks
+
+    options = {"reshard_after_forward": strategy.reshard_after_forward}
+    if strategy.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    if train.precision == "bf16":
+        # bf16 compute and communication, fp32 gradient reduction and fp32 master weights.
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # fully_shard places shards on the current device
+    if not strategy.cpu_offload:
+        model = model.to(device)
+    for block in transformer_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    optimizer = optim.adamw(model, train)
+    return FSDPEngine(
+        model, optimizer, optim.scheduler(optimizer, train, total_steps), train, contextlib.nullcontext()
+    )
