@@ -26,6 +26,10 @@ class NothingFits(Exception):
     pass
 
 
+def size(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 1024**2:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class Choice:
     strategy: dict
@@ -56,17 +60,17 @@ def choose(
             shape, key, precision, workers, batch, seq_len, gradient_checkpointing, trainable, flash_attention
         ).total
         if needed <= budget:
-            rejected = "; ".join(f"{k} needs {n / GiB:.2f} GiB" for k, n in tried)
+            rejected = "; ".join(f"{k} needs {size(n)}" for k, n in tried)
             reason = (
-                f"{key} needs {needed / GiB:.2f} GiB per worker, within {budget / GiB:.2f} GiB "
-                f"({headroom:.0%} of {memory_bytes / GiB:.2f} GiB)" + (f"; {rejected}" if rejected else "")
+                f"{key} needs {size(needed)} per worker, within {size(budget)} "
+                f"({headroom:.0%} of {size(memory_bytes)})" + (f"; {rejected}" if rejected else "")
             )
             return Choice(strategy, needed, budget, reason)
         tried.append((key, needed))
     smallest, needed = min(tried, key=lambda t: t[1])
     raise NothingFits(
-        f"no strategy fits: the smallest, {smallest}, needs {needed / GiB:.2f} GiB per worker of "
-        f"{budget / GiB:.2f} GiB: add workers, turn on train.gradient_checkpointing, lower "
+        f"no strategy fits: the smallest, {smallest}, needs {size(needed)} per worker of "
+        f"{size(budget)}: add workers, turn on train.gradient_checkpointing, lower "
         "train.batch_size, or offload (strategy: {name: fsdp, cpu_offload: true})"
     )
 

@@ -20,7 +20,8 @@ from raylm.spec import PretrainJob, SpecError
 from raylm.spec.sections import TokenizerTraining
 
 # Fields that may change between a run and its resumption; any other change makes a different run
-# (resources.num_workers too: each worker's share of the data, and so the batches, would change).
+# (resources.num_workers too: each worker's share of the data, and so the batches, would change;
+# an elastic run, whose worker count changes anyway, may change its range).
 RESUMABLE_CHANGES = {
     ("name",),
     ("failure",),
@@ -73,7 +74,7 @@ def run_pretrain(job: PretrainJob) -> dict:
             [("data.val_fraction", "no block landed in the validation split: raise val_fraction or add text")]
         )
     total_steps = planned_steps(job, train_ds)
-    strategy, why = resolve_strategy(job)
+    strategy, why = resolve_strategy(job, local_output)
     workers = job.resources.num_workers
     print(
         f"[raylm] pretrain {job.run_name}: {workers if isinstance(workers, int) else list(workers)} "
@@ -146,13 +147,22 @@ def planned_steps(job: PretrainJob, train_ds) -> int:
     return max(1, math.ceil(job.train.epochs * batches / job.train.grad_accum))
 
 
-def resolve_strategy(job: PretrainJob) -> tuple[dict, str]:
+def resolve_strategy(job: PretrainJob, local_output: Path | None) -> tuple[dict, str]:
+    """The run's concrete strategy. A resumed run keeps the one its checkpoints were written with,
+    even when `auto` would now choose another (other GPUs, another worker count)."""
     from raylm.plan import NothingFits, resolve
 
+    record = local_output / "strategy.json" if local_output else None
+    if record is not None and record.exists():
+        saved = json.loads(record.read_text())
+        return saved["strategy"], f"kept from the run's first attempt: {saved['why']}"
     try:
-        return resolve(job)
+        strategy, why = resolve(job)
     except NothingFits as err:
         raise SpecError([("strategy", str(err))]) from None
+    if record is not None:
+        record.write_text(json.dumps({"strategy": strategy, "why": why}, indent=2))
+    return strategy, why
 
 
 def prepare_tokenizer(job: PretrainJob, docs, local_output: Path | None):
@@ -184,7 +194,8 @@ def check_same_run(job: PretrainJob, run_dir: Path) -> None:
     current = job.model_dump(mode="json")
     if record.exists():
         earlier = yaml.safe_load(record.read_text())
-        changed = [p for p in _diff(earlier, current) if not any(p[: len(a)] == a for a in RESUMABLE_CHANGES)]
+        resumable = RESUMABLE_CHANGES | ({("resources", "num_workers")} if job.resources.elastic else set())
+        changed = [p for p in _diff(earlier, current) if not any(p[: len(a)] == a for a in resumable)]
         if changed:
             fields = ", ".join(".".join(p) for p in changed)
             raise SpecError(

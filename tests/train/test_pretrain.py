@@ -1,7 +1,6 @@
 """2-worker DDP pretraining on real local Ray: loss falls, the folder reloads and generates, and a
 run killed mid-way resumes to exactly the weights of an uninterrupted run."""
 
-import json
 import os
 import signal
 import subprocess
@@ -17,23 +16,13 @@ from safetensors.torch import load_file
 from raylm.spec import validate_dict
 from raylm.submit import run_here
 from tests.conftest import tiny_spec
-
-
-@pytest.fixture(scope="module")
-def reference_run(ray_local, tmp_path_factory):
-    output = tmp_path_factory.mktemp("reference") / "run"
-    summary = run_here(validate_dict(tiny_spec(output)))
-    return output, summary
+from tests.train.conftest import read_metrics
 
 
 def registered(run_dir: Path, step: int) -> bool:
     """Ray Train has registered the checkpoint of `step` (written its manager snapshot)."""
     snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
     return snapshot.exists() and f"checkpoint_{step:08d}" in snapshot.read_text()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_validation_loss_falls(reference_run):

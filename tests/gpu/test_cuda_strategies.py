@@ -1,0 +1,149 @@
+"""CUDA paths of the strategies (NCCL, bf16), on one GPU: skipped on machines without one.
+
+    python -m pytest -m gpu tests/gpu -q -s
+
+FSDP2 with a bf16 mixed-precision policy and DeepSpeed ZeRO-2/3 (bf16, optimizer offload at stage 3)
+train a small Llama on a learnable sequence, checkpoint, reload into a fresh engine that continues
+identically, and consolidate into a plain model whose logits match. Then the memory estimate is
+compared with the peak memory CUDA's allocator measured for the same training steps.
+"""
+
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CASES = {
+    "fsdp-bf16": {"name": "fsdp"},
+    "zero2-bf16": {"name": "deepspeed", "stage": 2},
+    "zero3-bf16-offload": {"name": "deepspeed", "stage": 3, "offload_optimizer": True},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_llama(seed=0, layers=4, hidden=256, vocab=512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
+def engine_for(strategy: dict, seed=0):
+    from pydantic import TypeAdapter
+
+    from raylm.spec.sections import TrainSpec
+    from raylm.spec.strategies import StrategySpec
+    from raylm.train import strategies
+
+    plan = TypeAdapter(StrategySpec).validate_python(strategy)
+    train = TrainSpec(lr=3e-3, precision="bf16", grad_accum=2, batch_size=8, warmup_steps=2)
+    return strategies.setup(tiny_llama(seed), plan, train, 40, torch.device("cuda", 0))
+
+
+def batches(n, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    pattern = torch.randint(0, 512, (16,), generator=generator)
+    for _ in range(n):
+        shift = torch.randint(0, 16, (8,), generator=generator)
+        yield torch.stack([pattern.roll(int(s)).repeat(4) for s in shift]).cuda()  # 8 x 64, learnable
+
+
+@pytest.mark.parametrize("strategy", CASES.values(), ids=CASES.keys())
+def test_strategy_trains_checkpoints_and_consolidates(strategy, tmp_path):
+    engine = engine_for(strategy)
+    losses = [engine.micro_step(ids, boundary=i % 2 == 1) for i, ids in enumerate(batches(40))]
+    assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
+
+    engine.save(tmp_path, rank=0)
+    fresh = engine_for(strategy, seed=123)
+    fresh.load(tmp_path, rank=0)
+    probe = next(batches(1, seed=7))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.loss(probe), engine.loss(probe))
+    more = list(batches(4, seed=9))
+    a = [engine.micro_step(ids, boundary=i % 2 == 1) for i, ids in enumerate(more)]
+    b = [fresh.micro_step(ids, boundary=i % 2 == 1) for i, ids in enumerate(more)]
+    assert a == pytest.approx(b, rel=1e-2)
+
+    plain = engine.consolidated(rank=0)
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    plain = plain.cuda().eval()
+    engine.model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = engine.model(input_ids=probe).logits.float()
+        got = plain(input_ids=probe).logits.float()
+    # bf16 rounding differs between the sharded bf16 compute and autocast over the fp32 copy: a few
+    # logits of the (large, trained) outputs differ by ~0.5; the predictions and the bulk agree.
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
+    assert (got - expected).abs().mean() < 0.02 * expected.std()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_memory_estimate_matches_cuda_peak(precision):
+    """Peak allocated bytes of plain training steps against raylm.memory's ddp estimate (1 worker)."""
+    from raylm import memory
+    from raylm.spec.sections import TrainSpec
+    from raylm.train import optim
+
+    model = tiny_llama(layers=8, hidden=1024, vocab=32000).cuda()
+    shape = memory.shape_from_config(model.config)
+    batch, seq = 8, 128
+    optimizer = optim.adamw(model, TrainSpec())
+    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    # autocast keeps fp32 weights (no separate bf16 master copy): estimate it as fp32 storage with
+    # 16-bit activations, which is what this loop (and raylm's ddp) does.
+    estimate = memory.estimate(shape, "ddp", precision, 1, batch, seq, flash_attention=True)
+    if precision == "bf16":
+        fp32 = memory.estimate(shape, "ddp", "fp32", 1, batch, seq, flash_attention=True)
+        estimate = memory.Breakdown(
+            fp32.weights, fp32.gradients, fp32.optimizer, estimate.activations, fp32.temporary
+        )
+    ratio = measured / estimate.total
+    print(
+        f"\n{precision}: measured {measured / 2**20:.0f} MiB, estimated {estimate.total / 2**20:.0f} MiB, ratio {ratio:.2f}"
+    )
+    assert 0.75 <= ratio <= 1.25

@@ -1,0 +1,52 @@
+"""`strategy: auto` picks the least sharding that the memory estimate fits, for a table of model sizes
+and device memories (the estimate's own arithmetic is tested in test_memory.py)."""
+
+import pytest
+
+from raylm import memory, plan
+from raylm.memory import GiB
+
+# params, workers, GiB per device, precision, gradient checkpointing -> expected choice
+TABLE = [
+    (125e6, 8, 80, "bf16", False, "ddp"),  # small model: everything fits, no sharding needed
+    (1e9, 8, 80, "bf16", True, "ddp"),  # 16 GB of states + checkpointed activations < 72 GB
+    (7e9, 8, 80, "bf16", True, "zero1"),  # 112 GB of states: sharding Adam's 84 GB is enough
+    (7e9, 8, 24, "bf16", True, "fsdp"),  # 24 GB cards: weights must be sharded too
+    (7e9, 2, 80, "bf16", True, "zero2"),  # two 80 GB cards: Adam and gradients sharded
+    (13e9, 8, 40, "bf16", True, "fsdp"),
+    (1e9, 1, 16, "fp32", False, None),  # 16 GB of states alone on one 16 GB card: nothing fits
+]
+
+
+@pytest.mark.parametrize("params,workers,gib,precision,checkpointing,expected", TABLE)
+def test_auto_choice_table(params, workers, gib, precision, checkpointing, expected):
+    shape = memory.shape_from_params(params)
+    args = dict(precision=precision, batch=1, seq_len=2048, gradient_checkpointing=checkpointing)
+    fits = {
+        key: memory.estimate(shape, key, workers=workers, flash_attention=True, **args).total
+        <= 0.9 * gib * GiB
+        for key, _ in plan.CANDIDATES
+    }
+    if expected is None:
+        assert not any(fits.values())
+        with pytest.raises(plan.NothingFits, match="no strategy fits"):
+            plan.choose(shape, workers, gib * GiB, flash_attention=True, **args)
+        return
+    choice = plan.choose(shape, workers, gib * GiB, flash_attention=True, **args)
+    key = (
+        choice.strategy["name"]
+        if choice.strategy["name"] != "deepspeed"
+        else f"zero{choice.strategy['stage']}"
+    )
+    assert key == expected
+    # the choice is the first candidate that fits, and it does fit
+    assert [k for k, ok in fits.items() if ok][0] == expected
+    assert choice.needed <= choice.budget and expected in choice.reason
+
+
+def test_elastic_runs_skip_zero_stages():
+    shape = memory.shape_from_params(7e9)
+    choice = plan.choose(
+        shape, 8, 80 * GiB, precision="bf16", gradient_checkpointing=True, flash_attention=True, elastic=True
+    )
+    assert choice.strategy == {"name": "fsdp"}

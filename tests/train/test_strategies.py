@@ -1,0 +1,149 @@
+"""FSDP2 and DeepSpeed ZeRO-2/3 pretraining on real local Ray (2 CPU workers, gloo).
+
+Each strategy does the same arithmetic as DDP up to float reduction order, so its exported model must
+match the DDP reference run's; the export must equal the libraries' own consolidation of the final
+checkpoint (DCP's dcp_to_torch_save, DeepSpeed's zero_to_fp32). `strategy: auto` and an elastic
+worker range run through the FSDP case.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raylm import memory
+from raylm.memory import GiB
+from raylm.spec import validate_dict
+from raylm.submit import run_here
+from tests.conftest import tiny_spec
+from tests.train.conftest import read_metrics
+
+
+def exported(run_dir):
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_matches_ddp(run_dir, reference_dir):
+    mine, ddp = exported(run_dir), exported(reference_dir)
+    assert set(mine) == set(ddp)
+    for name, tensor in ddp.items():
+        torch.testing.assert_close(mine[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+    evals = [row["val_loss"] for row in read_metrics(run_dir) if "val_loss" in row]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.3
+
+
+def assert_reloads_and_generates(run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    prompt = tokenizer("Once upon a", return_tensors="pt").input_ids
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == prompt.shape[1] + 8
+
+
+# ---- fsdp, chosen by `strategy: auto`, on an elastic worker range ------------------------------------
+
+
+def auto_budget_for_fsdp(spec: dict) -> float:
+    """A memory_per_worker_gb in which the estimate fits FSDP but not ZeRO-2 (nor ddp, ZeRO-1)."""
+    job = validate_dict(spec)
+    shape = memory.shape_of_job(job)
+    needs = {
+        key: memory.estimate(shape, key, "fp32", 2, job.train.batch_size, job.data.seq_len).total
+        for key in ("zero2", "fsdp")
+    }
+    assert needs["fsdp"] < needs["zero2"]
+    return (needs["fsdp"] + needs["zero2"]) / 2 / 0.9 / GiB
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(ray_local, tmp_path_factory):
+    output = tmp_path_factory.mktemp("fsdp") / "run"
+    # [2, 3] workers of 1.5 CPUs on the session's 4-CPU Ray: Ray Train starts with the 2 that fit.
+    spec = tiny_spec(output, resources={"num_workers": [2, 3], "cpus_per_worker": 1.5})
+    spec["strategy"] = {"name": "auto", "memory_per_worker_gb": auto_budget_for_fsdp(spec)}
+    return output, spec, run_here(validate_dict(spec))
+
+
+def test_auto_picks_fsdp_and_says_why(fsdp_run):
+    _, _, summary = fsdp_run
+    assert summary["strategy"]["name"] == "fsdp"
+    why = summary["strategy"]["why"]
+    # ddp did not fit; the ZeRO stages are not candidates for an elastic run
+    assert why.startswith("auto: fsdp needs") and "ddp needs" in why and "zero" not in why
+
+
+def test_elastic_range_starts_with_the_workers_that_fit(fsdp_run):
+    _, _, summary = fsdp_run
+    assert len(summary["worker_nodes"]) == 2
+
+
+def test_fsdp_matches_ddp_and_reloads(fsdp_run, reference_run):
+    run_dir, _, _ = fsdp_run
+    assert_matches_ddp(run_dir, reference_run[0])
+    assert_reloads_and_generates(run_dir)
+
+
+def test_fsdp_export_equals_dcp_consolidation(fsdp_run, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run_dir, _, _ = fsdp_run
+    last = run_dir / "checkpoints" / "checkpoint_00000030"
+    assert sorted(p.name for p in (last / "sharded").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    dcp_to_torch_save(last / "sharded", tmp_path / "full.pt")
+    consolidated = torch.load(tmp_path / "full.pt", weights_only=True)["model"]
+    mine = exported(run_dir)
+    assert set(consolidated) == set(mine)
+    assert all(torch.equal(consolidated[k], mine[k]) for k in mine)
+
+
+def test_elastic_run_resumes_on_fewer_workers(fsdp_run):
+    """The same run continued with a range of [1, 3] where only one worker fits: DCP reshards the
+    2-worker checkpoint, and the strategy `auto` chose is kept (the estimate now says nothing fits)."""
+    run_dir, spec, _ = fsdp_run
+    spec = {**spec, "resources": {"num_workers": [1, 3], "cpus_per_worker": 3}}
+    spec["train"] = {**spec["train"], "max_steps": 40}
+    summary = run_here(validate_dict(spec))
+    assert summary["resumed_from"] == 30 and len(summary["worker_nodes"]) == 1
+    assert (
+        summary["strategy"]["name"] == "fsdp"
+        and "kept from the run's first attempt" in summary["strategy"]["why"]
+    )
+    evals = {row["step"]: row["val_loss"] for row in read_metrics(run_dir) if "val_loss" in row}
+    assert sorted(evals) == [10, 20, 30, 40] and evals[40] < evals[30]
+
+
+# ---- DeepSpeed ZeRO ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def deepspeed_run(request, ray_local, tmp_path_factory):
+    output = tmp_path_factory.mktemp(f"zero{request.param}") / "run"
+    strategy = {
+        "name": "deepspeed",
+        "stage": request.param,
+        "config": {"zero_optimization": {"reduce_bucket_size": 50_000}},  # merged over raylm's config
+    }
+    return output, run_here(validate_dict(tiny_spec(output, strategy=strategy)))
+
+
+def test_deepspeed_matches_ddp_and_reloads(deepspeed_run, reference_run):
+    run_dir, summary = deepspeed_run
+    assert summary["strategy"]["name"] == "deepspeed"
+    assert_matches_ddp(run_dir, reference_run[0])
+    assert_reloads_and_generates(run_dir)
+
+
+def test_deepspeed_export_equals_zero_to_fp32(deepspeed_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run_dir, _ = deepspeed_run
+    last = run_dir / "checkpoints" / "checkpoint_00000030"
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(last), tag="deepspeed")
+    mine = exported(run_dir)
+    assert set(consolidated) == set(mine)
+    assert all(torch.equal(consolidated[k], mine[k]) for k in mine)
