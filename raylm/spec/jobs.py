@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
+from raylm.spec.methods import MERGEABLE, PROMPT_LEARNING, FreezeMethod, MethodSpec
 from raylm.spec.sections import (
     DataSpec,
     FailureSpec,
@@ -17,6 +18,7 @@ from raylm.spec.sections import (
     TokenizerSpec,
     TrainSpec,
 )
+from raylm.spec.sft import EvalSpec, FinetuneOutput, SFTDataSpec
 from raylm.spec.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -85,7 +87,84 @@ def check_strategy(strategy, train: TrainSpec, resources: ResourcesSpec) -> None
         )
 
 
-KINDS: dict[str, type[Section]] = {"pretrain": PretrainJob}
+class FinetuneJob(Section):
+    """Supervised fine-tuning of a model folder with one method (full, freeze, adapter, LoRA, QLoRA,
+    IA3, P-Tuning, prefix or prompt tuning) on Ray Train."""
+
+    kind: Literal["finetune"]
+    name: str | None = Field(
+        None, description="Run name (Ray Train run and job id prefix); default: the output folder's name."
+    )
+    model: ModelSpec
+    tokenizer: TokenizerSpec = Field(
+        default_factory=TokenizerSpec, description="Tokenizer; default the model folder's."
+    )
+    method: MethodSpec = Field(
+        description="What trains: full, freeze, adapter, lora, qlora, ia3, ptuning, prefix, prompt."
+    )
+    data: SFTDataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    strategy: StrategySpec = Field(
+        default_factory=lambda: DDPStrategy(name="ddp"),
+        description="Distributed strategy: ddp, fsdp, deepspeed (ZeRO 1-3) or auto (from the memory estimate).",
+    )
+    output: FinetuneOutput
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+
+    _output_shorthand = field_validator("output", mode="before")(
+        lambda cls, v: {"path": v} if isinstance(v, str) else v
+    )
+    _strategy_shorthand = field_validator("strategy", mode="before")(strategy_shorthand)
+    _method_shorthand = field_validator("method", mode="before")(
+        lambda cls, v: {"name": v} if isinstance(v, str) else v
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneJob:
+        if self.train.precision == "fp16" and not self.resources.use_gpu:
+            raise ValueError("train.precision fp16 needs resources.use_gpu: true; on CPU use bf16 or fp32")
+        check_strategy(self.strategy, self.train, self.resources)
+        check_method_strategy(self.method, self.strategy)
+        if self.output.merge and self.method.name not in MERGEABLE:
+            raise ValueError(
+                f"output.merge: method {self.method.name} cannot be merged into the base "
+                f"(mergeable: {', '.join(MERGEABLE)}); its output folder is already complete or loads onto the base"
+            )
+        if (
+            isinstance(self.method, FreezeMethod)
+            and self.method.new_head
+            and self.model.architecture is not None
+        ):
+            if self.model.architecture.tie_embeddings:
+                raise ValueError(
+                    "method.new_head needs untied embeddings (model.architecture.tie_embeddings: false)"
+                )
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or PurePosixPath(self.output.path.rstrip("/")).name or "raylm-run"
+
+
+def check_method_strategy(method, strategy) -> None:
+    """Methods that a sharding strategy cannot run."""
+    name = strategy.name
+    if method.name == "qlora" and name not in ("ddp", "auto"):
+        raise ValueError(
+            f"method qlora runs under strategy ddp only: bitsandbytes 4-bit weights are not sharded by {name} here; "
+            "use strategy: ddp (the 4-bit base is small) or method lora with fsdp / deepspeed"
+        )
+    stage = getattr(strategy, "stage", None)
+    if method.name in PROMPT_LEARNING and (name == "fsdp" or stage == 3):
+        raise ValueError(
+            f"method {method.name} (prompt learning) keeps its virtual-token encoder outside the transformer "
+            "blocks, which fsdp and ZeRO-3 shard: use ddp or deepspeed stage 1 or 2"
+        )
+
+
+KINDS: dict[str, type[Section]] = {"pretrain": PretrainJob, "finetune": FinetuneJob}
 
 
 def json_schema(kind: str | None = None) -> dict:

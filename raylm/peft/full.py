@@ -1,0 +1,21 @@
+"""Full fine-tuning: every weight trains; the artifact is a whole Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def apply(model, method, tokenizer=None):
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def save(model, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load(base, folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)

@@ -1,0 +1,28 @@
+"""What the methods that Hugging Face PEFT implements share: wrap, save, load, merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def wrap(model, config):
+    from peft import get_peft_model
+
+    return get_peft_model(model, config)
+
+
+def save(model, folder: Path) -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load(base, folder):
+    """The base with the adapter of `folder`, as PEFT's own loader puts it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(folder))
+
+
+def merge(model):
+    """The base with the update folded into its weights: a plain transformers model."""
+    return model.merge_and_unload()

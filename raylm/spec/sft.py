@@ -1,0 +1,77 @@
+"""Sections of a finetune job: supervised data, evaluation and output."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raylm.spec.sections import OutputSpec, Section
+
+
+class GeneratedTask(Section):
+    """A supervised task raylm generates (no downloads): answers a base model has not seen."""
+
+    task: Literal["arithmetic", "recall"] = Field(
+        "arithmetic", description="arithmetic: 'Q: 23+58=' -> ' 81'; recall: look a key up in a listed table."
+    )
+    examples: int = Field(2000, ge=10, description="Number of examples.")
+    seed: int = Field(0, description="Seed of the generator.")
+
+
+class SFTDataSpec(Section):
+    """Supervised examples: JSONL / Parquet / save_to_disk files, or a generated task."""
+
+    path: str | list[str] | None = Field(None, description="A file, a folder of files, or a list of them.")
+    generate: GeneratedTask | None = Field(None, description="Use a task raylm generates.")
+    format: Literal["completion", "alpaca", "chat"] = Field(
+        "completion",
+        description="completion: prompt/completion fields; alpaca: instruction/input/output; chat: a messages list.",
+    )
+    prompt_field: str = Field("prompt", description="completion format: the prompt column.")
+    completion_field: str = Field("completion", description="completion format: the response column.")
+    messages_field: str = Field("messages", description="chat format: the column of {role, content} lists.")
+    chat_template: str | None = Field(
+        None, description="chat format: a Jinja chat template; default the tokenizer's own."
+    )
+    seq_len: int = Field(256, ge=8, description="Tokens per example (longer ones are cut from the right).")
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="Train on the response tokens only (default), or on prompt and response."
+    )
+    packing: bool = Field(
+        False,
+        description="Concatenate examples into full seq_len rows (fewer pad tokens; attention crosses examples).",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=0.9, description="Fraction of examples held out for validation."
+    )
+    shuffle_buffer: int = Field(1000, ge=0, description="Per-worker shuffle buffer (seeded by train.seed).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SFTDataSpec:
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("give exactly one of data.path (your files) or data.generate (a generated task)")
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class EvalSpec(Section):
+    """Evaluation beside the validation loss: exact match of greedy answers on held-out examples."""
+
+    exact_match_examples: int = Field(
+        64, ge=0, description="Held-out examples answered greedily before and after training; 0 turns it off."
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Answer length limit for exact match.")
+
+
+class FinetuneOutput(OutputSpec):
+    """Where the run writes checkpoints, metrics and the adapter (or model)."""
+
+    merge: bool = Field(
+        False, description="Also write merged/: the base with the adapter merged in (lora, qlora, ia3)."
+    )

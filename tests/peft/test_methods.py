@@ -1,0 +1,193 @@
+"""Every fine-tuning method on a tiny Llama, in-process: it trains, the loss falls, the trainable
+parameter count equals the method's analytic count, and the artifact round-trips through its loader
+(PEFT's own for PEFT methods) and, where the method merges, through the merge, to the same logits."""
+
+import pytest
+import torch
+
+from raylm import peft
+from raylm.models import architecture_config
+from raylm.sft import IGNORE, encode
+from raylm.spec.methods import MethodSpec
+from raylm.spec.sections import Architecture
+from raylm.spec.sft import SFTDataSpec
+from raylm.tasks import generate
+from raylm.tokenizer import train_tokenizer
+
+H, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 96
+KV = H // HEADS * KV_HEADS
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny Llama (random init) and a char tokenizer, saved as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM
+
+    from raylm.corpus import stories
+
+    texts = list(stories(300, seed=0))
+    examples = generate("arithmetic", 200, seed=0)
+    tokenizer = train_tokenizer(texts + [e["prompt"] + e["completion"] for e in examples], "char", 0)
+    arch = Architecture(layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, hidden=H, intermediate=FFN, context=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture_config(arch, len(tokenizer), tokenizer))
+    # A little pretraining on stories, so that a frozen base has features an adapter can use.
+    stream = torch.tensor(tokenizer("".join(texts), add_special_tokens=False)["input_ids"])
+    blocks = stream[: len(stream) // 32 * 32].view(-1, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        ids = blocks[step * 16 % (len(blocks) - 16) :][:16]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("base") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tokenizer_of(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_base(folder, method):
+    from transformers import AutoModelForCausalLM
+
+    if method.name == "qlora":
+        return peft.module("qlora").load_base(str(folder), method, "cpu")
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def batches(tokenizer, n_batches=40, size=16, seed=1):
+    spec = SFTDataSpec(generate={}, seq_len=32)
+    rows = [encode(e["prompt"], e["completion"], tokenizer, spec) for e in generate("arithmetic", 400, seed)]
+    for b in range(n_batches):
+        chunk = [rows[(b * size + i) % len(rows)] for i in range(size)]
+        ids = torch.full((size, 32), tokenizer.pad_token_id)
+        labels = torch.full((size, 32), IGNORE)
+        mask = torch.zeros((size, 32), dtype=torch.long)
+        for i, (x, y) in enumerate(chunk):
+            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def method_of(data: dict):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(MethodSpec).validate_python(data)
+
+
+def counts(model) -> tuple[int, int]:
+    return (
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        sum(p.numel() for p in model.parameters()),
+    )
+
+
+def block_params() -> int:
+    return 2 * H * H + 2 * H * KV + 3 * H * FFN + 2 * H
+
+
+def lora_params(r, dora=False):
+    shapes = [(H, H), (H, KV), (H, KV), (H, H), (H, FFN), (H, FFN), (FFN, H)]  # q k v o gate up down
+    return LAYERS * sum(r * (i + o) + (o if dora else 0) for i, o in shapes)
+
+
+# method spec -> analytic trainable count (vocab V known only at run time: a function of it)
+MATRIX = {
+    "full": ({"name": "full"}, lambda V: 2 * V * H + LAYERS * block_params() + H),
+    "freeze": ({"name": "freeze", "layers": 1}, lambda V: V * H + block_params() + H),
+    "adapter": ({"name": "adapter", "bottleneck": 8}, lambda V: LAYERS * 2 * (2 * H * 8 + 8 + H)),
+    "lora": ({"name": "lora", "r": 4, "dropout": 0.0}, lambda V: lora_params(4)),
+    "lora-dora": ({"name": "lora", "r": 4, "dropout": 0.0, "use_dora": True}, lambda V: lora_params(4, True)),
+    "qlora": (
+        {"name": "qlora", "r": 4, "dropout": 0.0, "compute_dtype": "fp32"},
+        lambda V: lora_params(4),
+    ),
+    "ia3": ({"name": "ia3"}, lambda V: LAYERS * (2 * KV + FFN)),
+    "ptuning-mlp": (
+        {"name": "ptuning", "num_virtual_tokens": 5, "encoder_hidden_size": 32},
+        lambda V: 5 * H + (H * 32 + 32) + (32 * 32 + 32) + (32 * H + H),
+    ),
+    "prefix": ({"name": "prefix", "num_virtual_tokens": 5}, lambda V: 5 * LAYERS * 2 * KV),
+    "prompt": ({"name": "prompt", "num_virtual_tokens": 5, "init_text": "Q: 1+1="}, lambda V: 5 * H),
+}
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=MATRIX)
+def test_method_trains_with_its_analytic_trainable_count(case, base_dir):
+    spec, expected = MATRIX[case]
+    method = method_of(spec)
+    tokenizer = tokenizer_of(base_dir)
+    torch.manual_seed(0)
+    model = peft.apply(load_base(base_dir, method), method, tokenizer)
+    trainable, _ = counts(model)
+    assert trainable == expected(len(tokenizer))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (
+        peft.module("qlora").optimizer(params, 1e-2, (0.9, 0.99), method)
+        if method.name == "qlora"
+        else torch.optim.AdamW(params, lr=1e-2 if method.name in ("full", "freeze") else 3e-2)
+    )
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    losses = []
+    for batch in batches(tokenizer):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    after = dict(model.named_parameters())
+    assert all(torch.equal(frozen_before[n], after[n]) for n in frozen_before)  # the base did not move
+
+
+def test_qlora_base_is_bitsandbytes_4bit_and_only_lora_trains(base_dir):
+    import bitsandbytes as bnb
+
+    method = method_of({"name": "qlora", "r": 4})
+    model = peft.apply(load_base(base_dir, method), method, tokenizer_of(base_dir))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == LAYERS * 7  # q k v o gate up down in each block
+    assert four_bit[0].weight.quant_type == "nf4" and four_bit[0].weight.quant_state.nested  # double quant
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+ROUND_TRIP = ["adapter", "lora", "lora-dora", "qlora", "ia3", "ptuning-mlp", "prefix", "prompt"]
+
+
+@pytest.mark.parametrize("case", ROUND_TRIP, ids=ROUND_TRIP)
+def test_saved_artifact_reloads_and_merges_to_the_same_logits(case, base_dir, tmp_path):
+    method = method_of(MATRIX[case][0])
+    tokenizer = tokenizer_of(base_dir)
+    torch.manual_seed(0)
+    model = peft.apply(load_base(base_dir, method), method, tokenizer)
+    with torch.no_grad():  # away from the identity init (LoRA's B = 0, IA3's ones, zero up-projection)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    batch = next(batches(tokenizer, 1))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        base_logits = load_base(base_dir, method).eval()(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(logits[:, -32:], base_logits, atol=1e-3)  # the test cannot pass trivially
+
+    module = peft.module(method.name)
+    module.save(model, tmp_path / "artifact")
+    reloaded = module.load(load_base(base_dir, method), tmp_path / "artifact").eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(again, logits, atol=1e-4, rtol=0)
+
+    if hasattr(module, "merge"):
+        merged = module.merge(reloaded).eval()
+        assert "Peft" not in type(merged).__name__
+        with torch.no_grad():
+            folded = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(folded, logits, atol=1e-4, rtol=0)
