@@ -37,8 +37,9 @@ SPEC = {
 }
 
 
-def bare_loop(job, tokenizer, blocks, steps: int, threads: int, log_every: int) -> list[float]:
-    """The same training step with nothing around it; step times per logging window."""
+def bare_loop(job, tokenizer, blocks, steps: int, threads: int, log_every: int, val=None):
+    """The same training step with nothing around it; step times per logging window (and, given
+    validation blocks, the final validation loss as raylm computes it)."""
     import torch
 
     from raylm.models import build_model
@@ -66,7 +67,17 @@ def bare_loop(job, tokenizer, blocks, steps: int, threads: int, log_every: int) 
         if step % log_every == 0:
             windows.append((time.perf_counter() - start) / log_every)
             start = time.perf_counter()
-    return windows[1:]  # the first window holds warm-up
+    if val is None:
+        return windows[1:]  # the first window holds warm-up
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(val) - batch + 1, batch):
+            ids = torch.from_numpy(val[i : i + batch]).long()
+            n = ids.numel() - ids.shape[0]
+            total += model(input_ids=ids, labels=ids).loss.item() * n
+            count += n
+    return windows[1:], total / count
 
 
 def bare_in_ray_worker(
@@ -90,7 +101,8 @@ def bare_in_ray_worker(
 def raylm_loop(job) -> list[float]:
     from raylm.submit import run_here
 
-    run_here(job)
+    summary = run_here(job)
+    raylm_loop.val_loss = summary["metrics"].get("val_loss")
     rows = [json.loads(line) for line in (Path(job.output.path) / "metrics.jsonl").read_text().splitlines()]
     tokens_per_step = job.train.batch_size * job.data.seq_len * job.train.grad_accum
     return [tokens_per_step / row["tokens_per_s"] for row in rows if "tokens_per_s" in row][1:-1]
@@ -100,6 +112,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--val-loss",
+        action="store_true",
+        help="also report both loops' final validation loss (1 round, no in-worker run)",
+    )
     parser.add_argument(
         "--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
     )
@@ -126,6 +143,36 @@ def main() -> None:
     tokenizer = train_tokenizer((r["text"] for r in docs.take_all()), "char", 0)
     blocks = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, base.data, "train").take_all()])
     threads = int(base.resources.cpus_per_worker)
+
+    if args.val_loss:
+        val = np.stack(
+            [
+                r["input_ids"]
+                for r in packed_blocks(docs, tokenizer, base.data, "val")
+                .limit(base.data.val_blocks)
+                .take_all()
+            ]
+        )
+        bare, bare_val = bare_loop(base, tokenizer, blocks, args.steps, threads, base.train.log_every, val)
+        ours = raylm_loop(validate_dict({**spec, "output": str(scratch / "raylm-val")}))
+        tokens = base.train.batch_size * base.data.seq_len
+        result = {
+            "command": f"python benchmarks/pretrain_overhead.py --steps {args.steps} --val-loss",
+            "model": SPEC["model"]["architecture"],
+            "batch_size": base.train.batch_size,
+            "seq_len": base.data.seq_len,
+            "steps": args.steps,
+            "bare_tokens_per_s": tokens / statistics.median(bare),
+            "raylm_tokens_per_s": tokens / statistics.median(ours),
+            "bare_val_loss": bare_val,
+            "raylm_val_loss": raylm_loop.val_loss,
+            "val_blocks": len(val),
+        }
+        result["throughput_ratio"] = result["raylm_tokens_per_s"] / result["bare_tokens_per_s"]
+        out = Path(args.out).with_name("pretrain_tinyshakespeare.json")
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
 
     bare, in_worker, ours = [], [], []
     for round_ in range(args.rounds):

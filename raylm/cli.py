@@ -98,7 +98,20 @@ def _print_summary(summary: dict) -> None:
     click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
     if "val_loss" in metrics:
         click.echo(f"[raylm] validation loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}")
-    click.echo(f"[raylm] model saved to {summary['model']}")
+    if "model" in summary:
+        click.echo(f"[raylm] model saved to {summary['model']}")
+    if "artifact" in summary:
+        click.echo(f"[raylm] {summary['method']['name']} artifact saved to {summary['artifact']}")
+        params = summary.get("parameters") or {}
+        if params:
+            click.echo(
+                f"[raylm] trainable parameters {params['trainable']:,} of {params['total']:,} "
+                f"({params['trainable_percent']:.3f}%), artifact {summary.get('artifact_bytes', 0):,} bytes"
+            )
+        before = (summary.get("exact_match_before") or {}).get("exact_match")
+        after = (summary.get("exact_match") or {}).get("exact_match")
+        if after is not None:
+            click.echo(f"[raylm] exact match on held-out examples: {before} -> {after}")
     sample = summary.get("sample") or {}
     if sample:
         click.echo(f"[raylm] sample: {sample['prompt']!r} -> {sample['completion']!r}")
@@ -223,6 +236,21 @@ def estimate(
             gpu_memory,
         )
     )
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(), help="Folder for the merged model.")
+@click.option("--base", default=None, help="Base model folder (default: the one the run used).")
+def merge(artifact, out, base):
+    """Merge a LoRA / QLoRA / IA3 adapter folder into its base: a plain Hugging Face folder."""
+    from raylm.merging import MergeError, merge_adapter
+
+    try:
+        merge_adapter(artifact, out, base)
+    except MergeError as err:
+        fail(str(err))
+    click.echo(f"[raylm] merged model saved to {out}")
 
 
 @main.group()

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+# Bits per frozen base parameter under bitsandbytes 4-bit (QLoRA): 4 bits plus one fp32 absmax per
+# block of 64 (= 4.5); double quantisation stores those as 8 bits plus one fp32 per 256 of them.
+QUANT_BITS = {"nf4": 4 + 32 / 64, "nf4-dq": 4 + 8 / 64 + 32 / (64 * 256)}
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,12 @@ def estimate(
     gradient_checkpointing: bool = False,
     trainable: int | None = None,
     flash_attention: bool = False,
+    weight_bits: float | None = None,
 ) -> Breakdown:
     """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers.
+
+    `weight_bits`: the frozen base is quantised to this many bits per parameter (QUANT_BITS; QLoRA),
+    the trained parameters keep the precision's bytes.
 
     `trainable` parameters (default all) carry gradients and AdamW state; a frozen base (LoRA) only
     weights. `flash_attention`: attention kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. Mixed precision (bf16/fp16) counts 16-bit weights and gradients plus fp32 master
@@ -147,7 +154,8 @@ def estimate(
     trained = shape.params if trainable is None else trainable
     mixed = precision != "fp32"
     weight_bytes = 2 if mixed else 4
-    weights = shape.params * weight_bytes
+    frozen = shape.params - trained
+    weights = trained * weight_bytes + frozen * (weight_bits / 8 if weight_bits else weight_bytes)
     gradients = trained * weight_bytes
     optimizer = trained * (12 if mixed else 8)
     shard = {"ddp": (1, 1, 1), "zero1": (1, 1, workers), "zero2": (1, workers, workers)}.get(

@@ -50,14 +50,26 @@ def choose(
     flash_attention: bool = False,
     trainable: int | None = None,
     elastic: bool = False,
+    weight_bits: float | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> Choice:
+    """`exclude`: strategy names the job's method cannot run under (QLoRA: all but ddp)."""
     budget = memory_bytes * headroom
     tried = []
     for key, strategy in CANDIDATES:
-        if elastic and strategy["name"] == "deepspeed":
+        if (elastic and strategy["name"] == "deepspeed") or strategy["name"] in exclude:
             continue
         needed = estimate(
-            shape, key, precision, workers, batch, seq_len, gradient_checkpointing, trainable, flash_attention
+            shape,
+            key,
+            precision,
+            workers,
+            batch,
+            seq_len,
+            gradient_checkpointing,
+            trainable,
+            flash_attention,
+            weight_bits,
         ).total
         if needed <= budget:
             rejected = "; ".join(f"{k} needs {size(n)}" for k, n in tried)
@@ -113,5 +125,48 @@ def resolve(job) -> tuple[dict, str]:
         job.train.gradient_checkpointing,
         flash_attention=job.resources.use_gpu,
         elastic=job.resources.elastic,
+        **method_terms(job),
     )
     return choice.strategy, f"auto: {choice.reason}"
+
+
+def method_terms(job) -> dict:
+    """What a fine-tuning method changes in the estimate: trained parameters, a 4-bit base, and the
+    strategies it cannot run under."""
+    if job.kind != "finetune":
+        return {}
+    from raylm.memory import QUANT_BITS
+    from raylm.spec.methods import PROMPT_LEARNING
+
+    method = job.method
+    terms: dict = {"trainable": trainable_parameters(job)}
+    if method.name == "qlora":
+        terms["weight_bits"] = QUANT_BITS["nf4-dq" if method.double_quant else "nf4"]
+        terms["exclude"] = ("deepspeed", "fsdp")
+    elif method.name in PROMPT_LEARNING:
+        terms["exclude"] = ("fsdp",)
+    return terms
+
+
+def trainable_parameters(job) -> int | None:
+    """Parameters the method trains, counted on a meta-device model (no memory); None if unknown."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raylm import peft
+
+    if job.method.name == "full":
+        return None
+    method = job.method
+    if method.name == "qlora":  # the same LoRA, on a base the meta device cannot quantise
+        from raylm.spec.methods import LoraMethod
+
+        lora = {k: v for k, v in method.model_dump().items() if k in LoraMethod.model_fields}
+        method = LoraMethod.model_validate({**lora, "name": "lora"})
+    try:
+        config = AutoConfig.from_pretrained(job.model.path, trust_remote_code=job.model.trust_remote_code)
+        with torch.device("meta"):
+            model = peft.apply(AutoModelForCausalLM.from_config(config), method)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    except Exception:  # a method that cannot be built on the meta device: estimate as full
+        return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from raylm.data import check_data
-from raylm.spec import PretrainJob
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -23,13 +22,86 @@ def check_model_folder(path: str, where: str, marker: str) -> list[tuple[str, st
     return [(where, f"{path} does not exist (a local folder, or a hub id like org/name)")]
 
 
-def check_job(job: PretrainJob) -> list[tuple[str, str]]:
-    problems = check_data(job.data)
+def check_job(job) -> list[tuple[str, str]]:
+    if job.kind == "finetune":
+        from raylm.sft import check_sft_data
+
+        problems = check_sft_data(job.data)
+    else:
+        problems = check_data(job.data)
     if job.model.path is not None:
         problems += check_model_folder(job.model.path, "model.path", "config.json")
     if job.tokenizer.path is not None:
         problems += check_model_folder(job.tokenizer.path, "tokenizer.path", "tokenizer_config.json")
     problems += check_strategy_files(job.strategy)
+    if job.kind == "finetune" and not problems:
+        problems += check_finetune(job)
+    return problems
+
+
+def check_finetune(job) -> list[tuple[str, str]]:
+    """What needs the model: a tokenizer source, target modules that exist, a chat template."""
+    from raylm.tokenizer import load_tokenizer
+
+    if job.model.path is None and job.tokenizer.path is None:
+        return [("tokenizer.path", "a model built from an architecture needs tokenizer.path")]
+    problems = _check_targets(job)
+    if job.data.format == "chat" and job.data.chat_template is None:
+        tokenizer = load_tokenizer(
+            job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
+        )
+        if not tokenizer.chat_template:
+            problems.append(
+                ("data.chat_template", "the tokenizer has no chat template: give one (a Jinja string) here")
+            )
+    return problems
+
+
+def _check_targets(job) -> list[tuple[str, str]]:
+    """Module names the method targets must exist in the model (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raylm.spec.methods import ALL_LINEAR
+
+    method = job.method
+    wanted = {
+        "target_modules": getattr(method, "target_modules", None),
+        "feedforward_modules": getattr(method, "feedforward_modules", None),
+        "modules_to_save": getattr(method, "modules_to_save", None) or None,
+    }
+    if not any(isinstance(v, list) for v in wanted.values()) and method.name != "freeze":
+        return []
+    if job.model.architecture is not None:
+        from raylm.models import architecture_config
+
+        config = architecture_config(job.model.architecture, job.model.architecture.vocab_size or 256)
+    else:
+        config = AutoConfig.from_pretrained(job.model.path, trust_remote_code=job.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in model.named_modules() if name]
+    problems = []
+    for field, targets in wanted.items():
+        if not isinstance(targets, list) or targets == ALL_LINEAR:
+            continue
+        absent = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if absent:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." in n})
+            problems.append(
+                (
+                    f"method.{field}",
+                    f"no module named {', '.join(map(repr, absent))} in this model; its modules: {', '.join(leaves)}",
+                )
+            )
+    if method.name == "freeze":
+        from raylm.train.strategies import transformer_blocks
+
+        blocks = len(transformer_blocks(model))
+        if method.layers > blocks:
+            problems.append(
+                ("method.layers", f"the model has {blocks} transformer blocks, fewer than {method.layers}")
+            )
     return problems
 
 

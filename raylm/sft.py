@@ -142,7 +142,9 @@ def examples(spec: SFTDataSpec):
             continue
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
         kind = SUFFIXES.get(files[0].suffix, "json")
-        read = ray.data.read_parquet if kind == "parquet" else functools.partial(ray.data.read_json, lines=True)
+        read = (
+            ray.data.read_parquet if kind == "parquet" else functools.partial(ray.data.read_json, lines=True)
+        )
         parts.append(read([str(f) for f in files]))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 

@@ -84,11 +84,21 @@ def fetch_file(output: str, name: str, into: Path) -> None:
             (into / name).write_bytes(source.read())
 
 
+def export_dir(stage: Path, name: str, write, publish_to: str | None) -> None:
+    """Write a final artifact folder `name/` of the run with `write(folder)`, swapped in atomically
+    (a failure leaves the previous one), and publish it beside the metrics when the run is a URI."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=stage))
+    write(scratch)
+    replace_dir(scratch, stage / name)
+    if publish_to:
+        publish_files(stage, publish_to, [name, "metrics.jsonl", "tensorboard"])
+
+
 def export_model(model, tokenizer, stage: Path, publish_to: str | None) -> None:
     """Save `model` and `tokenizer` as a Hugging Face folder `model/` (safetensors) in the run."""
-    scratch = Path(tempfile.mkdtemp(prefix="model-", dir=stage))
-    model.save_pretrained(scratch, safe_serialization=True)
-    tokenizer.save_pretrained(scratch)
-    replace_dir(scratch, stage / "model")
-    if publish_to:
-        publish_files(stage, publish_to, ["model", "metrics.jsonl", "tensorboard"])
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    export_dir(stage, "model", write, publish_to)

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 AGENT_RETRIES = 30
-RUNNERS = {"pretrain": "raylm.train.pretrain:run_pretrain"}
+RUNNERS = {"pretrain": "raylm.train.pretrain:run_pretrain", "finetune": "raylm.train.finetune:run_finetune"}
 
 
 class SubmitError(Exception):

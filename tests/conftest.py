@@ -44,3 +44,41 @@ def tiny_spec(output, **sections) -> dict:
     for key, value in sections.items():
         spec[key] = {**spec[key], **value} if isinstance(spec.get(key), dict) else value
     return spec
+
+
+# The base model of the fine-tuning tests: grouped-query attention, so that counts distinguish k/v.
+SFT_BASE = {"layers": 2, "heads": 4, "kv_heads": 2, "hidden": 64, "intermediate": 96, "context": 64}
+
+
+@pytest.fixture(scope="session")
+def sft_base(tmp_path_factory):
+    """A tiny Llama, briefly pretrained on generated stories, and a char tokenizer that also covers
+    the generated tasks, saved as a Hugging Face folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raylm.corpus import stories
+    from raylm.models import architecture_config
+    from raylm.spec.sections import Architecture
+    from raylm.tasks import generate
+    from raylm.tokenizer import train_tokenizer
+
+    texts = list(stories(300, seed=0))
+    examples = generate("arithmetic", 200, seed=0)
+    tokenizer = train_tokenizer(texts + [e["prompt"] + e["completion"] for e in examples], "char", 0)
+    arch = Architecture(**SFT_BASE)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture_config(arch, len(tokenizer), tokenizer))
+    # A little pretraining on stories, so that a frozen base has features an adapter can use.
+    stream = torch.tensor(tokenizer("".join(texts), add_special_tokens=False)["input_ids"])
+    blocks = stream[: len(stream) // 32 * 32].view(-1, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        ids = blocks[step * 16 % (len(blocks) - 16) :][:16]
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("base") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from raylm import memory
 from raylm.memory import GiB, estimate, shape_from_config, shape_from_params
 
 TOLERANCE = 0.25  # |estimate / measured - 1|
@@ -96,3 +97,18 @@ def test_one_billion_parameters_rule_of_thumb():
     assert 3.5 < weights < 4  # "4 GB to store"
     train = estimate(shape, "ddp", "fp32", workers=1, batch=8, seq_len=2048, flash_attention=True).total / GiB
     assert 60 < train < 100  # "~80 GB to train", activations at batch 8 x 2048 included
+
+
+def test_qlora_base_bits_and_lora_trainable_set():
+    """QLoRA: NF4 stores 4.5 bits per frozen parameter (4.127 double-quantised); LoRA parameters keep
+    their precision and alone carry gradients and Adam state."""
+    assert memory.QUANT_BITS["nf4"] == 4.5
+    assert memory.QUANT_BITS["nf4-dq"] == pytest.approx(4.127, abs=1e-3)
+    shape = memory.shape_from_params(7e9)
+    lora = 20_000_000
+    b = memory.estimate(shape, "ddp", "bf16", trainable=lora, weight_bits=memory.QUANT_BITS["nf4-dq"])
+    frozen = shape.params - lora
+    assert b.weights == pytest.approx(frozen * 4.127 / 8 + lora * 2, rel=1e-3)
+    assert b.gradients == lora * 2 and b.optimizer == lora * 12
+    full = memory.estimate(shape, "ddp", "bf16")
+    assert b.weights < full.weights / 3.8  # 7B: ~3.6 GB of 4-bit weights against 14 GB in bf16

@@ -74,7 +74,9 @@ def apply(model, method, tokenizer=None):
             setattr(
                 owner,
                 leaf,
-                Bottleneck(getattr(owner, leaf), hidden, method.bottleneck, method.nonlinearity, method.init_std),
+                Bottleneck(
+                    getattr(owner, leaf), hidden, method.bottleneck, method.nonlinearity, method.init_std
+                ),
             )
     if method.train_norms:
         for name, param in model.named_parameters():
@@ -125,5 +127,7 @@ def load(base, folder):
     missing, unexpected = model.load_state_dict(state, strict=False)
     expected = set(adapter_state(model))
     if unexpected or expected - set(state):
-        raise ValueError(f"{folder}: adapter weights do not fit this base ({sorted(unexpected or expected - set(state))[:3]})")
+        raise ValueError(
+            f"{folder}: adapter weights do not fit this base ({sorted(unexpected or expected - set(state))[:3]})"
+        )
     return model

@@ -67,12 +67,35 @@ def verify(directory: Path) -> dict:
     return loop_state
 
 
-def save_weights(model, path: Path) -> None:
-    """A model's full state dict as safetensors (tied weights stored once per name)."""
+def save_weights(model, path: Path, trainable_only: bool = False) -> None:
+    """A model's state dict (or only its trained parameters) as safetensors."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_untie(state), path)
+    state = model.state_dict()
+    if trainable_only:
+        state = {k: state[k] for k in _trainable_names(model)}
+    save_file(_untie({k: v.detach().contiguous().cpu() for k, v in state.items()}), path)
+
+
+def load_weights(model, path: Path) -> None:
+    """Load what `save_weights(trainable_only=True)` wrote: every trained parameter must be there."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    wanted = _trainable_names(model)
+    missing = wanted - set(state)
+    unknown = set(state) - set(model.state_dict())
+    if missing or unknown:
+        raise CheckpointError(
+            f"{path}: does not match the model (missing {sorted(missing)[:3]}, unknown {sorted(unknown)[:3]})"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _trainable_names(model) -> set[str]:
+    """State-dict keys of trained parameters (a tied weight under each of its names)."""
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in trained}
 
 
 def _untie(state: dict) -> dict:

@@ -14,13 +14,14 @@ from raylm.spec.sections import TrainSpec
 
 
 class Engine:
-    def __init__(self, model, optimizer, scheduler, spec: TrainSpec, autocast, scaler=None):
+    def __init__(self, model, optimizer, scheduler, spec: TrainSpec, autocast, scaler=None, rebuild=None):
         self.model = model  # what forward runs on (the wrapper)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.spec = spec
         self.autocast = autocast
         self.scaler = scaler
+        self.rebuild = rebuild  # a fresh unwrapped model of the same structure, for consolidation
 
     @property
     def module(self):
@@ -31,18 +32,20 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def loss(self, ids):
+    def loss(self, batch: dict):
+        """Mean loss of a batch: input_ids, and labels / attention_mask when the data has them
+        (pretraining blocks are their own labels)."""
         with self.autocast:
-            return self.model(input_ids=ids, labels=ids).loss
+            return self.model(**inputs(batch)).loss
 
     def no_sync(self):
         """Skip the gradient all-reduce of a micro-batch that does not end an accumulation."""
         return self.model.no_sync() if hasattr(self.model, "no_sync") else contextlib.nullcontext()
 
-    def micro_step(self, ids, boundary: bool) -> float:
+    def micro_step(self, batch: dict, boundary: bool) -> float:
         """Forward and backward of one micro-batch; at an accumulation boundary, the optimizer step."""
         with contextlib.nullcontext() if boundary else self.no_sync():
-            loss = self.loss(ids) / self.spec.grad_accum
+            loss = self.loss(batch) / self.spec.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         if boundary:
             self.optimizer_step()
@@ -65,22 +68,24 @@ class Engine:
 
     # ---- checkpoints: every rank calls these; each writes its own files into its own folder ---------
     def save(self, folder: Path, rank: int) -> None:
-        """Replicated weights: rank 0 writes the full model, optimizer and schedule."""
+        """Replicated weights: rank 0 writes the trained weights, optimizer and schedule. Frozen
+        weights (a fine-tuning base) are not written: the run rebuilds them from their source."""
         import torch
 
         from raylm.train.checkpoint import save_weights
 
         if rank != 0:
             return
-        save_weights(self.module, folder / "model.safetensors")
+        save_weights(self.module, folder / "model.safetensors", trainable_only=True)
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
 
     def load(self, folder: Path, rank: int) -> None:
         import torch
-        from safetensors.torch import load_file
 
-        self.module.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        from raylm.train.checkpoint import load_weights
+
+        load_weights(self.module, folder / "model.safetensors")
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
@@ -90,10 +95,18 @@ class Engine:
         return self.module if rank == 0 else None
 
 
-def plain_copy(module, state: dict):
-    """A fresh, unwrapped transformers model of `module`'s config holding `state` (on the CPU)."""
+def inputs(batch: dict) -> dict:
+    return {**batch, "labels": batch.get("labels", batch["input_ids"])}
+
+
+def plain_copy(engine, module, state: dict):
+    """A fresh, unwrapped model like `module` (its config; or the engine's `rebuild`, for a
+    fine-tuning method's structure) holding `state`, on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_config(module.config)  # real init: non-persistent buffers (RoPE)
-    plain.load_state_dict(state, strict=True)
+    # a real init, not the meta device: non-persistent buffers (RoPE's) are not in `state`
+    plain = engine.rebuild() if engine.rebuild else AutoModelForCausalLM.from_config(module.config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise RuntimeError(f"consolidation: state does not fit the model ({(unexpected or missing)[:3]})")
     return plain

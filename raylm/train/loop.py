@@ -1,10 +1,14 @@
 """The per-worker training loop, top to bottom: setup -> resume -> train/eval/checkpoint -> export.
 
-Ray Train runs `train_loop(config)` on every worker; `raylm.train.pretrain` builds the config.
+Ray Train runs `train_loop(config)` on every worker; the job kind's driver module
+(`raylm.train.pretrain`, `raylm.train.finetune`) builds the config and supplies what differs by
+kind: `worker_model` (what trains), `worker_optimizer` and `worker_rebuild` (None: AdamW, and a model
+built from the config for gathering shards into) and `worker_export` (what the run leaves behind).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import tempfile
 import time
@@ -12,7 +16,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from raylm.spec import PretrainJob
+from raylm.spec import KINDS
 from raylm.spec.strategies import StrategySpec
 
 
@@ -21,12 +25,12 @@ def train_loop(config: dict) -> dict | None:
     import torch
 
     from raylm import storage
-    from raylm.models import build_model
     from raylm.train import checkpoint, strategies
     from raylm.train.metrics import MetricsLog, emit, format_progress
 
     # ---- setup -------------------------------------------------------------------------------
-    job = PretrainJob.model_validate(config["spec"])
+    job = KINDS[config["spec"]["kind"]].model_validate(config["spec"])
+    kind = importlib.import_module(f"raylm.train.{job.kind}")
     spec, tokenizer = job.train, config["tokenizer"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -36,13 +40,19 @@ def train_loop(config: dict) -> dict | None:
     if world > 1:
         torch.distributed.all_gather_object(nodes, nodes[0])
 
-    model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=spec.seed)
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model, before = kind.worker_model(job, tokenizer, device, rank, config)
     model.config.use_cache = False
     total_steps = config["total_steps"]
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])  # `auto` is resolved by now
-    engine = strategies.setup(model, plan, spec, total_steps, device)
+    engine = strategies.setup(
+        model,
+        plan,
+        spec,
+        total_steps,
+        device,
+        make_optimizer=kind.worker_optimizer(job),
+        rebuild=kind.worker_rebuild(job, tokenizer),
+    )
 
     # ---- resume ------------------------------------------------------------------------------
     loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "world_size": world, "tokens": 0}
@@ -88,9 +98,9 @@ def train_loop(config: dict) -> dict | None:
             ):
                 if spec.eval_batches is not None and i >= spec.eval_batches:
                     break
-                ids = batch["input_ids"].to(device)
-                loss = engine.loss(ids)
-                n = ids.numel() - ids.shape[0]  # predicted positions
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = engine.loss(batch)
+                n = predicted_positions(batch)
                 totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
@@ -124,7 +134,7 @@ def train_loop(config: dict) -> dict | None:
                 seen += 1
                 if seen > loop["batches_in_epoch"]:
                     loop["batches_in_epoch"] = seen
-                    yield batch["input_ids"].to(device)
+                    yield {k: v.to(device) for k, v in batch.items()}
             if seen == 0:
                 raise RuntimeError(
                     "the training split gave this worker no batch: add data or lower train.batch_size"
@@ -137,10 +147,10 @@ def train_loop(config: dict) -> dict | None:
     loss_sum, micro = 0.0, 0
     window_start, window_tokens = time.perf_counter(), 0
     last_row: dict = {}
-    for ids in micro_batches() if loop["step"] < total_steps else ():
+    for batch in micro_batches() if loop["step"] < total_steps else ():
         micro += 1
         last_micro = micro % spec.grad_accum == 0
-        loss_sum += engine.micro_step(ids, boundary=last_micro)
+        loss_sum += engine.micro_step(batch, boundary=last_micro)
         window_tokens += tokens_per_micro * world
         if not last_micro:
             continue
@@ -180,30 +190,25 @@ def train_loop(config: dict) -> dict | None:
     if rank != 0:
         return None
     log.close()
-    sample = _sample(final, tokenizer, config["sample_prompt"])
-    storage.export_model(final, tokenizer, stage, config["publish_to"])
+    exported = kind.worker_export(final, tokenizer, stage, config, job)
     return {
         "metrics": last_row,
-        "sample": sample,
         "worker_nodes": nodes,
         "resumed_from": resumed_from,
         "strategy": plan.model_dump(),
+        **before,
+        **exported,
     }
+
+
+def predicted_positions(batch: dict) -> int:
+    """Tokens the loss averages over: labelled positions after the shift (all but the first)."""
+    if "labels" in batch:
+        return int((batch["labels"][:, 1:] != -100).sum())
+    ids = batch["input_ids"]
+    return ids.numel() - ids.shape[0]
 
 
 def _describe(plan) -> str:
     fields = {k: v for k, v in plan.model_dump().items() if k not in ("name", "config") and v is not None}
     return ", ".join(f"{k}={v}" for k, v in fields.items()) or "defaults"
-
-
-def _sample(model, tokenizer, prompt_ids: list[int], new_tokens: int = 48) -> dict:
-    """Greedy continuation of the start of a corpus block: a quick look at what was learned."""
-    import torch
-
-    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(
-            prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return {"prompt": tokenizer.decode(prompt[0]), "completion": tokenizer.decode(out[0, len(prompt_ids) :])}

@@ -6,44 +6,21 @@ import pytest
 import torch
 
 from raylm import peft
-from raylm.models import architecture_config
 from raylm.sft import IGNORE, encode
 from raylm.spec.methods import MethodSpec
-from raylm.spec.sections import Architecture
 from raylm.spec.sft import SFTDataSpec
 from raylm.tasks import generate
-from raylm.tokenizer import train_tokenizer
+from tests.conftest import SFT_BASE as SHAPE
 
-H, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 96
+H, LAYERS, HEADS, KV_HEADS, FFN = (
+    SHAPE[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")
+)
 KV = H // HEADS * KV_HEADS
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny Llama (random init) and a char tokenizer, saved as a Hugging Face folder."""
-    from transformers import AutoModelForCausalLM
-
-    from raylm.corpus import stories
-
-    texts = list(stories(300, seed=0))
-    examples = generate("arithmetic", 200, seed=0)
-    tokenizer = train_tokenizer(texts + [e["prompt"] + e["completion"] for e in examples], "char", 0)
-    arch = Architecture(layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, hidden=H, intermediate=FFN, context=64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(architecture_config(arch, len(tokenizer), tokenizer))
-    # A little pretraining on stories, so that a frozen base has features an adapter can use.
-    stream = torch.tensor(tokenizer("".join(texts), add_special_tokens=False)["input_ids"])
-    blocks = stream[: len(stream) // 32 * 32].view(-1, 32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(150):
-        ids = blocks[step * 16 % (len(blocks) - 16) :][:16]
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    folder = tmp_path_factory.mktemp("base") / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def base_dir(sft_base):
+    return sft_base
 
 
 def tokenizer_of(folder):

@@ -141,3 +141,54 @@ def test_json_schema_has_descriptions():
     train = schema["$defs"]["TrainSpec"]["properties"]
     assert "Peak learning rate" in train["lr"]["description"]
     assert validate_dict(dict(MINIMAL)).kind == "pretrain"
+
+
+# ---- finetune: incompatible choices are refused with the reason --------------------------------------
+
+
+def finetune(**sections):
+    spec = {
+        "kind": "finetune",
+        "model": {"path": "base"},
+        "method": "lora",
+        "data": {"generate": {}},
+        "output": "runs/ft",
+    }
+    spec.update(sections)
+    return spec
+
+
+@pytest.mark.parametrize(
+    "sections,where,words",
+    [
+        ({"method": "qlora", "strategy": "fsdp"}, "spec", "qlora runs under strategy ddp only"),
+        ({"method": "qlora", "strategy": {"name": "deepspeed", "stage": 2}}, "spec", "bitsandbytes 4-bit"),
+        ({"method": "prompt", "strategy": "fsdp"}, "spec", "prompt learning"),
+        ({"method": "prefix", "strategy": {"name": "deepspeed", "stage": 3}}, "spec", "ZeRO-3"),
+        ({"method": "adapter", "output": {"path": "x", "merge": True}}, "spec", "cannot be merged"),
+        ({"method": {"name": "lora", "rank": 8}}, "method.rank", "unknown field"),
+        ({"method": "lorra"}, "method", "unknown name 'lorra'"),
+        ({"method": {"name": "ia3", "feedforward_modules": ["down_proj"]}}, "method", "needs target_modules"),
+        ({"data": {"generate": {}, "format": "sharegpt"}}, "data.format", "completion"),
+    ],
+)
+def test_finetune_refuses_incompatible_choices(sections, where, words):
+    with pytest.raises(SpecError) as info:
+        validate_dict(finetune(**sections))
+    problems = dict(info.value.problems)
+    assert words in problems[where], problems
+
+
+def test_missing_target_modules_are_refused_by_preflight(sft_base):
+    from raylm.preflight import check_job
+
+    job = validate_dict(
+        finetune(
+            model={"path": str(sft_base)}, method={"name": "lora", "target_modules": ["q_proj", "query"]}
+        )
+    )
+    problems = dict(check_job(job))
+    assert (
+        "no module named 'query'" in problems["method.target_modules"]
+        and "q_proj" in problems["method.target_modules"]
+    )

@@ -1,4 +1,4 @@
-"""Distributed strategies, one module each: `setup(model, strategy, train, total_steps, device) -> Engine`.
+"""Distributed strategies, one module each: `setup(model, strategy, train, total_steps, device, ...) -> Engine`.
 
 ddp        torch DistributedDataParallel through Ray Train (gloo on CPU, NCCL on GPU)
 fsdp       PyTorch FSDP2: fully_shard per transformer block, DCP sharded checkpoints

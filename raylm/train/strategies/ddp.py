@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def setup(model, strategy, train, total_steps: int, device):
+def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):
     import ray.train.torch
     import torch
 
@@ -12,7 +12,7 @@ def setup(model, strategy, train, total_steps: int, device):
     from raylm.train.strategies import autocast
 
     wrapped = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    optimizer = optim.adamw(wrapped, train)
+    optimizer = (make_optimizer or optim.adamw)(wrapped, train)
     return Engine(
         wrapped,
         optimizer,
@@ -20,4 +20,5 @@ def setup(model, strategy, train, total_steps: int, device):
         train,
         autocast(train.precision, device),
         torch.amp.GradScaler("cuda") if train.precision == "fp16" else None,
+        rebuild=rebuild,
     )

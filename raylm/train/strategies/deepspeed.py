@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raylm.train.engine import Engine, plain_copy
+from raylm.train.engine import Engine, inputs, plain_copy
 
 TAG = "deepspeed"  # checkpoint subfolder
 
@@ -65,20 +65,20 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return self.model.get_lr()[0]
 
-    def loss(self, ids):
-        return self.model(input_ids=ids, labels=ids).loss
+    def loss(self, batch: dict):
+        return self.model(**inputs(batch)).loss
 
-    def micro_step(self, ids, boundary: bool) -> float:
-        loss = self.loss(ids)
+    def micro_step(self, batch: dict, boundary: bool) -> float:
+        loss = self.loss(batch)
         self.model.backward(loss)  # scales by 1/grad_accum itself
         self.model.step()  # steps the optimizer only at the accumulation boundary
         return loss.item() / self.spec.grad_accum
 
     def save(self, folder: Path, rank: int) -> None:
-        self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+        self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, folder: Path, rank: int) -> None:
-        path, _ = self.model.load_checkpoint(str(folder), tag=TAG)
+        path, _ = self.model.load_checkpoint(str(folder), tag=TAG, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint to load")
 
@@ -93,10 +93,10 @@ class DeepSpeedEngine(Engine):
                 if rank == 0
                 else None
             )
-        return plain_copy(self.module, state) if rank == 0 else None
+        return plain_copy(self, self.module, state) if rank == 0 else None
 
 
-def setup(model, strategy, train, total_steps: int, device):
+def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):
     import deepspeed
     import torch
 
@@ -112,4 +112,4 @@ def setup(model, strategy, train, total_steps: int, device):
         lr_scheduler=lambda opt: optim.scheduler(opt, train, total_steps),
         dist_init_required=False,  # Ray Train made the process group
     )
-    return DeepSpeedEngine(engine, optimizer, scheduler, train, None)
+    return DeepSpeedEngine(engine, optimizer, scheduler, train, None, rebuild=rebuild)

@@ -14,6 +14,12 @@ from pathlib import Path
 from raylm.train.engine import Engine, plain_copy
 
 
+def _trained_only():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 class FSDPEngine(Engine):
     def no_sync(self):
         @contextlib.contextmanager
@@ -31,7 +37,7 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_trained_only())
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "sharded"))
         if rank == 0:
             torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
@@ -41,11 +47,15 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=_trained_only())
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(folder / "sharded"))
         set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=_trained_only(),
         )
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
@@ -55,10 +65,10 @@ class FSDPEngine(Engine):
         full = get_model_state_dict(
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        return plain_copy(self.model, full) if rank == 0 else None
+        return plain_copy(self, self.model, full) if rank == 0 else None
 
 
-def setup(model, strategy, train, total_steps: int, device):
+def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -78,7 +88,12 @@ def setup(model, strategy, train, total_steps: int, device):
     for block in transformer_blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
-    optimizer = optim.adamw(model, train)
+    optimizer = (make_optimizer or optim.adamw)(model, train)
     return FSDPEngine(
-        model, optimizer, optim.scheduler(optimizer, train, total_steps), train, contextlib.nullcontext()
+        model,
+        optimizer,
+        optim.scheduler(optimizer, train, total_steps),
+        train,
+        contextlib.nullcontext(),
+        rebuild=rebuild,
     )

@@ -1,0 +1,55 @@
+"""`raylm merge`: fold a saved LoRA / QLoRA / IA3 adapter into its base and save a plain HF folder.
+
+raylm merge runs/lora/adapter --out runs/lora/merged
+raylm merge runs/lora/adapter --base some/other/copy/of/the/base --out merged/
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from raylm.spec.methods import MERGEABLE
+
+
+class MergeError(Exception):
+    pass
+
+
+def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
+    from pydantic import TypeAdapter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylm import peft
+    from raylm.spec.methods import MethodSpec
+
+    folder = Path(artifact)
+    record = folder / "raylm_method.json"
+    if not record.exists():
+        if not (folder / "adapter_config.json").exists():
+            raise MergeError(f"{folder} is not an adapter folder (no adapter_config.json)")
+        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type", "").lower()
+        saved = {"method": {"name": peft_type}, "base": None}
+    else:
+        saved = json.loads(record.read_text())
+    method = TypeAdapter(MethodSpec).validate_python(saved["method"])
+    if method.name not in MERGEABLE:
+        raise MergeError(
+            f"method {method.name} cannot be merged into its base (mergeable: {', '.join(MERGEABLE)})"
+        )
+    base = (
+        base
+        or saved.get("base")
+        or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    )
+    if not base or not Path(base).exists():
+        raise MergeError(f"base model {base!r} not found: pass --base FOLDER")
+    module = peft.module(method.name)
+    if method.name == "qlora":
+        model = module.load(module.load_base(base, method, "cpu"), folder)
+    else:
+        model = module.load(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True), folder)
+    merged = module.merge(model)
+    merged.save_pretrained(out, safe_serialization=True)
+    source = folder if (folder / "tokenizer_config.json").exists() else Path(base)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)

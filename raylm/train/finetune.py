@@ -1,0 +1,187 @@
+"""Driver of `kind: finetune`: supervised examples -> Ray Data -> Ray Train with one method -> artifact.
+
+    raylm run jobs/finetune-lora.yaml
+    raylm run jobs/finetune-lora.yaml --set method.r=16 --set output=runs/lora-r16
+
+The run folder gets `adapter/` (a PEFT adapter folder, or the Houlsby adapter's own) or, for full and
+freeze, `model/`; `merged/` with `output.merge: true`; `summary.json` with trainable and total
+parameters, the artifact's size, peak memory, validation loss and exact match before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from raylm import storage
+from raylm.spec import SpecError
+from raylm.train.runs import announce, base_summary, check_same_run, fit, planned_steps, resolve_strategy
+
+
+def run_finetune(job) -> dict:
+    from raylm.data import configure_ray_data
+    from raylm.sft import examples, held_out, prompt_ids, token_rows
+    from raylm.tokenizer import load_tokenizer
+
+    output = job.output.path
+    for section in (job.model, job.tokenizer):  # workers may run elsewhere: absolute local paths
+        if section.path and Path(section.path).expanduser().exists():
+            section.path = str(Path(section.path).expanduser().resolve())
+    local_output = None if storage.is_uri(output) else Path(output).resolve()
+    if local_output is not None:
+        check_same_run(job, local_output)
+    configure_ray_data()
+
+    tokenizer = load_tokenizer(
+        job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
+    )
+    records = examples(job.data)
+    train_ds = token_rows(records, tokenizer, job.data, "train")
+    val_ds = token_rows(records, tokenizer, job.data, "val").materialize()
+    if not train_ds.take(1):
+        raise SpecError(
+            [("data", "no training example left after tokenization: check the fields and data.seq_len")]
+        )
+    if job.data.val_fraction > 0 and val_ds.count() == 0:
+        raise SpecError(
+            [("data.val_fraction", "no example landed in the validation split: raise it or add data")]
+        )
+    held = [
+        (prompt_ids(prompt, tokenizer), answer)
+        for prompt, answer in held_out(records, tokenizer, job.data, job.eval.exact_match_examples)
+    ]
+    total_steps = planned_steps(job, train_ds)
+    strategy, why = resolve_strategy(job, local_output)
+    announce(job, strategy, why, total_steps, f"method {job.method.name}")
+    result, outcome = fit(
+        job,
+        local_output,
+        {"tokenizer": tokenizer, "total_steps": total_steps, "strategy": strategy, "held_out": held},
+        {"train": train_ds, "val": val_ds},
+    )
+    from raylm.peft import artifact_dir
+
+    summary = {
+        **base_summary(job, total_steps, result, outcome, strategy, why),
+        "method": job.method.model_dump(),
+        "artifact": f"{output.rstrip('/')}/{artifact_dir(job.method.name)}",
+        **{
+            k: outcome[k]
+            for k in ("parameters", "artifact_bytes", "peak_memory", "exact_match")
+            if k in outcome
+        },
+    }
+    if job.output.merge:
+        summary["merged"] = f"{output.rstrip('/')}/merged"
+    storage.write_text(output, "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# ---- on each worker (raylm.train.loop calls these) -------------------------------------------------
+
+
+def _base(job, tokenizer, device):
+    from raylm import peft
+    from raylm.models import build_model
+
+    if job.method.name == "qlora":
+        return peft.module("qlora").load_base(
+            job.model.path, job.method, device, job.model.revision, job.model.trust_remote_code
+        )
+    return build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
+
+
+def worker_model(job, tokenizer, device, rank: int, config: dict):
+    """The base with the method applied (same seed on every rank: identical adapter init), and on rank 0
+    of a fresh run, exact match before training."""
+    import ray.train
+    import torch
+
+    from raylm import peft
+    from raylm.evaluate import exact_match
+
+    base = _base(job, tokenizer, device)
+    if job.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(job.train.seed)
+    model = peft.apply(base, job.method, tokenizer)
+    before = {}
+    if rank == 0 and config["held_out"] and ray.train.get_checkpoint() is None:
+        before = exact_match(model.to(device), tokenizer, config["held_out"], job.eval.max_new_tokens)
+    return model, {"exact_match_before": before} if before else {}
+
+
+def worker_optimizer(job):
+    """QLoRA's bitsandbytes optimizer; None (AdamW) for the other methods."""
+    if job.method.name != "qlora":
+        return None
+    from raylm import peft
+    from raylm.train import optim
+
+    method = job.method
+    return lambda model, train: peft.module("qlora").optimizer(
+        optim.param_groups(model, train), train.lr, train.betas, method
+    )
+
+
+def worker_rebuild(job, tokenizer):
+    """A fresh base-plus-method model on the CPU, for gathering fsdp / ZeRO-3 shards into."""
+
+    def rebuild():
+        import torch
+
+        from raylm import peft
+
+        base = _base(job, tokenizer, torch.device("cpu"))
+        return peft.apply(base, job.method, tokenizer)
+
+    return rebuild
+
+
+def worker_export(final, tokenizer, stage: Path, config: dict, job) -> dict:
+    """The method's artifact (and merged model), exact match after training, sizes and peak memory."""
+    import resource
+
+    import torch
+
+    from raylm import peft
+    from raylm.evaluate import exact_match
+    from raylm.models import count_parameters
+
+    method = peft.module(job.method.name)
+    name = peft.artifact_dir(job.method.name)
+
+    def write(folder: Path) -> None:
+        method.save(final, folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "raylm_method.json").write_text(
+            json.dumps({"method": job.method.model_dump(), "base": job.model.path}, indent=2)
+        )
+
+    storage.export_dir(stage, name, write, config["publish_to"])
+    artifact_bytes = sum(p.stat().st_size for p in (stage / name).rglob("*.safetensors"))
+    trainable, total = count_parameters(final)
+    after = (
+        exact_match(final, tokenizer, config["held_out"], job.eval.max_new_tokens)
+        if config["held_out"]
+        else {}
+    )
+    if job.output.merge:
+        merged = method.merge(final)
+
+        def write_merged(folder: Path) -> None:
+            merged.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+
+        storage.export_dir(stage, "merged", write_merged, config["publish_to"])
+    on_gpu = torch.cuda.is_available() and next(final.parameters()).is_cuda
+    return {
+        "parameters": {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total},
+        "artifact_bytes": artifact_bytes,
+        "peak_memory": (
+            {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated()}
+            if on_gpu
+            else {"process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        ),
+        "exact_match": after,
+    }

@@ -1,0 +1,157 @@
+"""What the pretrain and finetune drivers share: the run folder's identity, the strategy, the
+Ray Train trainer and the job's summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from raylm.spec import SpecError
+
+# Fields that may change between a run and its resumption; any other change makes a different run
+# (resources.num_workers too: each worker's share of the data, and so the batches, would change;
+# an elastic run, whose worker count changes anyway, may change its range).
+RESUMABLE_CHANGES = {
+    ("name",),
+    ("failure",),
+    ("resources", "use_gpu"),
+    ("resources", "cpus_per_worker"),
+    ("resources", "gpus_per_worker"),
+    ("resources", "placement"),
+    ("train", "max_steps"),
+    ("train", "epochs"),
+    ("train", "log_every"),
+    ("train", "eval_every"),
+    ("train", "checkpoint_every"),
+    ("train", "keep_checkpoints"),
+    ("train", "eval_batches"),
+}
+
+
+def resolve_strategy(job, local_output: Path | None) -> tuple[dict, str]:
+    """The run's concrete strategy. A resumed run keeps the one its checkpoints were written with,
+    even when `auto` would now choose another (other GPUs, another worker count)."""
+    from raylm.plan import NothingFits, resolve
+
+    record = local_output / "strategy.json" if local_output else None
+    if record is not None and record.exists():
+        saved = json.loads(record.read_text())
+        return saved["strategy"], f"kept from the run's first attempt: {saved['why']}"
+    try:
+        strategy, why = resolve(job)
+    except NothingFits as err:
+        raise SpecError([("strategy", str(err))]) from None
+    if record is not None:
+        record.write_text(json.dumps({"strategy": strategy, "why": why}, indent=2))
+    return strategy, why
+
+
+def announce(job, strategy: dict, why: str, total_steps: int, extra: str) -> None:
+    workers = job.resources.num_workers
+    print(
+        f"[raylm] {job.kind} {job.run_name}: {workers if isinstance(workers, int) else list(workers)} "
+        f"worker(s), strategy {strategy['name']} ({why}), {total_steps} steps, {extra}, output {job.output.path}",
+        flush=True,
+    )
+
+
+def fit(job, local_output: Path | None, loop_config: dict, datasets: dict):
+    """Run raylm.train.loop.train_loop on Ray Train; returns the Result and rank 0's return value."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raylm import storage
+    from raylm.train.loop import train_loop
+
+    output = job.output.path
+    resources = {"CPU": job.resources.cpus_per_worker}
+    if job.resources.use_gpu:
+        resources["GPU"] = job.resources.gpus_per_worker
+    workers = job.resources.num_workers
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "spec": job.model_dump(mode="json"),
+            "shuffle_buffer": job.data.shuffle_buffer,
+            "stage_dir": str(local_output) if local_output else None,
+            "publish_to": output if storage.is_uri(output) else None,
+            **loop_config,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers if isinstance(workers, int) else tuple(workers),
+            use_gpu=job.resources.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=job.resources.placement.upper(),
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=str(local_output) if local_output else output,
+            failure_config=FailureConfig(max_failures=job.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    return result, result.return_value or {}
+
+
+def base_summary(job, total_steps: int, result, outcome: dict, strategy: dict, why: str) -> dict:
+    return {
+        "kind": job.kind,
+        "run": job.run_name,
+        "steps": total_steps,
+        "metrics": outcome.get("metrics") or (result.metrics or {}),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "worker_nodes": outcome.get("worker_nodes", []),
+        "resumed_from": outcome.get("resumed_from", 0),
+        "strategy": {**outcome.get("strategy", strategy), "why": why},
+    }
+
+
+def planned_steps(job, train_ds) -> int:
+    if job.train.max_steps is not None:
+        return job.train.max_steps
+    per_worker = train_ds.count() // job.resources.max_workers
+    batches = per_worker // job.train.batch_size
+    if batches == 0:
+        raise SpecError(
+            [
+                (
+                    "train.batch_size",
+                    f"each worker gets {per_worker} rows, fewer than one batch: lower batch_size or add data",
+                )
+            ]
+        )
+    return max(1, math.ceil(job.train.epochs * batches / job.train.grad_accum))
+
+
+def check_same_run(job, run_dir: Path) -> None:
+    """Refuse to resume a run folder written by a different spec; record the spec for new runs."""
+    record = run_dir / "spec.yaml"
+    current = job.model_dump(mode="json")
+    if record.exists():
+        earlier = yaml.safe_load(record.read_text())
+        resumable = RESUMABLE_CHANGES | ({("resources", "num_workers")} if job.resources.elastic else set())
+        changed = [p for p in _diff(earlier, current) if not any(p[: len(a)] == a for a in resumable)]
+        if changed:
+            fields = ", ".join(".".join(p) for p in changed)
+            raise SpecError(
+                [
+                    (
+                        "output",
+                        f"{run_dir} holds a run of a different spec (changed: {fields}); "
+                        "use a new output folder, or remove the old run to start over",
+                    )
+                ]
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(yaml.safe_dump(current, sort_keys=False))
+
+
+def _diff(a, b, prefix=()) -> list[tuple]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(set(a) | set(b)) for p in _diff(a.get(k), b.get(k), (*prefix, k))]
+    return [] if a == b else [prefix]

@@ -1,0 +1,87 @@
+"""Supervised data: formats render as their ecosystems do, labels cover the response only, packing,
+a deterministic validation split, and input checks that name the field and the fix."""
+
+import json
+
+import pytest
+
+from raylm.sft import IGNORE, check_sft_data, encode, examples, held_out, render, token_rows
+from raylm.spec.sft import SFTDataSpec
+
+CHATML = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sft_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sft_base)
+
+
+def test_alpaca_renders_with_and_without_input(tokenizer):
+    spec = SFTDataSpec(path="x.jsonl", format="alpaca")
+    prompt, response = render({"instruction": "Add.", "input": "2 and 3", "output": "5"}, spec, tokenizer)
+    assert "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n" in prompt and response == "5"
+    prompt, _ = render({"instruction": "Add.", "input": "", "output": "5"}, spec, tokenizer)
+    assert "### Input" not in prompt and "paired with an input" not in prompt
+
+
+def test_chat_uses_the_template_and_the_last_assistant_turn(tokenizer):
+    spec = SFTDataSpec(path="x.jsonl", format="chat", chat_template=CHATML)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    prompt, response = render({"messages": messages}, spec, tokenizer)
+    assert prompt == "<|user|>hi\n<|assistant|>hello\n<|user|>2+2?\n<|assistant|>" and response == "4"
+    with pytest.raises(ValueError, match="must end with an assistant"):
+        render({"messages": messages[:-1]}, spec, tokenizer)
+
+
+def test_labels_cover_the_response_only_unless_asked(tokenizer):
+    spec = SFTDataSpec(generate={}, seq_len=64)
+    ids, labels = encode("Q: 1+2=\nA:", " 3", tokenizer, spec)
+    response = tokenizer(" 3", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert [t for t in labels if t != IGNORE] == response and ids[-len(response) :] == response
+    _, all_labels = encode(
+        "Q: 1+2=\nA:", " 3", tokenizer, SFTDataSpec(generate={}, seq_len=64, loss_on="all")
+    )
+    assert all_labels == ids
+
+
+def test_pipeline_pads_packs_and_splits_deterministically(ray_local, tokenizer):
+    spec = SFTDataSpec(generate={"examples": 300}, seq_len=32, val_fraction=0.2)
+    records = examples(spec)
+    train = token_rows(records, tokenizer, spec, "train").take_all()
+    val = token_rows(records, tokenizer, spec, "val").take_all()
+    assert len(train) + len(val) == 300 and 30 < len(val) < 90
+    row = train[0]
+    assert len(row["input_ids"]) == 32 and (row["labels"][row["attention_mask"] == 0] == IGNORE).all()
+    again = token_rows(records, tokenizer, spec, "val").take_all()
+    assert [r["input_ids"].tolist() for r in again] == [r["input_ids"].tolist() for r in val]
+    packed = token_rows(records, tokenizer, spec.model_copy(update={"packing": True}), "train").take_all()
+    assert len(packed) < len(train) and all(r["attention_mask"].all() for r in packed)
+    pairs = held_out(records, tokenizer, spec, 5)
+    assert len(pairs) == 5 and all(p.startswith("Q: ") and a.startswith(" ") for p, a in pairs)
+
+
+def test_input_checks_name_the_field_and_the_fix(tmp_path):
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    problems = dict(check_sft_data(SFTDataSpec(path=str(rows))))
+    assert "no field 'prompt', 'completion'" in problems["data.path"]
+    assert "data.prompt_field" in problems["data.path"]
+    assert (
+        check_sft_data(SFTDataSpec(path=str(rows), prompt_field="question", completion_field="answer")) == []
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    assert "not JSON" in dict(check_sft_data(SFTDataSpec(path=str(bad))))["data.path"]
+    assert (
+        "does not exist" in dict(check_sft_data(SFTDataSpec(path=str(tmp_path / "nope.jsonl"))))["data.path"]
+    )
