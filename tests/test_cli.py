@@ -82,3 +82,43 @@ def test_schema_command():
     schema = json.loads(out.stdout)
     assert schema["title"] == "PretrainJob" and "train" in schema["properties"]
     assert raylm("schema", "nonsense").returncode == 2
+
+
+def test_merge_writes_a_plain_folder_equal_to_the_adapter(sft_base, tmp_path):
+    """`raylm merge` folds a saved LoRA adapter into its base; refuses what cannot merge."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from raylm import peft
+    from raylm.spec.methods import AdapterMethod, LoraMethod
+
+    lora = LoraMethod(name="lora", r=4)
+    model = peft.apply(AutoModelForCausalLM.from_pretrained(sft_base), lora)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft.module("lora").save(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "raylm_method.json").write_text(
+        json.dumps({"method": lora.model_dump(), "base": str(sft_base)})
+    )
+    out = raylm("merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
+    assert out.returncode == 0, out.stderr
+    ids = torch.tensor([[5, 9, 12, 7, 3]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_base), tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits, atol=1e-4, rtol=0
+        )
+
+    houlsby = peft.apply(AutoModelForCausalLM.from_pretrained(sft_base), AdapterMethod(name="adapter"))
+    peft.module("adapter").save(houlsby, tmp_path / "houlsby")
+    (tmp_path / "houlsby" / "raylm_method.json").write_text(
+        json.dumps({"method": {"name": "adapter"}, "base": str(sft_base)})
+    )
+    refused = raylm("merge", str(tmp_path / "houlsby"), "--out", str(tmp_path / "x"))
+    assert (
+        refused.returncode == 2 and "cannot be merged" in refused.stderr and "Traceback" not in refused.stderr
+    )

@@ -67,7 +67,7 @@ def run_finetune(job) -> dict:
         "artifact": f"{output.rstrip('/')}/{artifact_dir(job.method.name)}",
         **{
             k: outcome[k]
-            for k in ("parameters", "artifact_bytes", "peak_memory", "exact_match")
+            for k in ("parameters", "artifact_bytes", "peak_memory", "exact_match_before", "exact_match")
             if k in outcome
         },
     }

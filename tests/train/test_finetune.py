@@ -15,7 +15,7 @@ from tests.conftest import SFT_BASE
 from tests.train.conftest import read_metrics
 
 
-def finetune_spec(base, output, method, **sections) -> dict:
+def finetune_spec(base, run_dir, method, **sections) -> dict:
     spec = {
         "kind": "finetune",
         "model": {"path": str(base)},
@@ -31,7 +31,7 @@ def finetune_spec(base, output, method, **sections) -> dict:
         },
         "eval": {"exact_match_examples": 16, "max_new_tokens": 6},
         "resources": {"num_workers": 2},
-        "output": str(output),
+        "output": {"path": str(run_dir)},
     }
     for key, value in sections.items():
         spec[key] = {**spec[key], **value} if isinstance(spec.get(key), dict) else value

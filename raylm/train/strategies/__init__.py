@@ -16,10 +16,13 @@ STRATEGIES = {
 }
 
 
-def setup(model, strategy, train, total_steps: int, device):
-    """Wrap `model` for data-parallel training under `strategy` (a concrete strategy spec)."""
+def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):
+    """Wrap `model` for data-parallel training under `strategy` (a concrete strategy spec).
+
+    `make_optimizer(model, train)` replaces AdamW (QLoRA's paged 8-bit AdamW; DeepSpeed builds its
+    own); `rebuild()` makes a fresh unwrapped model of the same structure for the final gather."""
     return importlib.import_module(STRATEGIES[strategy.name]).setup(
-        model, strategy, train, total_steps, device
+        model, strategy, train, total_steps, device, make_optimizer=make_optimizer, rebuild=rebuild
     )
 
 
