@@ -105,6 +105,14 @@ def worker_model(job, tokenizer, device, rank: int, config: dict):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(job.train.seed)
     model = peft.apply(base, job.method, tokenizer)
+    if rank == 0:
+        from raylm.models import count_parameters
+        from raylm.train.metrics import emit
+
+        trainable, total = count_parameters(model)
+        emit(
+            f"[raylm] method {job.method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)"
+        )
     before = {}
     if rank == 0 and config["held_out"] and ray.train.get_checkpoint() is None:
         before = exact_match(model.to(device), tokenizer, config["held_out"], job.eval.max_new_tokens)

@@ -119,3 +119,24 @@ def test_full_finetune_on_fsdp(ray_local, sft_base, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(sft_base)
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert len(changed) == len(base.state_dict())  # every weight trained
+
+
+def test_lora_on_deepspeed_zero2_resumes_and_exports_a_peft_adapter(ray_local, sft_base, tmp_path):
+    """LoRA under ZeRO-2: checkpoints hold only the LoRA weights (the frozen base is reloaded), a
+    re-run with more steps resumes from them, and the export is a PEFT adapter folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    strategy = {"name": "deepspeed", "stage": 2}
+    spec = finetune_spec(sft_base, tmp_path / "run", {"name": "lora", "r": 4}, strategy=strategy)
+    spec["train"] = {**spec["train"], "max_steps": 15}
+    run_here(validate_dict(spec))
+    states = list((tmp_path / "run" / "checkpoints").rglob("*model_states.pt"))
+    assert states and all(s.stat().st_size < 200_000 for s in states)  # LoRA weights, not the base
+    spec["train"] = {**spec["train"], "max_steps": 30}
+    summary = run_here(validate_dict(spec))
+    assert summary["resumed_from"] == 15 and summary["parameters"]["trainable"] == lora_count(4)
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(sft_base), tmp_path / "run" / "adapter"
+    )
+    assert sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == lora_count(4)
