@@ -169,7 +169,10 @@ def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
         5,
         10,
     ]
-    assert (output / "checkpoints" / "checkpoint_00000010" / "MANIFEST.json").exists()
+    last = output / "checkpoints" / "checkpoint_00000010"
+    assert (last / "MANIFEST.rank0.json").exists() and (
+        last / "MANIFEST.rank1.json"
+    ).exists()  # both nodes' parts
 
     job_id = done.stdout.split("submitted ", 1)[1].split()[0]
     listed = raylm("jobs", "list", "--address", address, env=env)
