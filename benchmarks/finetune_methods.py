@@ -151,7 +151,7 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
 
 
 def rss() -> int:
-    """Resident bytes now (glibc returns freed blocks to the OS with MALLOC_MMAP_THRESHOLD_ set)."""
+    """Resident bytes now: sampled during training, its maximum bounds the live memory's peak."""
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -188,7 +188,6 @@ def main() -> None:
                 str(out),
             ],
             check=True,
-            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},  # RSS follows live memory
         )
         rows.append(json.loads(out.read_text()))
         print(json.dumps(rows[-1]), flush=True)
