@@ -90,6 +90,9 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
 
     torch.set_num_threads(2)
     method = TypeAdapter(MethodSpec).validate_python(METHODS[name])
+    import bitsandbytes  # noqa: F401  (imported before the baseline: libraries are not training memory)
+    import peft as hf_peft  # noqa: F401
+
     tokenizer = AutoTokenizer.from_pretrained(base)
     rss_before = rss()
     if name == "qlora":
@@ -135,7 +138,8 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
         peft.module(name).save(model, Path(folder))
         size = sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
     trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
+    # 4-bit weights are stored two to a byte: count the parameters they stand for
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     row = {
         "method": name,
         "trainable": trainable,
