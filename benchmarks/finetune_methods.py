@@ -83,7 +83,7 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
 
     from raylm import peft
     from raylm.evaluate import exact_match
-    from raylm.sft import IGNORE, encode, prompt_ids
+    from raylm.sft import collate, encode, prompt_ids
     from raylm.spec.methods import MethodSpec
     from raylm.spec.sft import SFTDataSpec
     from raylm.tasks import generate
@@ -118,13 +118,9 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
     model.train()
     for step in range(steps):
         chunk = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
-        ids = torch.full((batch, 32), tokenizer.pad_token_id)
-        labels = torch.full((batch, 32), IGNORE)
-        mask = torch.zeros((batch, 32), dtype=torch.long)
-        for i, (x, y) in enumerate(chunk):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        rows32 = {k: torch.from_numpy(v) for k, v in collate(chunk, 32, tokenizer.pad_token_id).items()}
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=labels, attention_mask=mask).loss
+        loss = model(**rows32).loss
         peak = max(peak, rss())  # activations alive
         loss.backward()
         optimizer.step()

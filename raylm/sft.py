@@ -112,16 +112,22 @@ def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec, split: str):
         }
         return
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    yield collate(encoded, spec.seq_len, pad)
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> dict:
+    """Encoded examples as `seq_len` rows: input_ids (padded with `pad`), labels (padded with IGNORE)
+    and attention_mask, as int64 arrays."""
     out = {
-        "input_ids": np.full((len(encoded), spec.seq_len), pad, dtype=np.int64),
-        "labels": np.full((len(encoded), spec.seq_len), IGNORE, dtype=np.int64),
-        "attention_mask": np.zeros((len(encoded), spec.seq_len), dtype=np.int64),
+        "input_ids": np.full((len(encoded), seq_len), pad, dtype=np.int64),
+        "labels": np.full((len(encoded), seq_len), IGNORE, dtype=np.int64),
+        "attention_mask": np.zeros((len(encoded), seq_len), dtype=np.int64),
     }
     for row, (ids, labels) in enumerate(encoded):
         out["input_ids"][row, : len(ids)] = ids
         out["labels"][row, : len(labels)] = labels
         out["attention_mask"][row, : len(ids)] = 1
-    yield out
+    return out
 
 
 def examples(spec: SFTDataSpec):

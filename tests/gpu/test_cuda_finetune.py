@@ -13,7 +13,7 @@ pytestmark = [
 
 
 def arithmetic_batches(tokenizer, n, size=16, seed=1):
-    from raylm.sft import IGNORE, encode
+    from raylm.sft import collate, encode
     from raylm.spec.sft import SFTDataSpec
     from raylm.tasks import generate
 
@@ -21,12 +21,8 @@ def arithmetic_batches(tokenizer, n, size=16, seed=1):
     rows = [encode(e["prompt"], e["completion"], tokenizer, spec) for e in generate("arithmetic", 400, seed)]
     for b in range(n):
         chunk = [rows[(b * size + i) % len(rows)] for i in range(size)]
-        ids = torch.full((size, 32), tokenizer.pad_token_id)
-        labels = torch.full((size, 32), IGNORE)
-        mask = torch.zeros((size, 32), dtype=torch.long)
-        for i, (x, y) in enumerate(chunk):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        yield {"input_ids": ids.cuda(), "labels": labels.cuda(), "attention_mask": mask.cuda()}
+        rows32 = collate(chunk, 32, tokenizer.pad_token_id)
+        yield {k: torch.from_numpy(v).cuda() for k, v in rows32.items()}
 
 
 @pytest.mark.parametrize("compute_dtype", ["bf16", "fp32"])

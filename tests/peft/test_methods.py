@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raylm import peft
-from raylm.sft import IGNORE, encode
+from raylm.sft import collate, encode
 from raylm.spec.methods import MethodSpec
 from raylm.spec.sft import SFTDataSpec
 from raylm.tasks import generate
@@ -42,12 +42,8 @@ def batches(tokenizer, n_batches=40, size=16, seed=1):
     rows = [encode(e["prompt"], e["completion"], tokenizer, spec) for e in generate("arithmetic", 400, seed)]
     for b in range(n_batches):
         chunk = [rows[(b * size + i) % len(rows)] for i in range(size)]
-        ids = torch.full((size, 32), tokenizer.pad_token_id)
-        labels = torch.full((size, 32), IGNORE)
-        mask = torch.zeros((size, 32), dtype=torch.long)
-        for i, (x, y) in enumerate(chunk):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        rows32 = collate(chunk, 32, tokenizer.pad_token_id)
+        yield {k: torch.from_numpy(v) for k, v in rows32.items()}
 
 
 def method_of(data: dict):
