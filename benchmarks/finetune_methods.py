@@ -8,7 +8,7 @@ The base is a small Llama (4 layers, hidden 128, byte-level BPE) pretrained here
 generates, so it has never seen the task's format (exact match ~0 before). Each method then trains
 in its own process (peak memory: the largest resident-set growth over loading the model and
 training, sampled after each forward and each optimizer step) with the same data order, batch and step count, through
-raylm's method modules (raylm.peft) and SFT encoding (raylm.sft). Exact match: greedy answers to
+raylm's method modules (raylm.methods) and SFT encoding (raylm.sft). Exact match: greedy answers to
 held-out prompts equal to the reference. CPU, 2 torch threads.
 """
 
@@ -81,10 +81,10 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
     from pydantic import TypeAdapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raylm import peft
+    from raylm import methods
     from raylm.evaluate import exact_match
+    from raylm.methods import MethodSpec
     from raylm.sft import collate, encode, prompt_ids
-    from raylm.spec.methods import MethodSpec
     from raylm.spec.sft import SFTDataSpec
     from raylm.tasks import generate
 
@@ -96,11 +96,11 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     rss_before = rss()
     if name == "qlora":
-        model = peft.module("qlora").load_base(base, method, "cpu")
+        model = methods.module("qlora").load_base(base, method, "cpu")
     else:
         model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(0)
-    model = peft.apply(model, method, tokenizer)
+    model = methods.apply(model, method, tokenizer)
     spec = SFTDataSpec(generate={}, seq_len=32)
     data = generate(task, 4000, seed=1)
     held = [(prompt_ids(e["prompt"], tokenizer), e["completion"]) for e in generate(task, 200, seed=99)]
@@ -109,7 +109,7 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     lr = LR[name]
     optimizer = (
-        peft.module("qlora").optimizer(params, lr, (0.9, 0.99), method)
+        methods.module("qlora").optimizer(params, lr, (0.9, 0.99), method)
         if name == "qlora"
         else torch.optim.AdamW(params, lr=lr)
     )
@@ -131,7 +131,7 @@ def run_method(base: str, name: str, task: str, steps: int, out: str) -> None:
         losses.append(loss.item())
     after = exact_match(model, tokenizer, held, max_new_tokens=6)["exact_match"]
     with tempfile.TemporaryDirectory() as folder:
-        peft.module(name).save(model, Path(folder))
+        methods.module(name).save(model, Path(folder))
         size = sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
     trainable = sum(p.numel() for p in params)
     # 4-bit weights are stored two to a byte: count the parameters they stand for

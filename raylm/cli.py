@@ -17,7 +17,8 @@ import sys
 
 import click
 
-from raylm.spec import KINDS, SpecError, json_schema, load_spec
+from raylm.kinds import KINDS, json_schema
+from raylm.spec import SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -69,7 +70,7 @@ def run(spec_file, overrides, address, no_follow):
     try:
         job = load_spec(spec_file, overrides)
         if address:
-            job_id = submit.submit(address, job.model_dump(mode="json", exclude_none=True), job.run_name)
+            job_id = submit.submit(address, job)
             click.echo(f"submitted {job_id} to {address}")
             if no_follow:
                 click.echo(f"follow it with: raylm jobs logs {job_id} --address {address}")

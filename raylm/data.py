@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import functools
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from raylm.sources import (
+    files_under,
+    in_validation,
+    is_saved_dataset,
+    load_saved_dataset,
+    missing_paths,
+    read_head,
+)
 from raylm.spec.sections import DataSpec
 
 EXTENSIONS = {
@@ -25,8 +32,6 @@ EXTENSIONS = {
     "jsonl": (".jsonl", ".json", ".ndjson"),
     "parquet": (".parquet",),
 }
-SNIFF_BYTES = 1 << 20
-VAL_BUCKETS = 10_000
 
 
 def configure_ray_data() -> None:
@@ -43,9 +48,9 @@ def resolve_format(spec: DataSpec) -> str:
     if spec.format != "auto" or spec.generate is not None:
         return spec.format if spec.generate is None else "generated"
     first = Path(spec.paths[0])
+    if is_saved_dataset(first):
+        return "hf"
     if first.is_dir():
-        if (first / "dataset_info.json").exists() or (first / "dataset_dict.json").exists():
-            return "hf"
         files = [p for p in sorted(first.rglob("*")) if p.is_file() and not p.name.startswith(".")]
         first = files[0] if files else first
     for fmt, suffixes in EXTENSIONS.items():
@@ -55,26 +60,14 @@ def resolve_format(spec: DataSpec) -> str:
 
 
 def input_files(spec: DataSpec, fmt: str) -> list[Path]:
-    files: list[Path] = []
-    for raw in spec.paths:
-        path = Path(raw)
-        if path.is_dir():
-            files += [
-                p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in EXTENSIONS[fmt]
-            ]
-        else:
-            files.append(path)
-    return files
+    return [file for raw in spec.paths for file in files_under(raw, EXTENSIONS[fmt])]
 
 
 def check_data(spec: DataSpec) -> list[tuple[str, str]]:
     """Problems with the input data, found before any worker starts: missing, empty, undecodable."""
     if spec.generate is not None:
         return []
-    problems: list[tuple[str, str]] = []
-    for raw in spec.paths:
-        if not Path(raw).exists():
-            problems.append(("data.path", f"{raw} does not exist (paths are relative to where raylm runs)"))
+    problems = missing_paths(spec.paths)
     if problems:
         return problems
     fmt = resolve_format(spec)
@@ -92,11 +85,11 @@ def check_data(spec: DataSpec) -> list[tuple[str, str]]:
 
 
 def _check_file(file: Path, fmt: str, text_field: str) -> str | None:
-    if file.stat().st_size == 0:
-        return "file is empty"
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
+        if file.stat().st_size == 0:
+            return "file is empty"
         try:
             schema = pq.read_schema(file)
         except Exception as err:  # pyarrow raises several types for corrupt files
@@ -104,16 +97,9 @@ def _check_file(file: Path, fmt: str, text_field: str) -> str | None:
         if text_field not in schema.names:
             return f"no column {text_field!r} (columns: {', '.join(schema.names)}); set data.text_field"
         return None
-    with open(file, "rb") as handle:
-        head = handle.read(SNIFF_BYTES)
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 4:  # not just a character cut at the sniff boundary
-            return (
-                f"not UTF-8 text (byte {err.start}: {head[err.start : err.start + 1]!r}); convert it to UTF-8"
-            )
-        text = head[: err.start].decode("utf-8")
+    text, problem = read_head(file)
+    if problem:
+        return problem
     if fmt == "jsonl":
         first = next((line for line in text.splitlines() if line.strip()), "")
         try:
@@ -130,7 +116,7 @@ def _check_file(file: Path, fmt: str, text_field: str) -> str | None:
 
 def _check_hf_folder(raw: str, text_field: str) -> list[tuple[str, str]]:
     try:
-        dataset = _load_hf(raw)
+        dataset = load_saved_dataset(raw)
     except Exception as err:  # datasets raises FileNotFoundError, ValueError, ...
         return [("data.path", f"{raw}: not a datasets.save_to_disk folder ({err})")]
     if text_field not in dataset.column_names:
@@ -139,15 +125,6 @@ def _check_hf_folder(raw: str, text_field: str) -> list[tuple[str, str]]:
     if len(dataset) == 0:
         return [("data.path", f"{raw}: the dataset has no rows")]
     return []
-
-
-def _load_hf(raw: str):
-    import datasets
-
-    loaded = datasets.load_from_disk(raw)
-    if isinstance(loaded, datasets.DatasetDict):
-        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-    return loaded
 
 
 def documents(spec: DataSpec):
@@ -162,7 +139,10 @@ def documents(spec: DataSpec):
             [{"text": s} for s in stories(spec.generate.documents, spec.generate.seed)]
         )
     if fmt == "hf":
-        parts = [ray.data.from_huggingface(_load_hf(p).select_columns([spec.text_field])) for p in spec.paths]
+        parts = [
+            ray.data.from_huggingface(load_saved_dataset(p).select_columns([spec.text_field]))
+            for p in spec.paths
+        ]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     else:
         files = [str(f) for f in input_files(spec, fmt)]
@@ -202,8 +182,7 @@ def pack_batch(batch: dict, tokenizer, seq_len: int, add_eos: bool, split: str, 
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     stream = np.fromiter((tok for ids in encoded for tok in (*ids, *eos)), dtype=np.int32)
     blocks = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
-    threshold = int(val_fraction * VAL_BUCKETS)
-    is_val = np.array([zlib.crc32(b.tobytes()) % VAL_BUCKETS < threshold for b in blocks], dtype=bool)
+    is_val = np.array([in_validation(b.tobytes(), val_fraction) for b in blocks], dtype=bool)
     kept = blocks[is_val if split == "val" else ~is_val]
     if len(kept):
         yield {"input_ids": kept}

@@ -61,12 +61,9 @@ class Breakdown:
 
 def shape_from_config(config) -> Shape:
     """A Shape from a transformers config, counting parameters on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from raylm.models import meta_model
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in meta_model(config).parameters())
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     return Shape(
         params=params,
@@ -176,19 +173,9 @@ def estimate(
 
 def shape_of_job(job) -> Shape:
     """The Shape of a job's model: its architecture block, or the config.json of its folder."""
-    from transformers import AutoConfig
+    from raylm.models import model_config
 
-    from raylm.models import architecture_config
-
-    if job.model.architecture is not None:
-        arch = job.model.architecture
-        tokenizer = job.tokenizer.train
-        vocab = arch.vocab_size or (tokenizer.vocab_size if tokenizer and tokenizer.type == "bpe" else 256)
-        return shape_from_config(architecture_config(arch, vocab))
-    config = AutoConfig.from_pretrained(
-        job.model.path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code
-    )
-    return shape_from_config(config)
+    return shape_from_config(model_config(job))
 
 
 def report(

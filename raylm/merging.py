@@ -9,19 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raylm.spec.methods import MERGEABLE
-
 
 class MergeError(Exception):
     pass
 
 
 def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
-    from pydantic import TypeAdapter
+    from pydantic import TypeAdapter, ValidationError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raylm import peft
-    from raylm.spec.methods import MethodSpec
+    from raylm import methods
+    from raylm.methods import MethodSpec
 
     folder = Path(artifact)
     record = folder / "raylm_method.json"
@@ -32,10 +30,13 @@ def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
         saved = {"method": {"name": peft_type}, "base": None}
     else:
         saved = json.loads(record.read_text())
-    method = TypeAdapter(MethodSpec).validate_python(saved["method"])
-    if method.name not in MERGEABLE:
+    try:
+        method = TypeAdapter(MethodSpec).validate_python(saved["method"])
+    except ValidationError as err:
+        raise MergeError(f"{record}: not a method raylm knows ({err.errors()[0]['msg']})") from None
+    if method.name not in methods.mergeable():
         raise MergeError(
-            f"method {method.name} cannot be merged into its base (mergeable: {', '.join(MERGEABLE)})"
+            f"method {method.name} cannot be merged into its base (mergeable: {', '.join(methods.mergeable())})"
         )
     base = (
         base
@@ -44,8 +45,8 @@ def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
     )
     if not base or not Path(base).exists():
         raise MergeError(f"base model {base!r} not found: pass --base FOLDER")
-    module = peft.module(method.name)
-    if method.name == "qlora":
+    module = methods.module(method.name)
+    if hasattr(module, "load_base"):
         model = module.load(module.load_base(base, method, "cpu"), folder)
     else:
         model = module.load(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True), folder)

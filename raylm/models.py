@@ -80,3 +80,50 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def model_config(job):
+    """The transformers config of a job's model, without loading weights: from its architecture block
+    (vocabulary: the tokenizer it trains, else 256) or the config.json of its folder / hub id."""
+    from raylm.spec import SpecError
+
+    if job.model.architecture is not None:
+        arch = job.model.architecture
+        training = job.tokenizer.train
+        vocab = arch.vocab_size or (training.vocab_size if training and training.type == "bpe" else 256)
+        return architecture_config(arch, vocab)
+    from transformers import AutoConfig
+
+    path = job.model.path
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code
+        )
+    except Exception as err:  # OSError, huggingface_hub's validation errors, ValueError ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpecError([("model.path", f"cannot read the config of {path} here ({reason})")]) from None
+
+
+def meta_model(config, method=None):
+    """The model of `config` (with a fine-tuning method applied) on the meta device: shapes and
+    parameter counts without memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        if method is not None:
+            from raylm import methods
+
+            model = methods.apply(model, method)
+    return model
+
+
+def transformer_blocks(model) -> list:
+    """The repeated decoder layers (the unit of sharding, offload and adapters), found the way
+    transformers marks them for device maps: the classes in `model._no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
+    return blocks

@@ -53,11 +53,11 @@ def choose(
     weight_bits: float | None = None,
     exclude: tuple[str, ...] = (),
 ) -> Choice:
-    """`exclude`: strategy names the job's method cannot run under (QLoRA: all but ddp)."""
+    """`exclude`: candidates (ddp, zero1, zero2, fsdp) the job's method cannot run under (QLoRA: all but ddp)."""
     budget = memory_bytes * headroom
     tried = []
     for key, strategy in CANDIDATES:
-        if (elastic and strategy["name"] == "deepspeed") or strategy["name"] in exclude:
+        if (elastic and strategy["name"] == "deepspeed") or key in exclude:
             continue
         needed = estimate(
             shape,
@@ -131,42 +131,36 @@ def resolve(job) -> tuple[dict, str]:
 
 
 def method_terms(job) -> dict:
-    """What a fine-tuning method changes in the estimate: trained parameters, a 4-bit base, and the
-    strategies it cannot run under."""
+    """What a fine-tuning method changes in the estimate: trained parameters, a quantised base, and
+    the strategies it cannot run under."""
     if job.kind != "finetune":
         return {}
-    from raylm.memory import QUANT_BITS
-    from raylm.spec.methods import PROMPT_LEARNING
+    from raylm import methods
 
-    method = job.method
+    module = methods.module(job.method.name)
     terms: dict = {"trainable": trainable_parameters(job)}
-    if method.name == "qlora":
-        terms["weight_bits"] = QUANT_BITS["nf4-dq" if method.double_quant else "nf4"]
-        terms["exclude"] = ("deepspeed", "fsdp")
-    elif method.name in PROMPT_LEARNING:
-        terms["exclude"] = ("fsdp",)
+    if hasattr(module, "base_bits"):
+        terms["weight_bits"] = module.base_bits(job.method)
+    from pydantic import TypeAdapter
+
+    from raylm.spec.strategies import StrategySpec
+
+    as_spec = TypeAdapter(StrategySpec).validate_python
+    refused = tuple(key for key, strategy in CANDIDATES if methods.refusal(job.method, as_spec(strategy)))
+    if refused:
+        terms["exclude"] = refused
     return terms
 
 
 def trainable_parameters(job) -> int | None:
     """Parameters the method trains, counted on a meta-device model (no memory); None if unknown."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from raylm import methods
+    from raylm.models import meta_model, model_config
 
-    from raylm import peft
-
-    if job.method.name == "full":
-        return None
     method = job.method
-    if method.name == "qlora":  # the same LoRA, on a base the meta device cannot quantise
-        from raylm.spec.methods import LoraMethod
-
-        lora = {k: v for k, v in method.model_dump().items() if k in LoraMethod.model_fields}
-        method = LoraMethod.model_validate({**lora, "name": "lora"})
+    counted_as = getattr(methods.module(method.name), "counted_as", None)
     try:
-        config = AutoConfig.from_pretrained(job.model.path, trust_remote_code=job.model.trust_remote_code)
-        with torch.device("meta"):
-            model = peft.apply(AutoModelForCausalLM.from_config(config), method)
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = meta_model(model_config(job), counted_as(method) if counted_as else method)
     except Exception:  # a method that cannot be built on the meta device: estimate as full
         return None
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

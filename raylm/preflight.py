@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raylm.data import check_data
-
 
 def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.startswith((".", "/", "~")) and "://" not in path
@@ -23,20 +21,21 @@ def check_model_folder(path: str, where: str, marker: str) -> list[tuple[str, st
 
 
 def check_job(job) -> list[tuple[str, str]]:
-    if job.kind == "finetune":
-        from raylm.sft import check_sft_data
+    """Every problem the job's kind finds before a worker starts (paths, files, model modules)."""
+    from raylm.kinds import driver
 
-        problems = check_sft_data(job.data)
-    else:
-        problems = check_data(job.data)
+    return driver(job).preflight(job)
+
+
+def check_training_inputs(job) -> list[tuple[str, str]]:
+    """What every training kind reads besides its data: the model and tokenizer folders, and a
+    DeepSpeed config file."""
+    problems = []
     if job.model.path is not None:
         problems += check_model_folder(job.model.path, "model.path", "config.json")
     if job.tokenizer.path is not None:
         problems += check_model_folder(job.tokenizer.path, "tokenizer.path", "tokenizer_config.json")
-    problems += check_strategy_files(job.strategy)
-    if job.kind == "finetune" and not problems:
-        problems += check_finetune(job)
-    return problems
+    return problems + check_strategy_files(job.strategy)
 
 
 def check_finetune(job) -> list[tuple[str, str]]:
@@ -59,10 +58,8 @@ def check_finetune(job) -> list[tuple[str, str]]:
 
 def _check_targets(job) -> list[tuple[str, str]]:
     """Module names the method targets must exist in the model (built on the meta device: no memory)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from raylm.spec.methods import ALL_LINEAR
+    from raylm.methods.lora import ALL_LINEAR
+    from raylm.models import meta_model, model_config
 
     method = job.method
     wanted = {
@@ -72,14 +69,7 @@ def _check_targets(job) -> list[tuple[str, str]]:
     }
     if not any(isinstance(v, list) for v in wanted.values()) and method.name != "freeze":
         return []
-    if job.model.architecture is not None:
-        from raylm.models import architecture_config
-
-        config = architecture_config(job.model.architecture, job.model.architecture.vocab_size or 256)
-    else:
-        config = AutoConfig.from_pretrained(job.model.path, trust_remote_code=job.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(model_config(job))
     names = [name for name, _ in model.named_modules() if name]
     problems = []
     for field, targets in wanted.items():
@@ -95,7 +85,7 @@ def _check_targets(job) -> list[tuple[str, str]]:
                 )
             )
     if method.name == "freeze":
-        from raylm.train.strategies import transformer_blocks
+        from raylm.models import transformer_blocks
 
         blocks = len(transformer_blocks(model))
         if method.layers > blocks:

@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import functools
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
 
+from raylm.sources import (
+    files_under,
+    in_validation,
+    is_saved_dataset,
+    load_saved_dataset,
+    missing_paths,
+    read_head,
+)
 from raylm.spec.sft import SFTDataSpec
 
 IGNORE = -100
-VAL_BUCKETS = 10_000
 ALPACA = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
@@ -81,7 +87,7 @@ def prompt_ids(prompt: str, tokenizer) -> list[int]:
 
 
 def is_val(prompt: str, response: str, val_fraction: float) -> bool:
-    return zlib.crc32(f"{prompt}\x00{response}".encode()) % VAL_BUCKETS < int(val_fraction * VAL_BUCKETS)
+    return in_validation(f"{prompt}\x00{response}".encode(), val_fraction)
 
 
 def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec, split: str):
@@ -140,14 +146,11 @@ def examples(spec: SFTDataSpec):
         return ray.data.from_items(generate(spec.generate.task, spec.generate.examples, spec.generate.seed))
     parts = []
     for raw in spec.paths:
-        path = Path(raw)
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-            from raylm.data import _load_hf
-
-            parts.append(ray.data.from_huggingface(_load_hf(raw)))
+        if is_saved_dataset(raw):
+            parts.append(ray.data.from_huggingface(load_saved_dataset(raw)))
             continue
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
-        kind = SUFFIXES.get(files[0].suffix, "json")
+        files = files_under(raw, tuple(SUFFIXES))
+        kind = SUFFIXES.get(files[0].suffix.lower(), "json")
         read = (
             ray.data.read_parquet if kind == "parquet" else functools.partial(ray.data.read_json, lines=True)
         )
@@ -178,23 +181,19 @@ def check_sft_data(spec: SFTDataSpec) -> list[tuple[str, str]]:
     """Missing files, unreadable rows and missing fields, found before any worker starts."""
     if spec.generate is not None:
         return []
-    problems = []
+    problems = missing_paths(spec.paths)
     for raw in spec.paths:
-        path = Path(raw)
-        if not path.exists():
-            problems.append(("data.path", f"{raw} does not exist (paths are relative to where raylm runs)"))
+        if not Path(raw).exists():
             continue
-        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-            from raylm.data import _load_hf
-
+        if is_saved_dataset(raw):
             try:
-                columns = _load_hf(raw).column_names
+                columns = load_saved_dataset(raw).column_names
             except Exception as err:  # datasets raises several types
                 problems.append(("data.path", f"{raw}: not a datasets.save_to_disk folder ({err})"))
                 continue
             problems += _missing_fields(raw, columns, spec)
             continue
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
+        files = files_under(raw, tuple(SUFFIXES))
         if not files:
             problems.append(("data.path", f"no .jsonl / .parquet files under {raw}"))
         for file in files:
@@ -203,21 +202,21 @@ def check_sft_data(spec: SFTDataSpec) -> list[tuple[str, str]]:
 
 
 def _check_file(file: Path, spec: SFTDataSpec) -> list[tuple[str, str]]:
-    if file.stat().st_size == 0:
-        return [("data.path", f"{file}: file is empty")]
-    if file.suffix == ".parquet":
+    if file.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
+        if file.stat().st_size == 0:
+            return [("data.path", f"{file}: file is empty")]
         try:
             return _missing_fields(str(file), pq.read_schema(file).names, spec)
         except Exception as err:  # pyarrow raises several types for corrupt files
             return [("data.path", f"{file}: not a readable Parquet file ({err})")]
+    text, problem = read_head(file)
+    if problem:
+        return [("data.path", f"{file}: {problem}")]
+    first = next((line for line in text.splitlines() if line.strip()), "")
     try:
-        with open(file, encoding="utf-8") as handle:
-            first = next((line for line in handle if line.strip()), "")
         row = json.loads(first)
-    except UnicodeDecodeError:
-        return [("data.path", f"{file}: not UTF-8 text; convert it to UTF-8")]
     except json.JSONDecodeError as err:
         return [("data.path", f"{file}: first line is not JSON ({err.msg}); JSONL needs one object per line")]
     if not isinstance(row, dict):

@@ -25,7 +25,6 @@ from urllib.parse import urlparse
 import yaml
 
 AGENT_RETRIES = 30
-RUNNERS = {"pretrain": "raylm.train.pretrain:run_pretrain", "finetune": "raylm.train.finetune:run_finetune"}
 
 
 class SubmitError(Exception):
@@ -63,12 +62,11 @@ def start_local_ray(num_cpus: int) -> None:
 
 def run_here(job) -> dict:
     """Run `job` in this process's Ray (embedded or the cluster's) and return its summary."""
-    import importlib
-
-    from raylm.preflight import check_job
+    from raylm.kinds import driver
     from raylm.spec import SpecError
 
-    problems = check_job(job)
+    kind = driver(job)
+    problems = kind.preflight(job)
     if problems:
         raise SpecError(problems, source="preflight")
     # Load torch on the main thread before Ray Data's executor threads can import it concurrently:
@@ -76,10 +74,8 @@ def run_here(job) -> dict:
     # libtorch_cpu.so") in a job driver.
     import torch  # noqa: F401
 
-    module, func = RUNNERS[job.kind].split(":")
-    runner = getattr(importlib.import_module(module), func)
     ensure_ray(job)
-    return runner(job)
+    return kind.run(job)
 
 
 # ---- Jobs API ------------------------------------------------------------------------------------
@@ -136,12 +132,14 @@ def client(address: str):
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {err}") from None
 
 
-def submit(address: str, spec: dict, job_name: str) -> str:
-    """Submit the validated spec as a Ray job running `raylm run`; returns the submission id."""
+def submit(address: str, job) -> str:
+    """Submit the validated job as a Ray job running `raylm run` on its spec (the cluster's raylm
+    finds the kind in the same registry); returns the submission id."""
     import raylm
 
     rc = client(address)
     workdir = Path(tempfile.mkdtemp(prefix="raylm-submit-"))
+    spec = job.model_dump(mode="json", exclude_none=True)
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     runtime_env: dict = {
         "working_dir": str(workdir),
@@ -150,14 +148,14 @@ def submit(address: str, spec: dict, job_name: str) -> str:
         "env_vars": {"PYTHONUNBUFFERED": "1"},
     }
     entrypoint = f"python -m raylm run {shlex.quote('spec.yaml')}"
-    submission_id = f"raylm-{job_name}-{uuid.uuid4().hex[:8]}"
+    submission_id = f"raylm-{job.run_name}-{uuid.uuid4().hex[:8]}"
     for attempt in itertools.count():
         try:
             return rc.submit_job(
                 entrypoint=entrypoint,
                 runtime_env=runtime_env,
                 submission_id=submission_id,
-                metadata={"raylm_run": job_name},
+                metadata={"raylm_run": job.run_name, "raylm_kind": job.kind},
             )
         except RuntimeError as err:  # the SDK's HTTP errors
             # A head that just started answers 500 "No available agent" until its job agent is up.

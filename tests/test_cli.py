@@ -90,16 +90,17 @@ def test_merge_writes_a_plain_folder_equal_to_the_adapter(sft_base, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from raylm import peft
-    from raylm.spec.methods import AdapterMethod, LoraMethod
+    from raylm import methods
+    from raylm.methods.adapter import AdapterMethod
+    from raylm.methods.lora import LoraMethod
 
     lora = LoraMethod(name="lora", r=4)
-    model = peft.apply(AutoModelForCausalLM.from_pretrained(sft_base), lora)
+    model = methods.apply(AutoModelForCausalLM.from_pretrained(sft_base), lora)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
-    peft.module("lora").save(model, tmp_path / "adapter")
+    methods.module("lora").save(model, tmp_path / "adapter")
     (tmp_path / "adapter" / "raylm_method.json").write_text(
         json.dumps({"method": lora.model_dump(), "base": str(sft_base)})
     )
@@ -113,8 +114,8 @@ def test_merge_writes_a_plain_folder_equal_to_the_adapter(sft_base, tmp_path):
             merged(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits, atol=1e-4, rtol=0
         )
 
-    houlsby = peft.apply(AutoModelForCausalLM.from_pretrained(sft_base), AdapterMethod(name="adapter"))
-    peft.module("adapter").save(houlsby, tmp_path / "houlsby")
+    houlsby = methods.apply(AutoModelForCausalLM.from_pretrained(sft_base), AdapterMethod(name="adapter"))
+    methods.module("adapter").save(houlsby, tmp_path / "houlsby")
     (tmp_path / "houlsby" / "raylm_method.json").write_text(
         json.dumps({"method": {"name": "adapter"}, "base": str(sft_base)})
     )

@@ -9,8 +9,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raylm.spec.jobs import KINDS
-
 
 class SpecError(Exception):
     """Every problem found in a spec, each with its dotted path and a hint. Picklable across Ray."""
@@ -69,26 +67,44 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise SpecError([("file", f"no such spec file: {path}")], source=str(path))
     try:
-        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            [("file", f"not UTF-8 text (byte {err.start}): a spec is a YAML text file; save it as UTF-8")],
+            source=str(path),
+        ) from None
+    except OSError as err:
+        raise SpecError([("file", f"cannot read it: {err.strerror}")], source=str(path)) from None
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "file"
         raise SpecError(
-            [(where, f"not valid YAML: {getattr(err, 'problem', err)}")], source=str(path)
+            [(where, f"not valid YAML: {getattr(err, 'problem', None) or err}")], source=str(path)
         ) from None
+    except RecursionError:
+        raise SpecError([("file", "not a spec: nested too deeply")], source=str(path)) from None
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise SpecError([("file", "expected one YAML mapping with a `kind:` key")], source=str(path))
     return documents[0]
 
 
 def validate_dict(data: dict, source: str = "spec") -> BaseModel:
+    from raylm.kinds import KINDS  # the registry imports the spec models: not at module level
+
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         choices = ", ".join(KINDS)
-        hint = _did_you_mean(str(kind), KINDS)
-        what = "missing: every spec starts with `kind:`" if kind is None else f"unknown kind {kind!r}"
+        hint = _did_you_mean(kind, KINDS) if isinstance(kind, str) else ""
+        if kind is None:
+            what = "missing: every spec starts with `kind:`"
+        elif isinstance(kind, str):
+            what = f"unknown kind {kind!r}"
+        else:
+            what = f"expected a kind name, got a {type(kind).__name__}"
         raise SpecError([("kind", f"{what}; choose one of: {choices}{hint}")], source=source)
-    model = KINDS[kind]
+    model = KINDS[kind].spec
     try:
         return model.model_validate(data)
     except ValidationError as err:

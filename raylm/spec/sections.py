@@ -109,12 +109,31 @@ class GeneratedCorpus(Section):
     seed: int = Field(0, description="Seed of the story generator.")
 
 
-class DataSpec(Section):
-    """Training text: files (text, JSONL, Parquet, datasets.save_to_disk folders) or a generated corpus."""
+class SourceSpec(Section):
+    """Where a job's data comes from: your files, or something raylm generates (exactly one)."""
 
     path: str | list[str] | None = Field(None, description="A file, a folder of files, or a list of them.")
+    generate: Section | None = None  # each kind's data section says what it generates
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SourceSpec:
+        if (self.path is None) == (self.generate is None):
+            noun = self.model_fields["generate"].description or "generated data"
+            raise ValueError(f"give exactly one of data.path (your files) or data.generate ({noun})")
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class DataSpec(SourceSpec):
+    """Training text: files (text, JSONL, Parquet, datasets.save_to_disk folders) or a generated corpus."""
+
     generate: GeneratedCorpus | None = Field(
-        None, description="Use a corpus raylm generates (for quickstarts and tests)."
+        None, description="a corpus raylm generates, for quickstarts and tests"
     )
     format: Literal["auto", "text", "jsonl", "parquet", "hf"] = Field(
         "auto",
@@ -138,20 +157,6 @@ class DataSpec(Section):
     pack_batch_docs: int = Field(
         1024, ge=1, description="Documents tokenized and packed together per Ray Data batch."
     )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
-        if (self.path is None) == (self.generate is None):
-            raise ValueError(
-                "give exactly one of data.path (your files) or data.generate (a generated corpus)"
-            )
-        return self
-
-    @property
-    def paths(self) -> list[str]:
-        if self.path is None:
-            return []
-        return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
 class TrainSpec(Section):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from raylm.spec.sections import OutputSpec, Section
+from raylm.spec.sections import OutputSpec, Section, SourceSpec
 
 
 class GeneratedTask(Section):
@@ -19,11 +19,10 @@ class GeneratedTask(Section):
     seed: int = Field(0, description="Seed of the generator.")
 
 
-class SFTDataSpec(Section):
+class SFTDataSpec(SourceSpec):
     """Supervised examples: JSONL / Parquet / save_to_disk files, or a generated task."""
 
-    path: str | list[str] | None = Field(None, description="A file, a folder of files, or a list of them.")
-    generate: GeneratedTask | None = Field(None, description="Use a task raylm generates.")
+    generate: GeneratedTask | None = Field(None, description="a task raylm generates")
     format: Literal["completion", "alpaca", "chat"] = Field(
         "completion",
         description="completion: prompt/completion fields; alpaca: instruction/input/output; chat: a messages list.",
@@ -46,18 +45,6 @@ class SFTDataSpec(Section):
         0.1, ge=0.0, lt=0.9, description="Fraction of examples held out for validation."
     )
     shuffle_buffer: int = Field(1000, ge=0, description="Per-worker shuffle buffer (seeded by train.seed).")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SFTDataSpec:
-        if (self.path is None) == (self.generate is None):
-            raise ValueError("give exactly one of data.path (your files) or data.generate (a generated task)")
-        return self
-
-    @property
-    def paths(self) -> list[str]:
-        if self.path is None:
-            return []
-        return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
 class EvalSpec(Section):

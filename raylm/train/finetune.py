@@ -15,22 +15,96 @@ from pathlib import Path
 
 from raylm import storage
 from raylm.spec import SpecError
-from raylm.train.runs import announce, base_summary, check_same_run, fit, planned_steps, resolve_strategy
+from raylm.spec.jobs import FinetuneJob
+from raylm.train.runs import announce, base_summary, fit, planned_steps, prepare_run, resolve_strategy
 
 
-def run_finetune(job) -> dict:
-    from raylm.data import configure_ray_data
+class Finetune:
+    """kind: finetune (a raylm.kinds.TrainingKind)."""
+
+    def preflight(self, job: FinetuneJob) -> list[tuple[str, str]]:
+        from raylm.preflight import check_finetune, check_training_inputs
+        from raylm.sft import check_sft_data
+
+        problems = check_sft_data(job.data) + check_training_inputs(job)
+        return problems or check_finetune(job)
+
+    def run(self, job: FinetuneJob) -> dict:
+        return run_finetune(self, job)
+
+    # ---- on each worker (raylm.train.loop calls these) -----------------------------------------
+
+    def worker_model(self, job: FinetuneJob, tokenizer, device, rank: int, config: dict):
+        """The base with the method applied (same seed on every rank: identical adapter init), and on
+        rank 0 of a fresh run, exact match before training."""
+        import ray.train
+        import torch
+
+        from raylm import methods
+        from raylm.evaluate import exact_match
+
+        base = _base(job, tokenizer, device)
+        if job.train.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(job.train.seed)
+        model = methods.apply(base, job.method, tokenizer)
+        if rank == 0:
+            from raylm.models import count_parameters
+            from raylm.train.metrics import emit
+
+            trainable, total = count_parameters(model)
+            emit(
+                f"[raylm] method {job.method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)"
+            )
+        before = {}
+        if rank == 0 and config["held_out"] and ray.train.get_checkpoint() is None:
+            before = exact_match(model.to(device), tokenizer, config["held_out"], job.eval.max_new_tokens)
+        return model, {"exact_match_before": before} if before else {}
+
+    def worker_optimizer(self, job: FinetuneJob):
+        """The method's own optimizer (QLoRA's bitsandbytes AdamW), or None (AdamW)."""
+        from raylm import methods
+        from raylm.train import optim
+
+        make = getattr(methods.module(job.method.name), "optimizer", None)
+        if make is None:
+            return None
+        method = job.method
+        return lambda model, train: make(optim.param_groups(model, train), train.lr, train.betas, method)
+
+    def worker_rebuild(self, job: FinetuneJob, tokenizer):
+        """A fresh base-plus-method model on the CPU, for gathering fsdp / ZeRO-3 shards into."""
+
+        def rebuild():
+            import torch
+
+            from raylm import methods
+
+            return methods.apply(_base(job, tokenizer, torch.device("cpu")), job.method, tokenizer)
+
+        return rebuild
+
+    def worker_export(self, final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dict:
+        return export(final, tokenizer, stage, config, job)
+
+
+def _base(job: FinetuneJob, tokenizer, device):
+    """The frozen base: loaded the method's own way (QLoRA: 4-bit) or as the model spec says."""
+    from raylm import methods
+    from raylm.models import build_model
+
+    load_base = getattr(methods.module(job.method.name), "load_base", None)
+    if load_base is not None:
+        return load_base(job.model.path, job.method, device, job.model.revision, job.model.trust_remote_code)
+    return build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
+
+
+def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
     from raylm.sft import examples, held_out, prompt_ids, token_rows
     from raylm.tokenizer import load_tokenizer
 
     output = job.output.path
-    for section in (job.model, job.tokenizer):  # workers may run elsewhere: absolute local paths
-        if section.path and Path(section.path).expanduser().exists():
-            section.path = str(Path(section.path).expanduser().resolve())
-    local_output = None if storage.is_uri(output) else Path(output).resolve()
-    if local_output is not None:
-        check_same_run(job, local_output)
-    configure_ray_data()
+    local_output = prepare_run(job)
 
     tokenizer = load_tokenizer(
         job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
@@ -54,12 +128,13 @@ def run_finetune(job) -> dict:
     strategy, why = resolve_strategy(job, local_output)
     announce(job, strategy, why, total_steps, f"method {job.method.name}")
     result, outcome = fit(
+        kind,
         job,
         local_output,
         {"tokenizer": tokenizer, "total_steps": total_steps, "strategy": strategy, "held_out": held},
         {"train": train_ds, "val": val_ds},
     )
-    from raylm.peft import artifact_dir
+    from raylm.methods import artifact_dir
 
     summary = {
         **base_summary(job, total_steps, result, outcome, strategy, why),
@@ -77,87 +152,18 @@ def run_finetune(job) -> dict:
     return summary
 
 
-# ---- on each worker (raylm.train.loop calls these) -------------------------------------------------
-
-
-def _base(job, tokenizer, device):
-    from raylm import peft
-    from raylm.models import build_model
-
-    if job.method.name == "qlora":
-        return peft.module("qlora").load_base(
-            job.model.path, job.method, device, job.model.revision, job.model.trust_remote_code
-        )
-    return build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
-
-
-def worker_model(job, tokenizer, device, rank: int, config: dict):
-    """The base with the method applied (same seed on every rank: identical adapter init), and on rank 0
-    of a fresh run, exact match before training."""
-    import ray.train
-    import torch
-
-    from raylm import peft
-    from raylm.evaluate import exact_match
-
-    base = _base(job, tokenizer, device)
-    if job.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(job.train.seed)
-    model = peft.apply(base, job.method, tokenizer)
-    if rank == 0:
-        from raylm.models import count_parameters
-        from raylm.train.metrics import emit
-
-        trainable, total = count_parameters(model)
-        emit(
-            f"[raylm] method {job.method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)"
-        )
-    before = {}
-    if rank == 0 and config["held_out"] and ray.train.get_checkpoint() is None:
-        before = exact_match(model.to(device), tokenizer, config["held_out"], job.eval.max_new_tokens)
-    return model, {"exact_match_before": before} if before else {}
-
-
-def worker_optimizer(job):
-    """QLoRA's bitsandbytes optimizer; None (AdamW) for the other methods."""
-    if job.method.name != "qlora":
-        return None
-    from raylm import peft
-    from raylm.train import optim
-
-    method = job.method
-    return lambda model, train: peft.module("qlora").optimizer(
-        optim.param_groups(model, train), train.lr, train.betas, method
-    )
-
-
-def worker_rebuild(job, tokenizer):
-    """A fresh base-plus-method model on the CPU, for gathering fsdp / ZeRO-3 shards into."""
-
-    def rebuild():
-        import torch
-
-        from raylm import peft
-
-        base = _base(job, tokenizer, torch.device("cpu"))
-        return peft.apply(base, job.method, tokenizer)
-
-    return rebuild
-
-
-def worker_export(final, tokenizer, stage: Path, config: dict, job) -> dict:
+def export(final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dict:
     """The method's artifact (and merged model), exact match after training, sizes and peak memory."""
     import resource
 
     import torch
 
-    from raylm import peft
+    from raylm import methods
     from raylm.evaluate import exact_match
     from raylm.models import count_parameters
 
-    method = peft.module(job.method.name)
-    name = peft.artifact_dir(job.method.name)
+    method = methods.module(job.method.name)
+    name = methods.artifact_dir(job.method.name)
 
     def write(folder: Path) -> None:
         method.save(final, folder)

@@ -1,14 +1,13 @@
 """The per-worker training loop, top to bottom: setup -> resume -> train/eval/checkpoint -> export.
 
-Ray Train runs `train_loop(config)` on every worker; the job kind's driver module
-(`raylm.train.pretrain`, `raylm.train.finetune`) builds the config and supplies what differs by
-kind: `worker_model` (what trains), `worker_optimizer` and `worker_rebuild` (None: AdamW, and a model
-built from the config for gathering shards into) and `worker_export` (what the run leaves behind).
+Ray Train runs `train_loop(config)` on every worker; `config["kind"]` is the job kind's driver
+(a raylm.kinds.TrainingKind), which supplies what differs by kind: `worker_model` (what trains),
+`worker_optimizer` and `worker_rebuild` (None: AdamW, and a model built from the config for gathering
+shards into) and `worker_export` (what the run leaves behind).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import tempfile
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from raylm.spec import KINDS
 from raylm.spec.strategies import StrategySpec
 
 
@@ -29,8 +27,7 @@ def train_loop(config: dict) -> dict | None:
     from raylm.train.metrics import MetricsLog, emit, format_progress
 
     # ---- setup -------------------------------------------------------------------------------
-    job = KINDS[config["spec"]["kind"]].model_validate(config["spec"])
-    kind = importlib.import_module(f"raylm.train.{job.kind}")
+    job, kind = config["job"], config["kind"]
     spec, tokenizer = job.train, config["tokenizer"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -13,21 +13,57 @@ import json
 from pathlib import Path
 
 from raylm import storage
-from raylm.spec import PretrainJob, SpecError
+from raylm.spec import SpecError
+from raylm.spec.jobs import PretrainJob
 from raylm.spec.sections import TokenizerTraining
-from raylm.train.runs import announce, base_summary, check_same_run, fit, planned_steps, resolve_strategy
+from raylm.train.runs import announce, base_summary, fit, planned_steps, prepare_run, resolve_strategy
 
 SAMPLE_PROMPT_TOKENS = 8
 
 
-def run_pretrain(job: PretrainJob) -> dict:
-    from raylm.data import configure_ray_data, documents, packed_blocks
+class Pretrain:
+    """kind: pretrain (a raylm.kinds.TrainingKind)."""
+
+    def preflight(self, job: PretrainJob) -> list[tuple[str, str]]:
+        from raylm.data import check_data
+        from raylm.preflight import check_training_inputs
+
+        return check_data(job.data) + check_training_inputs(job)
+
+    def run(self, job: PretrainJob) -> dict:
+        return run_pretrain(self, job)
+
+    # ---- on each worker (raylm.train.loop calls these) -----------------------------------------
+
+    def worker_model(self, job: PretrainJob, tokenizer, device, rank: int, config: dict):
+        """A new model of the architecture (or the given folder's weights), seeded identically on all ranks."""
+        from raylm.models import build_model
+
+        model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
+        if job.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, {}
+
+    def worker_optimizer(self, job: PretrainJob):
+        return None  # AdamW
+
+    def worker_rebuild(self, job: PretrainJob, tokenizer):
+        return None  # gather into a model built from the config
+
+    def worker_export(self, final, tokenizer, stage: Path, config: dict, job: PretrainJob) -> dict:
+        """The final Hugging Face folder `model/`, and a greedy sample from the start of a corpus block."""
+        from raylm.evaluate import greedy_sample
+
+        sample = greedy_sample(final, tokenizer, config["sample_prompt"])
+        storage.export_model(final, tokenizer, stage, config["publish_to"])
+        return {"sample": sample}
+
+
+def run_pretrain(kind: Pretrain, job: PretrainJob) -> dict:
+    from raylm.data import documents, packed_blocks
 
     output = job.output.path
-    local_output = None if storage.is_uri(output) else Path(output).resolve()
-    if local_output is not None:
-        check_same_run(job, local_output)
-    configure_ray_data()
+    local_output = prepare_run(job)
 
     docs = documents(job.data)
     tokenizer = prepare_tokenizer(job, docs, local_output)
@@ -52,6 +88,7 @@ def run_pretrain(job: PretrainJob) -> dict:
     strategy, why = resolve_strategy(job, local_output)
     announce(job, strategy, why, total_steps, f"vocab {len(tokenizer)}")
     result, outcome = fit(
+        kind,
         job,
         local_output,
         {
@@ -92,33 +129,3 @@ def prepare_tokenizer(job: PretrainJob, docs, local_output: Path | None):
         saved.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(saved)
     return tokenizer
-
-
-# ---- on each worker (raylm.train.loop calls these) -------------------------------------------------
-
-
-def worker_model(job: PretrainJob, tokenizer, device, rank: int, config: dict):
-    """A new model of the architecture (or the given folder's weights), seeded identically on all ranks."""
-    from raylm.models import build_model
-
-    model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
-    if job.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, {}
-
-
-def worker_optimizer(job: PretrainJob):
-    return None  # AdamW
-
-
-def worker_rebuild(job: PretrainJob, tokenizer):
-    return None  # gather into a model built from the config
-
-
-def worker_export(final, tokenizer, stage: Path, config: dict, job: PretrainJob) -> dict:
-    """The final Hugging Face folder `model/`, and a greedy sample from the start of a corpus block."""
-    from raylm.evaluate import greedy_sample
-
-    sample = greedy_sample(final, tokenizer, config["sample_prompt"])
-    storage.export_model(final, tokenizer, stage, config["publish_to"])
-    return {"sample": sample}

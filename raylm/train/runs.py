@@ -31,6 +31,24 @@ RESUMABLE_CHANGES = {
 }
 
 
+def prepare_run(job) -> Path | None:
+    """What every training driver does first: absolute local model / tokenizer paths (workers may run
+    elsewhere), the run folder's identity check, Ray Data's settings. Returns the local run folder
+    (None for a storage URI)."""
+    from raylm import storage
+    from raylm.data import configure_ray_data
+
+    for section in (job.model, job.tokenizer):
+        if section.path and Path(section.path).expanduser().exists():
+            section.path = str(Path(section.path).expanduser().resolve())
+    output = job.output.path
+    local_output = None if storage.is_uri(output) else Path(output).resolve()
+    if local_output is not None:
+        check_same_run(job, local_output)
+    configure_ray_data()
+    return local_output
+
+
 def resolve_strategy(job, local_output: Path | None) -> tuple[dict, str]:
     """The run's concrete strategy. A resumed run keeps the one its checkpoints were written with,
     even when `auto` would now choose another (other GPUs, another worker count)."""
@@ -58,8 +76,9 @@ def announce(job, strategy: dict, why: str, total_steps: int, extra: str) -> Non
     )
 
 
-def fit(job, local_output: Path | None, loop_config: dict, datasets: dict):
-    """Run raylm.train.loop.train_loop on Ray Train; returns the Result and rank 0's return value."""
+def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict):
+    """Run raylm.train.loop.train_loop on Ray Train with the hooks of `kind` (a TrainingKind);
+    returns the Result and rank 0's return value."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -74,7 +93,8 @@ def fit(job, local_output: Path | None, loop_config: dict, datasets: dict):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "spec": job.model_dump(mode="json"),
+            "kind": kind,
+            "job": job,
             "shuffle_buffer": job.data.shuffle_buffer,
             "stage_dir": str(local_output) if local_output else None,
             "publish_to": output if storage.is_uri(output) else None,

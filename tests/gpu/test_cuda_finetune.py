@@ -31,15 +31,15 @@ def test_qlora_trains_on_cuda_and_merges(sft_base, compute_dtype):
     from pydantic import TypeAdapter
     from transformers import AutoTokenizer
 
-    from raylm import peft
-    from raylm.spec.methods import MethodSpec
+    from raylm import methods
+    from raylm.methods import MethodSpec
 
     method = TypeAdapter(MethodSpec).validate_python(
         {"name": "qlora", "r": 4, "compute_dtype": compute_dtype}
     )
     tokenizer = AutoTokenizer.from_pretrained(sft_base)
-    qlora = peft.module("qlora")
-    model = peft.apply(qlora.load_base(str(sft_base), method, "cuda:0"), method, tokenizer)
+    qlora = methods.module("qlora")
+    model = methods.apply(qlora.load_base(str(sft_base), method, "cuda:0"), method, tokenizer)
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and four_bit[0].weight.device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]

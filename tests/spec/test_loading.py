@@ -3,7 +3,9 @@
 import pytest
 import yaml
 
-from raylm.spec import PretrainJob, SpecError, json_schema, load_spec, validate_dict
+from raylm.kinds import json_schema
+from raylm.spec import SpecError, load_spec, validate_dict
+from raylm.spec.jobs import PretrainJob
 
 MINIMAL = {
     "kind": "pretrain",

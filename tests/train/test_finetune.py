@@ -94,7 +94,7 @@ def test_qlora_on_ddp(ray_local, sft_base, tmp_path):
     import bitsandbytes as bnb
     from peft import PeftModel
 
-    from raylm import peft
+    from raylm import methods
 
     spec = finetune_spec(sft_base, tmp_path / "run", {"name": "qlora", "r": 4, "compute_dtype": "fp32"})
     job = validate_dict(spec)
@@ -102,7 +102,7 @@ def test_qlora_on_ddp(ray_local, sft_base, tmp_path):
     losses = val_losses(tmp_path / "run")
     assert losses[-1] < losses[0]
     assert summary["parameters"]["trainable"] == lora_count(4)
-    base = peft.module("qlora").load_base(str(sft_base), job.method, "cpu")
+    base = methods.module("qlora").load_base(str(sft_base), job.method, "cpu")
     model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 

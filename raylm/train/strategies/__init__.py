@@ -36,13 +36,3 @@ def autocast(precision: str, device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def transformer_blocks(model) -> list:
-    """The repeated decoder layers (the unit of sharding and offload), found the way transformers marks
-    them for device maps: the classes in `model._no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
-    return blocks

@@ -72,8 +72,8 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    from raylm.models import transformer_blocks
     from raylm.train import optim
-    from raylm.train.strategies import transformer_blocks
 
     options = {"reshard_after_forward": strategy.reshard_after_forward}
     if strategy.cpu_offload:

@@ -12,6 +12,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from raylm.spec.sections import Section
+
+
+class AdapterMethod(Section):
+    """Houlsby bottleneck adapters: x + up(act(down(x))) after attention and/or feed-forward; base frozen."""
+
+    name: Literal["adapter"]
+    bottleneck: int = Field(64, ge=1, description="Width of the down-projection.")
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Between down and up.")
+    placement: Literal["both", "attention", "ffn"] = Field(
+        "both", description="After the attention block, the feed-forward block (Pfeiffer), or both (Houlsby)."
+    )
+    init_std: float = Field(
+        1e-3,
+        ge=0,
+        description="Std of the down-projection's init; the up-projection starts at zero (the identity).",
+    )
+    train_norms: bool = Field(False, description="Also train the layer norms (as in Houlsby et al.).")
+
+
+Spec = AdapterMethod
+
 
 CONFIG = "raylm_adapter.json"
 WEIGHTS = "adapter.safetensors"
@@ -58,7 +84,7 @@ def _places(placement: str) -> tuple[str, ...]:
 
 
 def apply(model, method, tokenizer=None):
-    from raylm.train.strategies import transformer_blocks
+    from raylm.models import transformer_blocks
 
     Bottleneck = _bottleneck_class()
     for param in model.parameters():
@@ -116,8 +142,6 @@ def save(model, folder: Path) -> None:
 def load(base, folder):
     """`base` with the adapters of `folder` attached (the method settings come from its config)."""
     from safetensors.torch import load_file
-
-    from raylm.spec.methods import AdapterMethod
 
     folder = Path(folder)
     settings = json.loads((folder / CONFIG).read_text())

@@ -5,9 +5,9 @@ parameter count equals the method's analytic count, and the artifact round-trips
 import pytest
 import torch
 
-from raylm import peft
+from raylm import methods
+from raylm.methods import MethodSpec
 from raylm.sft import collate, encode
-from raylm.spec.methods import MethodSpec
 from raylm.spec.sft import SFTDataSpec
 from raylm.tasks import generate
 from tests.conftest import SFT_BASE as SHAPE
@@ -33,7 +33,7 @@ def load_base(folder, method):
     from transformers import AutoModelForCausalLM
 
     if method.name == "qlora":
-        return peft.module("qlora").load_base(str(folder), method, "cpu")
+        return methods.module("qlora").load_base(str(folder), method, "cpu")
     return AutoModelForCausalLM.from_pretrained(folder)
 
 
@@ -95,13 +95,13 @@ def test_method_trains_with_its_analytic_trainable_count(case, base_dir):
     method = method_of(spec)
     tokenizer = tokenizer_of(base_dir)
     torch.manual_seed(0)
-    model = peft.apply(load_base(base_dir, method), method, tokenizer)
+    model = methods.apply(load_base(base_dir, method), method, tokenizer)
     trainable, _ = counts(model)
     assert trainable == expected(len(tokenizer))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (
-        peft.module("qlora").optimizer(params, 1e-2, (0.9, 0.99), method)
+        methods.module("qlora").optimizer(params, 1e-2, (0.9, 0.99), method)
         if method.name == "qlora"
         else torch.optim.AdamW(params, lr=1e-2 if method.name in ("full", "freeze") else 3e-2)
     )
@@ -123,7 +123,7 @@ def test_qlora_base_is_bitsandbytes_4bit_and_only_lora_trains(base_dir):
     import bitsandbytes as bnb
 
     method = method_of({"name": "qlora", "r": 4})
-    model = peft.apply(load_base(base_dir, method), method, tokenizer_of(base_dir))
+    model = methods.apply(load_base(base_dir, method), method, tokenizer_of(base_dir))
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == LAYERS * 7  # q k v o gate up down in each block
     assert four_bit[0].weight.quant_type == "nf4" and four_bit[0].weight.quant_state.nested  # double quant
@@ -139,7 +139,7 @@ def test_saved_artifact_reloads_and_merges_to_the_same_logits(case, base_dir, tm
     method = method_of(MATRIX[case][0])
     tokenizer = tokenizer_of(base_dir)
     torch.manual_seed(0)
-    model = peft.apply(load_base(base_dir, method), method, tokenizer)
+    model = methods.apply(load_base(base_dir, method), method, tokenizer)
     with torch.no_grad():  # away from the identity init (LoRA's B = 0, IA3's ones, zero up-projection)
         for p in model.parameters():
             if p.requires_grad:
@@ -151,7 +151,7 @@ def test_saved_artifact_reloads_and_merges_to_the_same_logits(case, base_dir, tm
         base_logits = load_base(base_dir, method).eval()(input_ids=batch["input_ids"]).logits
     assert not torch.allclose(logits[:, -32:], base_logits, atol=1e-3)  # the test cannot pass trivially
 
-    module = peft.module(method.name)
+    module = methods.module(method.name)
     module.save(model, tmp_path / "artifact")
     reloaded = module.load(load_base(base_dir, method), tmp_path / "artifact").eval()
     with torch.no_grad():

@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def refuses_sharded_blocks(strategy) -> str | None:
+    """Prompt learning keeps its virtual-token encoder outside the transformer blocks."""
+    if strategy.name == "fsdp" or getattr(strategy, "stage", None) == 3:
+        return (
+            "(prompt learning) keeps its virtual-token encoder outside the transformer blocks, which fsdp "
+            "and ZeRO-3 shard: use ddp or deepspeed stage 1 or 2"
+        )
+    return None
+
+
 def wrap(model, config):
     from peft import get_peft_model
 

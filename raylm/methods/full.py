@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+from raylm.spec.sections import Section
+
+
+class FullMethod(Section):
+    """Every weight trains."""
+
+    name: Literal["full"]
+
+
+Spec = FullMethod
+
+ARTIFACT = "model"
 
 
 def apply(model, method, tokenizer=None):

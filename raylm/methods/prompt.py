@@ -6,16 +6,33 @@ PEFT's TEXT init does, from the tokenizer in hand rather than one PEFT would loa
 
 from __future__ import annotations
 
-from raylm.peft.hf_peft import load, save
+from typing import Literal
 
-__all__ = ["apply", "load", "save"]
+from pydantic import Field
+
+from raylm.methods.hf_peft import load, save  # noqa: F401 - the method's artifact
+from raylm.methods.hf_peft import refuses_sharded_blocks as refuses  # noqa: F401
+from raylm.spec.sections import Section
+
+
+class PromptMethod(Section):
+    """Prompt tuning: trainable soft-prompt embeddings; base frozen."""
+
+    name: Literal["prompt"]
+    num_virtual_tokens: int = Field(20, ge=1, description="Soft-prompt length.")
+    init_text: str | None = Field(
+        None, description="Initialise the soft prompt from this text's token embeddings (default random)."
+    )
+
+
+Spec = PromptMethod
 
 
 def apply(model, method, tokenizer=None):
     import torch
     from peft import PromptTuningConfig
 
-    from raylm.peft.hf_peft import wrap
+    from raylm.methods.hf_peft import wrap
 
     init_ids = None
     if method.init_text is not None:

@@ -8,10 +8,48 @@ computes what the trained one did, in full precision.
 from __future__ import annotations
 
 import tempfile
+from typing import Literal
 
-from raylm.peft.hf_peft import load, save
+from pydantic import Field
 
-__all__ = ["apply", "load", "load_base", "merge", "optimizer", "quantization_config", "save"]
+from raylm.methods.hf_peft import load, save  # noqa: F401 - the method's artifact
+from raylm.methods.lora import LoraMethod
+
+
+class QLoraMethod(LoraMethod):
+    """QLoRA: the base loaded in 4 bits by bitsandbytes, LoRA on top, a paged 8-bit optimizer."""
+
+    name: Literal["qlora"]  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (~0.4 bit/param).")
+    compute_dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype of the de-quantised matmuls.")
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw"] = Field(
+        "paged_adamw_8bit", description="bitsandbytes paged 8-bit AdamW, plain 8-bit AdamW, or torch AdamW."
+    )
+
+
+Spec = QLoraMethod
+
+
+def refuses(strategy) -> str | None:
+    if strategy.name in ("ddp", "auto"):
+        return None
+    return (
+        f"runs under strategy ddp only: bitsandbytes 4-bit weights are not sharded by "
+        f"{strategy.name} here; use strategy: ddp (the 4-bit base is small) or method lora with fsdp / deepspeed"
+    )
+
+
+def base_bits(method) -> float:
+    from raylm.memory import QUANT_BITS
+
+    return QUANT_BITS["nf4-dq" if method.double_quant else "nf4"]
+
+
+def counted_as(method):
+    """The same LoRA on a full-precision base (the meta device cannot quantise) for counting."""
+    fields = {k: v for k, v in method.model_dump().items() if k in LoraMethod.model_fields}
+    return LoraMethod.model_validate({**fields, "name": "lora"})
 
 
 def quantization_config(method):
@@ -28,9 +66,10 @@ def quantization_config(method):
 
 def load_base(path: str, method, device, revision=None, trust_remote_code=False):
     """The base model, its linear layers as bitsandbytes Linear4bit on `device`."""
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=revision,
         quantization_config=quantization_config(method),
@@ -38,13 +77,22 @@ def load_base(path: str, method, device, revision=None, trust_remote_code=False)
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+    if str(device) == "cpu":
+        # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place for its
+        # inference kernel the first time it runs in eval mode, which fails for layers whose
+        # out_features are not a multiple of 64 and leaves the weight in another layout for the
+        # training steps that follow an evaluation. One layout for training and evaluation:
+        for layer in model.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                layer.support_avx512bf16_for_cpu = False
+    return model
 
 
 def apply(model, method, tokenizer=None):
     from peft import prepare_model_for_kbit_training
 
-    from raylm.peft import lora
-    from raylm.peft.hf_peft import wrap
+    from raylm.methods import lora
+    from raylm.methods.hf_peft import wrap
 
     # fp32 norms and embeddings; gradient checkpointing is the loop's (train.gradient_checkpointing)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
