@@ -224,6 +224,10 @@ def estimate(
         else:
             fail("give a SPEC_FILE or --params")
     except SpecError as err:
+        if any(where == "model.path" for where, _ in err.problems):
+            err.problems.append(
+                ("hint", "estimate without the model folder from its size: raylm estimate --params 7e9 ...")
+            )
         fail(str(err))
     click.echo(
         memory.report(

@@ -8,6 +8,8 @@ Loading goes through safetensors only; custom modelling code runs only with trus
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from raylm.spec.sections import Architecture, ModelSpec
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -95,6 +97,10 @@ def model_config(job):
     from transformers import AutoConfig
 
     path = job.model.path
+    if not Path(path).expanduser().is_dir() and not looks_like_hub_id(path):
+        raise SpecError(
+            [("model.path", f"{path} is not a folder on this machine (nor a hub id like org/name)")]
+        )
     try:
         return AutoConfig.from_pretrained(
             path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code
@@ -127,3 +133,8 @@ def transformer_blocks(model) -> list:
     if not blocks:
         raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
     return blocks
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name`: a Hugging Face hub id rather than a local path."""
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and "://" not in path

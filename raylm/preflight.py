@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and "://" not in path
-
-
 def check_model_folder(path: str, where: str, marker: str) -> list[tuple[str, str]]:
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / marker).exists():
             return [(where, f"{path} has no {marker}: not a Hugging Face folder")]
         return []
-    if _looks_like_hub_id(path):
+    from raylm.models import looks_like_hub_id
+
+    if looks_like_hub_id(path):
         return []  # a hub id: resolved (or refused, when offline) by transformers at load time
     return [(where, f"{path} does not exist (a local folder, or a hub id like org/name)")]
 

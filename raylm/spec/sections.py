@@ -22,17 +22,29 @@ class Architecture(Section):
     family: Literal["llama", "gpt2"] = Field(
         "llama", description="Decoder family: llama (RoPE, RMSNorm, SwiGLU) or gpt2."
     )
-    layers: int = Field(4, ge=1, description="Number of transformer blocks.")
-    heads: int = Field(4, ge=1, description="Attention heads per block.")
+    layers: int = Field(4, ge=1, le=1024, description="Number of transformer blocks.")
+    heads: int = Field(4, ge=1, le=1024, description="Attention heads per block.")
     kv_heads: int | None = Field(
-        None, ge=1, description="Key/value heads (grouped-query attention, llama only); default = heads."
+        None,
+        ge=1,
+        le=1024,
+        description="Key/value heads (grouped-query attention, llama only); default = heads.",
     )
-    hidden: int = Field(128, ge=8, description="Hidden (embedding) size; must be divisible by heads.")
+    hidden: int = Field(
+        128, ge=8, le=1 << 17, description="Hidden (embedding) size; must be divisible by heads."
+    )
     intermediate: int | None = Field(
-        None, ge=8, description="Feed-forward size; default 4*hidden (gpt2) or ~8/3*hidden (llama)."
+        None,
+        ge=8,
+        le=1 << 19,
+        description="Feed-forward size; default 4*hidden (gpt2) or ~8/3*hidden (llama).",
     )
-    context: int = Field(256, ge=8, description="Maximum sequence length (position embeddings / RoPE range).")
-    vocab_size: int | None = Field(None, ge=8, description="Vocabulary size; default = the tokenizer's.")
+    context: int = Field(
+        256, ge=8, le=1 << 22, description="Maximum sequence length (position embeddings / RoPE range)."
+    )
+    vocab_size: int | None = Field(
+        None, ge=8, le=1 << 22, description="Vocabulary size; default = the tokenizer's."
+    )
     tie_embeddings: bool = Field(False, description="Share input embedding and LM head weights.")
 
     @model_validator(mode="after")
@@ -114,6 +126,14 @@ class SourceSpec(Section):
 
     path: str | list[str] | None = Field(None, description="A file, a folder of files, or a list of them.")
     generate: Section | None = None  # each kind's data section says what it generates
+
+    @field_validator("path")
+    @classmethod
+    def _paths_named(cls, value):
+        paths = [value] if isinstance(value, str) else value
+        if paths is not None and (not paths or any(not p.strip() for p in paths)):
+            raise ValueError("give a file or folder (or a non-empty list of them), not an empty name")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> SourceSpec:
