@@ -33,7 +33,24 @@ def check_training_inputs(job) -> list[tuple[str, str]]:
         problems += check_model_folder(job.model.path, "model.path", "config.json")
     if job.tokenizer.path is not None:
         problems += check_model_folder(job.tokenizer.path, "tokenizer.path", "tokenizer_config.json")
-    return problems + check_strategy_files(job.strategy)
+    return problems + check_strategy_files(job.strategy) + check_logging(job.logging)
+
+
+def check_logging(logging) -> list[tuple[str, str]]:
+    """W&B online needs credentials here (its workers would fail at their first step otherwise)."""
+    import os
+
+    if logging.wandb is None or logging.wandb.mode != "online":
+        return []
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
+        return []
+    return [
+        (
+            "logging.wandb.mode",
+            "online needs W&B credentials: set WANDB_API_KEY (or run `wandb login`), or use mode: offline",
+        )
+    ]
 
 
 def check_finetune(job) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from raylm.methods import METHODS, MethodSpec, mergeable, refusal
 from raylm.spec.sections import (
     DataSpec,
     FailureSpec,
+    LoggingSpec,
     ModelSpec,
     OutputSpec,
     ResourcesSpec,
@@ -51,6 +52,9 @@ class TrainingJob(Section):
     )
     output: OutputSpec
     failure: FailureSpec = Field(default_factory=FailureSpec)
+    logging: LoggingSpec = Field(
+        default_factory=LoggingSpec, description="Experiment tracking: TensorBoard, MLflow, W&B."
+    )
 
     _output_shorthand = field_validator("output", mode="before")(
         lambda cls, v: {"path": v} if isinstance(v, str) else v

@@ -278,3 +278,34 @@ class OutputSpec(Section):
     """Where the run writes checkpoints, metrics and the final model."""
 
     path: str = Field(description="Run directory (local or shared filesystem) or storage URI (s3://, gs://).")
+
+
+class MLflowLogging(Section):
+    """MLflow tracking: one MLflow run per raylm run (a resumed run continues it)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="http(s)://server:5000, databricks, or a local folder (mlruns); default: "
+        "$MLFLOW_TRACKING_URI, else <output>/mlruns.",
+    )
+    experiment: str = Field("raylm", min_length=1, description="Experiment name (created if missing).")
+
+
+class WandbLogging(Section):
+    """Weights & Biases: one W&B run per raylm run (a resumed run continues it)."""
+
+    project: str = Field("raylm", min_length=1, description="W&B project.")
+    entity: str | None = Field(None, description="W&B team or user; default: the API key's.")
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online: stream to the server (needs WANDB_API_KEY); offline: files under "
+        "<output>/wandb, uploaded later with `wandb sync`.",
+    )
+
+
+class LoggingSpec(Section):
+    """Where metrics go besides metrics.jsonl: TensorBoard, MLflow, Weights & Biases."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files under <output>/tensorboard.")
+    mlflow: MLflowLogging | None = Field(None, description="Log to MLflow ({} for the defaults).")
+    wandb: WandbLogging | None = Field(None, description="Log to Weights & Biases ({} for the defaults).")

@@ -16,7 +16,7 @@ from pathlib import Path
 from raylm import storage
 from raylm.spec import SpecError
 from raylm.spec.jobs import FinetuneJob
-from raylm.train.runs import announce, base_summary, fit, planned_steps, prepare_run, resolve_strategy
+from raylm.train.runs import announce, base_summary, finish, fit, planned_steps, prepare_run, resolve_strategy
 
 
 class Finetune:
@@ -148,7 +148,7 @@ def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
     }
     if job.output.merge:
         summary["merged"] = f"{output.rstrip('/')}/merged"
-    storage.write_text(output, "summary.json", json.dumps(summary, indent=2))
+    finish(job, local_output, summary, outcome)
     return summary
 
 

@@ -73,7 +73,12 @@ def train_loop(config: dict) -> dict | None:
     stage = Path(config["stage_dir"]) if config["stage_dir"] else storage.stage_dir(config["publish_to"])
     if rank == 0 and config["publish_to"] and restored is not None:
         storage.fetch_file(config["publish_to"], "metrics.jsonl", stage)  # the log so far, to append to
-    log = MetricsLog(stage, loop["step"]) if rank == 0 else None
+    log = None
+    if rank == 0:
+        from raylm.train.tracking import metric_sinks
+
+        sinks = metric_sinks(config["tracking"], job)
+        log = MetricsLog(stage, loop["step"], job.logging.tensorboard, sinks)
     if rank == 0:
         emit(f"[raylm] {world} worker(s) on {len(set(nodes))} node(s), device {device.type}")
         if restored is not None:

@@ -1,4 +1,5 @@
-"""Run metrics: JSONL rows (one per logged step) and TensorBoard event files, written by rank 0."""
+"""Run metrics: JSONL rows (one per logged step), TensorBoard event files and the tracking runs
+(MLflow, W&B: raylm.train.tracking), written by rank 0."""
 
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ class MetricsLog:
     replayed, and a log with two different values for one step would mislead.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool = True, sinks=()):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
@@ -25,20 +24,35 @@ class MetricsLog:
             kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-        self.tensorboard = SummaryWriter(
-            str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-        )
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
+        self.sinks = list(sinks)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.tensorboard.add_scalar(key, value, row["step"])
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, row["step"])
+        for sink in list(self.sinks):
+            try:
+                sink.log(row)
+            except Exception as err:  # a tracking server's hiccup must not end a training run
+                emit(f"[raylm] warning: {type(sink).__name__} stopped logging: {err}")
+                self.sinks.remove(sink)
 
     def close(self) -> None:
         self.file.close()
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def emit(line: str) -> None:

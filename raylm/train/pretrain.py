@@ -9,14 +9,13 @@ run from `<output>/checkpoints`); `failure.max_failures` restarts failed workers
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from raylm import storage
 from raylm.spec import SpecError
 from raylm.spec.jobs import PretrainJob
 from raylm.spec.sections import TokenizerTraining
-from raylm.train.runs import announce, base_summary, fit, planned_steps, prepare_run, resolve_strategy
+from raylm.train.runs import announce, base_summary, finish, fit, planned_steps, prepare_run, resolve_strategy
 
 SAMPLE_PROMPT_TOKENS = 8
 
@@ -104,7 +103,7 @@ def run_pretrain(kind: Pretrain, job: PretrainJob) -> dict:
         "model": f"{output.rstrip('/')}/model",
         "sample": outcome.get("sample", {}),
     }
-    storage.write_text(output, "summary.json", json.dumps(summary, indent=2))
+    finish(job, local_output, summary, outcome)
     return summary
 
 

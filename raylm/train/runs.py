@@ -17,6 +17,7 @@ from raylm.spec import SpecError
 RESUMABLE_CHANGES = {
     ("name",),
     ("failure",),
+    ("logging",),
     ("resources", "use_gpu"),
     ("resources", "cpus_per_worker"),
     ("resources", "gpus_per_worker"),
@@ -84,8 +85,10 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict)
 
     from raylm import storage
     from raylm.train.loop import train_loop
+    from raylm.train.tracking import finish_runs, open_runs
 
     output = job.output.path
+    tracking = open_runs(job, local_output)
     resources = {"CPU": job.resources.cpus_per_worker}
     if job.resources.use_gpu:
         resources["GPU"] = job.resources.gpus_per_worker
@@ -95,6 +98,7 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict)
         train_loop_config={
             "kind": kind,
             "job": job,
+            "tracking": tracking,
             "shuffle_buffer": job.data.shuffle_buffer,
             "stage_dir": str(local_output) if local_output else None,
             "publish_to": output if storage.is_uri(output) else None,
@@ -114,8 +118,27 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict)
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
-    return result, result.return_value or {}
+    try:
+        result = trainer.fit()
+    except BaseException:
+        finish_runs(tracking, job, None, None)
+        raise
+    return result, {**(result.return_value or {}), "tracking": tracking}
+
+
+def finish(job, local_output: Path | None, summary: dict, outcome: dict) -> None:
+    """Write summary.json into the run and close the tracking runs with it."""
+    import tempfile
+
+    from raylm import storage
+    from raylm.train.tracking import finish_runs
+
+    text = json.dumps(summary, indent=2)
+    storage.write_text(job.output.path, "summary.json", text)
+    if outcome.get("tracking"):
+        with tempfile.TemporaryDirectory() as scratch:
+            (Path(scratch) / "summary.json").write_text(text)
+            finish_runs(outcome["tracking"], job, summary, Path(scratch) / "summary.json")
 
 
 def base_summary(job, total_steps: int, result, outcome: dict, strategy: dict, why: str) -> dict:

@@ -69,11 +69,17 @@ def test_checkpoints_are_complete_and_pruned(reference_run):
 
 
 def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
-    """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered, re-run, compare."""
+    """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered, re-run, compare.
+    The run tracks to MLflow (a local store) and W&B (offline): the resumed run continues the same
+    tracking runs."""
     reference_dir, _ = reference_run
     output = tmp_path / "run"
+    tracked = {
+        "mlflow": {"tracking_uri": str(tmp_path / "mlruns"), "experiment": "kill"},
+        "wandb": {"mode": "offline"},
+    }
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec(output)))
+    spec_file.write_text(yaml.safe_dump(tiny_spec(output, logging=tracked)))
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raylm", "run", str(spec_file)],
@@ -90,8 +96,9 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
         proc.wait()
     assert not (output / "model").exists()
 
-    summary = run_here(validate_dict(tiny_spec(output)))
+    summary = run_here(validate_dict(tiny_spec(output, logging=tracked)))
     assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
+    check_tracking(output, tmp_path / "mlruns", summary)
     resumed = load_file(output / "model" / "model.safetensors")
     reference = load_file(reference_dir / "model" / "model.safetensors")
     assert resumed.keys() == reference.keys()
@@ -145,3 +152,39 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
     reference = load_file(reference_dir / "model" / "model.safetensors")
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
+
+
+def check_tracking(output: Path, mlruns: Path, summary: dict) -> None:
+    """Read the tracking runs back with the libraries' own readers: one MLflow run holding the spec as
+    parameters, every logged step's metrics, summary.json and the artifact path; one W&B run id
+    whose offline files hold the metric rows, the spec as config and the final summary."""
+    import json
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow import MlflowClient
+
+    from tests.train.wandb_files import run_contents
+
+    logged = {row["step"]: row for row in read_metrics(output)}
+    client = MlflowClient(tracking_uri=mlruns.resolve().as_uri())
+    experiment = client.get_experiment_by_name("kill")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "the resumed run opened a second MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["kind"] == "pretrain"
+    assert run.data.tags["raylm.artifact"] == summary["model"]
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert set(history) == {s for s, row in logged.items() if "loss" in row}
+    assert history[30] == pytest.approx(logged[30]["loss"])
+    local = client.download_artifacts(run.info.run_id, "summary.json", str(output.parent))
+    assert json.loads(Path(local).read_text())["steps"] == 30
+
+    ids = json.loads((output / "tracking.json").read_text())
+    wandb = run_contents(output / "wandb", ids["wandb"]["id"])
+    steps = {row["_step"]: row for row in wandb["history"]}
+    assert {5, 10, 30} <= set(steps) and steps[30]["loss"] == pytest.approx(logged[30]["loss"])
+    assert wandb["config"]["train.lr"] == "0.003"
+    assert wandb["summary"]["artifact"] == summary["model"] and wandb["summary"]["steps"] == 30
+    attempts = list((output / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}"))
+    assert len(attempts) >= 2  # the killed attempt and the resumed one share the run id

@@ -1,0 +1,180 @@
+"""Experiment tracking beside metrics.jsonl and TensorBoard: MLflow and Weights & Biases.
+
+    logging: {mlflow: {tracking_uri: http://mlflow:5000, experiment: llama-sft}, wandb: {project: sft}}
+
+One tracking run per raylm run. The driver opens it (MLflow: the resolved spec as parameters) and
+records its id in `<output>/tracking.json`, so a resumed run continues the same tracking run; rank 0
+logs every metric row as training goes; the driver closes it with summary.json and the artifact's
+path (status FAILED when training failed). A tracking backend that errors mid-run costs a warning,
+never the training run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+RECORD = "tracking.json"
+
+
+def flat(spec: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.001}} -> {"train.lr": "0.001"}: the resolved spec as tracking parameters."""
+    out: dict[str, str] = {}
+    for key, value in spec.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def numeric(row: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+
+
+def open_runs(job, local_output: Path | None) -> dict:
+    """Start (or, for a resumed run, reopen) the job's tracking runs; returns their ids for the workers."""
+    if job.logging.mlflow is None and job.logging.wandb is None:
+        return {}
+    record = local_output / RECORD if local_output else None
+    saved = json.loads(record.read_text()) if record is not None and record.exists() else {}
+    ids: dict = {}
+    if job.logging.mlflow is not None:
+        try:
+            ids["mlflow"] = _open_mlflow(job, local_output, saved.get("mlflow"))
+        except Exception as err:  # unreachable server, refused credentials, a bad URI ...
+            from raylm.spec import SpecError
+
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SpecError([("logging.mlflow", f"cannot open an MLflow run: {first}")]) from None
+    if job.logging.wandb is not None:
+        ids["wandb"] = saved.get("wandb") or {"id": uuid.uuid4().hex[:12]}
+        ids["wandb"]["dir"] = str(local_output or Path.cwd())
+    if record is not None:
+        record.write_text(json.dumps(ids, indent=2))
+    return ids
+
+
+def mlflow_uri(configured: str | None, local_output: Path | None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or str((local_output or Path.cwd()) / "mlruns")
+    if "://" not in uri and uri != "databricks":
+        uri = Path(uri).expanduser().resolve().as_uri()
+    return uri
+
+
+def _mlflow_client(uri: str):
+    if uri.startswith("file:"):
+        # MLflow 3 keeps the folder store only on request; a local `mlruns` folder is what is asked for.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _open_mlflow(job, local_output: Path | None, saved: dict | None) -> dict:
+    from mlflow.entities import Param
+
+    uri = mlflow_uri(job.logging.mlflow.tracking_uri, local_output)
+    client = _mlflow_client(uri)
+    if saved and saved.get("tracking_uri") == uri:
+        client.update_run(saved["run_id"], status="RUNNING")
+        return saved
+    name = job.logging.mlflow.experiment
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    run = client.create_run(experiment_id, run_name=job.run_name, tags={"raylm.kind": job.kind})
+    params = [Param(k, v[:500]) for k, v in flat(job.model_dump(mode="json")).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    return {"tracking_uri": uri, "run_id": run.info.run_id}
+
+
+def finish_runs(ids: dict, job, summary: dict | None, summary_file: Path | None) -> None:
+    """Close the tracking runs: summary.json and the artifact path on success, FAILED otherwise."""
+    artifact = (summary or {}).get("artifact") or (summary or {}).get("model")
+    if "mlflow" in ids:
+        client = _mlflow_client(ids["mlflow"]["tracking_uri"])
+        run_id = ids["mlflow"]["run_id"]
+        if summary is not None:
+            if summary_file is not None:
+                client.log_artifact(run_id, str(summary_file))
+            if artifact:
+                client.set_tag(run_id, "raylm.artifact", artifact)
+        client.set_terminated(run_id, status="FINISHED" if summary is not None else "FAILED")
+    if "wandb" in ids:
+        run = _wandb_run(ids["wandb"], job)
+        if summary is not None:
+            run.summary.update({"artifact": artifact, "steps": summary.get("steps")})
+            run.summary.update(numeric(summary.get("metrics") or {}))
+            if summary_file is not None:
+                run.save(str(summary_file), base_path=str(summary_file.parent), policy="now")
+        run.finish(exit_code=0 if summary is not None else 1)
+
+
+def _wandb_run(ids: dict, job, config: dict | None = None):
+    import wandb
+
+    settings = job.logging.wandb
+    return wandb.init(
+        project=settings.project,
+        entity=settings.entity,
+        mode=settings.mode,
+        id=ids["id"],
+        resume="allow",
+        name=job.run_name,
+        dir=ids["dir"],
+        config=config,
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
+# ---- rank 0 ------------------------------------------------------------------------------------------
+
+
+class MLflowSink:
+    def __init__(self, ids: dict):
+        self.client = _mlflow_client(ids["tracking_uri"])
+        self.run_id = ids["run_id"]
+
+    def log(self, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(k, v, stamp, row["step"]) for k, v in numeric(row).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        pass
+
+
+class WandbSink:
+    def __init__(self, ids: dict, job):
+        self.run = _wandb_run(ids, job, config=flat(job.model_dump(mode="json")))
+
+    def log(self, row: dict) -> None:
+        self.run.log(numeric(row), step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def metric_sinks(ids: dict, job) -> list:
+    """The tracking runs rank 0 logs metric rows to."""
+    sinks: list = []
+    if "mlflow" in ids:
+        sinks.append(MLflowSink(ids["mlflow"]))
+    if "wandb" in ids:
+        sinks.append(WandbSink(ids["wandb"], job))
+    return sinks
