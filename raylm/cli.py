@@ -63,14 +63,20 @@ overrides_option = click.option(
 @click.option(
     "--no-follow", is_flag=True, help="With --address: submit and return without streaming the logs."
 )
-def run(spec_file, overrides, address, no_follow):
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Also show Ray's own INFO lines (Ray Data plans, Ray Train reports).",
+)
+def run(spec_file, overrides, address, no_follow, verbose):
     """Run the job described by SPEC_FILE."""
     from raylm import submit
 
     try:
         job = load_spec(spec_file, overrides)
         if address:
-            job_id = submit.submit(address, job)
+            job_id = submit.submit(address, job, verbose)
             click.echo(f"submitted {job_id} to {address}")
             if no_follow:
                 click.echo(f"follow it with: raylm jobs logs {job_id} --address {address}")
@@ -78,7 +84,7 @@ def run(spec_file, overrides, address, no_follow):
             status = submit.follow(address, job_id, click.echo)
             click.echo(f"job {job_id}: {status}")
             sys.exit(0 if status == "SUCCEEDED" else 1)
-        summary = submit.run_here(job)
+        summary = submit.run_here(job, verbose)
     except user_errors() as err:
         fail(str(err))
     except Exception as err:

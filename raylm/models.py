@@ -65,11 +65,12 @@ def build_model(spec: ModelSpec, vocab_size: int, tokenizer=None, seed: int = 0)
     if spec.architecture is not None:
         torch.manual_seed(seed)
         config = architecture_config(spec.architecture, vocab_size, tokenizer)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attention)
     model = AutoModelForCausalLM.from_pretrained(
         spec.path,
         revision=spec.revision,
         dtype=dtype,
+        attn_implementation=spec.attention,
         trust_remote_code=spec.trust_remote_code,
         use_safetensors=True,
     )

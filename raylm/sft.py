@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +43,18 @@ def required_fields(spec: SFTDataSpec) -> tuple[str, ...]:
         return (spec.prompt_field, spec.completion_field)
     if spec.format == "alpaca":
         return FIELDS["alpaca"]
+    if spec.format == "choices":
+        return (spec.prompt_field, spec.choices_field, spec.answer_field)
     return (spec.messages_field,)
 
 
 def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
-    """(prompt, response) text of one example."""
+    """(prompt, response) text of one example (choices: the right choice is the response)."""
     if spec.format == "completion":
         return str(row[spec.prompt_field]), str(row[spec.completion_field])
+    if spec.format == "choices":
+        options = choice_texts(row, spec)
+        return str(row[spec.prompt_field]), options[answer_index(row, spec, len(options))]
     if spec.format == "alpaca":
         extra = str(row.get("input") or "").strip()
         prompt = ALPACA.format(
@@ -67,6 +73,23 @@ def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
         chat_template=spec.chat_template,
     )
     return prompt, str(messages[-1]["content"])
+
+
+def choice_texts(row: dict, spec: SFTDataSpec) -> list[str]:
+    options = [str(c) for c in row[spec.choices_field]]
+    if len(options) != spec.num_choices:
+        raise ValueError(
+            f"an example has {len(options)} choices, data.num_choices is {spec.num_choices}: every "
+            "example needs the same number"
+        )
+    return options
+
+
+def answer_index(row: dict, spec: SFTDataSpec, count: int) -> int:
+    answer = row[spec.answer_field]
+    if isinstance(answer, (bool, float)) or not 0 <= int(answer) < count:
+        raise ValueError(f"{spec.answer_field}={answer!r} is not the index of one of the {count} choices")
+    return int(answer)
 
 
 def encode(prompt: str, response: str, tokenizer, spec: SFTDataSpec) -> tuple[list[int], list[int]]:
@@ -90,10 +113,15 @@ def is_val(prompt: str, response: str, val_fraction: float) -> bool:
     return in_validation(f"{prompt}\x00{response}".encode(), val_fraction)
 
 
-def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec, split: str):
-    """Rows of this split: input_ids, labels, attention_mask (seq_len each; packed or padded)."""
+def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec, split: str, batch_size: int = 1):
+    """Rows of this split: input_ids, labels, attention_mask (seq_len each; packed, or right-padded:
+    the training loop cuts each batch to its longest example). With `group_by_length`, rows come
+    sorted by length in runs of `batch_size`, the runs in a seeded order."""
     columns = list(batch)
     n = len(batch[columns[0]]) if columns else 0
+    if spec.format == "choices":
+        yield from choice_rows(batch, columns, n, tokenizer, spec, split)
+        return
     encoded = []
     for i in range(n):
         prompt, response = render({c: batch[c][i] for c in columns}, spec, tokenizer)
@@ -117,8 +145,40 @@ def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec, split: str):
             "attention_mask": np.ones(shape, dtype=np.int64),
         }
         return
+    if spec.group_by_length:
+        encoded = grouped_by_length(encoded, batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     yield collate(encoded, spec.seq_len, pad)
+
+
+def grouped_by_length(encoded: list, batch_size: int) -> list:
+    """Longest first, cut into runs of `batch_size`, the runs shuffled with a seed taken from the
+    examples themselves (the same order on every run, so resumption replays it)."""
+    ordered = sorted(encoded, key=lambda e: len(e[0]), reverse=True)
+    runs = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    seed = zlib.crc32(np.asarray(ordered[0][0], dtype=np.int64).tobytes())
+    order = np.random.default_rng(seed).permutation(len(runs))
+    return [e for i in order for e in runs[i]]
+
+
+def choice_rows(batch: dict, columns: list, n: int, tokenizer, spec: SFTDataSpec, split: str):
+    """Multiple-choice rows: each example's choices side by side ([num_choices, seq_len] arrays, labels
+    on each choice's tokens) and `answer`, the right one's index."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, answers = [], []
+    for i in range(n):
+        row = {c: batch[c][i] for c in columns}
+        prompt, right = render(row, spec, tokenizer)
+        if is_val(prompt, right, spec.val_fraction) != (split == "val"):
+            continue
+        options = choice_texts(row, spec)
+        rows.append(
+            collate([encode(prompt, option, tokenizer, spec) for option in options], spec.seq_len, pad)
+        )
+        answers.append(answer_index(row, spec, len(options)))
+    if rows:
+        out = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+        yield {**out, "answer": np.asarray(answers, dtype=np.int64)}
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> dict:
@@ -143,7 +203,9 @@ def examples(spec: SFTDataSpec):
     if spec.generate is not None:
         from raylm.tasks import generate
 
-        return ray.data.from_items(generate(spec.generate.task, spec.generate.examples, spec.generate.seed))
+        task = spec.generate
+        choices = spec.num_choices if spec.format == "choices" else 0
+        return ray.data.from_items(generate(task.task, task.examples, task.seed, choices))
     parts = []
     for raw in spec.paths:
         if is_saved_dataset(raw):
@@ -158,8 +220,8 @@ def examples(spec: SFTDataSpec):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def token_rows(records, tokenizer, spec: SFTDataSpec, split: str):
-    fn = functools.partial(tokenize_batch, tokenizer=tokenizer, spec=spec, split=split)
+def token_rows(records, tokenizer, spec: SFTDataSpec, split: str, batch_size: int = 1):
+    fn = functools.partial(tokenize_batch, tokenizer=tokenizer, spec=spec, split=split, batch_size=batch_size)
     return records.map_batches(fn, batch_size=512, batch_format="numpy")
 
 
@@ -232,6 +294,7 @@ def _missing_fields(where: str, columns: list[str], spec: SFTDataSpec) -> list[t
         "completion": "set data.prompt_field / data.completion_field",
         "alpaca": "alpaca rows need instruction and output (input optional)",
         "chat": "set data.messages_field",
+        "choices": "set data.prompt_field / data.choices_field / data.answer_field",
     }[spec.format]
     return [
         (

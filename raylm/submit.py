@@ -34,21 +34,37 @@ class SubmitError(Exception):
 # ---- embedded / in-cluster execution --------------------------------------------------------------
 
 
-def ensure_ray(job) -> None:
+def ensure_ray(job, verbose: bool = False) -> None:
     """Connect to the cluster this process runs in (a Ray job), or start an embedded local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, **ray_logging(verbose))
         return
     needed = job.resources.max_workers * job.resources.cpus_per_worker
     # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
-    start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2))
+    start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2), verbose)
 
 
-def start_local_ray(num_cpus: int) -> None:
+def ray_logging(verbose: bool) -> dict:
+    """Ray's INFO lines (start-up, Ray Data's plans, Ray Train's per-report lines) stay in the session
+    logs unless verbose; warnings and errors from every process still reach the console."""
+    import logging
+
+    import ray
+
+    level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        logging.getLogger("ray").setLevel(level)
+    return {
+        "logging_level": level,
+        "logging_config": ray.LoggingConfig(log_level=logging.getLevelName(level)),
+    }
+
+
+def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     """An embedded single-machine Ray that exists to run raylm's job.
 
     Ray runs its workers at nice 15 by default; here they share the cores with Ray's own daemons
@@ -57,10 +73,12 @@ def start_local_ray(num_cpus: int) -> None:
     """
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, _system_config={"worker_niceness": 0})
+    ray.init(
+        address="local", num_cpus=num_cpus, _system_config={"worker_niceness": 0}, **ray_logging(verbose)
+    )
 
 
-def run_here(job) -> dict:
+def run_here(job, verbose: bool = False) -> dict:
     """Run `job` in this process's Ray (embedded or the cluster's) and return its summary."""
     from raylm.kinds import driver
     from raylm.spec import SpecError
@@ -74,7 +92,7 @@ def run_here(job) -> dict:
     # libtorch_cpu.so") in a job driver.
     import torch  # noqa: F401
 
-    ensure_ray(job)
+    ensure_ray(job, verbose)
     return kind.run(job)
 
 
@@ -132,7 +150,7 @@ def client(address: str):
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {err}") from None
 
 
-def submit(address: str, job) -> str:
+def submit(address: str, job, verbose: bool = False) -> str:
     """Submit the validated job as a Ray job running `raylm run` on its spec (the cluster's raylm
     finds the kind in the same registry); returns the submission id."""
     import raylm
@@ -147,7 +165,7 @@ def submit(address: str, job) -> str:
         "py_modules": [str(Path(raylm.__file__).parent)],
         "env_vars": {"PYTHONUNBUFFERED": "1"},
     }
-    entrypoint = f"python -m raylm run {shlex.quote('spec.yaml')}"
+    entrypoint = f"python -m raylm run {shlex.quote('spec.yaml')}" + (" --verbose" if verbose else "")
     submission_id = f"raylm-{job.run_name}-{uuid.uuid4().hex[:8]}"
     for attempt in itertools.count():
         try:

@@ -2,6 +2,7 @@
 
     arithmetic   {"prompt": "Q: 23+58=\\nA:", "completion": " 81"}
     recall       {"prompt": "K7=red K2=blue K9=green\\nK2?", "completion": " blue"}
+    with choices {"prompt": "Q: 23+58=\\nA:", "choices": [" 71", " 81", " 12", " 90"], "answer": 1}
 
 A model pretrained on stories has not seen either format, so exact match before fine-tuning is ~0.
 """
@@ -26,9 +27,36 @@ def recall(rng: random.Random) -> dict:
     return {"prompt": f"{table}\nK{keys[asked]}?", "completion": f" {values[asked]}"}
 
 
+def arithmetic_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
+    """Sums a few units off the right one."""
+    right = int(row["completion"])
+    near = [right + d for d in range(-10, 11) if d and right + d >= 0]
+    return [f" {v}" for v in rng.sample(near, k)]
+
+
+def recall_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
+    """The table's other values first (the hard confusions), then other colours."""
+    table = [pair.split("=")[1] for pair in row["prompt"].split("\n")[0].split()]
+    others = [w for w in table if f" {w}" != row["completion"]]
+    rest = [w for w in WORDS if w not in table]
+    return [f" {w}" for w in (others + rng.sample(rest, len(rest)))[:k]]
+
+
 TASKS = {"arithmetic": arithmetic, "recall": recall}
+DISTRACTORS = {"arithmetic": arithmetic_distractors, "recall": recall_distractors}
 
 
-def generate(task: str, examples: int, seed: int) -> list[dict]:
+def generate(task: str, examples: int, seed: int, choices: int = 0) -> list[dict]:
+    """`examples` examples of `task`; with `choices`, each as a multiple-choice question:
+    {"prompt", "choices": [the answer among choices - 1 wrong ones], "answer": its index}."""
     rng = random.Random(seed)
-    return [TASKS[task](rng) for _ in range(examples)]
+    rows = [TASKS[task](rng) for _ in range(examples)]
+    if not choices:
+        return rows
+    out = []
+    for row in rows:
+        wrong = DISTRACTORS[task](row, rng, choices - 1)
+        answer = rng.randrange(choices)
+        options = wrong[:answer] + [row["completion"]] + wrong[answer:]
+        out.append({"prompt": row["prompt"], "choices": options, "answer": answer})
+    return out

@@ -85,3 +85,44 @@ def test_input_checks_name_the_field_and_the_fix(tmp_path):
     assert (
         "does not exist" in dict(check_sft_data(SFTDataSpec(path=str(tmp_path / "nope.jsonl"))))["data.path"]
     )
+
+
+def test_dynamic_padding_leaves_the_loss_unchanged(tokenizer, sft_base):
+    """A right-padded batch cut to its longest example gives the model's loss on the full-width batch
+    (transformers' own loss, padding ignored), to float precision."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raylm.sft import collate
+    from raylm.tasks import generate
+    from raylm.train.loop import to_longest
+
+    spec = SFTDataSpec(generate={"task": "arithmetic"}, seq_len=64)
+    rows = [encode(r["prompt"], r["completion"], tokenizer, spec) for r in generate("arithmetic", 6, 3)]
+    batch = {k: torch.tensor(v) for k, v in collate(rows, 64, tokenizer.pad_token_id).items()}
+    cut = to_longest(batch)
+    assert cut["input_ids"].shape[1] == max(len(ids) for ids, _ in rows) < 64
+    model = AutoModelForCausalLM.from_pretrained(sft_base).eval()
+    with torch.no_grad():
+        full = model(**batch).loss
+        short = model(**cut).loss
+    torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-6)
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_example(tokenizer):
+    import numpy as np
+
+    from raylm.sft import grouped_by_length
+
+    rng = np.random.default_rng(0)
+    encoded = [([1] * int(n), [1] * int(n)) for n in rng.integers(3, 60, size=48)]
+    grouped = grouped_by_length(encoded, batch_size=8)
+    assert sorted(len(ids) for ids, _ in grouped) == sorted(len(ids) for ids, _ in encoded)
+    runs = [grouped[i : i + 8] for i in range(0, 48, 8)]
+    # each run is a slice of the length-sorted list: its lengths lie between neighbours in that order
+    ordered = sorted((len(ids) for ids, _ in encoded), reverse=True)
+    slices = [ordered[i : i + 8] for i in range(0, 48, 8)]
+    assert sorted(sorted(len(ids) for ids, _ in run) for run in runs) == sorted(sorted(s) for s in slices)
+    assert grouped_by_length(encoded, 8) == grouped  # the same order every time (resumption)
+    spread = np.mean([max(len(i) for i, _ in r) - min(len(i) for i, _ in r) for r in runs])
+    assert spread < 15  # random batches of these lengths spread over ~45

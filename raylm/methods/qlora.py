@@ -64,7 +64,15 @@ def quantization_config(method):
     )
 
 
-def load_base(path: str, method, device, revision=None, trust_remote_code=False):
+def check(job) -> None:
+    if job.train.compile:
+        raise ValueError(
+            "train.compile with method qlora: bitsandbytes' 4-bit matmuls break torch.compile's graphs "
+            "(no speed-up); leave compile off"
+        )
+
+
+def load_base(path: str, method, device, revision=None, trust_remote_code=False, attention=None):
     """The base model, its linear layers as bitsandbytes Linear4bit on `device`."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
@@ -75,6 +83,7 @@ def load_base(path: str, method, device, revision=None, trust_remote_code=False)
         quantization_config=quantization_config(method),
         device_map={"": str(device)},
         trust_remote_code=trust_remote_code,
+        attn_implementation=attention,
         use_safetensors=True,
     )
     if str(device) == "cpu":

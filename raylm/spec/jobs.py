@@ -70,6 +70,16 @@ class TrainingJob(Section):
                 "strategy fsdp runs fp32 or bf16 (fp16 needs loss scaling, which raylm does under ddp and "
                 "deepspeed): set train.precision: bf16"
             )
+        if self.model.attention == "flash_attention_2" and not self.resources.use_gpu:
+            raise ValueError(
+                "model.attention flash_attention_2 runs on GPUs only: set resources.use_gpu: true, or "
+                "use sdpa (the default) or eager on CPU"
+            )
+        if self.train.compile and isinstance(self.strategy, DeepSpeedStrategy):
+            raise ValueError(
+                "train.compile with strategy deepspeed: DeepSpeed wraps the model in its own engine, "
+                "which raylm does not compile; use ddp or fsdp, or leave compile off"
+            )
         if self.resources.elastic and isinstance(self.strategy, DeepSpeedStrategy):
             raise ValueError(
                 "elastic resources.num_workers [min, max] needs strategy ddp or fsdp: DeepSpeed's ZeRO "
@@ -90,6 +100,10 @@ class PretrainJob(TrainingJob):
 
     @model_validator(mode="after")
     def _context_holds_a_block(self) -> PretrainJob:
+        if self.train.objective.tfew:
+            raise ValueError(
+                "train.objective unlikelihood / length_norm need multiple-choice fine-tuning data"
+            )
         arch = self.model.architecture
         if arch is not None and arch.context < self.data.seq_len:
             raise ValueError(
@@ -112,6 +126,11 @@ class FinetuneJob(TrainingJob):
 
     @model_validator(mode="after")
     def _method_runs_here(self) -> FinetuneJob:
+        if self.train.objective.tfew and self.data.format != "choices":
+            raise ValueError(
+                "train.objective unlikelihood / length_norm score wrong answers: they need data.format: "
+                "choices (a prompt, choices and the right one's index)"
+            )
         reason = refusal(self.method, self.strategy)
         if reason:
             raise ValueError(f"method {self.method.name} {reason}")

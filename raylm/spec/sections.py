@@ -74,6 +74,11 @@ class ModelSpec(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the weights are kept in; mixed precision is train.precision."
     )
+    attention: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None,
+        description="Attention kernel: sdpa (PyTorch's scaled_dot_product_attention, transformers' "
+        "default), eager (plain matmuls), flash_attention_2 (the flash-attn package, GPU only).",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Allow custom modelling code shipped with the checkpoint (off: it runs arbitrary code).",
@@ -179,6 +184,30 @@ class DataSpec(SourceSpec):
     )
 
 
+class ObjectiveSpec(Section):
+    """Loss terms and their weights. unlikelihood and length_norm (T-Few) need data.format: choices."""
+
+    lm: float = Field(1.0, ge=0, description="Cross-entropy of the response (the right choice's) tokens.")
+    unlikelihood: float = Field(
+        0.0, ge=0, description="T-Few's unlikelihood: -log(1 - p) on the wrong choices' tokens."
+    )
+    length_norm: float = Field(
+        0.0,
+        ge=0,
+        description="T-Few's length-normalised loss: softmax over the choices' mean token log-likelihoods.",
+    )
+
+    @model_validator(mode="after")
+    def _some_term(self) -> ObjectiveSpec:
+        if self.lm == self.unlikelihood == self.length_norm == 0:
+            raise ValueError("every objective weight is 0: give lm, unlikelihood or length_norm a weight")
+        return self
+
+    @property
+    def tfew(self) -> bool:
+        return bool(self.unlikelihood or self.length_norm)
+
+
 class TrainSpec(Section):
     """The optimisation loop: length, batch, schedule, precision, intervals."""
 
@@ -211,7 +240,16 @@ class TrainSpec(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the training step (ddp, fsdp; CPU and GPU). The first steps pay the "
+        "compilation; measure before turning it on (benchmarks/pretrain_overhead.py).",
+    )
     seed: int = Field(0, description="Seed for weights, data order and dropout.")
+    objective: ObjectiveSpec = Field(
+        default_factory=ObjectiveSpec,
+        description="Loss terms: {lm: 1, unlikelihood: 1, length_norm: 1} is T-Few's recipe (choices data).",
+    )
     eval_every: int = Field(
         100, ge=1, description="Evaluate on the validation split every N steps (and at the end)."
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raylm.spec.sections import OutputSpec, Section, SourceSpec
 
@@ -13,7 +13,9 @@ class GeneratedTask(Section):
     """A supervised task raylm generates (no downloads): answers a base model has not seen."""
 
     task: Literal["arithmetic", "recall"] = Field(
-        "arithmetic", description="arithmetic: 'Q: 23+58=' -> ' 81'; recall: look a key up in a listed table."
+        "arithmetic",
+        description="arithmetic: 'Q: 23+58=' -> ' 81'; recall: look a key up in a listed table. With "
+        "data.format: choices, the right answer among data.num_choices.",
     )
     examples: int = Field(2000, ge=10, description="Number of examples.")
     seed: int = Field(0, description="Seed of the generator.")
@@ -23,13 +25,19 @@ class SFTDataSpec(SourceSpec):
     """Supervised examples: JSONL / Parquet / save_to_disk files, or a generated task."""
 
     generate: GeneratedTask | None = Field(None, description="a task raylm generates")
-    format: Literal["completion", "alpaca", "chat"] = Field(
+    format: Literal["completion", "alpaca", "chat", "choices"] = Field(
         "completion",
-        description="completion: prompt/completion fields; alpaca: instruction/input/output; chat: a messages list.",
+        description="completion: prompt/completion fields; alpaca: instruction/input/output; chat: a "
+        "messages list; choices: a prompt, a list of choices and the index of the right one.",
     )
     prompt_field: str = Field("prompt", description="completion format: the prompt column.")
     completion_field: str = Field("completion", description="completion format: the response column.")
     messages_field: str = Field("messages", description="chat format: the column of {role, content} lists.")
+    choices_field: str = Field("choices", description="choices format: the column of answer choices.")
+    answer_field: str = Field("answer", description="choices format: the index of the right choice.")
+    num_choices: int = Field(
+        4, ge=2, le=8, description="choices format: choices per example (every example has this many)."
+    )
     chat_template: str | None = Field(
         None, description="chat format: a Jinja chat template; default the tokenizer's own."
     )
@@ -44,7 +52,23 @@ class SFTDataSpec(SourceSpec):
     val_fraction: float = Field(
         0.1, ge=0.0, lt=0.9, description="Fraction of examples held out for validation."
     )
+    group_by_length: bool = Field(
+        False,
+        description="Batch examples of similar length together (with dynamic padding, less padding "
+        "computed): sorted by length within chunks of 512 examples, whole batches shuffled; the row "
+        "shuffle buffer is not used.",
+    )
     shuffle_buffer: int = Field(1000, ge=0, description="Per-worker shuffle buffer (seeded by train.seed).")
+
+    @model_validator(mode="after")
+    def _grouping_needs_rows(self) -> SFTDataSpec:
+        if self.group_by_length and self.packing:
+            raise ValueError("group_by_length groups unpacked examples: use it or packing, not both")
+        if self.format == "choices" and (self.packing or self.group_by_length):
+            raise ValueError(
+                "choices data keeps each example's choices together: no packing or group_by_length"
+            )
+        return self
 
 
 class EvalSpec(Section):

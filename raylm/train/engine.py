@@ -22,6 +22,14 @@ class Engine:
         self.autocast = autocast
         self.scaler = scaler
         self.rebuild = rebuild  # a fresh unwrapped model of the same structure, for consolidation
+        self.compiled = None  # torch.compile of the wrapper, for training steps (train.compile)
+
+    def compile(self) -> None:
+        """Compile the training forward and backward (evaluation and generation stay eager: their
+        shapes change from call to call)."""
+        import torch
+
+        self.compiled = torch.compile(self.model)
 
     @property
     def module(self):
@@ -32,11 +40,12 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def loss(self, batch: dict):
+    def loss(self, batch: dict, training: bool = False):
         """Mean loss of a batch: input_ids, and labels / attention_mask when the data has them
         (pretraining blocks are their own labels)."""
+        model = self.compiled if training and self.compiled is not None else self.model
         with self.autocast:
-            return self.model(**inputs(batch)).loss
+            return forward_loss(model, batch, self.spec)
 
     def no_sync(self):
         """Skip the gradient all-reduce of a micro-batch that does not end an accumulation."""
@@ -45,7 +54,7 @@ class Engine:
     def micro_step(self, batch: dict, boundary: bool) -> float:
         """Forward and backward of one micro-batch; at an accumulation boundary, the optimizer step."""
         with contextlib.nullcontext() if boundary else self.no_sync():
-            loss = self.loss(batch) / self.spec.grad_accum
+            loss = self.loss(batch, training=True) / self.spec.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         if boundary:
             self.optimizer_step()
@@ -93,6 +102,16 @@ class Engine:
         """The complete trained model as a plain transformers model on rank 0 (None elsewhere).
         Collective: every rank must call it."""
         return self.module if rank == 0 else None
+
+
+def forward_loss(model, batch: dict, spec: TrainSpec):
+    """The training loss of a batch: the causal-LM loss, or for multiple-choice batches (`answer`)
+    the weighted T-Few objective (raylm.train.objectives)."""
+    if "answer" in batch:
+        from raylm.train.objectives import choices_loss
+
+        return choices_loss(model, batch, spec.objective)
+    return model(**inputs(batch)).loss
 
 
 def inputs(batch: dict) -> dict:

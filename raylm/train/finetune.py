@@ -95,7 +95,10 @@ def _base(job: FinetuneJob, tokenizer, device):
 
     load_base = getattr(methods.module(job.method.name), "load_base", None)
     if load_base is not None:
-        return load_base(job.model.path, job.method, device, job.model.revision, job.model.trust_remote_code)
+        model = job.model
+        return load_base(
+            model.path, job.method, device, model.revision, model.trust_remote_code, model.attention
+        )
     return build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
 
 
@@ -110,7 +113,7 @@ def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
         job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
     )
     records = examples(job.data)
-    train_ds = token_rows(records, tokenizer, job.data, "train")
+    train_ds = token_rows(records, tokenizer, job.data, "train", job.train.batch_size)
     val_ds = token_rows(records, tokenizer, job.data, "val").materialize()
     if not train_ds.take(1):
         raise SpecError(

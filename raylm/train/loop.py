@@ -8,6 +8,7 @@ shards into) and `worker_export` (what the run leaves behind).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -23,8 +24,8 @@ def train_loop(config: dict) -> dict | None:
     import torch
 
     from raylm import storage
-    from raylm.train import checkpoint, strategies
-    from raylm.train.metrics import MetricsLog, emit, format_progress
+    from raylm.train import checkpoint, metrics, strategies
+    from raylm.train.metrics import MetricsLog, emit
 
     # ---- setup -------------------------------------------------------------------------------
     job, kind = config["job"], config["kind"]
@@ -50,6 +51,8 @@ def train_loop(config: dict) -> dict | None:
         make_optimizer=kind.worker_optimizer(job),
         rebuild=kind.worker_rebuild(job, tokenizer),
     )
+    if spec.compile:
+        engine.compile()
 
     # ---- resume ------------------------------------------------------------------------------
     loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "world_size": world, "tokens": 0}
@@ -75,6 +78,7 @@ def train_loop(config: dict) -> dict | None:
         storage.fetch_file(config["publish_to"], "metrics.jsonl", stage)  # the log so far, to append to
     log = None
     if rank == 0:
+        metrics.connect(config.get("console"))
         from raylm.train.tracking import metric_sinks
 
         sinks = metric_sinks(config["tracking"], job)
@@ -89,26 +93,35 @@ def train_loop(config: dict) -> dict | None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    tokens_per_micro = job.data.seq_len * spec.batch_size
 
     def evaluate() -> dict:
+        """Validation loss (of the response / right choice tokens) and, for choices data, accuracy."""
+        from raylm.train.objectives import choices_eval
+
         engine.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(4, dtype=torch.float64)  # summed NLL, tokens, right picks, examples
         with torch.no_grad():
             for i, batch in enumerate(
                 val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=torch.long)
             ):
                 if spec.eval_batches is not None and i >= spec.eval_batches:
                     break
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) for k, v in to_longest(batch).items()}
+                if "answer" in batch:
+                    with engine.autocast or contextlib.nullcontext():
+                        totals += torch.tensor(choices_eval(engine.model, batch), dtype=torch.float64)
+                    continue
                 loss = engine.loss(batch)
                 n = predicted_positions(batch)
-                totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+                totals += torch.tensor([loss.item() * n, n, 0, 0], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
         engine.model.train()
         val_loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if totals[3] > 0:
+            row["val_accuracy"] = (totals[2] / totals[3]).item()
+        return row
 
     def save_and_report(row: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as folder:
@@ -136,7 +149,8 @@ def train_loop(config: dict) -> dict | None:
                 seen += 1
                 if seen > loop["batches_in_epoch"]:
                     loop["batches_in_epoch"] = seen
-                    yield {k: v.to(device) for k, v in batch.items()}
+                    batch = to_longest(batch)
+                    yield {k: v.to(device) for k, v in batch.items()}, real_tokens(batch)
             if seen == 0:
                 raise RuntimeError(
                     "the training split gave this worker no batch: add data or lower train.batch_size"
@@ -146,18 +160,19 @@ def train_loop(config: dict) -> dict | None:
 
     # ---- train -------------------------------------------------------------------------------
     engine.model.train()
-    loss_sum, micro = 0.0, 0
+    loss_sum, micro, step_tokens = 0.0, 0, 0
     window_start, window_tokens = time.perf_counter(), 0
     last_row: dict = {}
-    for batch in micro_batches() if loop["step"] < total_steps else ():
+    for batch, tokens in micro_batches() if loop["step"] < total_steps else ():
         micro += 1
         last_micro = micro % spec.grad_accum == 0
         loss_sum += engine.micro_step(batch, boundary=last_micro)
-        window_tokens += tokens_per_micro * world
+        step_tokens += tokens * world  # this rank's count stands for every rank's
         if not last_micro:
             continue
         loop["step"] += 1
-        loop["tokens"] += tokens_per_micro * world * spec.grad_accum
+        loop["tokens"] += step_tokens
+        window_tokens, step_tokens = window_tokens + step_tokens, 0
         step, done = loop["step"], loop["step"] >= total_steps
         row: dict = {}
         if step % spec.log_every == 0 or done:
@@ -177,7 +192,7 @@ def train_loop(config: dict) -> dict | None:
             last_row.update(row)
             if rank == 0:
                 log.write(row)
-                emit(format_progress(row, total_steps))
+                metrics.progress(row, total_steps)
         if step % spec.checkpoint_every == 0 or done:
             save_and_report({**last_row, "step": step, "epoch": loop["epoch"]})
         elif row:
@@ -201,6 +216,24 @@ def train_loop(config: dict) -> dict | None:
         **before,
         **exported,
     }
+
+
+def to_longest(batch: dict) -> dict:
+    """A right-padded supervised batch cut to its longest example (dynamic padding): the positions
+    removed are padding on every row (attention 0, label ignored), so the loss is unchanged."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch  # packed pretraining blocks: every position is a token
+    width = int(mask.reshape(-1, mask.shape[-1]).sum(dim=1).max())
+    if width == mask.shape[-1]:
+        return batch
+    return {k: v[..., :width] if v.ndim >= 2 else v for k, v in batch.items()}
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens in a batch, padding not counted."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def predicted_positions(batch: dict) -> int:

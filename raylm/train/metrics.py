@@ -55,21 +55,30 @@ class MetricsLog:
             sink.close()
 
 
+_channel = None  # rank 0's queue to the driver's console (raylm.train.console), when there is one
+
+
+def connect(queue) -> None:
+    """Send this process's raylm lines and progress rows to the driver's console."""
+    global _channel
+    _channel = queue
+
+
 def emit(line: str) -> None:
-    """Print a line from a Train worker once: Train V2 routes `print` through logging, which doubles it."""
+    """A raylm line from a Train worker: to the driver's console, else printed once (Train V2 routes
+    `print` through logging, which doubles it)."""
+    if _channel is not None:
+        _channel.put(("line", line))
+        return
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
-def format_progress(row: dict, max_steps: int) -> str:
-    """One progress line for the console: step, loss, learning rate, throughput, eval."""
-    parts = [f"step {row['step']}/{max_steps}"]
-    if "loss" in row:
-        parts.append(f"loss {row['loss']:.4f}")
-    if "lr" in row:
-        parts.append(f"lr {row['lr']:.2e}")
-    if "tokens_per_s" in row:
-        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
-    if "val_loss" in row:
-        parts.append(f"val_loss {row['val_loss']:.4f} ppl {row['val_ppl']:.2f}")
-    return "[raylm] " + " | ".join(parts)
+def progress(row: dict, max_steps: int) -> None:
+    """A logged step: the driver's console turns it into the progress bar or a line."""
+    if _channel is not None:
+        _channel.put(("row", row))
+        return
+    from raylm.train.console import format_progress
+
+    emit(format_progress(row, max_steps))

@@ -17,9 +17,12 @@ def param_groups(model, spec: TrainSpec) -> list[dict]:
 
 
 def adamw(model, spec: TrainSpec):
+    """torch's AdamW: the fused CUDA kernel when every trained parameter is on a GPU, else foreach."""
     import torch
 
-    return torch.optim.AdamW(param_groups(model, spec), lr=spec.lr, betas=spec.betas)
+    groups = param_groups(model, spec)
+    on_gpu = all(p.is_cuda for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, fused=True if on_gpu else None)
 
 
 def lr_factor(step: int, spec: TrainSpec, total_steps: int) -> float:

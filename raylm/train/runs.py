@@ -84,11 +84,13 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict)
     from ray.train.torch import TorchTrainer
 
     from raylm import storage
+    from raylm.train.console import Console
     from raylm.train.loop import train_loop
     from raylm.train.tracking import finish_runs, open_runs
 
     output = job.output.path
     tracking = open_runs(job, local_output)
+    console = Console.start(loop_config["total_steps"])
     resources = {"CPU": job.resources.cpus_per_worker}
     if job.resources.use_gpu:
         resources["GPU"] = job.resources.gpus_per_worker
@@ -99,7 +101,8 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict)
             "kind": kind,
             "job": job,
             "tracking": tracking,
-            "shuffle_buffer": job.data.shuffle_buffer,
+            "console": console.queue,
+            "shuffle_buffer": 0 if getattr(job.data, "group_by_length", False) else job.data.shuffle_buffer,
             "stage_dir": str(local_output) if local_output else None,
             "publish_to": output if storage.is_uri(output) else None,
             **loop_config,
@@ -123,6 +126,8 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict)
     except BaseException:
         finish_runs(tracking, job, None, None)
         raise
+    finally:
+        console.close()
     return result, {**(result.return_value or {}), "tracking": tracking}
 
 

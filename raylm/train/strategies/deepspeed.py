@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raylm.train.engine import Engine, inputs, plain_copy
+from raylm.train.engine import Engine, forward_loss, plain_copy
 
 TAG = "deepspeed"  # checkpoint subfolder
 
@@ -65,8 +65,8 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return self.model.get_lr()[0]
 
-    def loss(self, batch: dict):
-        return self.model(**inputs(batch)).loss
+    def loss(self, batch: dict, training: bool = False):
+        return forward_loss(self.model, batch, self.spec)
 
     def micro_step(self, batch: dict, boundary: bool) -> float:
         loss = self.loss(batch)

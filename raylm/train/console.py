@@ -1,0 +1,106 @@
+"""What a person sees while a job runs: raylm's own lines, in order, and a progress bar on a terminal.
+
+Rank 0 of the training workers sends its lines and metric rows through a Ray queue to the driver,
+which prints them: on a terminal, one progress bar (step, loss, tokens/s, ETA) with raylm's other
+lines above it; elsewhere (a log file, a Ray job's log), one plain line per logged step. Ray's own
+INFO chatter (Ray Data's execution plans, Ray Train's per-report lines) stays in Ray's session logs
+unless `raylm run --verbose`; warnings and errors from any process still reach the console.
+
+    channel = Console.start(total_steps)     # driver
+    emit("[raylm] ...") / progress(row)      # rank 0 (raylm.train.metrics routes to the channel)
+    channel.close()                          # driver, after fit: everything sent is printed
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+
+class Console:
+    """The driver's end: a queue actor and a thread that prints what arrives."""
+
+    def __init__(self, total_steps: int, stream=None):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.total = total_steps
+        self.stream = stream or sys.stdout
+        self.bar = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def start(cls, total_steps: int) -> Console:
+        return cls(total_steps)
+
+    def _show(self, item) -> None:
+        kind, payload = item
+        if kind == "row":
+            if self.stream.isatty():
+                self._bar(payload)
+            else:
+                self._line(format_progress(payload, self.total))
+        else:
+            self._line(payload)
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def _bar(self, row: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=0, unit="step", file=self.stream, dynamic_ncols=True)
+        self.bar.update(row["step"] - self.bar.n)
+        parts = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}
+        if "tokens_per_s" in row:
+            parts["tok/s"] = f"{row['tokens_per_s']:,.0f}"
+        if "val_loss" in row:
+            parts["val_loss"] = f"{row['val_loss']:.4f}"
+        self.bar.set_postfix(parts, refresh=True)
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except Empty:
+                if self.done.is_set():
+                    return
+                continue
+            except Exception:  # the queue actor is gone (Ray shut down): nothing more will come
+                return
+            self._show(item)
+
+    def close(self) -> None:
+        """Print what is still queued, end the bar and the queue actor."""
+        self.done.set()
+        self.thread.join(timeout=30)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        try:
+            self.queue.shutdown(force=True)
+        except Exception:  # already gone with its Ray
+            pass
+
+
+def format_progress(row: dict, max_steps: int) -> str:
+    """One progress line for logs: step, loss, learning rate, throughput, eval."""
+    parts = [f"step {row['step']}/{max_steps}"]
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.4f}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}")
+    if "tokens_per_s" in row:
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    if "val_loss" in row:
+        parts.append(f"val_loss {row['val_loss']:.4f} ppl {row['val_ppl']:.2f}")
+    return "[raylm] " + " | ".join(parts)
