@@ -1,199 +1,171 @@
-"""raylm's pretraining loop (1 Ray Train worker) against a bare PyTorch loop, side by side.
+"""raylm pretraining throughput against a plain single-process PyTorch loop, over whole runs.
 
-    python benchmarks/pretrain_overhead.py                 # writes benchmarks/results/pretrain_overhead.json
+    python benchmarks/pretrain_overhead.py                       # 2000 steps, default attention, eager
+    python benchmarks/pretrain_overhead.py --variants all        # also eager attention, and torch.compile
     python benchmarks/pretrain_overhead.py --steps 300 --rounds 2
 
-Same model (raylm.models.build_model, same seed), same packed data, batch, optimizer and torch
-thread count. raylm's in-loop step time comes from its own metrics (tokens/s over each logging
-window, which excludes evaluation and checkpointing); the bare loop is timed the same way. Rounds
-alternate bare/raylm so that drift on a shared machine hits both. Reported: median step times and
-their ratio (target <= 1.05). The bare loop also runs inside a Ray Train worker, which tells the
-cost of the worker process apart from the cost of raylm's loop.
+The model of jobs/tinyshakespeare-char.yaml (Llama, 4 layers, 4 heads, hidden 128, block 64, batch
+12, char tokenizer, Tiny Shakespeare from ../shared/data), 2 torch threads on both sides.
+
+- raylm: `raylm run` on that spec (1 worker of 2 CPUs, no evaluation or checkpoint before the end),
+  in its own process; its throughput is summary.json's `throughput`: every token of the run over the
+  training time, epoch boundaries and data waits included, evaluation and checkpointing not.
+- plain: the same model, tokenizer, packed blocks (raylm.data.pack_batch, same validation split), AdamW
+  + schedule + clipping, in a process that never imports Ray, started when no Ray process is alive;
+  its throughput is every token over the wall time of its loop (it has no evaluation or checkpoint).
+
+Rounds alternate plain / raylm. Written to benchmarks/results/pretrain_overhead.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-SPEC = {
-    "kind": "pretrain",
-    "model": {"architecture": {"family": "llama", "layers": 4, "heads": 4, "hidden": 128, "context": 64}},
-    "tokenizer": {"train": {"type": "char"}},
-    "data": {"path": None, "seq_len": 64, "val_fraction": 0.05, "shuffle_buffer": 0},
-    "train": {
-        "batch_size": 12,
-        "lr": 1e-3,
-        "warmup_steps": 10,
-        "eval_every": 100000,
-        "checkpoint_every": 100000,
-        "log_every": 25,
-    },
-    "resources": {"num_workers": 1, "cpus_per_worker": 2},
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = yaml.safe_load((ROOT / "jobs" / "tinyshakespeare-char.yaml").read_text())
+VARIANTS = {
+    "sdpa": {"attention": None, "compile": False},
+    "eager": {"attention": "eager", "compile": False},
+    "sdpa+compile": {"attention": None, "compile": True},
+    "eager+compile": {"attention": "eager", "compile": True},
 }
 
 
-def bare_loop(job, tokenizer, blocks, steps: int, threads: int, log_every: int, val=None):
-    """The same training step with nothing around it; step times per logging window (and, given
-    validation blocks, the final validation loss as raylm computes it)."""
+def spec_for(corpus: str, steps: int, variant: dict, output: str) -> dict:
+    spec = json.loads(json.dumps(SPEC))
+    spec["data"]["path"] = corpus
+    spec["data"]["shuffle_buffer"] = 0  # file order on both sides
+    spec["model"]["attention"] = variant["attention"]
+    spec["train"].update(
+        max_steps=steps, compile=variant["compile"], eval_every=10**9, checkpoint_every=10**9
+    )
+    spec["output"] = output
+    return spec
+
+
+def plain(spec_file: str) -> dict:
+    """The plain loop (run in a fresh process: `--plain SPEC`)."""
+    import numpy as np
     import torch
 
+    from raylm.data import pack_batch
     from raylm.models import build_model
+    from raylm.spec import load_spec
+    from raylm.tokenizer import train_tokenizer
     from raylm.train import optim
 
+    job = load_spec(spec_file)
+    threads = int(job.resources.cpus_per_worker)
     torch.set_num_threads(threads)
+    lines = [line + "\n" for line in Path(job.data.paths[0]).read_text().split("\n")]
+    tokenizer = train_tokenizer(lines, "char", 0)
+    blocks = []
+    for start in range(0, len(lines), job.data.pack_batch_docs):  # raylm packs batches of documents
+        batch = {"text": lines[start : start + job.data.pack_batch_docs]}
+        blocks += [
+            b["input_ids"]
+            for b in pack_batch(batch, tokenizer, job.data.seq_len, False, "train", job.data.val_fraction)
+        ]
+    data = torch.from_numpy(np.concatenate(blocks)).long()
     model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
     model.config.use_cache = False
     model.train()
     optimizer = optim.adamw(model, job.train)
-    scheduler = optim.scheduler(optimizer, job.train, steps)
-    batch = job.train.batch_size
-    data = torch.from_numpy(blocks).long()
-    windows, start = [], time.perf_counter()
-    for step in range(1, steps + 1):
-        i = (step - 1) * batch % (len(data) - batch)
+    scheduler = optim.scheduler(optimizer, job.train, job.train.max_steps)
+    step_fn = torch.compile(model) if job.train.compile else model
+    batch, per_epoch = job.train.batch_size, len(data) // job.train.batch_size
+    start = time.perf_counter()
+    for step in range(job.train.max_steps):
+        i = step % per_epoch * batch
         ids = data[i : i + batch]
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = step_fn(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         loss.item()  # raylm reads the loss every step too
-        if step % log_every == 0:
-            windows.append((time.perf_counter() - start) / log_every)
-            start = time.perf_counter()
-    if val is None:
-        return windows[1:]  # the first window holds warm-up
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(val) - batch + 1, batch):
-            ids = torch.from_numpy(val[i : i + batch]).long()
-            n = ids.numel() - ids.shape[0]
-            total += model(input_ids=ids, labels=ids).loss.item() * n
-            count += n
-    return windows[1:], total / count
+    seconds = time.perf_counter() - start
+    tokens = job.train.max_steps * batch * job.data.seq_len
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": loss.item()}
 
 
-def bare_in_ray_worker(
-    job, tokenizer, blocks, steps: int, threads: int, log_every: int, storage: Path
-) -> list[float]:
-    """The bare loop again, inside a Ray Train worker: separates the worker process from raylm's loop."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def ray_alive() -> bool:
+    return subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True).returncode == 0
 
-    def loop(_config):
-        return bare_loop(job, tokenizer, blocks, steps, threads, log_every)
 
-    scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads})
-    return (
-        TorchTrainer(loop, scaling_config=scaling, run_config=RunConfig(storage_path=str(storage)))
-        .fit()
-        .return_value
+def run_plain(spec_file: Path) -> dict:
+    deadline = time.time() + 120
+    while ray_alive():  # the plain loop runs with no Ray process beside it
+        if time.time() > deadline:
+            raise SystemExit("a Ray process is still alive: stop it (ray stop) before benchmarking")
+        time.sleep(1)
+    out = subprocess.run(
+        [sys.executable, __file__, "--plain", str(spec_file)], capture_output=True, text=True, check=True
     )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def raylm_loop(job) -> list[float]:
-    from raylm.submit import run_here
-
-    summary = run_here(job)
-    raylm_loop.val_loss = summary["metrics"].get("val_loss")
-    rows = [json.loads(line) for line in (Path(job.output.path) / "metrics.jsonl").read_text().splitlines()]
-    tokens_per_step = job.train.batch_size * job.data.seq_len * job.train.grad_accum
-    return [tokens_per_step / row["tokens_per_s"] for row in rows if "tokens_per_s" in row][1:-1]
+def run_raylm(spec_file: Path, output: Path) -> dict:
+    subprocess.run([sys.executable, "-m", "raylm", "run", str(spec_file)], check=True, capture_output=True)
+    summary = json.loads((output / "summary.json").read_text())
+    return {**summary["throughput"], "final_loss": summary["metrics"].get("loss")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--plain", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
-        "--val-loss",
-        action="store_true",
-        help="also report both loops' final validation loss (1 round, no in-worker run)",
+        "--variants", default="sdpa", help=f"comma-separated of {', '.join(VARIANTS)}, or all"
     )
-    parser.add_argument(
-        "--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
-    )
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pretrain_overhead.json"))
+    parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pretrain_overhead.json"))
     args = parser.parse_args()
-
-    import numpy as np
-
-    from raylm.data import configure_ray_data, documents, packed_blocks
-    from raylm.spec import validate_dict
-    from raylm.submit import start_local_ray
-    from raylm.tokenizer import train_tokenizer
-
-    start_local_ray(num_cpus=4)  # as `raylm run` starts it
-    configure_ray_data()
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
-    spec = {
-        **SPEC,
-        "data": {**SPEC["data"], "path": args.corpus},
-        "train": {**SPEC["train"], "max_steps": args.steps},
-    }
-    base = validate_dict({**spec, "output": str(scratch / "probe")})
-    docs = documents(base.data)
-    tokenizer = train_tokenizer((r["text"] for r in docs.take_all()), "char", 0)
-    blocks = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, base.data, "train").take_all()])
-    threads = int(base.resources.cpus_per_worker)
-
-    if args.val_loss:
-        val = np.stack(
-            [
-                r["input_ids"]
-                for r in packed_blocks(docs, tokenizer, base.data, "val")
-                .limit(base.data.val_blocks)
-                .take_all()
-            ]
-        )
-        bare, bare_val = bare_loop(base, tokenizer, blocks, args.steps, threads, base.train.log_every, val)
-        ours = raylm_loop(validate_dict({**spec, "output": str(scratch / "raylm-val")}))
-        tokens = base.train.batch_size * base.data.seq_len
-        result = {
-            "command": f"python benchmarks/pretrain_overhead.py --steps {args.steps} --val-loss",
-            "model": SPEC["model"]["architecture"],
-            "batch_size": base.train.batch_size,
-            "seq_len": base.data.seq_len,
-            "steps": args.steps,
-            "bare_tokens_per_s": tokens / statistics.median(bare),
-            "raylm_tokens_per_s": tokens / statistics.median(ours),
-            "bare_val_loss": bare_val,
-            "raylm_val_loss": raylm_loop.val_loss,
-            "val_blocks": len(val),
-        }
-        result["throughput_ratio"] = result["raylm_tokens_per_s"] / result["bare_tokens_per_s"]
-        out = Path(args.out).with_name("pretrain_tinyshakespeare.json")
-        out.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
+    if args.plain:
+        print(json.dumps(plain(args.plain)))
         return
 
-    bare, in_worker, ours = [], [], []
-    for round_ in range(args.rounds):
-        bare += bare_loop(base, tokenizer, blocks, args.steps, threads, base.train.log_every)
-        in_worker += bare_in_ray_worker(
-            base, tokenizer, blocks, args.steps, threads, base.train.log_every, scratch / "bare"
-        )
-        ours += raylm_loop(validate_dict({**spec, "output": str(scratch / f"raylm-{round_}")}))
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
+    rows = []
+    for name in names:
+        for round_ in range(args.rounds):
+            output = scratch / f"{name}-{round_}"
+            spec_file = scratch / f"{name}-{round_}.yaml"
+            spec_file.write_text(
+                yaml.safe_dump(spec_for(args.corpus, args.steps, VARIANTS[name], str(output)))
+            )
+            base = run_plain(spec_file)
+            ours = run_raylm(spec_file, output)
+            row = {
+                "variant": name,
+                "round": round_,
+                "plain": base,
+                "raylm": ours,
+                "ratio": ours["tokens_per_s"] / base["tokens_per_s"],
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     result = {
-        "command": "python benchmarks/pretrain_overhead.py " + f"--steps {args.steps} --rounds {args.rounds}",
+        "command": f"python benchmarks/pretrain_overhead.py --steps {args.steps} --rounds {args.rounds} "
+        f"--variants {args.variants}",
         "model": SPEC["model"]["architecture"],
-        "batch_size": base.train.batch_size,
-        "seq_len": base.data.seq_len,
-        "torch_threads": threads,
-        "bare_step_ms": 1000 * statistics.median(bare),
-        "bare_in_ray_worker_step_ms": 1000 * statistics.median(in_worker),
-        "raylm_step_ms": 1000 * statistics.median(ours),
-        "windows": {"bare": len(bare), "bare_in_ray_worker": len(in_worker), "raylm": len(ours)},
+        "batch_size": SPEC["train"]["batch_size"],
+        "seq_len": SPEC["data"]["seq_len"],
+        "torch_threads": SPEC["resources"]["cpus_per_worker"],
+        "steps": args.steps,
+        "rows": rows,
     }
-    result["ratio"] = result["raylm_step_ms"] / result["bare_step_ms"]
-    result["ratio_to_bare_in_ray_worker"] = result["raylm_step_ms"] / result["bare_in_ray_worker_step_ms"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -105,6 +105,14 @@ def _print_summary(summary: dict) -> None:
     click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
     if "val_loss" in metrics:
         click.echo(f"[raylm] validation loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}")
+    if "val_accuracy" in metrics:
+        click.echo(f"[raylm] validation choice accuracy {metrics['val_accuracy']:.3f}")
+    throughput = summary.get("throughput") or {}
+    if throughput.get("tokens_per_s"):
+        click.echo(
+            f"[raylm] trained on {throughput['tokens']:,} tokens in {throughput['seconds']:.0f} s "
+            f"({throughput['tokens_per_s']:,.0f} tokens/s)"
+        )
     if "model" in summary:
         click.echo(f"[raylm] model saved to {summary['model']}")
     if "artifact" in summary:

@@ -52,6 +52,11 @@ class SFTDataSpec(SourceSpec):
     val_fraction: float = Field(
         0.1, ge=0.0, lt=0.9, description="Fraction of examples held out for validation."
     )
+    padding: Literal["longest", "max_length"] = Field(
+        "longest",
+        description="Pad each batch to its longest example (less compute), or every row to seq_len "
+        "(fixed shapes, e.g. for train.compile without recompiles).",
+    )
     group_by_length: bool = Field(
         False,
         description="Batch examples of similar length together (with dynamic padding, less padding "

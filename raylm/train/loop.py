@@ -91,6 +91,7 @@ def train_loop(config: dict) -> dict | None:
             emit(f"[raylm] elastic: the checkpoint's {loop.pop('resized_from')} workers continue as {world}")
         emit(f"[raylm] strategy {plan.name}: {_describe(plan)}")
 
+    dynamic_padding = getattr(job.data, "padding", "longest") == "longest"
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
@@ -106,7 +107,9 @@ def train_loop(config: dict) -> dict | None:
             ):
                 if spec.eval_batches is not None and i >= spec.eval_batches:
                     break
-                batch = {k: v.to(device) for k, v in to_longest(batch).items()}
+                batch = {
+                    k: v.to(device) for k, v in (to_longest(batch) if dynamic_padding else batch).items()
+                }
                 if "answer" in batch:
                     with engine.autocast or contextlib.nullcontext():
                         totals += torch.tensor(choices_eval(engine.model, batch), dtype=torch.float64)
@@ -149,7 +152,7 @@ def train_loop(config: dict) -> dict | None:
                 seen += 1
                 if seen > loop["batches_in_epoch"]:
                     loop["batches_in_epoch"] = seen
-                    batch = to_longest(batch)
+                    batch = to_longest(batch) if dynamic_padding else batch
                     yield {k: v.to(device) for k, v in batch.items()}, real_tokens(batch)
             if seen == 0:
                 raise RuntimeError(
@@ -162,6 +165,9 @@ def train_loop(config: dict) -> dict | None:
     engine.model.train()
     loss_sum, micro, step_tokens = 0.0, 0, 0
     window_start, window_tokens = time.perf_counter(), 0
+    # The whole attempt's throughput: every token over the training time, epoch boundaries and data
+    # waits included, evaluation and checkpointing not (the progress windows also leave out logging).
+    run_start, paused, tokens_at_start = time.perf_counter(), 0.0, loop["tokens"]
     last_row: dict = {}
     for batch, tokens in micro_batches() if loop["step"] < total_steps else ():
         micro += 1
@@ -186,7 +192,9 @@ def train_loop(config: dict) -> dict | None:
             )
             loss_sum, micro, window_tokens = 0.0, 0, 0
         if step % spec.eval_every == 0 or done:
+            started = time.perf_counter()
             row.update(evaluate())
+            paused += time.perf_counter() - started
         if row:
             row["step"] = step
             last_row.update(row)
@@ -194,13 +202,22 @@ def train_loop(config: dict) -> dict | None:
                 log.write(row)
                 metrics.progress(row, total_steps)
         if step % spec.checkpoint_every == 0 or done:
+            started = time.perf_counter()
             save_and_report({**last_row, "step": step, "epoch": loop["epoch"]})
+            paused += time.perf_counter() - started
         elif row:
             ray.train.report(row)
         if row:
             window_start = time.perf_counter()
         if done:
             break
+
+    seconds = time.perf_counter() - run_start - paused
+    throughput = {
+        "tokens": loop["tokens"] - tokens_at_start,
+        "seconds": seconds,
+        "tokens_per_s": (loop["tokens"] - tokens_at_start) / seconds if seconds > 0 else None,
+    }
 
     # ---- export ------------------------------------------------------------------------------
     final = engine.consolidated(rank)  # collective: gathers shards of fsdp / ZeRO-3
@@ -212,6 +229,7 @@ def train_loop(config: dict) -> dict | None:
         "metrics": last_row,
         "worker_nodes": nodes,
         "resumed_from": resumed_from,
+        "throughput": throughput,
         "strategy": plan.model_dump(),
         **before,
         **exported,

@@ -155,6 +155,7 @@ def base_summary(job, total_steps: int, result, outcome: dict, strategy: dict, w
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "worker_nodes": outcome.get("worker_nodes", []),
         "resumed_from": outcome.get("resumed_from", 0),
+        "throughput": outcome.get("throughput"),
         "strategy": {**outcome.get("strategy", strategy), "why": why},
     }
 

@@ -58,7 +58,10 @@ def lora_count(r: int) -> int:
 @pytest.fixture(scope="module")
 def lora_run(ray_local, sft_base, tmp_path_factory):
     output = tmp_path_factory.mktemp("lora") / "run"
-    spec = finetune_spec(sft_base, output, {"name": "lora", "r": 4}, output={"merge": True})
+    # batches grouped by length and cut to their longest example (dynamic padding)
+    spec = finetune_spec(
+        sft_base, output, {"name": "lora", "r": 4}, output={"merge": True}, data={"group_by_length": True}
+    )
     return output, run_here(validate_dict(spec))
 
 
@@ -88,6 +91,27 @@ def test_lora_adapter_loads_with_peft_and_equals_the_merged_model(lora_run, sft_
         a, m, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, base(input_ids=ids).logits
     torch.testing.assert_close(m, a, atol=1e-4, rtol=0)
     assert not torch.allclose(a, b, atol=1e-3)  # training moved the adapter away from the identity
+
+
+def test_ia3_with_tfew_objectives_on_multiple_choice(ray_local, sft_base, tmp_path):
+    """IA3 with T-Few's three loss terms on a generated multiple-choice task, 2 workers: the validation
+    reports choice accuracy at every evaluation (reduced over both workers' examples), the loss of the
+    right choices falls, and the artifact is a PEFT IA3 adapter."""
+    output = tmp_path / "run"
+    spec = finetune_spec(
+        sft_base,
+        output,
+        "ia3",
+        data={"format": "choices", "num_choices": 4, "generate": {"task": "arithmetic", "examples": 800}},
+        train={"objective": {"lm": 1, "unlikelihood": 1, "length_norm": 1}, "lr": 3e-2},
+    )
+    summary = run_here(validate_dict(spec))
+    evals = [row for row in read_metrics(output) if "val_loss" in row]
+    assert len(evals) == 2 and all(0 <= row["val_accuracy"] <= 1 for row in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert summary["metrics"]["val_accuracy"] == evals[-1]["val_accuracy"]
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3"
 
 
 def test_qlora_on_ddp(ray_local, sft_base, tmp_path):
