@@ -37,10 +37,12 @@ EXTENSIONS = {
 def configure_ray_data() -> None:
     """Deterministic order (a resumed run replays exactly the batches it would have seen), no bars."""
     import ray.data
+    from ray.util.debug import log_once
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # raylm turned them off: no warning saying so
 
 
 def resolve_format(spec: DataSpec) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import math
 import os
 import shlex
@@ -41,27 +42,15 @@ def ensure_ray(job, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, **ray_logging(verbose))
-        return
-    needed = job.resources.max_workers * job.resources.cpus_per_worker
-    # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
-    start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2), verbose)
-
-
-def ray_logging(verbose: bool) -> dict:
-    """Ray's INFO lines (start-up, Ray Data's plans, Ray Train's per-report lines) stay in the session
-    logs unless verbose; warnings and errors from every process still reach the console."""
-    import logging
-
-    import ray
-
-    level = logging.INFO if verbose else logging.WARNING
+        ray.init(log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+    else:
+        needed = job.resources.max_workers * job.resources.cpus_per_worker
+        # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
+        start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2), verbose)
     if not verbose:
-        logging.getLogger("ray").setLevel(level)
-    return {
-        "logging_level": level,
-        "logging_config": ray.LoggingConfig(log_level=logging.getLevelName(level)),
-    }
+        from raylm.train.console import quiet_ray_console
+
+        quiet_ray_console()
 
 
 def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
@@ -74,7 +63,10 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     import ray
 
     ray.init(
-        address="local", num_cpus=num_cpus, _system_config={"worker_niceness": 0}, **ray_logging(verbose)
+        address="local",
+        num_cpus=num_cpus,
+        _system_config={"worker_niceness": 0},
+        logging_level=logging.INFO if verbose else logging.WARNING,
     )
 
 

@@ -26,6 +26,7 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, min_freque
             min_frequency=min_frequency,
             special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         core.train_from_iterator(texts, trainer=trainer)
     elif kind == "char":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ def train_loop(config: dict) -> dict | None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # DeepSpeed (imported by transformers' integrations) need not guess
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     nodes = [ray.get_runtime_context().get_node_id()] * world
     if world > 1:
         torch.distributed.all_gather_object(nodes, nodes[0])
