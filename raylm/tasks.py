@@ -1,7 +1,8 @@
 """Supervised tasks raylm generates, for quickstarts, tests and benchmarks (no downloads).
 
     arithmetic   {"prompt": "Q: 23+58=\\nA:", "completion": " 81"}
-    recall       {"prompt": "K7=red K2=blue K9=green\\nK2?", "completion": " blue"}
+    recall       {"prompt": "K7=ball K2=Tom K9=kite\\nK2?", "completion": " Tom"}
+    reverse      {"prompt": "Reverse: ball Tom kite\\nA:", "completion": " kite Tom ball"}
     with choices {"prompt": "Q: 23+58=\\nA:", "choices": [" 71", " 81", " 12", " 90"], "answer": 1}
 
 A model pretrained on stories has not seen either format, so exact match before fine-tuning is ~0.
@@ -9,14 +10,24 @@ A model pretrained on stories has not seen either format, so exact match before 
 
 from __future__ import annotations
 
+import itertools
 import random
 
-WORDS = ("red", "blue", "green", "gold", "pink", "gray", "black", "white", "brown", "teal")
+from raylm.corpus import NAMES, THINGS
+
+# Words of the generated story corpus (the quickstart's tokenizer has each as one token): a base model
+# pretrained on the stories knows them, but not the tasks' formats.
+WORDS = tuple(THINGS + NAMES)
 
 
 def arithmetic(rng: random.Random) -> dict:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     return {"prompt": f"Q: {a}+{b}=\nA:", "completion": f" {a + b}"}
+
+
+def reverse(rng: random.Random) -> dict:
+    words = rng.sample(WORDS, 3)
+    return {"prompt": f"Reverse: {' '.join(words)}\nA:", "completion": " " + " ".join(reversed(words))}
 
 
 def recall(rng: random.Random) -> dict:
@@ -42,8 +53,25 @@ def recall_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
     return [f" {w}" for w in (others + rng.sample(rest, len(rest)))[:k]]
 
 
-TASKS = {"arithmetic": arithmetic, "recall": recall}
-DISTRACTORS = {"arithmetic": arithmetic_distractors, "recall": recall_distractors}
+def reverse_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
+    """The same words in other orders, then (past the five other orders) one word replaced."""
+    words = row["completion"].split()
+    orders = [list(o) for o in itertools.permutations(words) if list(o) != words]
+    picked = rng.sample(orders, min(k, len(orders)))
+    while len(picked) < k:
+        swapped = list(words)
+        swapped[rng.randrange(3)] = rng.choice([w for w in WORDS if w not in words])
+        if swapped not in picked:
+            picked.append(swapped)
+    return [" " + " ".join(o) for o in picked]
+
+
+TASKS = {"arithmetic": arithmetic, "recall": recall, "reverse": reverse}
+DISTRACTORS = {
+    "arithmetic": arithmetic_distractors,
+    "recall": recall_distractors,
+    "reverse": reverse_distractors,
+}
 
 
 def generate(task: str, examples: int, seed: int, choices: int = 0) -> list[dict]:

@@ -12,9 +12,10 @@ from raylm.spec.sections import OutputSpec, Section, SourceSpec
 class GeneratedTask(Section):
     """A supervised task raylm generates (no downloads): answers a base model has not seen."""
 
-    task: Literal["arithmetic", "recall"] = Field(
+    task: Literal["arithmetic", "recall", "reverse"] = Field(
         "arithmetic",
-        description="arithmetic: 'Q: 23+58=' -> ' 81'; recall: look a key up in a listed table. With "
+        description="arithmetic: 'Q: 23+58=' -> ' 81'; recall: look a key up in a listed table; reverse: "
+        "three words in reverse order. With "
         "data.format: choices, the right answer among data.num_choices.",
     )
     examples: int = Field(2000, ge=10, description="Number of examples.")

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from pydantic import TypeAdapter
@@ -35,6 +36,8 @@ def train_loop(config: dict) -> dict | None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     device = ray.train.torch.get_device()
+    # transformers' own call of its deprecated name (through PEFT): nothing for a raylm user to change
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if device.type == "cpu":  # DeepSpeed (imported by transformers' integrations) need not guess
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     nodes = [ray.get_runtime_context().get_node_id()] * world
