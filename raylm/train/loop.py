@@ -151,7 +151,8 @@ def train_loop(config: dict) -> dict | None:
                 batch_size=spec.batch_size,
                 dtypes=torch.long,
                 drop_last=True,
-                local_shuffle_buffer_size=config["shuffle_buffer"],
+                # 0 means no shuffle: Ray's shuffling batcher with a zero buffer yields short batches
+                local_shuffle_buffer_size=config["shuffle_buffer"] or None,
                 local_shuffle_seed=spec.seed + loop["epoch"] if config["shuffle_buffer"] else None,
             )
             for batch in batches:
