@@ -2,11 +2,11 @@
 
     from raylm.data import check_data, documents, packed_blocks
     problems = check_data(spec.data)            # before any worker starts
-    train = packed_blocks(documents(spec.data), tokenizer, spec.data, split="train")
+    blocks = packed_blocks(documents(spec.data), tokenizer, spec.data)   # rows: input_ids, val
 
 Tokenizing and packing run in parallel Ray tasks (`map_batches`); the train split streams to the
-training workers (`get_dataset_shard`). Each packed block goes to the validation split by a hash of
-its tokens, so the split is deterministic and needs no pass over the data to count it.
+tokenized cache (raylm/datacache.py) that the workers read. Each packed block goes to the validation
+split by a hash of its tokens, so the split is deterministic and needs no pass over the data to count.
 """
 
 from __future__ import annotations
@@ -173,31 +173,27 @@ def is_line_format(spec: DataSpec) -> bool:
     return resolve_format(spec) == "text"
 
 
-def pack_batch(batch: dict, tokenizer, seq_len: int, add_eos: bool, split: str, val_fraction: float):
-    """Tokenize a batch of documents, concatenate, cut into `seq_len` blocks, yield this split's blocks.
-
-    A generator, so that a batch with no block of this split yields nothing (Ray Data cannot type an
-    empty tensor column).
-    """
+def pack_batch(batch: dict, tokenizer, seq_len: int, add_eos: bool, val_fraction: float):
+    """Tokenize a batch of documents, concatenate, cut into `seq_len` blocks; `val` marks the blocks
+    of the validation split. A generator, so that a batch too short for a block yields nothing (Ray
+    Data cannot type an empty tensor column)."""
     texts = [str(t) for t in batch["text"]]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     stream = np.fromiter((tok for ids in encoded for tok in (*ids, *eos)), dtype=np.int32)
     blocks = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
-    is_val = np.array([in_validation(b.tobytes(), val_fraction) for b in blocks], dtype=bool)
-    kept = blocks[is_val if split == "val" else ~is_val]
-    if len(kept):
-        yield {"input_ids": kept}
+    if len(blocks):
+        is_val = np.array([in_validation(b.tobytes(), val_fraction) for b in blocks], dtype=bool)
+        yield {"input_ids": blocks, "val": is_val}
 
 
-def packed_blocks(docs, tokenizer, spec: DataSpec, split: str):
-    """The `split` ("train" or "val") of `docs`, tokenized and packed into `spec.seq_len` blocks."""
+def packed_blocks(docs, tokenizer, spec: DataSpec):
+    """`docs` tokenized and packed into `spec.seq_len` blocks, each marked `val` or not."""
     fn = functools.partial(
         pack_batch,
         tokenizer=tokenizer,
         seq_len=spec.seq_len,
         add_eos=spec.add_eos and not is_line_format(spec),
-        split=split,
         val_fraction=spec.val_fraction,
     )
     return docs.map_batches(fn, batch_size=spec.pack_batch_docs, batch_format="numpy")

@@ -1,7 +1,7 @@
 """Supervised examples -> (prompt, response) text -> token rows with response-only labels, in Ray Data.
 
     from raylm.sft import check_sft_data, examples, token_rows
-    rows = token_rows(examples(spec.data), tokenizer, spec.data, split="train")
+    rows = token_rows(examples(spec.data), tokenizer, spec.data)   # both splits, `val` marks one
 
 Formats: `completion` (prompt/completion fields), `alpaca` (instruction/input/output, rendered with
 the Alpaca template), `chat` (a list of {role, content} messages rendered with the tokenizer's chat
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -113,72 +112,62 @@ def is_val(prompt: str, response: str, val_fraction: float) -> bool:
     return in_validation(f"{prompt}\x00{response}".encode(), val_fraction)
 
 
-def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec, split: str, batch_size: int = 1):
-    """Rows of this split: input_ids, labels, attention_mask (seq_len each; packed, or right-padded:
-    the training loop cuts each batch to its longest example). With `group_by_length`, rows come
-    sorted by length in runs of `batch_size`, the runs in a seeded order."""
+def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec):
+    """Token rows of a batch of examples, each split's own (`val` marks the validation rows):
+    input_ids, labels, attention_mask, seq_len each: packed, or right-padded (the training loop cuts
+    each batch to its longest example)."""
     columns = list(batch)
     n = len(batch[columns[0]]) if columns else 0
     if spec.format == "choices":
-        yield from choice_rows(batch, columns, n, tokenizer, spec, split)
+        yield from choice_rows(batch, columns, n, tokenizer, spec)
         return
-    encoded = []
+    encoded: dict[bool, list] = {False: [], True: []}
     for i in range(n):
         prompt, response = render({c: batch[c][i] for c in columns}, spec, tokenizer)
-        if is_val(prompt, response, spec.val_fraction) != (split == "val"):
-            continue
         ids, labels = encode(prompt, response, tokenizer, spec)
         if any(label != IGNORE for label in labels[1:]):  # a prompt filling seq_len has nothing to learn
-            encoded.append((ids, labels))
-    if not encoded:
-        return
-    if spec.packing:
-        ids = np.fromiter((t for e in encoded for t in e[0]), dtype=np.int64)
-        labels = np.fromiter((t for e in encoded for t in e[1]), dtype=np.int64)
-        rows = len(ids) // spec.seq_len
-        if rows == 0:
-            return
-        shape = (rows, spec.seq_len)
-        yield {
-            "input_ids": ids[: rows * spec.seq_len].reshape(shape),
-            "labels": labels[: rows * spec.seq_len].reshape(shape),
-            "attention_mask": np.ones(shape, dtype=np.int64),
-        }
-        return
-    if spec.group_by_length:
-        encoded = grouped_by_length(encoded, batch_size)
+            encoded[is_val(prompt, response, spec.val_fraction)].append((ids, labels))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    yield collate(encoded, spec.seq_len, pad)
+    for val, rows in encoded.items():
+        out = (
+            packed(rows, spec.seq_len) if spec.packing else collate(rows, spec.seq_len, pad) if rows else None
+        )
+        if out is not None:
+            yield {**out, "val": np.full(len(out["input_ids"]), val)}
 
 
-def grouped_by_length(encoded: list, batch_size: int) -> list:
-    """Longest first, cut into runs of `batch_size`, the runs shuffled with a seed taken from the
-    examples themselves (the same order on every run, so resumption replays it)."""
-    ordered = sorted(encoded, key=lambda e: len(e[0]), reverse=True)
-    runs = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    seed = zlib.crc32(np.asarray(ordered[0][0], dtype=np.int64).tobytes())
-    order = np.random.default_rng(seed).permutation(len(runs))
-    return [e for i in order for e in runs[i]]
+def packed(encoded: list, seq_len: int) -> dict | None:
+    """Examples concatenated and cut into `seq_len` rows (labels keep each one's prompt masked)."""
+    ids = np.fromiter((t for e in encoded for t in e[0]), dtype=np.int64)
+    labels = np.fromiter((t for e in encoded for t in e[1]), dtype=np.int64)
+    rows = len(ids) // seq_len
+    if rows == 0:
+        return None
+    shape = (rows, seq_len)
+    return {
+        "input_ids": ids[: rows * seq_len].reshape(shape),
+        "labels": labels[: rows * seq_len].reshape(shape),
+        "attention_mask": np.ones(shape, dtype=np.int64),
+    }
 
 
-def choice_rows(batch: dict, columns: list, n: int, tokenizer, spec: SFTDataSpec, split: str):
+def choice_rows(batch: dict, columns: list, n: int, tokenizer, spec: SFTDataSpec):
     """Multiple-choice rows: each example's choices side by side ([num_choices, seq_len] arrays, labels
-    on each choice's tokens) and `answer`, the right one's index."""
+    on each choice's tokens), `answer`, the right one's index, and `val`."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows, answers = [], []
+    rows, answers, val = [], [], []
     for i in range(n):
         row = {c: batch[c][i] for c in columns}
         prompt, right = render(row, spec, tokenizer)
-        if is_val(prompt, right, spec.val_fraction) != (split == "val"):
-            continue
         options = choice_texts(row, spec)
         rows.append(
             collate([encode(prompt, option, tokenizer, spec) for option in options], spec.seq_len, pad)
         )
         answers.append(answer_index(row, spec, len(options)))
+        val.append(is_val(prompt, right, spec.val_fraction))
     if rows:
         out = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-        yield {**out, "answer": np.asarray(answers, dtype=np.int64)}
+        yield {**out, "answer": np.asarray(answers, dtype=np.int64), "val": np.asarray(val)}
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> dict:
@@ -220,8 +209,9 @@ def examples(spec: SFTDataSpec):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def token_rows(records, tokenizer, spec: SFTDataSpec, split: str, batch_size: int = 1):
-    fn = functools.partial(tokenize_batch, tokenizer=tokenizer, spec=spec, split=split, batch_size=batch_size)
+def token_rows(records, tokenizer, spec: SFTDataSpec):
+    """The examples' token rows (both splits, `val` marking the validation rows)."""
+    fn = functools.partial(tokenize_batch, tokenizer=tokenizer, spec=spec)
     return records.map_batches(fn, batch_size=512, batch_format="numpy")
 
 

@@ -131,6 +131,18 @@ class SourceSpec(Section):
 
     path: str | list[str] | None = Field(None, description="A file, a folder of files, or a list of them.")
     generate: Section | None = None  # each kind's data section says what it generates
+    cache: str | None = Field(
+        None,
+        description="Folder or storage URI for the tokenized data (Parquet), keyed by the inputs' content, "
+        "the tokenizer and the data settings; runs that share it tokenize once. Default: "
+        "<output>/data-cache.",
+    )
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="Rows shuffled together each epoch (seeded by train.seed): the data is cut into windows "
+        "of this many rows, visited in random order, each shuffled; 0 keeps the data's order.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -168,11 +180,6 @@ class DataSpec(SourceSpec):
     seq_len: int = Field(256, ge=8, description="Tokens per packed training block.")
     val_fraction: float = Field(
         0.05, ge=0.0, lt=0.9, description="Fraction of packed blocks held out for validation."
-    )
-    shuffle_buffer: int = Field(
-        1000,
-        ge=0,
-        description="Blocks in the per-worker shuffle buffer (seeded by train.seed); 0 keeps file order.",
     )
     add_eos: bool = Field(
         True,

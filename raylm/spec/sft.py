@@ -61,10 +61,8 @@ class SFTDataSpec(SourceSpec):
     group_by_length: bool = Field(
         False,
         description="Batch examples of similar length together (with dynamic padding, less padding "
-        "computed): sorted by length within chunks of 512 examples, whole batches shuffled; the row "
-        "shuffle buffer is not used.",
+        "computed): after shuffling, examples are sorted by length within runs of 64 batches.",
     )
-    shuffle_buffer: int = Field(1000, ge=0, description="Per-worker shuffle buffer (seeded by train.seed).")
 
     @model_validator(mode="after")
     def _grouping_needs_rows(self) -> SFTDataSpec:

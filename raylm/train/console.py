@@ -33,10 +33,6 @@ class Console:
         self.thread = threading.Thread(target=self._drain, daemon=True)
         self.thread.start()
 
-    @classmethod
-    def start(cls, total_steps: int) -> Console:
-        return cls(total_steps)
-
     def _show(self, item) -> None:
         kind, payload = item
         if kind == "row":
@@ -123,7 +119,7 @@ def quiet_ray_console() -> None:
             handler.setLevel(logging.WARNING)
     try:  # the worker-log printer is Ray's internal; without it, Ray prints everything as usual
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
+    except (ImportError, AttributeError):  # a Ray without this printer: its lines stay as they are
         return
     with dispatcher._lock:
         dispatcher.handlers = [(name, _important_only(h)) for name, h in dispatcher.handlers]

@@ -40,25 +40,31 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def loss(self, batch: dict, training: bool = False):
-        """Mean loss of a batch: input_ids, and labels / attention_mask when the data has them
-        (pretraining blocks are their own labels)."""
+    def loss(self, batch: dict, training: bool = False, items=None):
+        """Loss of a batch (input_ids, and labels / attention_mask when the data has them; pretraining
+        blocks are their own labels): the mean, or with `items` the sum over its labelled tokens
+        divided by `items`."""
         model = self.compiled if training and self.compiled is not None else self.model
         with self.autocast:
-            return forward_loss(model, batch, self.spec)
+            return forward_loss(model, batch, self.spec, items)
 
     def no_sync(self):
         """Skip the gradient all-reduce of a micro-batch that does not end an accumulation."""
         return self.model.no_sync() if hasattr(self.model, "no_sync") else contextlib.nullcontext()
 
-    def micro_step(self, batch: dict, boundary: bool) -> float:
-        """Forward and backward of one micro-batch; at an accumulation boundary, the optimizer step."""
+    def micro_step(self, batch: dict, items, boundary: bool) -> float:
+        """Forward and backward of one micro-batch; at an accumulation boundary, the optimizer step.
+
+        `items` is the global batch's labelled-token count divided by the number of ranks: each rank's
+        gradient is its token losses' sum over it, and the ranks' average (DDP, FSDP and DeepSpeed all
+        average) is then the sum over every labelled token of the global batch over their count.
+        Returns this micro-batch's summed token loss."""
         with contextlib.nullcontext() if boundary else self.no_sync():
-            loss = self.loss(batch, training=True) / self.spec.grad_accum
+            loss = self.loss(batch, training=True, items=items)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         if boundary:
             self.optimizer_step()
-        return loss.item()
+        return loss.item() * float(items)
 
     def optimizer_step(self) -> None:
         import torch
@@ -104,14 +110,19 @@ class Engine:
         return self.module if rank == 0 else None
 
 
-def forward_loss(model, batch: dict, spec: TrainSpec):
+def forward_loss(model, batch: dict, spec: TrainSpec, items=None):
     """The training loss of a batch: the causal-LM loss, or for multiple-choice batches (`answer`)
-    the weighted T-Few objective (raylm.train.objectives)."""
+    the weighted T-Few objective (raylm.train.objectives), whose unit is the example. Without `items`
+    the mean; with it, the sum over the batch's labelled tokens (examples) divided by `items`."""
     if "answer" in batch:
         from raylm.train.objectives import choices_loss
 
-        return choices_loss(model, batch, spec.objective)
-    return model(**inputs(batch)).loss
+        loss = choices_loss(model, batch, spec.objective)
+        return loss if items is None else loss * len(batch["answer"]) / items
+    if items is None:
+        return model(**inputs(batch)).loss
+    # transformers' causal-LM loss sums and divides by num_items_in_batch (a tensor: no recompiles)
+    return model(**inputs(batch), num_items_in_batch=items).loss
 
 
 def inputs(batch: dict) -> dict:

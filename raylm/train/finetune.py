@@ -16,7 +16,16 @@ from pathlib import Path
 from raylm import storage
 from raylm.spec import SpecError
 from raylm.spec.jobs import FinetuneJob
-from raylm.train.runs import announce, base_summary, finish, fit, planned_steps, prepare_run, resolve_strategy
+from raylm.train.runs import (
+    announce,
+    base_summary,
+    finish,
+    fit,
+    planned_steps,
+    prepare_run,
+    resolve_strategy,
+    tokenized,
+)
 
 
 class Finetune:
@@ -113,13 +122,13 @@ def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
         job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
     )
     records = examples(job.data)
-    train_ds = token_rows(records, tokenizer, job.data, "train", job.train.batch_size)
-    val_ds = token_rows(records, tokenizer, job.data, "val").materialize()
-    if not train_ds.take(1):
+    where, manifest = tokenized(job, tokenizer, lambda: token_rows(records, tokenizer, job.data))
+    splits = manifest["splits"]
+    if splits["train"]["rows"] == 0:
         raise SpecError(
             [("data", "no training example left after tokenization: check the fields and data.seq_len")]
         )
-    if job.data.val_fraction > 0 and val_ds.count() == 0:
+    if job.data.val_fraction > 0 and splits["val"]["rows"] == 0:
         raise SpecError(
             [("data.val_fraction", "no example landed in the validation split: raise it or add data")]
         )
@@ -127,15 +136,20 @@ def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
         (prompt_ids(prompt, tokenizer), answer)
         for prompt, answer in held_out(records, tokenizer, job.data, job.eval.exact_match_examples)
     ]
-    total_steps = planned_steps(job, train_ds)
+    total_steps = planned_steps(job, splits["train"]["rows"])
     strategy, why = resolve_strategy(job, local_output)
     announce(job, strategy, why, total_steps, f"method {job.method.name}")
     result, outcome = fit(
         kind,
         job,
         local_output,
-        {"tokenizer": tokenizer, "total_steps": total_steps, "strategy": strategy, "held_out": held},
-        {"train": train_ds, "val": val_ds},
+        {
+            "tokenizer": tokenizer,
+            "total_steps": total_steps,
+            "strategy": strategy,
+            "held_out": held,
+            "data": {"where": where, "splits": splits},
+        },
     )
     from raylm.methods import artifact_dir
 

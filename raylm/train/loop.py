@@ -28,6 +28,7 @@ def train_loop(config: dict) -> dict | None:
     from raylm import storage
     from raylm.train import checkpoint, metrics, strategies
     from raylm.train.metrics import MetricsLog, emit
+    from raylm.train.reader import CachedSplit, TrainShard, val_batches
 
     # ---- setup -------------------------------------------------------------------------------
     job, kind = config["job"], config["kind"]
@@ -72,9 +73,8 @@ def train_loop(config: dict) -> dict | None:
                     f"checkpoint was written by {loop['world_size']} workers, this run has {world}: "
                     "the data order cannot be replayed; set resources.num_workers back or use a new output"
                 )
-            # Elastic resize: the data is re-split over `world` workers; skip as many batches of the
-            # current epoch as the old group consumed in total (the order within it is not replayed).
-            loop["batches_in_epoch"] = loop["batches_in_epoch"] * loop["world_size"] // world
+            # Elastic resize: the position is global (micro-batches of the epoch's order), so the new
+            # group continues exactly where the old one stopped.
             loop["resized_from"], loop["world_size"] = loop["world_size"], world
     else:
         torch.manual_seed(spec.seed + rank)
@@ -98,31 +98,43 @@ def train_loop(config: dict) -> dict | None:
         emit(f"[raylm] strategy {plan.name}: {_describe(plan)}")
 
     dynamic_padding = getattr(job.data, "padding", "longest") == "longest"
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    data = config["data"]
+    shard = TrainShard(
+        CachedSplit(data["where"], "train", data["splits"]["train"]),
+        rank,
+        world,
+        spec.batch_size,
+        job.data.shuffle_buffer,
+        spec.seed,
+        getattr(job.data, "group_by_length", False),
+    )
+    val_split = CachedSplit(data["where"], "val", data["splits"]["val"])
+    first_token_labelled = predicts_first_token(engine.module)
+
+    def on_device(rows: dict) -> dict:
+        batch = {k: torch.from_numpy(v).long() for k, v in rows.items()}
+        return {k: v.to(device) for k, v in (to_longest(batch) if dynamic_padding else batch).items()}
 
     def evaluate() -> dict:
         """Validation loss (of the response / right choice tokens) and, for choices data, accuracy."""
         from raylm.train.objectives import choices_eval
 
         engine.model.eval()
-        totals = torch.zeros(4, dtype=torch.float64)  # summed NLL, tokens, right picks, examples
+        # summed NLL, tokens, right picks, examples (on the device: NCCL reduces only GPU tensors)
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
         with torch.no_grad():
-            for i, batch in enumerate(
-                val_shard.iter_torch_batches(batch_size=spec.batch_size, dtypes=torch.long)
-            ):
-                if spec.eval_batches is not None and i >= spec.eval_batches:
-                    break
-                batch = {
-                    k: v.to(device) for k, v in (to_longest(batch) if dynamic_padding else batch).items()
-                }
+            for rows in val_batches(val_split, rank, world, spec.batch_size, spec.eval_batches):
+                batch = on_device(rows)
                 if "answer" in batch:
                     with engine.autocast or contextlib.nullcontext():
-                        totals += torch.tensor(choices_eval(engine.model, batch), dtype=torch.float64)
+                        totals += torch.tensor(
+                            choices_eval(engine.model, batch), dtype=torch.float64, device=device
+                        )
                     continue
-                loss = engine.loss(batch)
-                n = predicted_positions(batch)
-                totals += torch.tensor([loss.item() * n, n, 0, 0], dtype=torch.float64)
+                n = labelled(batch, first_token_labelled)
+                if n:
+                    loss = engine.loss(batch, items=torch.tensor(float(n), device=device))
+                    totals += torch.tensor([loss.item() * n, n, 0, 0], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
         engine.model.train()
@@ -143,61 +155,59 @@ def train_loop(config: dict) -> dict | None:
         if rank == 0 and config["publish_to"]:
             storage.publish_files(stage, config["publish_to"], ["metrics.jsonl", "tensorboard"])
 
-    def micro_batches():
-        """Training micro-batches forever, epoch after epoch, skipping what a resumed epoch already saw."""
+    def steps():
+        """Each optimizer step's micro-batches, epoch after epoch, from the saved position on."""
+        group = []
         while True:
-            seen = 0
-            batches = train_shard.iter_torch_batches(
-                batch_size=spec.batch_size,
-                dtypes=torch.long,
-                drop_last=True,
-                # 0 means no shuffle: Ray's shuffling batcher with a zero buffer yields short batches
-                local_shuffle_buffer_size=config["shuffle_buffer"] or None,
-                local_shuffle_seed=spec.seed + loop["epoch"] if config["shuffle_buffer"] else None,
-            )
-            for batch in batches:
-                seen += 1
-                if seen > loop["batches_in_epoch"]:
-                    loop["batches_in_epoch"] = seen
-                    batch = to_longest(batch) if dynamic_padding else batch
-                    yield {k: v.to(device) for k, v in batch.items()}, real_tokens(batch)
-            if seen == 0:
-                raise RuntimeError(
-                    "the training split gave this worker no batch: add data or lower train.batch_size"
-                )
+            for j, rows in shard.epoch(loop["epoch"], loop["batches_in_epoch"]):
+                # every worker reads its micro-batch of this round: the position moves past all of them
+                loop["batches_in_epoch"] = j - rank + world
+                group.append(rows)
+                if len(group) == spec.grad_accum:
+                    yield group
+                    group = []
             loop["epoch"] += 1
             loop["batches_in_epoch"] = 0
 
     # ---- train -------------------------------------------------------------------------------
     engine.model.train()
-    loss_sum, micro, step_tokens = 0.0, 0, 0
-    window_start, window_tokens = time.perf_counter(), 0
+    # summed token losses and labelled tokens since the last row
+    window = torch.zeros(2, dtype=torch.float64, device=device)
+    window_tokens = 0
+    window_start = time.perf_counter()
     # The whole attempt's throughput: every token over the training time, epoch boundaries and data
     # waits included, evaluation and checkpointing not (the progress windows also leave out logging).
     run_start, paused, tokens_at_start = time.perf_counter(), 0.0, loop["tokens"]
     last_row: dict = {}
-    for batch, tokens in micro_batches() if loop["step"] < total_steps else ():
-        micro += 1
-        last_micro = micro % spec.grad_accum == 0
-        loss_sum += engine.micro_step(batch, boundary=last_micro)
-        step_tokens += tokens * world  # this rank's count stands for every rank's
-        if not last_micro:
-            continue
+    for group in steps() if loop["step"] < total_steps else ():
+        batches = [on_device(rows) for rows in group]
+        # The loss is the mean over every labelled token of the global batch (all micro-batches, all
+        # ranks): one all-reduce of the count per step gives each rank its divisor.
+        count = torch.tensor(float(sum(labelled(b, first_token_labelled) for b in batches)), device=device)
+        if world > 1:
+            torch.distributed.all_reduce(count)
+        items = count.clamp(min=1) / world
+        for i, batch in enumerate(batches):
+            window[0] += engine.micro_step(batch, items, boundary=i == len(batches) - 1)
+        window[1] += count.item() / world
+        step_tokens = sum(real_tokens(b) for b in batches) * world  # this rank's count stands for all
         loop["step"] += 1
         loop["tokens"] += step_tokens
-        window_tokens, step_tokens = window_tokens + step_tokens, 0
+        window_tokens += step_tokens
         step, done = loop["step"], loop["step"] >= total_steps
         row: dict = {}
         if step % spec.log_every == 0 or done:
-            steps_in_window = micro // spec.grad_accum
+            if world > 1:
+                torch.distributed.all_reduce(window)  # the global loss, not rank 0's
             elapsed = time.perf_counter() - window_start
             row.update(
-                loss=loss_sum / steps_in_window,
+                loss=(window[0] / window[1].clamp(min=1)).item(),
                 lr=engine.lr,
                 tokens_per_s=window_tokens / elapsed,
                 tokens=loop["tokens"],
             )
-            loss_sum, micro, window_tokens = 0.0, 0, 0
+            window.zero_()
+            window_tokens = 0
         if step % spec.eval_every == 0 or done:
             started = time.perf_counter()
             row.update(evaluate())
@@ -221,6 +231,7 @@ def train_loop(config: dict) -> dict | None:
 
     seconds = time.perf_counter() - run_start - paused
     throughput = {
+        "rows_read": shard.rows_returned,
         "tokens": loop["tokens"] - tokens_at_start,
         "seconds": seconds,
         "tokens_per_s": (loop["tokens"] - tokens_at_start) / seconds if seconds > 0 else None,
@@ -261,12 +272,22 @@ def real_tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def predicted_positions(batch: dict) -> int:
-    """Tokens the loss averages over: labelled positions after the shift (all but the first)."""
-    if "labels" in batch:
-        return int((batch["labels"][:, 1:] != -100).sum())
-    ids = batch["input_ids"]
-    return ids.numel() - ids.shape[0]
+def labelled(batch: dict, first_token: bool = False) -> int:
+    """What the loss averages over: labelled positions after the shift (all but the first; with
+    `first_token`, for prompt and P-tuning, whose last virtual token predicts it, the first too),
+    or for choices batches the examples."""
+    if "answer" in batch:
+        return len(batch["answer"])
+    labels = batch.get("labels", batch["input_ids"])
+    if "labels" not in batch:
+        return labels.numel() - (0 if first_token else labels.shape[0])
+    return int((labels[:, 0 if first_token else 1 :] != -100).sum())
+
+
+def predicts_first_token(module) -> bool:
+    """True for PEFT methods that put virtual tokens before the input (prompt tuning, P-tuning)."""
+    config = getattr(module, "active_peft_config", None)
+    return bool(config and config.is_prompt_learning and config.peft_type.value != "PREFIX_TUNING")
 
 
 def _describe(plan) -> str:

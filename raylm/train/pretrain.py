@@ -15,7 +15,16 @@ from raylm import storage
 from raylm.spec import SpecError
 from raylm.spec.jobs import PretrainJob
 from raylm.spec.sections import TokenizerTraining
-from raylm.train.runs import announce, base_summary, finish, fit, planned_steps, prepare_run, resolve_strategy
+from raylm.train.runs import (
+    announce,
+    base_summary,
+    finish,
+    fit,
+    planned_steps,
+    prepare_run,
+    resolve_strategy,
+    tokenized,
+)
 
 SAMPLE_PROMPT_TOKENS = 8
 
@@ -60,30 +69,33 @@ class Pretrain:
 
 def run_pretrain(kind: Pretrain, job: PretrainJob) -> dict:
     from raylm.data import documents, packed_blocks
+    from raylm.train.reader import CachedSplit
 
     output = job.output.path
     local_output = prepare_run(job)
 
     docs = documents(job.data)
     tokenizer = prepare_tokenizer(job, docs, local_output)
-    train_ds = packed_blocks(docs, tokenizer, job.data, "train")
-    val_ds = packed_blocks(docs, tokenizer, job.data, "val").limit(job.data.val_blocks).materialize()
-    first = train_ds.take(1)
-    if not first:
+    where, manifest = tokenized(
+        job, tokenizer, lambda: packed_blocks(docs, tokenizer, job.data), val_limit=job.data.val_blocks
+    )
+    splits = manifest["splits"]
+    if splits["train"]["rows"] == 0:
         raise SpecError(
             [
                 (
                     "data",
-                    f"the corpus holds fewer than data.seq_len={job.data.seq_len} tokens after "
+                    f"the corpus gave no training block of data.seq_len={job.data.seq_len} tokens after "
                     "tokenization: add text or lower data.seq_len",
                 )
             ]
         )
-    if job.data.val_fraction > 0 and val_ds.count() == 0:
+    if job.data.val_fraction > 0 and splits["val"]["rows"] == 0:
         raise SpecError(
             [("data.val_fraction", "no block landed in the validation split: raise val_fraction or add text")]
         )
-    total_steps = planned_steps(job, train_ds)
+    total_steps = planned_steps(job, splits["train"]["rows"])
+    first = CachedSplit(where, "train", splits["train"]).read(0, 1)["input_ids"][0]
     strategy, why = resolve_strategy(job, local_output)
     announce(job, strategy, why, total_steps, f"vocab {len(tokenizer)}")
     result, outcome = fit(
@@ -94,9 +106,9 @@ def run_pretrain(kind: Pretrain, job: PretrainJob) -> dict:
             "tokenizer": tokenizer,
             "total_steps": total_steps,
             "strategy": strategy,
-            "sample_prompt": first[0]["input_ids"][:SAMPLE_PROMPT_TOKENS].tolist(),
+            "sample_prompt": first[:SAMPLE_PROMPT_TOKENS].tolist(),
+            "data": {"where": where, "splits": splits},
         },
-        {"train": train_ds, "val": val_ds},
     )
     summary = {
         **base_summary(job, total_steps, result, outcome, strategy, why),

@@ -77,7 +77,21 @@ def announce(job, strategy: dict, why: str, total_steps: int, extra: str) -> Non
     )
 
 
-def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict):
+def tokenized(job, tokenizer, make_rows, val_limit: int | None = None) -> tuple[str, dict]:
+    """The run's tokenized data (raylm/datacache.py): (where, manifest), written from the Ray Dataset
+    `make_rows()` returns unless a cache of the same inputs, tokenizer and settings exists."""
+    from raylm.datacache import cache_key, ensure
+
+    root = job.data.cache or f"{job.output.path.rstrip('/')}/data-cache"
+    where = f"{root.rstrip('/')}/{cache_key(job.data, tokenizer, job.data.paths)}"
+    manifest, written = ensure(where, make_rows, val_limit)
+    train, val = manifest["splits"]["train"]["rows"], manifest["splits"]["val"]["rows"]
+    how = "tokenized into" if written else "reusing the tokenized data in"
+    print(f"[raylm] {how} {where} ({train} train rows, {val} validation rows)", flush=True)
+    return where, manifest
+
+
+def fit(kind, job, local_output: Path | None, loop_config: dict):
     """Run raylm.train.loop.train_loop on Ray Train with the hooks of `kind` (a TrainingKind);
     returns the Result and rank 0's return value."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -90,38 +104,36 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, datasets: dict)
 
     output = job.output.path
     tracking = open_runs(job, local_output)
-    console = Console.start(loop_config["total_steps"])
     resources = {"CPU": job.resources.cpus_per_worker}
     if job.resources.use_gpu:
         resources["GPU"] = job.resources.gpus_per_worker
     workers = job.resources.num_workers
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "kind": kind,
-            "job": job,
-            "tracking": tracking,
-            "console": console.queue,
-            "shuffle_buffer": 0 if getattr(job.data, "group_by_length", False) else job.data.shuffle_buffer,
-            "stage_dir": str(local_output) if local_output else None,
-            "publish_to": output if storage.is_uri(output) else None,
-            **loop_config,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=workers if isinstance(workers, int) else tuple(workers),
-            use_gpu=job.resources.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=job.resources.placement.upper(),
-        ),
-        run_config=RunConfig(
-            name="checkpoints",
-            storage_path=str(local_output) if local_output else output,
-            failure_config=FailureConfig(max_failures=job.failure.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-        ),
-        datasets=datasets,
-    )
+    console = Console(loop_config["total_steps"])
     try:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "kind": kind,
+                "job": job,
+                "tracking": tracking,
+                "console": console.queue,
+                "stage_dir": str(local_output) if local_output else None,
+                "publish_to": output if storage.is_uri(output) else None,
+                **loop_config,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=workers if isinstance(workers, int) else tuple(workers),
+                use_gpu=job.resources.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=job.resources.placement.upper(),
+            ),
+            run_config=RunConfig(
+                name="checkpoints",
+                storage_path=str(local_output) if local_output else output,
+                failure_config=FailureConfig(max_failures=job.failure.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+            ),
+        )
         result = trainer.fit()
     except BaseException:
         finish_runs(tracking, job, None, None)
@@ -160,21 +172,24 @@ def base_summary(job, total_steps: int, result, outcome: dict, strategy: dict, w
     }
 
 
-def planned_steps(job, train_ds) -> int:
-    if job.train.max_steps is not None:
-        return job.train.max_steps
-    per_worker = train_ds.count() // job.resources.max_workers
-    batches = per_worker // job.train.batch_size
-    if batches == 0:
+def planned_steps(job, train_rows: int) -> int:
+    """max_steps, or the steps of `epochs` passes over `train_rows` (each worker's share of whole
+    micro-batches); refuses data too small for one micro-batch per worker."""
+    per_worker = train_rows // job.train.batch_size // job.resources.max_workers
+    if per_worker == 0:
         raise SpecError(
             [
                 (
                     "train.batch_size",
-                    f"each worker gets {per_worker} rows, fewer than one batch: lower batch_size or add data",
+                    f"the training split has {train_rows} rows, fewer than one batch of "
+                    f"{job.train.batch_size} per worker ({job.resources.max_workers}): lower batch_size "
+                    "or add data",
                 )
             ]
         )
-    return max(1, math.ceil(job.train.epochs * batches / job.train.grad_accum))
+    if job.train.max_steps is not None:
+        return job.train.max_steps
+    return max(1, math.ceil(job.train.epochs * per_worker / job.train.grad_accum))
 
 
 def check_same_run(job, run_dir: Path) -> None:

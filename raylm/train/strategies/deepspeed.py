@@ -65,14 +65,14 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return self.model.get_lr()[0]
 
-    def loss(self, batch: dict, training: bool = False):
-        return forward_loss(self.model, batch, self.spec)
+    def loss(self, batch: dict, training: bool = False, items=None):
+        return forward_loss(self.model, batch, self.spec, items)
 
-    def micro_step(self, batch: dict, boundary: bool) -> float:
-        loss = self.loss(batch)
-        self.model.backward(loss)  # scales by 1/grad_accum itself
+    def micro_step(self, batch: dict, items, boundary: bool) -> float:
+        loss = self.loss(batch, items=items)
+        self.model.backward(loss, scale_wrt_gas=False)  # `items` already counts every micro-batch
         self.model.step()  # steps the optimizer only at the accumulation boundary
-        return loss.item() / self.spec.grad_accum
+        return loss.item() * float(items)
 
     def save(self, folder: Path, rank: int) -> None:
         self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
