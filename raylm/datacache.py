@@ -60,8 +60,9 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def input_digest(name: str) -> str:
-    """A digest of an input's bytes: a file, every file under a folder, or a hub dataset's name."""
-    digest = hashlib.sha256(name.encode())
+    """A digest of an input's bytes (a file, or every file under a folder, with their relative names);
+    where it lives does not matter."""
+    digest = hashlib.sha256()
     root = Path(name).expanduser()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for file in files:

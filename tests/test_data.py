@@ -48,8 +48,9 @@ def test_every_format_reads_tokenizes_packs_and_splits(ray_local, tmp_path, toke
         assert set(docs.schema().names) == {"text"}
         texts = [row["text"] for row in docs.take_all()]
         assert "".join(texts).replace("\n", "") == "".join(TEXTS), fmt
-        train = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, spec, "train").take_all()])
-        val = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, spec, "val").take_all()])
+        rows = packed_blocks(docs, tokenizer, spec).take_all()
+        train = np.stack([r["input_ids"] for r in rows if not r["val"]])
+        val = np.stack([r["input_ids"] for r in rows if r["val"]])
         assert train.shape[1] == val.shape[1] == 32 and train.dtype == np.int32
         blocks = len(train) + len(val)
         # Packing drops less than one block per batch of documents; EOS adds one token per document.
@@ -61,7 +62,7 @@ def test_every_format_reads_tokenizes_packs_and_splits(ray_local, tmp_path, toke
 
 def test_text_files_keep_lines_and_get_no_eos(ray_local, tmp_path, tokenizer):
     spec = write_inputs(tmp_path)["text"]
-    ids = packed_blocks(documents(spec), tokenizer, spec, "train").take(1)[0]["input_ids"]
+    ids = packed_blocks(documents(spec), tokenizer, spec).take(1)[0]["input_ids"]
     assert tokenizer.eos_token_id not in ids.tolist()
 
 

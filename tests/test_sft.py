@@ -57,14 +57,15 @@ def test_labels_cover_the_response_only_unless_asked(tokenizer):
 def test_pipeline_pads_packs_and_splits_deterministically(ray_local, tokenizer):
     spec = SFTDataSpec(generate={"examples": 300}, seq_len=32, val_fraction=0.2)
     records = examples(spec)
-    train = token_rows(records, tokenizer, spec, "train").take_all()
-    val = token_rows(records, tokenizer, spec, "val").take_all()
+    rows = token_rows(records, tokenizer, spec).take_all()
+    train, val = [r for r in rows if not r["val"]], [r for r in rows if r["val"]]
     assert len(train) + len(val) == 300 and 30 < len(val) < 90
     row = train[0]
     assert len(row["input_ids"]) == 32 and (row["labels"][row["attention_mask"] == 0] == IGNORE).all()
-    again = token_rows(records, tokenizer, spec, "val").take_all()
+    again = [r for r in token_rows(records, tokenizer, spec).take_all() if r["val"]]
     assert [r["input_ids"].tolist() for r in again] == [r["input_ids"].tolist() for r in val]
-    packed = token_rows(records, tokenizer, spec.model_copy(update={"packing": True}), "train").take_all()
+    packed = token_rows(records, tokenizer, spec.model_copy(update={"packing": True})).take_all()
+    packed = [r for r in packed if not r["val"]]
     assert len(packed) < len(train) and all(r["attention_mask"].all() for r in packed)
     pairs = held_out(records, tokenizer, spec, 5)
     assert len(pairs) == 5 and all(p.startswith("Q: ") and a.startswith(" ") for p, a in pairs)
@@ -107,22 +108,3 @@ def test_dynamic_padding_leaves_the_loss_unchanged(tokenizer, sft_base):
         full = model(**batch).loss
         short = model(**cut).loss
     torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-6)
-
-
-def test_group_by_length_batches_similar_lengths_and_keeps_every_example(tokenizer):
-    import numpy as np
-
-    from raylm.sft import grouped_by_length
-
-    rng = np.random.default_rng(0)
-    encoded = [([1] * int(n), [1] * int(n)) for n in rng.integers(3, 60, size=48)]
-    grouped = grouped_by_length(encoded, batch_size=8)
-    assert sorted(len(ids) for ids, _ in grouped) == sorted(len(ids) for ids, _ in encoded)
-    runs = [grouped[i : i + 8] for i in range(0, 48, 8)]
-    # each run is a slice of the length-sorted list: its lengths lie between neighbours in that order
-    ordered = sorted((len(ids) for ids, _ in encoded), reverse=True)
-    slices = [ordered[i : i + 8] for i in range(0, 48, 8)]
-    assert sorted(sorted(len(ids) for ids, _ in run) for run in runs) == sorted(sorted(s) for s in slices)
-    assert grouped_by_length(encoded, 8) == grouped  # the same order every time (resumption)
-    spread = np.mean([max(len(i) for i, _ in r) - min(len(i) for i, _ in r) for r in runs])
-    assert spread < 15  # random batches of these lengths spread over ~45

@@ -115,7 +115,8 @@ def test_choice_rows_keep_each_examples_choices_together():
     tokenizer = train_tokenizer([r["prompt"] + "".join(r["choices"]) for r in rows], "char", 0)
     spec = SFTDataSpec(generate={"task": "recall"}, format="choices", seq_len=48, val_fraction=0.0)
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    (out,) = list(tokenize_batch(batch, tokenizer, spec, "train"))
+    (out,) = list(tokenize_batch(batch, tokenizer, spec))
+    assert not out["val"].any()
     assert out["input_ids"].shape == (40, 4, 48) and out["answer"].tolist() == [r["answer"] for r in rows]
     first = rows[0]
     for c, choice in enumerate(first["choices"]):
