@@ -57,7 +57,9 @@ def test_cluster_launcher_config_passes_rays_schema(path):
     assert all(
         "RAY_AUTH_MODE=token" in cmd for cmd in starts if cmd.strip().startswith(("ray start", "RAY_AUTH"))
     )
-    assert any("raylm" in cmd for cmd in config["setup_commands"])
+    # raylm is installed from the checkout that `ray up` syncs to every node
+    assert config["file_mounts"] == {"~/raylm": "."}
+    assert any("$HOME/raylm[" in cmd for cmd in config["setup_commands"])
 
 
 def _containers(pod_template: dict) -> list:
@@ -87,7 +89,7 @@ def test_kuberay_manifests(path):
                     env = {e["name"]: e for e in container["env"]}
                     assert env["RAY_AUTH_MODE"]["value"] == "token"
                     assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
-                    assert "raylm" in " ".join(container.get("args", []))
+                    assert container["image"].split(":")[0].endswith("raylm")  # cluster/Dockerfile
         if doc["kind"] == "RayJob":
             entry = doc["spec"]["entrypoint"].split()
             assert entry[:2] == ["raylm", "run"]
@@ -102,3 +104,35 @@ def test_kuberay_manifests(path):
             volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
             spec_text = config_maps[volume["configMap"]["name"]][spec_path.name]
             validate_dict(yaml.safe_load(spec_text), source=f"{path.name}:{spec_path}")
+
+
+def test_no_config_installs_raylm_from_a_registry():
+    """raylm is not published on a package registry: `pip install raylm` would install nothing, or
+    somebody else's package. Every install of it names a path (the synced or copied checkout)."""
+    import shlex
+
+    for path in [*CLUSTER, ROOT / "cluster" / "Dockerfile"]:
+        for line in path.read_text().replace("\\\n", " ").splitlines():
+            if "pip install" not in line:
+                continue
+            command = line.split("pip install", 1)[1].split("&&")[0]
+            for word in shlex.split(command):
+                if "raylm" in word and not word.startswith("-"):
+                    assert word.startswith(("/", "~", "$", ".")), f"{path.name}: {line.strip()}"
+
+
+def test_dockerfile_builds_on_the_ray_image_the_manifests_name():
+    """The KubeRay manifests' rayVersion is the Ray inside the image, which is Ray's own image of
+    that version (the Dockerfile's base)."""
+    import ray
+
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    tag = next(
+        line.split("=", 1)[1] for line in dockerfile.splitlines() if line.startswith("ARG RAY_IMAGE_TAG")
+    )
+    assert tag.startswith(ray.__version__ + "-")
+    assert "FROM rayproject/ray:${RAY_IMAGE_TAG}" in dockerfile
+    for path in [p for p in CLUSTER if not _launcher(p)]:
+        for doc in yaml.safe_load_all(path.read_text()):
+            for cluster in _cluster_specs(doc) if doc else []:
+                assert cluster["rayVersion"] == ray.__version__

@@ -33,10 +33,11 @@ def test_compiled_steps_match_eager_steps():
     torch.manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 64, (4, 32))} for _ in range(3)]
     eager, compiled = engine_for(tiny_llama(), False), engine_for(tiny_llama(), True)
+    items = torch.tensor(4 * 31.0)  # labelled positions of a batch: every token but the first of a row
     for batch in batches:
-        a = eager.micro_step(batch, boundary=True)
-        b = compiled.micro_step(batch, boundary=True)
-        assert abs(a - b) < 1e-4
+        a = eager.micro_step(batch, items, boundary=True)
+        b = compiled.micro_step(batch, items, boundary=True)
+        assert abs(a - b) / 124 < 1e-4
     for (name, p), q in zip(eager.module.named_parameters(), compiled.module.parameters(), strict=True):
         torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4, msg=name)
     assert compiled.compiled is not None and eager.compiled is None

@@ -164,3 +164,97 @@ def test_lora_on_deepspeed_zero2_resumes_and_exports_a_peft_adapter(ray_local, s
         AutoModelForCausalLM.from_pretrained(sft_base), tmp_path / "run" / "adapter"
     )
     assert sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == lora_count(4)
+
+
+# ---- one optimizer step over 2 workers x grad_accum 2 equals the same global batch in one piece ----------
+
+GLOBAL_BATCH = 16  # 2 workers x 2 micro-batches x batch_size 4: one step reads every example
+
+
+def uneven_examples(path):
+    """Answers from 1 to 46 characters: a mean per micro-batch would weigh the short ones up."""
+    rows = [
+        {"prompt": f"Q: {i}\nA:", "completion": " " + "ab" * (1 + (i * 7) % 23)} for i in range(GLOBAL_BATCH)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def one_piece_update(base, rows, lr, per_micro_batch=False):
+    """The reference: transformers' loss over all examples at once (mean over every labelled token),
+    one torch AdamW step. With `per_micro_batch`, the mean of 4 contiguous micro-batches' own means
+    (what averaging per-micro-batch losses over accumulation steps and ranks computes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    encoded = []
+    for row in rows:
+        prompt = [tokenizer.bos_token_id] + tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        answer = tokenizer(row["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        encoded.append((prompt + answer, [-100] * len(prompt) + answer))
+
+    def batch(part):
+        width = max(len(ids) for ids, _ in part)
+        pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+        return {
+            "input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in part]),
+            "labels": torch.tensor([pad(labels, -100) for _, labels in part]),
+            "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in part]),
+        }
+
+    if per_micro_batch:
+        parts = [encoded[i : i + 4] for i in range(0, GLOBAL_BATCH, 4)]
+        loss = sum(model(**batch(part)).loss for part in parts) / len(parts)
+    else:
+        loss = model(**batch(encoded)).loss
+    loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer.step()
+    return loss.item(), {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def uneven(sft_base, tmp_path_factory):
+    path = tmp_path_factory.mktemp("uneven") / "sft.jsonl"
+    rows = uneven_examples(path)
+    lr = 1e-3
+    loss, weights = one_piece_update(sft_base, rows, lr)
+    _, wrong = one_piece_update(sft_base, rows, lr, per_micro_batch=True)
+    # the data tells the two apart: a per-micro-batch mean lands far outside the test's tolerance
+    assert max((wrong[k] - weights[k]).abs().max().item() for k in weights) > 1e-4
+    return path, lr, loss, weights
+
+
+@pytest.mark.parametrize(
+    "strategy", ["ddp", "fsdp", {"name": "deepspeed", "stage": 1}, {"name": "deepspeed", "stage": 2}]
+)
+def test_one_step_with_accumulation_equals_the_global_batch_in_one_piece(
+    ray_local, sft_base, uneven, strategy, tmp_path
+):
+    from safetensors.torch import load_file
+
+    path, lr, loss, weights = uneven
+    spec = finetune_spec(
+        sft_base,
+        tmp_path / "run",
+        "full",
+        strategy=strategy,
+        data={"generate": None, "path": str(path), "seq_len": 64, "val_fraction": 0.0, "shuffle_buffer": 0},
+        train={
+            "max_steps": 1,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "lr": lr,
+            "schedule": "constant",
+            "weight_decay": 0.0,
+            "grad_clip": None,
+        },
+        eval={"exact_match_examples": 0},
+    )
+    run_here(validate_dict(spec))
+    (row,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert row["loss"] == pytest.approx(loss, rel=1e-5)  # the global per-token loss, not rank 0's
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    for name, tensor in trained.items():
+        torch.testing.assert_close(tensor, weights[name], atol=1e-5, rtol=0, msg=name)
