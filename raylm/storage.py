@@ -64,6 +64,7 @@ def write_text(output: str, name: str, text: str) -> None:
 def write_bytes(output: str, name: str, data: bytes) -> None:
     """Write `data` as file `name` into the run at `output` (a folder or a URI)."""
     if not is_uri(output):
+        Path(output).mkdir(parents=True, exist_ok=True)
         Path(output, name).write_bytes(data)
         return
     import pyarrow.fs as pafs
@@ -72,6 +73,20 @@ def write_bytes(output: str, name: str, data: bytes) -> None:
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{name}") as out:
         out.write(data)
+
+
+def read_text(output: str, name: str) -> str | None:
+    """File `name` of the run at `output` (a folder or a URI), or None when it is not there."""
+    if not is_uri(output):
+        path = Path(output, name)
+        return path.read_text() if path.is_file() else None
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(output)
+    if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{root}/{name}") as source:
+        return source.read().decode()
 
 
 def fetch_file(output: str, name: str, into: Path) -> None:

@@ -137,7 +137,7 @@ def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
         for prompt, answer in held_out(records, tokenizer, job.data, job.eval.exact_match_examples)
     ]
     total_steps = planned_steps(job, splits["train"]["rows"])
-    strategy, why = resolve_strategy(job, local_output)
+    strategy, why = resolve_strategy(job)
     announce(job, strategy, why, total_steps, f"method {job.method.name}")
     result, outcome = fit(
         kind,

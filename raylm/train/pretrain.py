@@ -96,7 +96,7 @@ def run_pretrain(kind: Pretrain, job: PretrainJob) -> dict:
         )
     total_steps = planned_steps(job, splits["train"]["rows"])
     first = CachedSplit(where, "train", splits["train"]).read(0, 1)["input_ids"][0]
-    strategy, why = resolve_strategy(job, local_output)
+    strategy, why = resolve_strategy(job)
     announce(job, strategy, why, total_steps, f"vocab {len(tokenizer)}")
     result, outcome = fit(
         kind,

@@ -44,27 +44,28 @@ def prepare_run(job) -> Path | None:
             section.path = str(Path(section.path).expanduser().resolve())
     output = job.output.path
     local_output = None if storage.is_uri(output) else Path(output).resolve()
-    if local_output is not None:
-        check_same_run(job, local_output)
+    check_same_run(job, str(local_output) if local_output else output)
     configure_ray_data()
     return local_output
 
 
-def resolve_strategy(job, local_output: Path | None) -> tuple[dict, str]:
-    """The run's concrete strategy. A resumed run keeps the one its checkpoints were written with,
-    even when `auto` would now choose another (other GPUs, another worker count)."""
+def resolve_strategy(job) -> tuple[dict, str]:
+    """The run's concrete strategy. A resumed run keeps the one its checkpoints were written with
+    (recorded in the output's strategy.json, a folder or a URI), even when `auto` would now choose
+    another (other GPUs, another worker count)."""
+    from raylm import storage
     from raylm.plan import NothingFits, resolve
 
-    record = local_output / "strategy.json" if local_output else None
-    if record is not None and record.exists():
-        saved = json.loads(record.read_text())
-        return saved["strategy"], f"kept from the run's first attempt: {saved['why']}"
+    output = job.output.path if storage.is_uri(job.output.path) else str(Path(job.output.path).resolve())
+    saved = storage.read_text(output, "strategy.json")
+    if saved is not None:
+        record = json.loads(saved)
+        return record["strategy"], f"kept from the run's first attempt: {record['why']}"
     try:
         strategy, why = resolve(job)
     except NothingFits as err:
         raise SpecError([("strategy", str(err))]) from None
-    if record is not None:
-        record.write_text(json.dumps({"strategy": strategy, "why": why}, indent=2))
+    storage.write_text(output, "strategy.json", json.dumps({"strategy": strategy, "why": why}, indent=2))
     return strategy, why
 
 
@@ -192,12 +193,15 @@ def planned_steps(job, train_rows: int) -> int:
     return max(1, math.ceil(job.train.epochs * per_worker / job.train.grad_accum))
 
 
-def check_same_run(job, run_dir: Path) -> None:
-    """Refuse to resume a run folder written by a different spec; record the spec for new runs."""
-    record = run_dir / "spec.yaml"
+def check_same_run(job, output: str) -> None:
+    """Refuse to resume a run (a folder or a URI) written by a different spec; record the spec for
+    new runs."""
+    from raylm import storage
+
     current = job.model_dump(mode="json")
-    if record.exists():
-        earlier = yaml.safe_load(record.read_text())
+    recorded = storage.read_text(output, "spec.yaml")
+    if recorded is not None:
+        earlier = yaml.safe_load(recorded)
         resumable = RESUMABLE_CHANGES | ({("resources", "num_workers")} if job.resources.elastic else set())
         changed = [p for p in _diff(earlier, current) if not any(p[: len(a)] == a for a in resumable)]
         if changed:
@@ -206,13 +210,12 @@ def check_same_run(job, run_dir: Path) -> None:
                 [
                     (
                         "output",
-                        f"{run_dir} holds a run of a different spec (changed: {fields}); "
+                        f"{output} holds a run of a different spec (changed: {fields}); "
                         "use a new output folder, or remove the old run to start over",
                     )
                 ]
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(yaml.safe_dump(current, sort_keys=False))
+    storage.write_text(output, "spec.yaml", yaml.safe_dump(current, sort_keys=False))
 
 
 def _diff(a, b, prefix=()) -> list[tuple]:

@@ -1,0 +1,33 @@
+"""A run's identity on a storage URI: the spec record and strategy.json live in the output URI, so a
+changed spec is refused and a resumed `auto` run keeps its strategy, as for a local folder."""
+
+import json
+
+import pytest
+
+from raylm.spec import SpecError, validate_dict
+from raylm.train.runs import check_same_run, resolve_strategy
+from tests.conftest import tiny_spec
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_a_changed_spec_is_refused_and_auto_keeps_its_strategy(ray_local, tmp_path, scheme):
+    output = f"{scheme}{tmp_path / 'run'}"
+    job = validate_dict(tiny_spec(output, strategy="auto"))
+    check_same_run(job, output)
+    strategy, why = resolve_strategy(job)
+    assert (tmp_path / "run" / "spec.yaml").exists()
+    assert json.loads((tmp_path / "run" / "strategy.json").read_text())["strategy"] == strategy
+
+    longer = validate_dict(tiny_spec(output, strategy="auto", train={"max_steps": 60}))
+    check_same_run(longer, output)  # more steps: the same run, resumed
+    # what `auto` chose at first stays, even if it would now choose otherwise
+    record = {"strategy": {"name": "fsdp", "reshard_after_forward": True}, "why": "auto: first attempt"}
+    (tmp_path / "run" / "strategy.json").write_text(json.dumps(record))
+    kept, why = resolve_strategy(longer)
+    assert kept["name"] == "fsdp" and why.startswith("kept from the run's first attempt")
+
+    other = validate_dict(tiny_spec(output, strategy="auto", train={"lr": 1e-2}))
+    with pytest.raises(SpecError) as refused:
+        check_same_run(other, output)
+    assert "different spec (changed: train.lr)" in str(refused.value)
