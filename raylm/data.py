@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from raylm.sources import (
+    check_dataset,
     files_under,
     in_validation,
     is_saved_dataset,
+    load_hub_dataset,
     load_saved_dataset,
     missing_paths,
     read_head,
@@ -47,6 +49,8 @@ def configure_ray_data() -> None:
 
 def resolve_format(spec: DataSpec) -> str:
     """The input format: the spec's, or one guessed from the files' extensions."""
+    if spec.dataset is not None:
+        return "dataset"
     if spec.format != "auto" or spec.generate is not None:
         return spec.format if spec.generate is None else "generated"
     first = Path(spec.paths[0])
@@ -69,6 +73,8 @@ def check_data(spec: DataSpec) -> list[tuple[str, str]]:
     """Problems with the input data, found before any worker starts: missing, empty, undecodable."""
     if spec.generate is not None:
         return []
+    if spec.dataset is not None:
+        return check_dataset(spec.dataset)
     problems = missing_paths(spec.paths)
     if problems:
         return problems
@@ -140,7 +146,17 @@ def documents(spec: DataSpec):
         return ray.data.from_items(
             [{"text": s} for s in stories(spec.generate.documents, spec.generate.seed)]
         )
-    if fmt == "hf":
+    if fmt == "dataset":
+        loaded = load_hub_dataset(spec.dataset)
+        if spec.text_field not in loaded.column_names:
+            from raylm.spec import SpecError
+
+            columns = ", ".join(loaded.column_names)
+            raise SpecError(
+                [("data.text_field", f"the dataset has no column {spec.text_field!r} ({columns})")]
+            )
+        ds = ray.data.from_huggingface(loaded.select_columns([spec.text_field]))
+    elif fmt == "hf":
         parts = [
             ray.data.from_huggingface(load_saved_dataset(p).select_columns([spec.text_field]))
             for p in spec.paths

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from raylm.sources import (
+    check_dataset,
     files_under,
     in_validation,
     is_saved_dataset,
+    load_hub_dataset,
     load_saved_dataset,
     missing_paths,
     read_head,
@@ -195,6 +197,8 @@ def examples(spec: SFTDataSpec):
         task = spec.generate
         choices = spec.num_choices if spec.format == "choices" else 0
         return ray.data.from_items(generate(task.task, task.examples, task.seed, choices))
+    if spec.dataset is not None:
+        return ray.data.from_huggingface(load_hub_dataset(spec.dataset))
     parts = []
     for raw in spec.paths:
         if is_saved_dataset(raw):
@@ -233,6 +237,8 @@ def check_sft_data(spec: SFTDataSpec) -> list[tuple[str, str]]:
     """Missing files, unreadable rows and missing fields, found before any worker starts."""
     if spec.generate is not None:
         return []
+    if spec.dataset is not None:
+        return check_dataset(spec.dataset)
     problems = missing_paths(spec.paths)
     for raw in spec.paths:
         if not Path(raw).exists():

@@ -19,6 +19,39 @@ def is_saved_dataset(path: str | Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
 
 
+def load_hub_dataset(spec):
+    """A `data.dataset` section (raylm.spec.sections.HubDataset) read with `datasets.load_dataset`;
+    a gated hub dataset reads HF_TOKEN from the environment (never from the spec)."""
+    import os
+
+    import datasets
+
+    return datasets.load_dataset(
+        spec.name,
+        spec.config,
+        split=spec.split,
+        revision=spec.revision,
+        data_files=spec.data_files,
+        token=os.environ.get("HF_TOKEN") or None,
+    )
+
+
+def dataset_inputs(spec) -> list[str]:
+    """The local files a `data.dataset` section reads (its folder, its data_files), for the cache key;
+    a hub dataset is keyed by its name and revision alone."""
+    files = [spec.data_files] if isinstance(spec.data_files, str) else list(spec.data_files or [])
+    return [p for p in [spec.name, *files] if Path(p).expanduser().exists()]
+
+
+def check_dataset(spec) -> list[tuple[str, str]]:
+    """A local dataset folder or data file that is not there (a hub dataset is checked when read)."""
+    files = [spec.data_files] if isinstance(spec.data_files, str) else list(spec.data_files or [])
+    local = [spec.name] if spec.name.startswith((".", "/", "~")) else []
+    return [
+        ("data.dataset", f"{p} does not exist") for p in [*local, *files] if not Path(p).expanduser().exists()
+    ]
+
+
 def load_saved_dataset(path: str):
     """A save_to_disk folder as one Dataset: a DatasetDict gives its `train` split (else its first)."""
     import datasets

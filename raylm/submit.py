@@ -142,21 +142,30 @@ def client(address: str):
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {err}") from None
 
 
-def submit(address: str, job, verbose: bool = False) -> str:
-    """Submit the validated job as a Ray job running `raylm run` on its spec (the cluster's raylm
-    finds the kind in the same registry); returns the submission id."""
+def job_environment(job) -> dict:
+    """The Ray job's runtime_env: a working folder holding the spec, this raylm, and the environment
+    variables the job needs from the submitting shell."""
     import raylm
 
-    rc = client(address)
     workdir = Path(tempfile.mkdtemp(prefix="raylm-submit-"))
     spec = job.model_dump(mode="json", exclude_none=True)
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    runtime_env: dict = {
+    env_vars = {"PYTHONUNBUFFERED": "1"}
+    if os.environ.get("HF_TOKEN"):  # gated hub models and datasets; never in the spec record or a log
+        env_vars["HF_TOKEN"] = os.environ["HF_TOKEN"]
+    return {
         "working_dir": str(workdir),
         # Ship this raylm so the cluster runs the code that validated the spec.
         "py_modules": [str(Path(raylm.__file__).parent)],
-        "env_vars": {"PYTHONUNBUFFERED": "1"},
+        "env_vars": env_vars,
     }
+
+
+def submit(address: str, job, verbose: bool = False) -> str:
+    """Submit the validated job as a Ray job running `raylm run` on its spec (the cluster's raylm
+    finds the kind in the same registry); returns the submission id."""
+    rc = client(address)
+    runtime_env = job_environment(job)
     entrypoint = f"python -m raylm run {shlex.quote('spec.yaml')}" + (" --verbose" if verbose else "")
     submission_id = f"raylm-{job.run_name}-{uuid.uuid4().hex[:8]}"
     for attempt in itertools.count():

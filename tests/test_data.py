@@ -105,3 +105,23 @@ def test_parquet_missing_column_and_corrupt(tmp_path):
     (tmp_path / "b.parquet").write_bytes(b"garbage")
     [(_, what)] = check_data(DataSpec(path=str(tmp_path / "b.parquet")))
     assert "Parquet" in what
+
+
+def test_a_dataset_reads_through_load_dataset(ray_local, tmp_path, tokenizer):
+    """`data.dataset` goes through datasets.load_dataset: a builder with local data_files, or a local
+    dataset folder (a hub id takes the same path, with the network)."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    with open(folder / "part.jsonl", "w") as f:
+        for text in TEXTS:
+            f.write(json.dumps({"body": text}) + "\n")
+    for source in (
+        {"name": "json", "data_files": [str(folder / "part.jsonl")]},
+        {"name": str(folder), "split": "train[:50%]"},
+    ):
+        spec = DataSpec(dataset=source, text_field="body", seq_len=32)
+        assert check_data(spec) == []
+        texts = [row["text"] for row in documents(spec).take_all()]
+        assert texts == TEXTS[: len(texts)] and len(texts) in (len(TEXTS), len(TEXTS) // 2)
+    assert "does not exist" in check_data(DataSpec(dataset={"name": str(tmp_path / "nope")}))[0][1]
+    assert DataSpec(path="hf://org/name").dataset.name == "org/name"

@@ -150,10 +150,13 @@ def raylm(*args, env, cwd=None) -> subprocess.CompletedProcess:
 def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
     address, env = two_node_cluster
     # A storage URI, as a cluster would use (s3://, gs://); file:// reaches this machine's disk,
-    # which both nodes share here.
+    # which both nodes share here. Each worker takes every CPU of its node (2): the data pipeline must
+    # not need a CPU while they train (it used to wait for one forever).
     output = tmp_path / "run"
     spec_file = tmp_path / "spec.yaml"
-    spec = tiny_spec(f"file://{output}", resources={"num_workers": 2, "placement": "strict_spread"})
+    spec = tiny_spec(
+        f"file://{output}", resources={"num_workers": 2, "cpus_per_worker": 2, "placement": "strict_spread"}
+    )
     spec_file.write_text(yaml.safe_dump(spec))
 
     done = raylm("run", str(spec_file), "--address", address, "--set", "train.max_steps=10", env=env)
@@ -169,6 +172,7 @@ def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
         5,
         10,
     ]
+    assert (output / "spec.yaml").exists() and (output / "strategy.json").exists()  # the run's guards
     last = output / "checkpoints" / "checkpoint_00000010"
     assert (last / "MANIFEST.rank0.json").exists() and (
         last / "MANIFEST.rank1.json"
@@ -188,9 +192,40 @@ def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
 
 
 @pytest.mark.cluster
+def test_workers_the_cluster_cannot_hold_stop_the_job_with_what_to_change(two_node_cluster, tmp_path):
+    """3 workers of 2 CPUs on two 2-CPU nodes would wait forever: the job stops before it starts."""
+    address, env = two_node_cluster
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        yaml.safe_dump(tiny_spec(tmp_path / "run", resources={"num_workers": 3, "cpus_per_worker": 2}))
+    )
+    done = raylm("run", str(spec_file), "--address", address, env=env)
+    assert done.returncode == 1 and "FAILED" in done.stdout
+    assert "hold 2 of the 3 training workers of 2 CPU each" in done.stdout
+    assert "lower resources.num_workers" in done.stdout and "Traceback" not in done.stdout
+    assert not (tmp_path / "run" / "data-cache").exists()  # stopped before any work
+
+
+@pytest.mark.cluster
 def test_wrong_token_is_a_clear_error(two_node_cluster, tmp_path):
     address, env = two_node_cluster
     bad = dict(env, RAY_AUTH_TOKEN="not-the-token")
     listed = raylm("jobs", "list", "--address", address, env=bad)
     assert listed.returncode == 2 and "Traceback" not in listed.stderr
     assert "token" in listed.stderr.lower()
+
+
+def test_hf_token_travels_in_the_job_environment_only(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from raylm.spec import validate_dict
+    from raylm.submit import job_environment
+
+    secret = "hf_" + uuid.uuid4().hex
+    monkeypatch.setenv("HF_TOKEN", secret)
+    env = job_environment(validate_dict(tiny_spec(tmp_path / "run")))
+    assert env["env_vars"]["HF_TOKEN"] == secret
+    written = [p.read_text() for p in Path(env["working_dir"]).rglob("*") if p.is_file()]
+    assert written and not any(secret in text for text in written)  # not in the spec the job reads
+    monkeypatch.delenv("HF_TOKEN")
+    assert "HF_TOKEN" not in job_environment(validate_dict(tiny_spec(tmp_path / "run")))["env_vars"]

@@ -126,10 +126,28 @@ class GeneratedCorpus(Section):
     seed: int = Field(0, description="Seed of the story generator.")
 
 
-class SourceSpec(Section):
-    """Where a job's data comes from: your files, or something raylm generates (exactly one)."""
+class HubDataset(Section):
+    """A dataset read by `datasets.load_dataset`: a hub id (network access, HF_TOKEN from the
+    environment for gated ones), a local dataset folder, or a builder (json, parquet, text) with
+    data_files."""
 
-    path: str | list[str] | None = Field(None, description="A file, a folder of files, or a list of them.")
+    name: str = Field(description="Hub id (org/name), local folder, or builder name (json, parquet, text).")
+    config: str | None = Field(None, description="The dataset's configuration (subset) name.")
+    split: str = Field("train", description="The split to read, e.g. train or train[:10%].")
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag, commit); pin it so the tokenized cache stays valid."
+    )
+    data_files: str | list[str] | None = Field(None, description="Files for a builder (json, parquet, text).")
+
+
+class SourceSpec(Section):
+    """Where a job's data comes from: your files, a dataset (hub or local), or something raylm
+    generates (exactly one)."""
+
+    path: str | list[str] | None = Field(
+        None, description="A file, a folder of files, or a list of them; hf://org/name reads a hub dataset."
+    )
+    dataset: HubDataset | None = Field(None, description="A dataset read with datasets.load_dataset.")
     generate: Section | None = None  # each kind's data section says what it generates
     cache: str | None = Field(
         None,
@@ -152,11 +170,24 @@ class SourceSpec(Section):
             raise ValueError("give a file or folder (or a non-empty list of them), not an empty name")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hub_path(cls, data):
+        """`path: hf://org/name` is shorthand for `dataset: {name: org/name}`."""
+        if isinstance(data, dict) and "dataset" not in data:
+            path = data.get("path")
+            if isinstance(path, str) and path.startswith("hf://") and len(path) > len("hf://"):
+                data = {**{k: v for k, v in data.items() if k != "path"}, "dataset": {"name": path[5:]}}
+        return data
+
     @model_validator(mode="after")
     def _one_source(self) -> SourceSpec:
-        if (self.path is None) == (self.generate is None):
+        if sum(x is not None for x in (self.path, self.dataset, self.generate)) != 1:
             noun = self.model_fields["generate"].description or "generated data"
-            raise ValueError(f"give exactly one of data.path (your files) or data.generate ({noun})")
+            raise ValueError(
+                "give exactly one of data.path (your files), data.dataset (datasets.load_dataset) or "
+                f"data.generate ({noun})"
+            )
         return self
 
     @property
@@ -295,6 +326,11 @@ class ResourcesSpec(Section):
         "pack",
         description="Worker placement across nodes: pack (fewest nodes), spread (best effort), strict_spread (one per node).",
     )
+    autoscale: bool = Field(
+        False,
+        description="The cluster adds nodes on demand (an autoscaler): start even when its present nodes "
+        "cannot hold the workers, and wait for new ones. Otherwise such a job stops before it starts.",
+    )
 
     @field_validator("num_workers")
     @classmethod
@@ -311,6 +347,15 @@ class ResourcesSpec(Section):
     @property
     def max_workers(self) -> int:
         return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def per_worker(self) -> dict[str, float]:
+        """The Ray resources one worker reserves."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
 
 class FailureSpec(Section):

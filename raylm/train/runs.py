@@ -37,8 +37,10 @@ def prepare_run(job) -> Path | None:
     elsewhere), the run folder's identity check, Ray Data's settings. Returns the local run folder
     (None for a storage URI)."""
     from raylm import storage
+    from raylm.capacity import check_capacity
     from raylm.data import configure_ray_data
 
+    check_capacity(job.resources)
     for section in (job.model, job.tokenizer):
         if section.path and Path(section.path).expanduser().exists():
             section.path = str(Path(section.path).expanduser().resolve())
@@ -82,9 +84,11 @@ def tokenized(job, tokenizer, make_rows, val_limit: int | None = None) -> tuple[
     """The run's tokenized data (raylm/datacache.py): (where, manifest), written from the Ray Dataset
     `make_rows()` returns unless a cache of the same inputs, tokenizer and settings exists."""
     from raylm.datacache import cache_key, ensure
+    from raylm.sources import dataset_inputs
 
+    inputs = job.data.paths + (dataset_inputs(job.data.dataset) if job.data.dataset else [])
     root = job.data.cache or f"{job.output.path.rstrip('/')}/data-cache"
-    where = f"{root.rstrip('/')}/{cache_key(job.data, tokenizer, job.data.paths)}"
+    where = f"{root.rstrip('/')}/{cache_key(job.data, tokenizer, inputs)}"
     manifest, written = ensure(where, make_rows, val_limit)
     train, val = manifest["splits"]["train"]["rows"], manifest["splits"]["val"]["rows"]
     how = "tokenized into" if written else "reusing the tokenized data in"
@@ -105,9 +109,6 @@ def fit(kind, job, local_output: Path | None, loop_config: dict):
 
     output = job.output.path
     tracking = open_runs(job, local_output)
-    resources = {"CPU": job.resources.cpus_per_worker}
-    if job.resources.use_gpu:
-        resources["GPU"] = job.resources.gpus_per_worker
     workers = job.resources.num_workers
     console = Console(loop_config["total_steps"])
     try:
@@ -125,7 +126,7 @@ def fit(kind, job, local_output: Path | None, loop_config: dict):
             scaling_config=ScalingConfig(
                 num_workers=workers if isinstance(workers, int) else tuple(workers),
                 use_gpu=job.resources.use_gpu,
-                resources_per_worker=resources,
+                resources_per_worker=job.resources.per_worker,
                 placement_strategy=job.resources.placement.upper(),
             ),
             run_config=RunConfig(

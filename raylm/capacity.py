@@ -1,0 +1,54 @@
+"""Whether the Ray cluster's nodes can hold a job's workers, checked before any worker is asked for.
+
+Ray Train waits, silently and forever, for workers that no node can hold (and Ray Data for CPUs
+that the workers hold): a job stops here instead with what is missing and what to change.
+"""
+
+from __future__ import annotations
+
+import math
+
+from raylm.spec import SpecError
+
+
+def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float], one_per_node: bool) -> int:
+    """How many workers of `per_worker` resources the nodes' total resources hold."""
+    count = 0
+    for total in nodes:
+        slots = min(math.floor(total.get(name, 0.0) / amount + 1e-9) for name, amount in per_worker.items())
+        count += min(slots, 1) if one_per_node else slots
+    return count
+
+
+def check_capacity(resources, what: str = "training workers") -> None:
+    """Raise SpecError when the connected cluster's nodes cannot hold `resources`' minimum workers
+    (unless `resources.autoscale`: an autoscaler may add nodes)."""
+    import ray
+
+    if resources.autoscale:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    per_worker = resources.per_worker
+    needed = resources.min_workers
+    fits = workers_that_fit(nodes, per_worker, resources.placement == "strict_spread")
+    if fits >= needed:
+        return
+    have = ", ".join(
+        "/".join(
+            f"{int(n.get(k, 0)) if float(n.get(k, 0)).is_integer() else n.get(k, 0)} {k}" for k in per_worker
+        )
+        for n in nodes
+    )
+    each = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
+    spread = " one per node (placement: strict_spread)," if resources.placement == "strict_spread" else ""
+    raise SpecError(
+        [
+            (
+                "resources",
+                f"the cluster's {len(nodes)} node(s) ({have}) hold {fits} of the {needed} {what} "
+                f"of {each} each{spread} that this job needs, so it would wait forever: lower "
+                "resources.num_workers or resources.cpus_per_worker / gpus_per_worker, add nodes, or "
+                "on an autoscaling cluster set resources.autoscale: true",
+            )
+        ]
+    )
