@@ -194,6 +194,12 @@ def schema(kind):
     help="Default: the spec's, else fp32.",
 )
 @click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="dtype the weights are loaded in (model.dtype). Default: the spec's, else float32.",
+)
+@click.option(
     "--batch", type=click.IntRange(min=1), default=None, help="Sequences per worker per micro-batch."
 )
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per sequence.")
@@ -212,6 +218,7 @@ def estimate(
     workers,
     gpu_memory,
     precision,
+    dtype,
     batch,
     seq_len,
     gradient_checkpointing,
@@ -226,6 +233,7 @@ def estimate(
             shape = memory.shape_of_job(job)
             workers = workers or job.resources.max_workers
             precision = precision or job.train.precision
+            dtype = dtype or job.model.dtype
             batch = batch or job.train.batch_size
             seq_len = seq_len or job.data.seq_len
             if gradient_checkpointing is None:
@@ -253,6 +261,7 @@ def estimate(
             bool(gradient_checkpointing),
             bool(flash_attention),
             gpu_memory,
+            dtype or "float32",
         )
     )
 

@@ -5,9 +5,10 @@
 
 The rules of thumb it reproduces: fp32 AdamW keeps 16 bytes per trained parameter (4 weights + 4
 gradients + 8 Adam moments), so a 1B model takes 4 GB to store and about 16 GB plus activations to
-train; bf16 mixed precision with fp32 master weights is 2 + 2 + 12 = 16 bytes too; ZeRO-1 shards the
+train; bf16 autocast over fp32 weights keeps the same 16 (it stores nothing in 16 bits); DeepSpeed's
+bf16 is 2 + 2 + 12 (16-bit weights and gradients, fp32 master and moments); ZeRO-1 shards the
 optimizer states, ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (16/N bytes per
-parameter at stage 3).
+parameter at stage 3). bytes_per_parameter says what each strategy allocates in each mode.
 """
 
 from __future__ import annotations
@@ -125,6 +126,24 @@ def activation_bytes(
     return float(layers + logits)
 
 
+def bytes_per_parameter(strategy: str, precision: str, dtype: str = "float32") -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes per trained parameter, as raylm's strategies allocate them.
+
+    - DeepSpeed ZeRO with bf16 / fp16 casts the model to 16 bits and keeps fp32 master weights with
+      the Adam moments: 2, 2, 4 + 8.
+    - fsdp with bf16 keeps the sharded weights (the master copy) and the reduced gradients in fp32
+      and gathers bf16 copies for compute (model.dtype: bfloat16 loads in 16 bits, then upcasts): 4, 4, 8.
+    - Otherwise weights, gradients and AdamW's two moments are in model.dtype; autocast computes in
+      16 bits but stores nothing in them: 4, 4, 8 in float32, 2, 2, 4 in bfloat16 / float16.
+    """
+    if strategy.startswith("zero") and precision != "fp32":
+        return 2, 2, 12
+    if strategy == "fsdp" and precision == "bf16":
+        return 4, 4, 8
+    element = 4 if dtype == "float32" else 2
+    return element, element, 2 * element
+
+
 def estimate(
     shape: Shape,
     strategy: str,
@@ -136,37 +155,46 @@ def estimate(
     trainable: int | None = None,
     flash_attention: bool = False,
     weight_bits: float | None = None,
+    dtype: str = "float32",
 ) -> Breakdown:
-    """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers.
+    """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers,
+    with the weights loaded in `dtype` (model.dtype) and `precision` (train.precision).
 
-    `weight_bits`: the frozen base is quantised to this many bits per parameter (QUANT_BITS; QLoRA),
-    the trained parameters keep the precision's bytes.
-
-    `trainable` parameters (default all) carry gradients and AdamW state; a frozen base (LoRA) only
-    weights. `flash_attention`: attention kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. Mixed precision (bf16/fp16) counts 16-bit weights and gradients plus fp32 master
-    weights with the optimizer (2 + 2 + 12 bytes per trained parameter).
+    `trainable` parameters (default all) carry gradients and AdamW state (bytes_per_parameter); a
+    frozen base (LoRA) only weights, in `dtype` (16 bits under DeepSpeed's bf16 / fp16), or
+    `weight_bits` per parameter when quantised (QUANT_BITS; QLoRA). `flash_attention`: attention
+    kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. fsdp and ZeRO-3 also hold the
+    gathered weights of two blocks at a time (the one computing and the one prefetched).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     trained = shape.params if trainable is None else trainable
-    mixed = precision != "fp32"
-    weight_bytes = 2 if mixed else 4
+    weight_bytes, gradient_bytes, optimizer_bytes = bytes_per_parameter(strategy, precision, dtype)
+    frozen_bytes = (
+        2 if strategy.startswith("zero") and precision != "fp32" else 4 if dtype == "float32" else 2
+    )
     frozen = shape.params - trained
-    weights = trained * weight_bytes + frozen * (weight_bits / 8 if weight_bits else weight_bytes)
-    gradients = trained * weight_bytes
-    optimizer = trained * (12 if mixed else 8)
+    weights = trained * weight_bytes + frozen * (weight_bits / 8 if weight_bits else frozen_bytes)
+    gradients = trained * gradient_bytes
+    optimizer = trained * optimizer_bytes
     shard = {"ddp": (1, 1, 1), "zero1": (1, 1, workers), "zero2": (1, workers, workers)}.get(
         strategy, (workers, workers, workers)
     )
+    gathered = 0.0
+    if shard[0] > 1:
+        compute_bytes = 2 if precision != "fp32" else weight_bytes
+        block = max(0, shape.params - 2 * shape.vocab * shape.hidden) / max(1, shape.layers)
+        gathered = 2 * block * compute_bytes
+    mixed = precision != "fp32" or dtype != "float32"
     return Breakdown(
         weights=weights / shard[0],
         gradients=gradients / shard[1],
         optimizer=optimizer / shard[2],
         activations=activation_bytes(
-            shape, batch, seq_len, precision, gradient_checkpointing, flash_attention
+            shape, batch, seq_len, "bf16" if mixed else "fp32", gradient_checkpointing, flash_attention
         ),
-        # AdamW's multi-tensor step holds one more fp32 copy of the (local) trained parameters.
-        temporary=trained * 4 / shard[2],
+        # AdamW's multi-tensor step holds one more moment-sized copy of the (local) trained parameters.
+        temporary=trained * (optimizer_bytes // 2 if optimizer_bytes < 12 else 4) / shard[2] + gathered,
         buckets=gradients if strategy == "ddp" and workers > 1 else 0.0,
     )
 
@@ -187,29 +215,48 @@ def report(
     gradient_checkpointing: bool,
     flash_attention: bool,
     gpu_memory_gb: float | None,
+    dtype: str = "float32",
 ) -> str:
     """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`."""
     unit, scale = (
         ("GiB", GiB)
         if estimate(
-            shape, "ddp", precision, workers, batch, seq_len, gradient_checkpointing, None, flash_attention
+            shape,
+            "ddp",
+            precision,
+            workers,
+            batch,
+            seq_len,
+            gradient_checkpointing,
+            None,
+            flash_attention,
+            dtype=dtype,
         ).total
         >= GiB
         else ("MiB", 1024**2)
     )
     lines = [
         f"model: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
-        f"{workers} worker(s), {precision}, batch {batch} x {seq_len} tokens"
+        f"{workers} worker(s), {precision} ({dtype} weights), batch {batch} x {seq_len} tokens"
         + (", gradient checkpointing" if gradient_checkpointing else "")
         + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)"),
-        f"weights alone: {shape.params * (4 if precision == 'fp32' else 2) / scale:.2f} {unit}",
+        f"weights alone: {shape.params * (4 if dtype == 'float32' else 2) / scale:.2f} {unit} in {dtype}",
         "",
         f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'peak ' + unit:>11}"
         + ("  fits" if gpu_memory_gb else ""),
     ]
     for strategy in STRATEGIES:
         b = estimate(
-            shape, strategy, precision, workers, batch, seq_len, gradient_checkpointing, None, flash_attention
+            shape,
+            strategy,
+            precision,
+            workers,
+            batch,
+            seq_len,
+            gradient_checkpointing,
+            None,
+            flash_attention,
+            dtype=dtype,
         )
         row = f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.total / scale:>11.2f}"
         if gpu_memory_gb:

@@ -56,27 +56,53 @@ def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def build_model(spec: ModelSpec, vocab_size: int, tokenizer=None, seed: int = 0):
-    """The model of `spec`: random init from the architecture (seeded), or weights from `spec.path`."""
+def build_model(spec: ModelSpec, vocab_size: int, tokenizer=None, seed: int = 0, empty: bool = False):
+    """The model of `spec`: random init from the architecture (seeded), or weights from `spec.path`.
+
+    `empty`: the structure only, parameters on the meta device (no memory) and buffers computed as
+    usual, for a rank whose shard a sharded strategy fills from rank 0 (raylm/train/strategies)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, DTYPES[spec.dtype])
-    if spec.architecture is not None:
+    options = {"dtype": dtype, "attn_implementation": spec.attention}
+    if spec.architecture is not None or empty:
+        config = (
+            architecture_config(spec.architecture, vocab_size, tokenizer)
+            if spec.architecture is not None
+            else AutoConfig.from_pretrained(
+                spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+            )
+        )
         torch.manual_seed(seed)
-        config = architecture_config(spec.architecture, vocab_size, tokenizer)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=spec.attention)
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.path,
-        revision=spec.revision,
-        dtype=dtype,
-        attn_implementation=spec.attention,
-        trust_remote_code=spec.trust_remote_code,
-        use_safetensors=True,
-    )
+        with empty_weights(empty):
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.trust_remote_code, **options
+            )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.path,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=True,
+            **options,
+        )
     if model.get_input_embeddings().num_embeddings < vocab_size:
-        model.resize_token_embeddings(vocab_size)
+        with empty_weights(empty):
+            model.resize_token_embeddings(vocab_size)
     return model
+
+
+def empty_weights(enabled: bool = True):
+    """Parameters created inside go to the meta device (buffers stay real: RoPE's are computed, not
+    loaded); a plain context when not `enabled`."""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
 
 
 def count_parameters(model) -> tuple[int, int]:

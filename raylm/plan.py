@@ -52,6 +52,7 @@ def choose(
     elastic: bool = False,
     weight_bits: float | None = None,
     exclude: tuple[str, ...] = (),
+    dtype: str = "float32",
 ) -> Choice:
     """`exclude`: candidates (ddp, zero1, zero2, fsdp) the job's method cannot run under (QLoRA: all but ddp)."""
     budget = memory_bytes * headroom
@@ -70,6 +71,7 @@ def choose(
             trainable,
             flash_attention,
             weight_bits,
+            dtype=dtype,
         ).total
         if needed <= budget:
             rejected = "; ".join(f"{k} needs {size(n)}" for k, n in tried)
@@ -125,6 +127,7 @@ def resolve(job) -> tuple[dict, str]:
         job.train.gradient_checkpointing,
         flash_attention=job.resources.use_gpu,
         elastic=job.resources.elastic,
+        dtype=job.model.dtype,
         **method_terms(job),
     )
     return choice.strategy, f"auto: {choice.reason}"

@@ -45,18 +45,22 @@ class Finetune:
 
     def worker_model(self, job: FinetuneJob, tokenizer, device, rank: int, config: dict):
         """The base with the method applied (same seed on every rank: identical adapter init), and on
-        rank 0 of a fresh run, exact match before training."""
+        rank 0 of a fresh run, exact match before training. Under fsdp / ZeRO-3 the other ranks build
+        the structure only (`config["empty"]`) and receive rank 0's weights when sharding."""
         import ray.train
         import torch
 
         from raylm import methods
         from raylm.evaluate import exact_match
+        from raylm.models import empty_weights
 
-        base = _base(job, tokenizer, device)
+        empty = config["empty"]  # only the structure: a sharded strategy fills it from rank 0
+        base = _base(job, tokenizer, device, empty)
         if job.train.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(job.train.seed)
-        model = methods.apply(base, job.method, tokenizer)
+        with empty_weights(empty):
+            model = methods.apply(base, job.method, tokenizer)
         if rank == 0:
             from raylm.models import count_parameters
             from raylm.train.metrics import emit
@@ -97,7 +101,7 @@ class Finetune:
         return export(final, tokenizer, stage, config, job)
 
 
-def _base(job: FinetuneJob, tokenizer, device):
+def _base(job: FinetuneJob, tokenizer, device, empty: bool = False):
     """The frozen base: loaded the method's own way (QLoRA: 4-bit) or as the model spec says."""
     from raylm import methods
     from raylm.models import build_model
@@ -108,7 +112,7 @@ def _base(job: FinetuneJob, tokenizer, device):
         return load_base(
             model.path, job.method, device, model.revision, model.trust_remote_code, model.attention
         )
-    return build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
+    return build_model(job.model, len(tokenizer), tokenizer=tokenizer, seed=job.train.seed, empty=empty)
 
 
 def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:

@@ -26,7 +26,7 @@ def train_loop(config: dict) -> dict | None:
     import torch
 
     from raylm import storage
-    from raylm.train import checkpoint, metrics, strategies
+    from raylm.train import checkpoint, hostmem, metrics, strategies
     from raylm.train.metrics import MetricsLog, emit
     from raylm.train.reader import CachedSplit, TrainShard, val_batches
 
@@ -45,10 +45,13 @@ def train_loop(config: dict) -> dict | None:
     if world > 1:
         torch.distributed.all_gather_object(nodes, nodes[0])
 
-    model, before = kind.worker_model(job, tokenizer, device, rank, config)
-    model.config.use_cache = False
     total_steps = config["total_steps"]
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])  # `auto` is resolved by now
+    # fsdp and ZeRO-3 shard the weights: one full copy on rank 0's host, the structure elsewhere
+    config = {**config, "empty": rank != 0 and strategies.shards_weights(plan)}
+    host_start = hostmem.reset_peak()
+    model, before = kind.worker_model(job, tokenizer, device, rank, config)
+    model.config.use_cache = False
     engine = strategies.setup(
         model,
         plan,
@@ -60,6 +63,10 @@ def train_loop(config: dict) -> dict | None:
     )
     if spec.compile:
         engine.compile()
+    # what building, loading and sharding the model added to each rank's host memory at its peak
+    load_memory = [hostmem.peak() - host_start if host_start is not None else None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(load_memory, load_memory[0])
 
     # ---- resume ------------------------------------------------------------------------------
     loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "world_size": world, "tokens": 0}
@@ -237,6 +244,11 @@ def train_loop(config: dict) -> dict | None:
         "tokens_per_s": (loop["tokens"] - tokens_at_start) / seconds if seconds > 0 else None,
     }
 
+    # the most host memory this attempt added since the model was built, training included
+    train_memory = [hostmem.peak() - host_start if host_start is not None else None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(train_memory, train_memory[0])
+
     # ---- export ------------------------------------------------------------------------------
     final = engine.consolidated(rank)  # collective: gathers shards of fsdp / ZeRO-3
     if rank != 0:
@@ -246,6 +258,7 @@ def train_loop(config: dict) -> dict | None:
     return {
         "metrics": last_row,
         "worker_nodes": nodes,
+        "host_memory": {"load": load_memory, "train": train_memory},
         "resumed_from": resumed_from,
         "throughput": throughput,
         "strategy": plan.model_dump(),

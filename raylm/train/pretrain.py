@@ -44,10 +44,13 @@ class Pretrain:
     # ---- on each worker (raylm.train.loop calls these) -----------------------------------------
 
     def worker_model(self, job: PretrainJob, tokenizer, device, rank: int, config: dict):
-        """A new model of the architecture (or the given folder's weights), seeded identically on all ranks."""
+        """A new model of the architecture (or the given folder's weights), seeded identically on all
+        ranks; only its structure on the ranks a sharded strategy fills from rank 0 (`config["empty"]`)."""
         from raylm.models import build_model
 
-        model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)
+        model = build_model(
+            job.model, len(tokenizer), tokenizer=tokenizer, seed=job.train.seed, empty=config["empty"]
+        )
         if job.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model, {}

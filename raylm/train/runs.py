@@ -168,6 +168,7 @@ def base_summary(job, total_steps: int, result, outcome: dict, strategy: dict, w
         "metrics": outcome.get("metrics") or (result.metrics or {}),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "worker_nodes": outcome.get("worker_nodes", []),
+        "host_memory": outcome.get("host_memory"),
         "resumed_from": outcome.get("resumed_from", 0),
         "throughput": outcome.get("throughput"),
         "strategy": {**outcome.get("strategy", strategy), "why": why},

@@ -117,6 +117,63 @@ def test_elastic_run_resumes_on_fewer_workers(fsdp_run):
     assert sorted(evals) == [10, 20, 30, 40] and evals[40] < evals[30]
 
 
+# ---- fsdp from a model folder: only rank 0 holds a full copy while loading --------------------------
+
+# Big enough that one copy (~160 MB in fp32) stands out from a worker's own memory; mostly blocks,
+# so a shard is about half of it.
+BIG = {"layers": 12, "heads": 8, "hidden": 512, "intermediate": 1408, "context": 64, "vocab_size": 2048}
+
+
+@pytest.fixture(scope="module")
+def big_base(sft_base, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylm.models import architecture_config
+    from raylm.spec.sections import Architecture
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_base)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture_config(Architecture(**BIG), 0, tokenizer))
+    folder = tmp_path_factory.mktemp("big") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, sum(p.numel() for p in model.parameters()) * 4
+
+
+def big_finetune(base, output, strategy) -> dict:
+    return {
+        "kind": "finetune",
+        "model": {"path": str(base)},
+        "method": "full",
+        "data": {"generate": {"task": "arithmetic", "examples": 200}, "seq_len": 24},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-4, "eval_every": 2, "eval_batches": 1},
+        "eval": {"exact_match_examples": 0},
+        "resources": {"num_workers": 2},
+        "strategy": strategy,
+        "output": {"path": str(output)},
+    }
+
+
+def test_fsdp_loads_a_full_copy_on_rank_0_only_and_trains_like_ddp(ray_local, big_base, tmp_path):
+    """Measured: what building, loading and sharding added to each worker's peak host memory (the
+    kernel's peak-RSS counter, reset before the model is built). Bound: a non-zero rank stays below
+    70% of one full copy (its half of the shards plus one tensor in flight); every DDP rank, and
+    fsdp's rank 0, hold at least one."""
+    from safetensors.torch import load_file
+
+    base, full_bytes = big_base
+    fsdp = run_here(validate_dict(big_finetune(base, tmp_path / "fsdp", "fsdp")))
+    ddp = run_here(validate_dict(big_finetune(base, tmp_path / "ddp", "ddp")))
+    rank0, rank1 = fsdp["host_memory"]["load"]
+    assert rank1 < 0.7 * full_bytes, (rank1 / full_bytes, rank0 / full_bytes)
+    assert rank0 > 0.9 * full_bytes
+    assert all(grown > 0.9 * full_bytes for grown in ddp["host_memory"]["load"])
+    mine, reference = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("fsdp", "ddp"))
+    assert set(mine) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(mine[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # ---- DeepSpeed ZeRO ------------------------------------------------------------------------------
 
 

@@ -26,6 +26,12 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     )
 
 
+def shards_weights(strategy) -> bool:
+    """Whether `strategy` keeps a shard of the weights on each rank (fsdp, ZeRO-3): such a run builds
+    the full model on rank 0 only and fills every rank's shard from it."""
+    return strategy.name == "fsdp" or (strategy.name == "deepspeed" and strategy.stage == 3)
+
+
 def autocast(precision: str, device):
     """Autocast to the 16-bit type of `precision` (nothing for fp32)."""
     import contextlib

@@ -83,17 +83,28 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint to load")
 
     def consolidated(self, rank: int):
+        """The full model on rank 0. Under ZeRO-3 the parameters are gathered one module at a time
+        and copied to rank 0's host, so no rank holds more than its partition plus one module."""
         import deepspeed
 
-        params = list(self.module.parameters())
         stage3 = self.model.zero_optimization_stage() == 3
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage3):
-            state = (
-                {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-                if rank == 0
-                else None
-            )
-        return plain_copy(self, self.module, state) if rank == 0 else None
+        state = {}
+        for prefix, module in self.module.named_modules():
+            params = list(module.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(
+                params, modifier_rank=None, enabled=stage3 and bool(params)
+            ):
+                if rank == 0:
+                    for name, tensor in [
+                        *module.named_parameters(recurse=False),
+                        *module.named_buffers(recurse=False),
+                    ]:
+                        key = f"{prefix}.{name}" if prefix else name
+                        state.setdefault(key, tensor.detach().float().cpu().clone())
+        if rank != 0:
+            return None
+        wanted = self.module.state_dict().keys()  # the persistent entries, under their state-dict names
+        return plain_copy(self, self.module, {k: v for k, v in state.items() if k in wanted})
 
 
 def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):

@@ -1,5 +1,8 @@
 """FSDP2: `fully_shard` on every transformer block, then on the whole model.
 
+Only rank 0 builds (or loads) the whole model, on its host; the other ranks build its structure on
+the meta device, and each rank's shards are filled from rank 0's weights by broadcast.
+
 Each worker holds 1/N of the weights, gradients and optimizer state; a block's weights are gathered
 for its forward and backward. Checkpoints are torch.distributed.checkpoint (DCP) shards, one file per
 rank, which DCP can reload on a different number of workers (elastic runs). The final model is
@@ -69,7 +72,13 @@ class FSDPEngine(Engine):
 
 
 def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):
+    """Shard `model` (complete on rank 0; its structure, parameters on the meta device, elsewhere):
+    every rank shards the structure, allocates only its own shards, and receives their values from
+    rank 0 one tensor at a time. No rank but 0 ever holds a full copy, and no device more than its
+    shards plus the tensor being sent."""
     import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     from raylm.models import transformer_blocks
@@ -79,15 +88,28 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     if strategy.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     if train.precision == "bf16":
-        # bf16 compute and communication, fp32 gradient reduction and fp32 master weights.
+        # bf16 compute and communication; the sharded weights (the optimizer's master copy) and the
+        # gradient reduction in fp32, even when model.dtype loads the weights in bf16.
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # fully_shard places shards on the current device
-    if not strategy.cpu_offload:
-        model = model.to(device)
+    full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, kept on its host
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # RoPE's: computed, not loaded
+    persistent = set(model.state_dict())
+    model.to("meta")
+    if train.precision == "bf16":
+        model.to(torch.float32)
     for block in transformer_blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
+    model.to_empty(device="cpu" if strategy.cpu_offload else device)
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, value.to(device), persistent=name in persistent)
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    del full
     optimizer = (make_optimizer or optim.adamw)(model, train)
     return FSDPEngine(
         model,
