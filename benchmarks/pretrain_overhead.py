@@ -71,8 +71,8 @@ def plain(spec_file: str) -> dict:
     for start in range(0, len(lines), job.data.pack_batch_docs):  # raylm packs batches of documents
         batch = {"text": lines[start : start + job.data.pack_batch_docs]}
         blocks += [
-            b["input_ids"]
-            for b in pack_batch(batch, tokenizer, job.data.seq_len, False, "train", job.data.val_fraction)
+            b["input_ids"][~b["val"]]
+            for b in pack_batch(batch, tokenizer, job.data.seq_len, False, job.data.val_fraction)
         ]
     data = torch.from_numpy(np.concatenate(blocks)).long()
     model = build_model(job.model, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=job.train.seed)

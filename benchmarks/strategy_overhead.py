@@ -183,7 +183,8 @@ def main() -> None:
     base = validate_dict({**spec, "output": str(scratch / "probe")})
     docs = documents(base.data)
     tokenizer = train_tokenizer((r["text"] for r in docs.take_all()), "char", 0)
-    blocks = np.stack([r["input_ids"] for r in packed_blocks(docs, tokenizer, base.data, "train").take_all()])
+    packed = packed_blocks(docs, tokenizer, base.data).take_all()
+    blocks = np.stack([r["input_ids"] for r in packed if not r["val"]])
 
     rows = {}
     for name in args.strategies:

@@ -49,6 +49,7 @@ def train_loop(config: dict) -> dict | None:
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])  # `auto` is resolved by now
     # fsdp and ZeRO-3 shard the weights: one full copy on rank 0's host, the structure elsewhere
     config = {**config, "empty": rank != 0 and strategies.shards_weights(plan)}
+    import_model_code(job)  # so that the host memory measured next is the model's, not code's
     host_start = hostmem.reset_peak()
     model, before = kind.worker_model(job, tokenizer, device, rank, config)
     model.config.use_cache = False
@@ -301,6 +302,20 @@ def predicts_first_token(module) -> bool:
     """True for PEFT methods that put virtual tokens before the input (prompt tuning, P-tuning)."""
     config = getattr(module, "active_peft_config", None)
     return bool(config and config.is_prompt_learning and config.peft_type.value != "PREFIX_TUNING")
+
+
+def import_model_code(job) -> None:
+    """Import what building the job's model imports (its modelling module, PEFT, the sharding code),
+    by building its structure on the meta device: no weights, no memory."""
+    import peft  # noqa: F401
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    from raylm.models import meta_model, model_config
+
+    # best effort: a model whose structure cannot be built on meta is simply built as usual next
+    with contextlib.suppress(Exception):
+        meta_model(model_config(job))
 
 
 def _describe(plan) -> str:

@@ -204,3 +204,25 @@ def test_deepspeed_export_equals_zero_to_fp32(deepspeed_run):
     mine = exported(run_dir)
     assert set(consolidated) == set(mine)
     assert all(torch.equal(consolidated[k], mine[k]) for k in mine)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"name": "fsdp", "cpu_offload": True},
+        {"name": "deepspeed", "stage": 3, "offload_params": True, "offload_optimizer": True},
+    ],
+    ids=["fsdp-cpu-offload", "zero3-offload-params"],
+)
+def test_offloading_strategies_run_a_short_job(ray_local, tmp_path, strategy):
+    """CPU offload on CPU workers moves nothing, but drives the offloading code paths (FSDP2's
+    CPUOffloadPolicy, DeepSpeed's parameter and optimizer offload) through training, a checkpoint and
+    the export."""
+    spec = tiny_spec(
+        tmp_path / "run", strategy=strategy, train={"max_steps": 6, "eval_every": 3, "checkpoint_every": 6}
+    )
+    summary = run_here(validate_dict(spec))
+    losses = [row["loss"] for row in read_metrics(tmp_path / "run") if "loss" in row]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses) and losses[-1] < losses[0]
+    assert summary["strategy"]["name"] == strategy["name"]
+    assert_reloads_and_generates(tmp_path / "run")
