@@ -86,7 +86,7 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
 
     options = {"reshard_after_forward": strategy.reshard_after_forward}
     if strategy.cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs a GPU
     if train.precision == "bf16":
         # bf16 compute and communication; the sharded weights (the optimizer's master copy) and the
         # gradient reduction in fp32, even when model.dtype loads the weights in bf16.
