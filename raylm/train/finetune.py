@@ -45,7 +45,7 @@ class Finetune:
 
     def worker_model(self, job: FinetuneJob, tokenizer, device, rank: int, config: dict):
         """The base with the method applied (same seed on every rank: identical adapter init), and on
-        rank 0 of a fresh run, exact match before training. Under fsdp / ZeRO-3 the other ranks build
+        rank 0 of a fresh run, exact match before training. Under fsdp the other ranks build
         the structure only (`config["empty"]`) and receive rank 0's weights when sharding."""
         import ray.train
         import torch

@@ -47,8 +47,8 @@ def train_loop(config: dict) -> dict | None:
 
     total_steps = config["total_steps"]
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])  # `auto` is resolved by now
-    # fsdp and ZeRO-3 shard the weights: one full copy on rank 0's host, the structure elsewhere
-    config = {**config, "empty": rank != 0 and strategies.shards_weights(plan)}
+    # fsdp: one full copy on rank 0's host, the structure only on the other ranks
+    config = {**config, "empty": rank != 0 and strategies.fills_from_rank0(plan)}
     import_model_code(job)  # so that the host memory measured next is the model's, not code's
     host_start = hostmem.reset_peak()
     model, before = kind.worker_model(job, tokenizer, device, rank, config)

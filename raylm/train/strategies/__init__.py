@@ -26,10 +26,10 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     )
 
 
-def shards_weights(strategy) -> bool:
-    """Whether `strategy` keeps a shard of the weights on each rank (fsdp, ZeRO-3): such a run builds
-    the full model on rank 0 only and fills every rank's shard from it."""
-    return strategy.name == "fsdp" or (strategy.name == "deepspeed" and strategy.stage == 3)
+def fills_from_rank0(strategy) -> bool:
+    """Whether `strategy` builds the full model on rank 0 only and fills the other ranks' shards from
+    it (fsdp). ZeRO-3 still builds the whole model on every rank before partitioning it."""
+    return strategy.name == "fsdp"
 
 
 def autocast(precision: str, device):
