@@ -98,6 +98,8 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
 
     summary = run_here(validate_dict(tiny_spec(output, logging=tracked)))
     assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
+    # the resumed attempt read from its position on: rank 0's rows of the remaining steps, no more
+    assert summary["throughput"]["rows_read"] == (30 - summary["resumed_from"]) * 8
     check_tracking(output, tmp_path / "mlruns", summary)
     resumed = load_file(output / "model" / "model.safetensors")
     reference = load_file(reference_dir / "model" / "model.safetensors")
