@@ -94,9 +94,10 @@ def main() -> None:
         copy = scratch / f"at{at}"
         shutil.copytree(full, copy, ignore=shutil.ignore_patterns("model"))
         for checkpoint in (copy / "checkpoints").glob("checkpoint_*"):
-            if checkpoint.name != f"checkpoint_{at:08d}":
+            if checkpoint.is_dir() and checkpoint.name != f"checkpoint_{at:08d}":
                 shutil.rmtree(checkpoint)
         keep_only(copy / "checkpoints" / "checkpoint_manager_snapshot.json", f"checkpoint_{at:08d}")
+        (copy / "spec.yaml").unlink()  # it names the original folder as the output
         resumed_file = scratch / f"at{at}.yaml"
         resumed_file.write_text(yaml.safe_dump(spec(args.corpus, args.steps, str(copy))))
         seconds, summary = raylm_run(resumed_file, at + 1)
