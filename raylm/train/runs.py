@@ -87,7 +87,11 @@ def tokenized(job, tokenizer, make_rows, val_limit: int | None = None) -> tuple[
     from raylm.sources import dataset_inputs
 
     inputs = job.data.paths + (dataset_inputs(job.data.dataset) if job.data.dataset else [])
+    from raylm import storage
+
     root = job.data.cache or f"{job.output.path.rstrip('/')}/data-cache"
+    if not storage.is_uri(root):  # workers run in folders of their own: give them an absolute path
+        root = str(Path(root).expanduser().resolve())
     where = f"{root.rstrip('/')}/{cache_key(job.data, tokenizer, inputs)}"
     manifest, written = ensure(where, make_rows, val_limit)
     train, val = manifest["splits"]["train"]["rows"], manifest["splits"]["val"]["rows"]
