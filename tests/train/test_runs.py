@@ -31,3 +31,23 @@ def test_a_changed_spec_is_refused_and_auto_keeps_its_strategy(ray_local, tmp_pa
     with pytest.raises(SpecError) as refused:
         check_same_run(other, output)
     assert "different spec (changed: train.lr)" in str(refused.value)
+
+
+def test_the_cache_of_a_relative_output_is_named_absolutely(ray_local, tmp_path, monkeypatch):
+    """Workers run in folders of their own: a relative output (the quickstart's runs/quickstart) must
+    reach them as an absolute path."""
+    from pathlib import Path
+
+    from raylm.data import documents, packed_blocks
+    from raylm.tokenizer import train_tokenizer
+    from raylm.train.reader import CachedSplit
+    from raylm.train.runs import tokenized
+
+    monkeypatch.chdir(tmp_path)
+    job = validate_dict(tiny_spec("runs/relative"))
+    docs = documents(job.data)
+    tokenizer = train_tokenizer([r["text"] for r in docs.take(50)], "char", 0)
+    where, manifest = tokenized(job, tokenizer, lambda: packed_blocks(docs, tokenizer, job.data))
+    assert Path(where).is_absolute() and Path(where).is_relative_to(tmp_path / "runs" / "relative")
+    monkeypatch.chdir("/")
+    assert CachedSplit(where, "train", manifest["splits"]["train"]).read(0, 2)["input_ids"].shape == (2, 32)
