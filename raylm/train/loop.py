@@ -35,6 +35,8 @@ def train_loop(config: dict) -> dict | None:
     spec, tokenizer = job.train, config["tokenizer"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    if rank == 0:  # rank 0's lines (the method's parameter count, ...) go to the driver's console
+        metrics.connect(config.get("console"))
     torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     device = ray.train.torch.get_device()
     # transformers' own call of its deprecated name (through PEFT): nothing for a raylm user to change
@@ -92,7 +94,6 @@ def train_loop(config: dict) -> dict | None:
         storage.fetch_file(config["publish_to"], "metrics.jsonl", stage)  # the log so far, to append to
     log = None
     if rank == 0:
-        metrics.connect(config.get("console"))
         from raylm.train.tracking import metric_sinks
 
         sinks = metric_sinks(config["tracking"], job)
