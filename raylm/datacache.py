@@ -108,9 +108,10 @@ def write(where: str, rows, val_limit: int | None = None) -> dict:
     manifest = {"version": VERSION, "splits": {name: w.close() for name, w in writers.items()}}
     with fs.open_output_stream(f"{scratch}/manifest.json") as out:
         out.write(json.dumps(manifest, indent=1).encode())
-    if load_manifest(where) is not None:  # another run finished the same cache first
+    finished = load_manifest(where)
+    if finished is not None:  # another run finished the same cache first
         fs.delete_dir(scratch)
-        return load_manifest(where)
+        return finished
     import pyarrow.fs as pafs
 
     if fs.get_file_info(root).type != pafs.FileType.NotFound:  # an unfinished earlier write

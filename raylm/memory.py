@@ -218,35 +218,8 @@ def report(
     dtype: str = "float32",
 ) -> str:
     """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`."""
-    unit, scale = (
-        ("GiB", GiB)
-        if estimate(
-            shape,
-            "ddp",
-            precision,
-            workers,
-            batch,
-            seq_len,
-            gradient_checkpointing,
-            None,
-            flash_attention,
-            dtype=dtype,
-        ).total
-        >= GiB
-        else ("MiB", 1024**2)
-    )
-    lines = [
-        f"model: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
-        f"{workers} worker(s), {precision} ({dtype} weights), batch {batch} x {seq_len} tokens"
-        + (", gradient checkpointing" if gradient_checkpointing else "")
-        + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)"),
-        f"weights alone: {shape.params * (4 if dtype == 'float32' else 2) / scale:.2f} {unit} in {dtype}",
-        "",
-        f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'peak ' + unit:>11}"
-        + ("  fits" if gpu_memory_gb else ""),
-    ]
-    for strategy in STRATEGIES:
-        b = estimate(
+    breakdowns = {
+        strategy: estimate(
             shape,
             strategy,
             precision,
@@ -258,6 +231,20 @@ def report(
             flash_attention,
             dtype=dtype,
         )
+        for strategy in STRATEGIES
+    }
+    unit, scale = ("GiB", GiB) if breakdowns["ddp"].total >= GiB else ("MiB", 1024**2)
+    lines = [
+        f"model: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
+        f"{workers} worker(s), {precision} ({dtype} weights), batch {batch} x {seq_len} tokens"
+        + (", gradient checkpointing" if gradient_checkpointing else "")
+        + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)"),
+        f"weights alone: {shape.params * (4 if dtype == 'float32' else 2) / scale:.2f} {unit} in {dtype}",
+        "",
+        f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'peak ' + unit:>11}"
+        + ("  fits" if gpu_memory_gb else ""),
+    ]
+    for strategy, b in breakdowns.items():
         row = f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.total / scale:>11.2f}"
         if gpu_memory_gb:
             row += "  yes" if b.total <= gpu_memory_gb * GiB else "  no"

@@ -43,9 +43,15 @@ def train_loop(config: dict) -> dict | None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if device.type == "cpu":  # DeepSpeed (imported by transformers' integrations) need not guess
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    nodes = [ray.get_runtime_context().get_node_id()] * world
-    if world > 1:
-        torch.distributed.all_gather_object(nodes, nodes[0])
+
+    def every_rank(value) -> list:
+        """`value` of every rank, in rank order (a collective: every rank calls it)."""
+        values = [value] * world
+        if world > 1:
+            torch.distributed.all_gather_object(values, value)
+        return values
+
+    nodes = every_rank(ray.get_runtime_context().get_node_id())
 
     total_steps = config["total_steps"]
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])  # `auto` is resolved by now
@@ -67,9 +73,7 @@ def train_loop(config: dict) -> dict | None:
     if spec.compile:
         engine.compile()
     # what building, loading and sharding the model added to each rank's host memory at its peak
-    load_memory = [hostmem.peak() - host_start if host_start is not None else None] * world
-    if world > 1:
-        torch.distributed.all_gather_object(load_memory, load_memory[0])
+    load_memory = every_rank(hostmem.peak() - host_start if host_start is not None else None)
 
     # ---- resume ------------------------------------------------------------------------------
     loop = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "world_size": world, "tokens": 0}
@@ -198,7 +202,7 @@ def train_loop(config: dict) -> dict | None:
         items = count.clamp(min=1) / world
         for i, batch in enumerate(batches):
             window[0] += engine.micro_step(batch, items, boundary=i == len(batches) - 1)
-        window[1] += count.item() / world
+        window[1] += count.double() / world  # a tensor op: no wait for the device
         step_tokens = sum(real_tokens(b) for b in batches) * world  # this rank's count stands for all
         loop["step"] += 1
         loop["tokens"] += step_tokens
@@ -247,9 +251,7 @@ def train_loop(config: dict) -> dict | None:
     }
 
     # the most host memory this attempt added since the model was built, training included
-    train_memory = [hostmem.peak() - host_start if host_start is not None else None] * world
-    if world > 1:
-        torch.distributed.all_gather_object(train_memory, train_memory[0])
+    train_memory = every_rank(hostmem.peak() - host_start if host_start is not None else None)
 
     # ---- export ------------------------------------------------------------------------------
     final = engine.consolidated(rank)  # collective: gathers shards of fsdp / ZeRO-3

@@ -71,6 +71,7 @@ class EpochOrder:
         self.visit = np.random.default_rng([seed, epoch]).permutation(count) if shuffle else np.arange(count)
         sizes = np.minimum(window, rows - self.visit * window)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._last: tuple | None = None  # (window, its order)
 
     def windows(self, start: int, stop: int):
         """(window's first row, its size, the slice of its order) covering positions [start, stop)."""
@@ -84,9 +85,15 @@ class EpochOrder:
             k += 1
 
     def permutation(self, w: int, size: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(size)
-        return np.random.default_rng([self.seed, self.epoch, w]).permutation(size)
+        """Window w's order, kept while micro-batches come from it (one draw per window, not per batch)."""
+        if self._last is None or self._last[0] != w:
+            order = (
+                np.random.default_rng([self.seed, self.epoch, w]).permutation(size)
+                if self.shuffle
+                else np.arange(size)
+            )
+            self._last = (w, order)
+        return self._last[1]
 
 
 class TrainShard:
