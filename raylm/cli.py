@@ -101,6 +101,9 @@ def run(spec_file, overrides, address, no_follow, verbose):
 
 
 def _print_summary(summary: dict) -> None:
+    if summary.get("kind") == "tune":
+        _print_search(summary)
+        return
     metrics = summary.get("metrics") or {}
     click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
     if "val_loss" in metrics:
@@ -130,6 +133,23 @@ def _print_summary(summary: dict) -> None:
     sample = summary.get("sample") or {}
     if sample:
         click.echo(f"[raylm] sample: {sample['prompt']!r} -> {sample['completion']!r}")
+
+
+def _print_search(summary: dict) -> None:
+    counts = ", ".join(f"{n} {status}" for status, n in summary["trials"].items())
+    click.echo(f"[raylm] done: search {summary['run']} ({counts}) in {summary['seconds']:.0f} s")
+    best = summary.get("best")
+    if best is None:
+        click.echo("[raylm] no trial completed: nothing to pick (see the table above)")
+        return
+    values = ", ".join(f"{k}={v}" for k, v in best["values"].items() if v is not None)
+    click.echo(
+        f"[raylm] best trial {best['trial_id']}: {summary['metric']} {best[summary['metric']]:.4g} ({values})"
+    )
+    click.echo(
+        f"[raylm] its spec: {best['spec']} (raylm run {best['spec']}); its artifact: {best['artifact']}"
+    )
+    click.echo(f"[raylm] table {summary['table']}, curves {summary['curves']}")
 
 
 @main.command()

@@ -27,21 +27,50 @@ def exact_match(
 
     Prompts are left-padded into batches; generation stops at EOS or `max_new_tokens`.
     """
-    import torch
-
     if not pairs:
         return {"exact_match": None, "examples": 0}
+    answers = greedy_answers(model, tokenizer, [ids for ids, _ in pairs], max_new_tokens, batch)
+    correct = sum(a.strip() == ref.strip() for a, (_, ref) in zip(answers, pairs, strict=True))
+    shown = [{"answer": a, "reference": ref} for a, (_, ref) in zip(answers[:3], pairs, strict=False)]
+    return {"exact_match": correct / len(pairs), "examples": len(pairs), "shown": shown}
+
+
+def exact_match_share(
+    model, tokenizer, pairs: list[tuple[list[int], str]], rank: int, world: int, max_new_tokens: int
+) -> tuple[int, int]:
+    """(right answers, examples) of this rank's share of `pairs` (every world-th from `rank`), for a
+    sum over ranks. Every rank runs the same number of forward passes (its share padded to the
+    largest, every answer generated to `max_new_tokens` and cut at EOS afterwards), so a sharded
+    model (fsdp, ZeRO-3), whose forward is a collective, answers in lockstep."""
+    share = pairs[rank::world]
+    size = -(-len(pairs) // world)
+    filler = [pairs[0]] * (size - len(share))
+    answers = greedy_answers(
+        model, tokenizer, [ids for ids, _ in share + filler], max_new_tokens, lockstep=True
+    )
+    right = sum(a.strip() == ref.strip() for a, (_, ref) in zip(answers, share, strict=False))
+    return right, len(share)
+
+
+def greedy_answers(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int = 32, lockstep: bool = False
+) -> list[str]:
+    """Greedy continuations of `prompts` (token ids), decoded up to EOS. `lockstep`: generate exactly
+    `max_new_tokens` for every prompt (no early stop at EOS), then cut at EOS: the same answers."""
+    import torch
+
     device = next(p for p in model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    correct, shown = 0, []
-    for start in range(0, len(pairs), batch):
-        chunk = pairs[start : start + batch]
-        width = max(len(ids) for ids, _ in chunk)
+    answers = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        width = max(len(ids) for ids in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (prompt, _) in enumerate(chunk):
+        for row, prompt in enumerate(chunk):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
         with torch.no_grad():
@@ -51,12 +80,12 @@ def exact_match(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=None if lockstep else eos,
             )
-        for row, (_, reference) in enumerate(chunk):
-            answer = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            correct += answer.strip() == reference.strip()
-            if len(shown) < 3:
-                shown.append({"answer": answer, "reference": reference})
+        for row in range(len(chunk)):
+            tokens = out[row, width:].tolist()
+            if eos is not None and eos in tokens:
+                tokens = tokens[: tokens.index(eos)]
+            answers.append(tokenizer.decode(tokens, skip_special_tokens=True))
     model.train(was_training)
-    return {"exact_match": correct / len(pairs), "examples": len(pairs), "shown": shown}
+    return answers

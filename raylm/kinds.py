@@ -19,6 +19,7 @@ from typing import Annotated, Any, Protocol, Union
 from pydantic import BaseModel, Field, TypeAdapter
 
 from raylm.spec.jobs import FinetuneJob, PretrainJob
+from raylm.spec.tune import TuneJob
 
 Problems = list[tuple[str, str]]  # (dotted field, what is wrong and how to fix it)
 
@@ -65,6 +66,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "pretrain": Kind(PretrainJob, "raylm.train.pretrain:Pretrain"),
     "finetune": Kind(FinetuneJob, "raylm.train.finetune:Finetune"),
+    "tune": Kind(TuneJob, "raylm.tune.driver:Tune"),
 }
 
 

@@ -111,26 +111,56 @@ def worker_memory(job) -> float:
 
 def resolve(job) -> tuple[dict, str]:
     """The concrete strategy of `job` (as a dict) and why it was chosen."""
-    from raylm.memory import shape_of_job
-
     if job.strategy.name != "auto":
         return job.strategy.model_dump(), "set in the spec"
-    workers = job.resources.num_workers
-    choice = choose(
-        shape_of_job(job),
-        workers if isinstance(workers, int) else workers[0],
-        worker_memory(job),
-        job.strategy.headroom,
-        job.train.precision,
-        job.train.batch_size,
-        job.data.seq_len,
-        job.train.gradient_checkpointing,
-        flash_attention=job.resources.use_gpu,
-        elastic=job.resources.elastic,
-        dtype=job.model.dtype,
-        **method_terms(job),
-    )
+    choice = choose(memory_bytes=worker_memory(job), headroom=job.strategy.headroom, **_job_terms(job))
     return choice.strategy, f"auto: {choice.reason}"
+
+
+def unfit_reason(job, memory_bytes: float) -> str | None:
+    """Why `job` cannot train in `memory_bytes` per worker by the estimate (None when it can): under
+    `auto`, no candidate fits; otherwise the spec's strategy does not."""
+    if job.strategy.name == "auto":
+        try:
+            choose(memory_bytes=memory_bytes, headroom=job.strategy.headroom, **_job_terms(job))
+        except NothingFits as err:
+            return str(err)
+        return None
+    from raylm.spec.strategies import memory_key
+
+    terms = _job_terms(job)
+    key = memory_key(job.strategy)
+    terms.pop("elastic")
+    if key in terms.pop("exclude", ()):
+        return f"method {job.method.name} cannot run under {key}"
+    headroom = 0.9  # as `auto` leaves by default, for the allocator
+    budget = memory_bytes * headroom
+    needed = estimate(strategy=key, **terms).total
+    if needed <= budget:
+        return None
+    return (
+        f"{key} needs {size(needed)} per worker by the estimate, more than {size(budget)} "
+        f"({headroom:.0%} of {size(memory_bytes)})"
+    )
+
+
+def _job_terms(job) -> dict:
+    """What the estimate reads from a job."""
+    from raylm.memory import shape_of_job
+
+    workers = job.resources.num_workers
+    return {
+        "shape": shape_of_job(job),
+        "workers": workers if isinstance(workers, int) else workers[0],
+        "precision": job.train.precision,
+        "batch": job.train.batch_size,
+        "seq_len": job.data.seq_len,
+        "gradient_checkpointing": job.train.gradient_checkpointing,
+        "flash_attention": job.resources.use_gpu,
+        "elastic": job.resources.elastic,
+        "dtype": job.model.dtype,
+        **method_terms(job),
+    }
 
 
 def method_terms(job) -> dict:

@@ -82,6 +82,11 @@ class EvalSpec(Section):
         64, ge=0, description="Held-out examples answered greedily before and after training; 0 turns it off."
     )
     max_new_tokens: int = Field(16, ge=1, description="Answer length limit for exact match.")
+    during_training: bool = Field(
+        False,
+        description="Also answer the held-out examples at every evaluation (train.eval_every), logged as "
+        "exact_match (a search can then stop trials on it); costs a greedy generation per evaluation.",
+    )
 
 
 class FinetuneOutput(OutputSpec):

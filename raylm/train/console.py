@@ -108,6 +108,9 @@ def format_progress(row: dict, max_steps: int) -> str:
 IMPORTANT = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Error\b|Exception\b|Warning\b")
 
 
+KEPT_PREFIX = "[raylm] trial "  # a search's trial processes: one line as each starts and ends
+
+
 def quiet_ray_console() -> None:
     """Keep Ray's INFO lines (its start-up, Ray Data's plans, Ray Train's per-report lines) off the
     console; they stay in the session's log files. Warnings, errors and tracebacks still show."""
@@ -132,7 +135,7 @@ def _important_only(handler):
             in_traceback = in_traceback or "Traceback (most recent call last)" in line
             if "RayDeprecationWarning" in line and "/ray/" in line:
                 continue  # Ray calling its own deprecated API: nothing a raylm user can act on
-            if in_traceback or IMPORTANT.search(line):
+            if in_traceback or IMPORTANT.search(line) or line.startswith(KEPT_PREFIX):
                 kept.append(line)
         if kept:
             handler({**data, "lines": kept})

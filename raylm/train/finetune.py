@@ -115,31 +115,12 @@ def _base(job: FinetuneJob, tokenizer, device, empty: bool = False):
     return build_model(job.model, len(tokenizer), tokenizer=tokenizer, seed=job.train.seed, empty=empty)
 
 
-def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
-    from raylm.sft import examples, held_out, prompt_ids, token_rows
-    from raylm.tokenizer import load_tokenizer
-
+def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dict:
+    """Run `job` on the connected Ray; `callbacks`: Ray Train callbacks (a search's report to Tune)."""
     output = job.output.path
     local_output = prepare_run(job)
-
-    tokenizer = load_tokenizer(
-        job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
-    )
-    records = examples(job.data)
-    where, manifest = tokenized(job, tokenizer, lambda: token_rows(records, tokenizer, job.data))
-    splits = manifest["splits"]
-    if splits["train"]["rows"] == 0:
-        raise SpecError(
-            [("data", "no training example left after tokenization: check the fields and data.seq_len")]
-        )
-    if job.data.val_fraction > 0 and splits["val"]["rows"] == 0:
-        raise SpecError(
-            [("data.val_fraction", "no example landed in the validation split: raise it or add data")]
-        )
-    held = [
-        (prompt_ids(prompt, tokenizer), answer)
-        for prompt, answer in held_out(records, tokenizer, job.data, job.eval.exact_match_examples)
-    ]
+    tokenizer, records, where, splits = prepare_data(job)
+    held = held_out_pairs(job, tokenizer, records)
     total_steps = planned_steps(job, splits["train"]["rows"])
     strategy, why = resolve_strategy(job)
     announce(job, strategy, why, total_steps, f"method {job.method.name}")
@@ -154,6 +135,7 @@ def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
             "held_out": held,
             "data": {"where": where, "splits": splits},
         },
+        callbacks,
     )
     from raylm.methods import artifact_dir
 
@@ -171,6 +153,39 @@ def run_finetune(kind: Finetune, job: FinetuneJob) -> dict:
         summary["merged"] = f"{output.rstrip('/')}/merged"
     finish(job, local_output, summary, outcome)
     return summary
+
+
+def prepare_data(job: FinetuneJob):
+    """The tokenizer, the examples, and where their tokenized splits are (written now unless a cache
+    of the same inputs and settings exists): (tokenizer, records, where, splits)."""
+    from raylm.sft import examples, token_rows
+    from raylm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(
+        job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
+    )
+    records = examples(job.data)
+    where, manifest = tokenized(job, tokenizer, lambda: token_rows(records, tokenizer, job.data))
+    splits = manifest["splits"]
+    if splits["train"]["rows"] == 0:
+        raise SpecError(
+            [("data", "no training example left after tokenization: check the fields and data.seq_len")]
+        )
+    if job.data.val_fraction > 0 and splits["val"]["rows"] == 0:
+        raise SpecError(
+            [("data.val_fraction", "no example landed in the validation split: raise it or add data")]
+        )
+    return tokenizer, records, where, splits
+
+
+def held_out_pairs(job: FinetuneJob, tokenizer, records) -> list[tuple[list[int], str]]:
+    """(prompt ids, answer) of the held-out examples that exact match answers."""
+    from raylm.sft import held_out, prompt_ids
+
+    return [
+        (prompt_ids(prompt, tokenizer), answer)
+        for prompt, answer in held_out(records, tokenizer, job.data, job.eval.exact_match_examples)
+    ]
 
 
 def export(final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dict:

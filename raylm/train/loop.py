@@ -123,6 +123,10 @@ def train_loop(config: dict) -> dict | None:
     )
     val_split = CachedSplit(data["where"], "val", data["splits"]["val"])
     first_token_labelled = predicts_first_token(engine.module)
+    held_out = config.get("held_out") or []  # (prompt ids, answer) pairs of a fine-tuning kind
+    evaluation = getattr(job, "eval", None)
+    answer_during_training = bool(held_out) and evaluation is not None and evaluation.during_training
+    max_new_tokens = evaluation.max_new_tokens if evaluation is not None else 0
 
     def on_device(rows: dict) -> dict:
         batch = {k: torch.from_numpy(v).long() for k, v in rows.items()}
@@ -133,21 +137,28 @@ def train_loop(config: dict) -> dict | None:
         from raylm.train.objectives import choices_eval
 
         engine.model.eval()
-        # summed NLL, tokens, right picks, examples (on the device: NCCL reduces only GPU tensors)
-        totals = torch.zeros(4, dtype=torch.float64, device=device)
+        # summed NLL, tokens, right picks, examples, right answers, answered (on the device: NCCL
+        # reduces only GPU tensors)
+        totals = torch.zeros(6, dtype=torch.float64, device=device)
         with torch.no_grad():
             for rows in val_batches(val_split, rank, world, spec.batch_size, spec.eval_batches):
                 batch = on_device(rows)
                 if "answer" in batch:
                     with engine.autocast or contextlib.nullcontext():
-                        totals += torch.tensor(
+                        totals[:4] += torch.tensor(
                             choices_eval(engine.model, batch), dtype=torch.float64, device=device
                         )
                     continue
                 n = labelled(batch, first_token_labelled)
                 if n:
                     loss = engine.loss(batch, items=torch.tensor(float(n), device=device))
-                    totals += torch.tensor([loss.item() * n, n, 0, 0], dtype=torch.float64, device=device)
+                    totals[:2] += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+            if answer_during_training:
+                from raylm.evaluate import exact_match_share
+
+                with engine.autocast or contextlib.nullcontext():
+                    right = exact_match_share(engine.module, tokenizer, held_out, rank, world, max_new_tokens)
+                totals[4:] += torch.tensor(right, dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
         engine.model.train()
@@ -155,6 +166,8 @@ def train_loop(config: dict) -> dict | None:
         row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if totals[3] > 0:
             row["val_accuracy"] = (totals[2] / totals[3]).item()
+        if totals[5] > 0:
+            row["exact_match"] = (totals[4] / totals[5]).item()
         return row
 
     def save_and_report(row: dict) -> None:

@@ -100,9 +100,9 @@ def tokenized(job, tokenizer, make_rows, val_limit: int | None = None) -> tuple[
     return where, manifest
 
 
-def fit(kind, job, local_output: Path | None, loop_config: dict):
-    """Run raylm.train.loop.train_loop on Ray Train with the hooks of `kind` (a TrainingKind);
-    returns the Result and rank 0's return value."""
+def fit(kind, job, local_output: Path | None, loop_config: dict, callbacks: tuple = ()):
+    """Run raylm.train.loop.train_loop on Ray Train with the hooks of `kind` (a TrainingKind) and
+    Ray Train `callbacks`; returns the Result and rank 0's return value."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -138,6 +138,7 @@ def fit(kind, job, local_output: Path | None, loop_config: dict):
                 storage_path=str(local_output) if local_output else output,
                 failure_config=FailureConfig(max_failures=job.failure.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+                callbacks=list(callbacks),
             ),
         )
         result = trainer.fit()

@@ -1,0 +1,108 @@
+"""One trial of a search, in its Tune trial process: the base fine-tuning spec with the trial's values,
+checked against the memory estimate, then a full raylm fine-tuning run (its own TorchTrainer, any
+strategy and worker count) whose evaluations reach Tune as the workers report them.
+
+The trial's run folder is `<search output>/trials/<trial id>`: a retried or resumed trial continues
+its run from the last checkpoint there (Ray Train resumes a run whose storage path and name are
+unchanged), and a trial whose run finished is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+
+class EvaluationReport(TuneReportCallback):
+    """Forwards to Tune the reports that hold the searched metric (rank 0's, already reduced across
+    workers): one Tune result per evaluation, so schedulers compare trials at the same steps. The last
+    step's evaluation is reported by the trial once its run has written its artifact: a scheduler
+    that stops a trial then cannot cut the export short."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        final = metrics[0].get("step", 0) >= run_context.train_loop_config["total_steps"]
+        if self.metric in metrics[0] and not final:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(config: dict, search: dict) -> None:
+    """The Tune function trainable. `search`: the base spec (dict), the space, the metric, the search's
+    output folder, the driver's working folder and each worker's memory for the estimate check."""
+    import ray.tune
+
+    from raylm.plan import unfit_reason
+    from raylm.spec import validate_dict
+    from raylm.spec.tune import trial_spec
+    from raylm.train.finetune import Finetune, run_finetune
+
+    # transformers' own call of its deprecated name (through PEFT): nothing for a raylm user to change
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if Path(search["cwd"]).is_dir():  # relative paths in the spec mean the driver's folder
+        os.chdir(search["cwd"])
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    folder = Path(search["output"]) / "trials" / trial_id
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = search["space"].overrides(config)
+    spec = trial_spec(search["base"], overrides)
+    spec["output"]["path"] = str(folder)
+    spec["name"] = f"{search['name']}-{trial_id}"
+    job = validate_dict(spec, source=f"trial {trial_id}")
+
+    record_file = folder / "trial.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {"attempts": 0}
+    record.update(
+        trial_id=trial_id,
+        tune_dir=context.get_trial_dir(),
+        overrides=overrides,
+        attempts=record["attempts"] + 1,
+        started=record.get("started", time.time()),
+    )
+    record_file.write_text(json.dumps(record, indent=2, default=str))
+
+    values = ", ".join(f"{k}={v}" for k, v in _flat(overrides).items())
+    if not (folder / "summary.json").exists():  # else it finished before the search was interrupted
+        own = getattr(job.strategy, "memory_per_worker_gb", None)  # auto's figure, when given
+        memory = own * 1024**3 if own is not None else search["worker_memory"]
+        reason = unfit_reason(job, memory)
+        if reason:
+            (folder / "rejected.json").write_text(json.dumps({"reason": reason}, indent=2))
+            print(f"[raylm] trial {trial_id} rejected before it started: {reason}", flush=True)
+            return
+        print(f"[raylm] trial {trial_id} started (attempt {record['attempts']}): {values}", flush=True)
+        run_finetune(Finetune(), job, callbacks=(EvaluationReport(search["metric"]),))
+    last = last_evaluation(folder, search["metric"])
+    if last:
+        metric = search["metric"]
+        print(
+            f"[raylm] trial {trial_id} completed: {metric} {last[metric]:.4g} at step {last['step']}",
+            flush=True,
+        )
+        ray.tune.report(last)
+
+
+def last_evaluation(folder: Path, metric: str) -> dict | None:
+    """The run's last logged row that holds `metric` (with its step)."""
+    log = folder / "metrics.jsonl"
+    if not log.exists():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if metric in r]
+    return rows[-1] if rows else None
+
+
+def _flat(overrides: dict) -> dict:
+    """`method` spelled out as method.name, method.r, ... for a one-line description."""
+    out = {k: v for k, v in overrides.items() if k != "method"}
+    for name, value in (overrides.get("method") or {}).items():
+        out[f"method.{name}"] = value
+    return out
