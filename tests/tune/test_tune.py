@@ -1,0 +1,213 @@
+"""Searches on real local Ray: every trial is a real fine-tuning run (TorchTrainer inside a Tune
+function trainable). One search per behaviour: results and early stopping, resumption after the
+driver is killed (with trials rejected by the estimate), and a failed trial's retry."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raylm.spec import validate_dict
+from raylm.submit import run_here
+
+
+def search_spec(base_folder, output, search, **fields) -> dict:
+    return {
+        "kind": "tune",
+        "base": {
+            "model": {"path": str(base_folder)},
+            "method": {"name": "lora", "r": 4},
+            "data": {"generate": {"task": "arithmetic", "examples": 600}, "seq_len": 24},
+            "train": {
+                "max_steps": 20,
+                "batch_size": 8,
+                "lr": 1e-2,
+                "eval_every": 5,
+                "log_every": 5,
+                "checkpoint_every": 10,
+            },
+            "eval": {"exact_match_examples": 8, "max_new_tokens": 6},
+            "resources": {"num_workers": 1},
+        },
+        "search": search,
+        "scheduler": {"name": "none"},
+        "output": str(output),
+        **fields,
+    }
+
+
+def table(output: Path) -> list[dict]:
+    return pq.read_table(output / "trials.parquet").to_pylist()
+
+
+def trial_folder(output: Path, trial_id: str) -> Path:
+    return output / "trials" / trial_id
+
+
+def released(ray) -> bool:
+    """Every CPU is free again and no placement group is left reserved (ray-project/ray#54305)."""
+    from ray.util import placement_group_table
+
+    for _ in range(60):
+        groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+        if not groups and ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_search_stops_a_bad_trial_and_writes_its_results(ray_local, sft_base, tmp_path):
+    """Four trials, one at a time (a grid: two learning rates x LoRA and prompt tuning, each with its
+    own searched field), ASHA on the validation loss. A learning rate of 1e-7 learns nothing: ASHA stops
+    it at its first rung, and the next trial starts after it (its workers were released). The table,
+    best.yaml (which runs), best/ (a PEFT adapter) and curves.png are written."""
+    output = tmp_path / "search"
+    search = {
+        "train.lr": {"grid": [3.0e-2, 1.0e-7]},
+        "method": {
+            "grid": [
+                {"name": "lora", "r": {"choice": [4, 8]}},
+                {"name": "prompt", "num_virtual_tokens": {"choice": [4, 8]}},
+            ]
+        },
+    }
+    spec = search_spec(
+        sft_base,
+        output,
+        search,
+        max_concurrent_trials=1,
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    )
+    summary = run_here(validate_dict(spec))
+    rows = table(output)
+    assert len(rows) == 4 and summary["trials"]["completed"] + summary["trials"].get("stopped", 0) == 4
+    for row in rows:
+        if row["method"] == "lora":
+            assert row["method.r"] in (4, 8) and row["method.num_virtual_tokens"] is None
+        else:
+            assert row["method.num_virtual_tokens"] in (4, 8) and row["method.r"] is None
+    bad = [r for r in rows if r["train.lr"] == 1.0e-7]
+    stopped = [r for r in bad if r["status"] == "stopped"]
+    assert stopped and all(r["steps"] < 20 for r in stopped)
+    # a trial started after the stopped one ended: its workers were given back
+    first_stop = min(stopped, key=lambda r: r["trial_id"])
+    ended = _started(output, first_stop["trial_id"]) + first_stop["wall_s"]
+    assert any(_started(output, r["trial_id"]) >= ended - 1 for r in rows if r is not first_stop)
+    assert released(ray_local)
+    assert all(r["status"] == "completed" for r in rows if r["train.lr"] == 3.0e-2)
+
+    best = summary["best"]
+    good = [r for r in rows if r["status"] == "completed"]
+    assert best["val_loss"] == min(r["last_val_loss"] for r in good)
+    adapter_config = json.loads((output / "best" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] in ("LORA", "PROMPT_TUNING")
+    assert (output / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (output / "trials.csv").read_text().count("\n") == 5
+    # best.yaml is a finetune spec with the best values, and it runs as is
+    best_spec = yaml.safe_load((output / "best.yaml").read_text())
+    assert best_spec["kind"] == "finetune" and best_spec["train"]["lr"] == 3.0e-2
+    rerun = run_here(validate_dict(best_spec))
+    assert rerun["steps"] == 20 and rerun["metrics"]["val_loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def _started(output: Path, trial_id: str) -> float:
+    return json.loads((trial_folder(output, trial_id) / "trial.json").read_text())["started"]
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, sft_base, tmp_path):
+    """SIGKILL the driver (and its embedded Ray) while the second trial trains; run the spec again.
+    The finished trial keeps its id and its run (not trained again); the interrupted one continues
+    from its checkpoint; the two whose batch does not fit the memory estimate are rejected before they
+    start, without counting as failures."""
+    output = tmp_path / "search"
+    search = {
+        "train.batch_size": {"grid": [8, 4096]},
+        "method": {"grid": [{"name": "lora", "r": 4}, {"name": "lora", "r": 8}]},
+    }
+    spec = search_spec(sft_base, output, search, max_concurrent_trials=1)
+    spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.05}
+    spec_file = tmp_path / "tune.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raylm", "run", str(spec_file)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        while True:
+            summaries = (
+                list((output / "trials").glob("*/summary.json")) if (output / "trials").exists() else []
+            )
+            started = list((output / "trials").glob("*/trial.json")) if summaries else []
+            if summaries and len(started) >= 2:
+                break
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)  # the second trial is training
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = summaries[0].parent
+    before = {
+        name: (finished / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "trial.json")
+    }
+
+    summary = run_here(validate_dict(spec))
+    rows = {r["trial_id"]: r for r in table(output)}
+    assert summary["trials"] == {"completed": 2, "rejected": 2}
+    assert finished.name in rows and rows[finished.name]["status"] == "completed"
+    for name, content in before.items():  # not run again: its files are as they were
+        assert (finished / name).read_bytes() == content, name
+    rejected = [r for r in rows.values() if r["status"] == "rejected"]
+    assert {r["method.r"] for r in rejected} == {4, 8} and all("needs" in r["reason"] for r in rejected)
+    assert all(not (trial_folder(output, r["trial_id"]) / "checkpoints").exists() for r in rejected)
+    resumed = next(r for r in rows.values() if r["status"] == "completed" and r["trial_id"] != finished.name)
+    assert resumed["attempts"] == 2
+    run = json.loads((trial_folder(output, resumed["trial_id"]) / "summary.json").read_text())
+    assert run["resumed_from"] in (0, 10) and run["steps"] == 20
+
+
+def test_a_failed_trial_is_retried(ray_local, sft_base, tmp_path):
+    """A training worker of the only trial is SIGKILLed after its step-10 checkpoint: with
+    failure.max_failures 1 the trial runs again, resumes its run from that checkpoint and completes."""
+    from ray.util.state import list_actors
+
+    output = tmp_path / "search"
+    spec = search_spec(
+        sft_base,
+        output,
+        {"method": {"grid": [{"name": "lora", "r": 4}]}, "train.lr": {"grid": [1e-2]}},
+        failure={"max_failures": 1},
+    )
+    spec["base"]["resources"] = {"num_workers": 2}
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        while True:
+            snapshots = list(output.glob("trials/*/checkpoints/checkpoint_manager_snapshot.json"))
+            if snapshots and "checkpoint_00000010" in snapshots[0].read_text():
+                break
+            time.sleep(0.05)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[0]["pid"], signal.SIGKILL)
+        killed.append(workers[0]["pid"])
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_here(validate_dict(spec))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    (row,) = table(output)
+    assert row["status"] == "completed" and row["attempts"] == 2 and summary["trials"] == {"completed": 1}
+    run = json.loads((trial_folder(output, row["trial_id"]) / "summary.json").read_text())
+    assert run["resumed_from"] == 10 and run["steps"] == 20
