@@ -62,8 +62,12 @@ class TuneJob(Section):
     mode: Literal["min", "max"] | None = Field(
         None, description="Better is min or max; default: the metric's."
     )
-    num_samples: int = Field(
-        8, ge=1, le=100_000, description="Trials to sample (with grids: samples of each grid point)."
+    num_samples: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Trials to sample; with grid values, passes over the grid (each pass samples the "
+        "other distributions anew). Default: one pass over a grid, else 8 trials.",
     )
     max_concurrent_trials: int | None = Field(
         None,
@@ -152,6 +156,14 @@ class TuneJob(Section):
     def resources(self):
         """One trial's workers (the local Ray started for a search is sized by them)."""
         return self.base.resources
+
+    @property
+    def samples(self) -> int:
+        from raylm.tune.space import has_grid, parse
+
+        if self.num_samples is not None:
+            return self.num_samples
+        return 1 if has_grid(parse(self.search, self.algorithm)) else 8
 
     @property
     def better(self) -> str:

@@ -51,7 +51,7 @@ def run_search(job: TuneJob) -> dict:
     from raylm.train.finetune import prepare_data
     from raylm.train.runs import check_same_run, planned_steps
     from raylm.tune import results
-    from raylm.tune.space import parse
+    from raylm.tune.space import has_grid, parse
     from raylm.tune.trial import run_trial
 
     started = time.time()
@@ -85,7 +85,7 @@ def run_search(job: TuneJob) -> dict:
     eval_every = base_job.train.eval_every
     step_varies = any(p == f or p.startswith(f + ".") for p in searched for f in STEP_FIELDS)
     print(
-        f"[raylm] tune {job.run_name}: {job.num_samples} sample(s) of {', '.join(searched)} by {job.algorithm}, "
+        f"[raylm] tune {job.run_name}: {job.samples} {'pass(es) over the grid' if has_grid(space) else 'sample(s)'} of {', '.join(searched)} by {job.algorithm}, "
         f"{concurrent} trial(s) at once, {job.metric} ({job.better}) at every {eval_every} steps, "
         f"scheduler {job.scheduler.name}, output {output}",
         flush=True,
@@ -112,7 +112,7 @@ def run_search(job: TuneJob) -> dict:
             tune_config=tune.TuneConfig(
                 metric=job.metric,
                 mode=job.better,
-                num_samples=job.num_samples,
+                num_samples=job.samples,
                 # Tune applies max_concurrent_trials to a Searcher (optuna) only
                 max_concurrent_trials=concurrent if job.algorithm == "optuna" else None,
                 search_alg=search_algorithm(job, space, concurrent),

@@ -140,6 +140,12 @@ def parse(search: Any, algorithm: str) -> Space:
     return space
 
 
+def has_grid(space: Space) -> bool:
+    """Whether the space enumerates grid values (then one pass over them is the natural size)."""
+    dists = [v for v in space.params.values() if isinstance(v, Dist)]
+    return any(d.kind == "grid" for d in dists) or space.method_mode == "grid"
+
+
 def corner_overrides(space: Space) -> list[tuple[str, dict]]:
     """Overrides that together try every listed value and range end of every distribution, for each
     method option: (the searched path it tries, the overrides), for validating the space up front."""
