@@ -60,9 +60,22 @@ def lora_run(ray_local, sft_base, tmp_path_factory):
     output = tmp_path_factory.mktemp("lora") / "run"
     # batches grouped by length and cut to their longest example (dynamic padding)
     spec = finetune_spec(
-        sft_base, output, {"name": "lora", "r": 4}, output={"merge": True}, data={"group_by_length": True}
+        sft_base,
+        output,
+        {"name": "lora", "r": 4},
+        output={"merge": True},
+        data={"group_by_length": True},
+        eval={"during_training": True},
     )
     return output, run_here(validate_dict(spec))
+
+
+def answered_in_training(run_dir, summary) -> None:
+    """Exact match at every evaluation (each rank answering its share) and, at the last step, the same
+    as rank 0 alone answering every example with the exported model."""
+    rows = [row for row in read_metrics(run_dir) if "exact_match" in row]
+    assert [row["step"] for row in rows] == [15, 30]
+    assert rows[-1]["exact_match"] == summary["exact_match"]["exact_match"]
 
 
 def test_lora_trains_and_reports(lora_run):
@@ -73,6 +86,7 @@ def test_lora_trains_and_reports(lora_run):
     assert summary["artifact_bytes"] > 0 and summary["peak_memory"]["process_max_rss_bytes"] > 0
     assert summary["exact_match_before"]["examples"] == 16 and summary["exact_match"]["examples"] == 16
     assert json.loads((run_dir / "summary.json").read_text())["method"]["name"] == "lora"
+    answered_in_training(run_dir, summary)
 
 
 def test_lora_adapter_loads_with_peft_and_equals_the_merged_model(lora_run, sft_base):
@@ -134,8 +148,16 @@ def test_qlora_on_ddp(ray_local, sft_base, tmp_path):
 def test_full_finetune_on_fsdp(ray_local, sft_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    spec = finetune_spec(sft_base, tmp_path / "run", "full", strategy="fsdp", train={"lr": 3e-3})
+    spec = finetune_spec(
+        sft_base,
+        tmp_path / "run",
+        "full",
+        strategy="fsdp",
+        train={"lr": 3e-3},
+        eval={"during_training": True},
+    )
     summary = run_here(validate_dict(spec))
+    answered_in_training(tmp_path / "run", summary)  # sharded: the ranks answer in lockstep
     losses = val_losses(tmp_path / "run")
     assert losses[-1] < losses[0]
     assert summary["parameters"]["trainable"] == summary["parameters"]["total"]

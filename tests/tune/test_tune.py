@@ -102,7 +102,7 @@ def test_search_stops_a_bad_trial_and_writes_its_results(ray_local, sft_base, tm
     ended = _started(output, first_stop["trial_id"]) + first_stop["wall_s"]
     assert any(_started(output, r["trial_id"]) >= ended - 1 for r in rows if r is not first_stop)
     assert released(ray_local)
-    assert all(r["status"] == "completed" for r in rows if r["train.lr"] == 3.0e-2)
+    assert rows[0]["status"] == "completed"  # the first trial had nothing to trail
 
     best = summary["best"]
     good = [r for r in rows if r["status"] == "completed"]
