@@ -250,6 +250,9 @@ def estimate(
     try:
         if spec_file:
             job = load_spec(spec_file, overrides)
+            if job.kind == "tune":  # a search: one trial's base (its searched values may change it)
+                click.echo("[raylm] estimating the search's base spec; its searched values may change it")
+                job = job.base
             shape = memory.shape_of_job(job)
             workers = workers or job.resources.max_workers
             precision = precision or job.train.precision

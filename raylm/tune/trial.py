@@ -58,19 +58,19 @@ def run_trial(config: dict, search: dict) -> None:
     spec["name"] = f"{search['name']}-{trial_id}"
     job = validate_dict(spec, source=f"trial {trial_id}")
 
-    record_file = folder / "trial.json"
-    record = json.loads(record_file.read_text()) if record_file.exists() else {"attempts": 0}
-    record.update(
-        trial_id=trial_id,
-        tune_dir=context.get_trial_dir(),
-        overrides=overrides,
-        attempts=record["attempts"] + 1,
-        started=record.get("started", time.time()),
-    )
-    record_file.write_text(json.dumps(record, indent=2, default=str))
-
-    values = ", ".join(f"{k}={v}" for k, v in _flat(overrides).items())
+    if (folder / "rejected.json").exists():
+        return  # rejected when the search first reached it
     if not (folder / "summary.json").exists():  # else it finished before the search was interrupted
+        record_file = folder / "trial.json"
+        record = json.loads(record_file.read_text()) if record_file.exists() else {"attempts": 0}
+        record.update(
+            trial_id=trial_id,
+            tune_dir=context.get_trial_dir(),
+            overrides=overrides,
+            attempts=record["attempts"] + 1,
+            started=record.get("started", time.time()),
+        )
+        record_file.write_text(json.dumps(record, indent=2, default=str))
         own = getattr(job.strategy, "memory_per_worker_gb", None)  # auto's figure, when given
         memory = own * 1024**3 if own is not None else search["worker_memory"]
         reason = unfit_reason(job, memory)
@@ -78,6 +78,7 @@ def run_trial(config: dict, search: dict) -> None:
             (folder / "rejected.json").write_text(json.dumps({"reason": reason}, indent=2))
             print(f"[raylm] trial {trial_id} rejected before it started: {reason}", flush=True)
             return
+        values = ", ".join(f"{k}={v}" for k, v in _flat(overrides).items())
         print(f"[raylm] trial {trial_id} started (attempt {record['attempts']}): {values}", flush=True)
         run_finetune(Finetune(), job, callbacks=(EvaluationReport(search["metric"]),))
     last = last_evaluation(folder, search["metric"])

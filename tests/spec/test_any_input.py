@@ -39,8 +39,18 @@ def base_specs() -> list[dict]:
         "data": {"path": "no-such-examples.jsonl"},
         "output": "runs/y",
     }
+    tune = {
+        "kind": "tune",
+        "base": {**finetune, "method": "lora"},
+        "search": {
+            "train.lr": {"loguniform": [1e-4, 1e-2]},
+            "method": {"choice": [{"name": "lora", "r": {"choice": [4, 8]}}, {"name": "ia3"}]},
+        },
+        "output": "runs/z",
+    }
     specs = [{**pretrain, "strategy": s} for s in STRATEGIES]
     specs += [{**finetune, "method": name} for name in METHODS]
+    specs += [tune, {**tune, "algorithm": "grid", "search": {"train.lr": {"grid": [1e-3]}}}]
     return [validate_dict(s).model_dump(mode="json") for s in specs]
 
 
@@ -76,9 +86,13 @@ values = st.recursive(
 )
 
 
+# A search's own fields (its space above all), apart: among every position they would be drawn rarely.
+SEARCH_POSITIONS = [(i, p) for i, p in POSITIONS if BASES[i]["kind"] == "tune" and p[0] != "base"]
+
+
 @st.composite
-def mutated_specs(draw) -> str:
-    index, path = draw(st.sampled_from(POSITIONS))
+def mutated_specs(draw, positions=POSITIONS) -> str:
+    index, path = draw(st.sampled_from(positions))
     spec = copy.deepcopy(BASES[index])
     node = spec
     for key in path[:-1]:
@@ -142,8 +156,16 @@ def test_any_bytes_as_the_file(command, content, tmp_path, monkeypatch):
     assert result.exit_code == 2  # nothing here is a runnable spec
 
 
+@SETTINGS
+@given(text=mutated_specs(SEARCH_POSITIONS))
+def test_any_value_in_a_search(text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    invoke(tmp_path, text.encode(), ["validate", "--no-files"])
+
+
 def test_every_kind_and_method_has_positions():
     kinds = {base["kind"] for base in BASES}
     methods = {base["method"]["name"] for base in BASES if base["kind"] == "finetune"}
-    assert kinds == {"pretrain", "finetune"} and methods == set(METHODS)
+    assert kinds == {"pretrain", "finetune", "tune"} and methods == set(METHODS)
+    assert len(SEARCH_POSITIONS) > 15
     assert len(POSITIONS) > 300
