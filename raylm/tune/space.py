@@ -264,12 +264,20 @@ def _method_options(value, algorithm: str) -> tuple[list[MethodOption], str]:
         rest = {n: d for n, d in searched.items() if d.kind != "grid"}
         for values in itertools.product(*(d.args for d in grids.values())):
             pinned = dict(zip(grids, values, strict=True))
-            label = option["name"] + (
-                "[" + ",".join(f"{n}={v}" for n, v in pinned.items()) + "]" if pinned else ""
-            )
-            parsed.append(MethodOption(label, {**fixed, **pinned}, dict(rest), (*pinned, *rest)))
+            parsed.append(MethodOption(option["name"], {**fixed, **pinned}, dict(rest), (*pinned, *rest)))
+    # Options of one method that differ in fixed fields (two LoRA set-ups, or a grid's values): those
+    # fields are what the search varies; they name the options.
+    for name in {o.label for o in parsed}:
+        same = [o for o in parsed if o.label == name]
+        if len(same) < 2:
+            continue
+        keys = sorted({k for o in same for k in o.fixed if k != "name"})
+        differ = [k for k in keys if len({repr(o.fixed.get(k)) for o in same}) > 1]
+        for o in same:
+            o.varied = (*dict.fromkeys([*differ, *o.varied]),)
+            o.label = f"{name}[" + ",".join(f"{k}={o.fixed.get(k)}" for k in differ) + "]" if differ else name
     seen: dict[str, int] = {}
-    for option in parsed:  # the same method twice (e.g. two LoRA set-ups): number the labels
+    for option in parsed:  # options that are the same but for their sampled fields: number them
         seen[option.label] = seen.get(option.label, 0) + 1
         if seen[option.label] > 1:
             option.label = f"{option.label}#{seen[option.label]}"
