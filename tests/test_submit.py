@@ -192,6 +192,41 @@ def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
 
 
 @pytest.mark.cluster
+def test_a_search_submitted_to_the_cluster_runs_its_trials_there(two_node_cluster, sft_base, tmp_path):
+    """kind: tune through the Jobs API: the spec (its base inline) is validated on the cluster, two
+    trials run at once on the two 2-CPU nodes (half a CPU for each trial's process, one worker of one
+    CPU), and the job follows to the end with the table."""
+    address, env = two_node_cluster
+    output = tmp_path / "search"
+    spec = {
+        "kind": "tune",
+        "base": {
+            "model": {"path": str(sft_base)},
+            "method": "lora",
+            "data": {"generate": {"task": "arithmetic", "examples": 200}, "seq_len": 24},
+            "train": {
+                "max_steps": 10,
+                "batch_size": 8,
+                "eval_every": 5,
+                "log_every": 5,
+                "checkpoint_every": 10,
+            },
+            "eval": {"exact_match_examples": 0},
+        },
+        "search": {"train.lr": {"grid": [1e-2, 3e-3]}},
+        "scheduler": {"name": "none"},
+        "output": str(output),
+    }
+    spec_file = tmp_path / "tune.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    done = raylm("run", str(spec_file), "--address", address, env=env)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "2 trial(s) at once" in done.stdout and "done: search search (2 completed)" in done.stdout
+    summaries = [json.loads(p.read_text()) for p in output.glob("trials/*/summary.json")]
+    assert len(summaries) == 2 and all(s["steps"] == 10 for s in summaries)
+
+
+@pytest.mark.cluster
 def test_workers_the_cluster_cannot_hold_stop_the_job_with_what_to_change(two_node_cluster, tmp_path):
     """3 workers of 2 CPUs on two 2-CPU nodes would wait forever: the job stops before it starts."""
     address, env = two_node_cluster
