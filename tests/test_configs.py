@@ -19,8 +19,8 @@ def test_there_are_examples():
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
 def test_job_spec_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # example paths (a search's base file too) are relative to the checkout
     job = load_spec(path)
-    monkeypatch.chdir(ROOT)  # example paths are relative to the checkout
     if _workplace_data_missing(job):
         pytest.skip("this example reads ../shared/data/, which is not beside this checkout")
     if not _cluster_path(job) and not _after_another_example(job):
@@ -28,18 +28,27 @@ def test_job_spec_validates(path, monkeypatch):
     assert path.read_text().lstrip().startswith("#"), "each example opens with a comment saying how to run it"
 
 
+def _trained(job):
+    """The training spec of an example: itself, or a search's base."""
+    return job.base if job.kind == "tune" else job
+
+
 def _cluster_path(job) -> bool:
     """Examples for a cluster name paths on its shared storage (/shared/...), absent here."""
+    job = _trained(job)
     return any(p.startswith("/shared/") for p in [*job.data.paths, job.model.path or ""])
 
 
 def _workplace_data_missing(job) -> bool:
     """Examples that train on the workplace's shared corpus (../shared/data/) beside the checkout."""
+    job = _trained(job)
     return any(p.startswith("../shared/") and not (ROOT / p).exists() for p in job.data.paths)
 
 
 def _after_another_example(job) -> bool:
-    """Fine-tuning examples start from the quickstart's output (runs/...), made by running it first."""
+    """Fine-tuning examples (and searches over them) start from the quickstart's output (runs/...),
+    made by running it first."""
+    job = _trained(job)
     return job.kind == "finetune" and (job.model.path or "").startswith("runs/")
 
 
