@@ -61,13 +61,27 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     the embedded Ray runs its workers at normal priority.
     """
     import ray
+    from ray.util import get_node_ip_address
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        _system_config={"worker_niceness": 0},
-        logging_level=logging.INFO if verbose else logging.WARNING,
-    )
+    # Ray's own processes (Ray Train's placement-group cleaner, state queries) find "the" cluster
+    # through RAY_ADDRESS, else by looking for running Ray instances: with a second Ray on the same
+    # machine they fail ("Found multiple active Ray instances"), and a Tune trial stopped early would
+    # keep its workers' CPUs. So the embedded Ray's GCS gets a port chosen here, and every process of
+    # the job is told that address.
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            _system_config={"worker_niceness": 0},
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}},
+        )
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def run_here(job, verbose: bool = False) -> dict:
