@@ -46,19 +46,34 @@ def _looks_like_float(text: str) -> bool:
     return text.strip().lower() not in {"nan", "inf", "-inf", "infinity", "-infinity"}
 
 
+class NotASection(ValueError):
+    """A dotted path runs through a value: `where` (the prefix) holds a `found`, not a mapping."""
+
+    def __init__(self, where: str, found: str):
+        super().__init__(f"{where} is a {found}, not a section")
+        self.where, self.found = where, found
+
+
+def set_dotted(data: dict, keys: list[str], value) -> None:
+    """data[k0][k1]...[kn] = value, creating sections on the way (NotASection when one is a value)."""
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise NotASection(".".join(keys[: depth + 1]), type(child).__name__)
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
-                raise SpecError([(f"--set {text}", f"{where} is a {type(child).__name__}, not a section")])
-            node = child
-        node[keys[-1]] = value
+        try:
+            set_dotted(data, keys, value)
+        except NotASection as err:
+            raise SpecError([(f"--set {text}", str(err))]) from None
     return data
 
 

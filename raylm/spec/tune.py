@@ -181,12 +181,13 @@ def trial_spec(base: dict, overrides: dict) -> dict:
     """The finetune spec (a dict) of one trial: `base` with the trial's dotted-path values."""
     import copy
 
-    from raylm.tune.space import set_path
+    from raylm.spec.loading import NotASection, set_dotted
+    from raylm.tune.space import SpaceError
 
     trial = copy.deepcopy(base)
     for path, value in overrides.items():
-        if path == "method":
-            trial["method"] = value
-        else:
-            set_path(trial, path, value)
+        try:
+            set_dotted(trial, path.split("."), value)
+        except NotASection as err:
+            raise SpaceError(f"search.{path}", str(err)) from None
     return trial

@@ -167,20 +167,6 @@ def corner_overrides(space: Space) -> list[tuple[str, dict]]:
     return out
 
 
-def set_path(data: dict, path: str, value) -> None:
-    """data[a][b][c] = value for path a.b.c, creating sections on the way."""
-    keys = path.split(".")
-    node = data
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise SpaceError(f"search.{path}", f"{'.'.join(keys[: depth + 1])} is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
 # ---- parsing --------------------------------------------------------------------------------------
 
 
