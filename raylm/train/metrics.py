@@ -9,6 +9,14 @@ import sys
 from pathlib import Path
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, oldest first ([] before the first row is written)."""
+    log = Path(run_dir) / "metrics.jsonl"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
 class MetricsLog:
     """Appends metric rows to `metrics.jsonl` and TensorBoard under `run_dir`.
 
@@ -20,9 +28,8 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(run_dir) if row.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self.tensorboard = None
         if tensorboard:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from raylm.train.metrics import read_metrics
+
 
 def trial_rows(grid, output: Path, space, metric: str, mode: str, steps: int | None) -> list[dict]:
     """One row per trial of Tune's ResultGrid, read from the trial's run folder."""
@@ -85,19 +87,11 @@ def status(folder: Path | None, result) -> str:
 
 
 def evaluations(folder: Path, metric: str) -> list[tuple[int, float]]:
-    log = folder / "metrics.jsonl"
-    if not log.exists():
-        return []
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [(r["step"], r[metric]) for r in rows if metric in r and r[metric] is not None]
+    return [(r["step"], r[metric]) for r in read_metrics(folder) if r.get(metric) is not None]
 
 
 def last_step(folder: Path) -> int:
-    log = folder / "metrics.jsonl"
-    if not log.exists():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    return max((r.get("step", 0) for r in read_metrics(folder)), default=0)
 
 
 def write(job, output: Path, rows: list[dict], space, steps: int, seconds: float) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raylm.train.metrics import read_metrics
+
 
 class EvaluationReport(TuneReportCallback):
     """Forwards to Tune the reports that hold the searched metric (rank 0's, already reduced across
@@ -93,11 +95,7 @@ def run_trial(config: dict, search: dict) -> None:
 
 def last_evaluation(folder: Path, metric: str) -> dict | None:
     """The run's last logged row that holds `metric` (with its step)."""
-    log = folder / "metrics.jsonl"
-    if not log.exists():
-        return None
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if metric in r]
+    rows = [r for r in read_metrics(folder) if metric in r]
     return rows[-1] if rows else None
 
 

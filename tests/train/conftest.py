@@ -1,8 +1,5 @@
 """The DDP reference run that the pretraining and strategy tests compare against (one per session)."""
 
-import json
-from pathlib import Path
-
 import pytest
 
 from raylm.spec import validate_dict
@@ -15,7 +12,3 @@ def reference_run(ray_local, tmp_path_factory):
     output = tmp_path_factory.mktemp("reference") / "run"
     summary = run_here(validate_dict(tiny_spec(output)))
     return output, summary
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

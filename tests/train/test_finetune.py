@@ -11,8 +11,8 @@ import torch
 
 from raylm.spec import validate_dict
 from raylm.submit import run_here
+from raylm.train.metrics import read_metrics
 from tests.conftest import SFT_BASE
-from tests.train.conftest import read_metrics
 
 
 def finetune_spec(base, run_dir, method, **sections) -> dict:

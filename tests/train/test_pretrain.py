@@ -3,8 +3,6 @@ run killed mid-way resumes to exactly the weights of an uninterrupted run."""
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +13,8 @@ from safetensors.torch import load_file
 
 from raylm.spec import validate_dict
 from raylm.submit import run_here
-from tests.conftest import tiny_spec
-from tests.train.conftest import read_metrics
+from raylm.train.metrics import read_metrics
+from tests.conftest import run_cli_then_kill, tiny_spec
 
 
 def registered(run_dir: Path, step: int) -> bool:
@@ -80,20 +78,7 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
     }
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_spec(output, logging=tracked)))
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raylm", "run", str(spec_file)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        while not registered(output, 10):
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10))
     assert not (output / "model").exists()
 
     summary = run_here(validate_dict(tiny_spec(output, logging=tracked)))

@@ -14,8 +14,8 @@ from raylm import memory
 from raylm.memory import GiB
 from raylm.spec import validate_dict
 from raylm.submit import run_here
+from raylm.train.metrics import read_metrics
 from tests.conftest import tiny_spec
-from tests.train.conftest import read_metrics
 
 
 def exported(run_dir):
