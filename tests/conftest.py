@@ -1,6 +1,11 @@
 """Shared fixtures: one local Ray for the whole session (each start costs seconds), tiny specs."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +26,27 @@ def ray_local():
     configure_ray_data()
     yield ray
     ray.shutdown()
+
+
+def run_cli_then_kill(spec_file: Path, log_file: Path, ready, linger_s: float = 0.0):
+    """`raylm run spec_file` in its own process group; once `ready()` returns something truthy (and
+    `linger_s` later) SIGKILL the group, driver and embedded Ray together, and return that value."""
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raylm", "run", str(spec_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            while not (seen := ready()):
+                assert proc.poll() is None, log_file.read_text()[-3000:]
+                time.sleep(0.2)
+            time.sleep(linger_s)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return seen
 
 
 def tiny_spec(output, **sections) -> dict:

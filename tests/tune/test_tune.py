@@ -5,8 +5,6 @@ driver is killed (with trials rejected by the estimate), and a failed trial's re
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import yaml
 
 from raylm.spec import validate_dict
 from raylm.submit import run_here
+from tests.conftest import run_cli_then_kill
 
 
 def search_spec(base_folder, output, search, **fields) -> dict:
@@ -136,28 +135,14 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, sft_
     spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.05}
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raylm", "run", str(spec_file)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        while True:
-            summaries = (
-                list((output / "trials").glob("*/summary.json")) if (output / "trials").exists() else []
-            )
-            started = list((output / "trials").glob("*/trial.json")) if summaries else []
-            if summaries and len(started) >= 2:
-                break
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            time.sleep(0.5)
-        time.sleep(3)  # the second trial is training
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finished = summaries[0].parent
+
+    def second_trial_started():
+        trials = output / "trials"
+        finished = list(trials.glob("*/summary.json")) if trials.exists() else []
+        return finished and len(list(trials.glob("*/trial.json"))) >= 2 and finished[0].parent
+
+    # 3 s after the second trial started it is training
+    finished = run_cli_then_kill(spec_file, tmp_path / "killed.log", second_trial_started, linger_s=3)
     before = {
         name: (finished / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "trial.json")
     }
