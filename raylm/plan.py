@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raylm.memory import GiB, Shape, estimate
+from raylm.spec.strategies import HEADROOM, memory_key
 
 CANDIDATES = (
     ("ddp", {"name": "ddp"}),
@@ -42,7 +43,7 @@ def choose(
     shape: Shape,
     workers: int,
     memory_bytes: float,
-    headroom: float = 0.9,
+    headroom: float = HEADROOM,
     precision: str = "fp32",
     batch: int = 1,
     seq_len: int = 2048,
@@ -126,21 +127,18 @@ def unfit_reason(job, memory_bytes: float) -> str | None:
         except NothingFits as err:
             return str(err)
         return None
-    from raylm.spec.strategies import memory_key
-
     terms = _job_terms(job)
     key = memory_key(job.strategy)
     terms.pop("elastic")
     if key in terms.pop("exclude", ()):
         return f"method {job.method.name} cannot run under {key}"
-    headroom = 0.9  # as `auto` leaves by default, for the allocator
-    budget = memory_bytes * headroom
+    budget = memory_bytes * HEADROOM
     needed = estimate(strategy=key, **terms).total
     if needed <= budget:
         return None
     return (
         f"{key} needs {size(needed)} per worker by the estimate, more than {size(budget)} "
-        f"({headroom:.0%} of {size(memory_bytes)})"
+        f"({HEADROOM:.0%} of {size(memory_bytes)})"
     )
 
 

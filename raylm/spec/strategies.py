@@ -14,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 
 from raylm.spec.sections import Section
 
+HEADROOM = 0.9  # the share of a worker's memory the estimate may fill by default: the rest is the allocator's
+
 # DeepSpeed keys raylm derives from train.* (the data loader must agree with them).
 DEEPSPEED_OWNED_KEYS = {
     "train_batch_size": "train.batch_size x train.grad_accum x workers",
@@ -87,7 +89,10 @@ class AutoStrategy(Section):
         description="Device memory per worker in GiB; default: measured (GPU) or the node's memory share (CPU).",
     )
     headroom: float = Field(
-        0.9, gt=0, le=1, description="Fraction of that memory the estimate may fill (allocator overhead)."
+        HEADROOM,
+        gt=0,
+        le=1,
+        description="Fraction of that memory the estimate may fill (allocator overhead).",
     )
 
 
