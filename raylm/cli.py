@@ -88,8 +88,15 @@ def run(spec_file, overrides, address, no_follow, verbose):
     except user_errors() as err:
         fail(str(err))
     except Exception as err:
+        from ray.exceptions import RayTaskError
         from ray.train import TrainingFailedError
 
+        if isinstance(err, RayTaskError):  # a compression task: its traceback was printed above
+            cause = err.cause if err.cause is not None else err
+            fail(
+                f"{job.kind} failed: {type(cause).__name__}: {cause} (nothing was written to {job.output.path})",
+                code=1,
+            )
         if not isinstance(err, TrainingFailedError):
             raise
         # Ray already printed each worker's traceback above; end with what failed and where things are.
@@ -103,6 +110,9 @@ def run(spec_file, overrides, address, no_follow, verbose):
 def _print_summary(summary: dict) -> None:
     if summary.get("kind") == "tune":
         _print_search(summary)
+        return
+    if summary.get("kind") == "quantize":
+        _print_quantized(summary)
         return
     metrics = summary.get("metrics") or {}
     click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
@@ -133,6 +143,40 @@ def _print_summary(summary: dict) -> None:
     sample = summary.get("sample") or {}
     if sample:
         click.echo(f"[raylm] sample: {sample['prompt']!r} -> {sample['completion']!r}")
+
+
+def _print_quantized(summary: dict) -> None:
+    size, bits, ppl, speed = (
+        summary["weights_bytes"],
+        summary["bits_per_parameter"],
+        summary["perplexity"],
+        summary["tokens_per_s"],
+    )
+    click.echo(f"[raylm] done: {summary['artifact']}")
+    click.echo(
+        f"[raylm] weights {size['original']:,} -> {size['quantized']:,} bytes ({size['ratio']:.2f}x); "
+        f"{bits['all']:.2f} bits per parameter"
+        + (
+            f" ({bits['quantized_weights']:.3f} in the quantized weights)"
+            if bits["quantized_weights"]
+            else ""
+        )
+    )
+    kept = summary.get("kept_full_precision") or []
+    if kept:
+        click.echo(
+            f"[raylm] {len(kept)} layer(s) stay in full precision: bitsandbytes' 4-bit CPU kernel needs input "
+            f"features in multiples of 64 and output features in multiples of 32 ({', '.join(kept[:2])}"
+            f"{', ...' if len(kept) > 2 else ''})"
+        )
+    click.echo(
+        f"[raylm] held-out perplexity {ppl['original']:.3f} -> {ppl['quantized']:.3f} ({ppl['blocks']} blocks); "
+        f"greedy tokens agreeing with the original {summary['greedy_agreement']:.1%}"
+    )
+    click.echo(
+        f"[raylm] greedy generation {speed['original']:.1f} -> {speed['quantized']:.1f} tokens/s "
+        f"on {summary['measured_on']}"
+    )
 
 
 def _print_search(summary: dict) -> None:
@@ -253,6 +297,8 @@ def estimate(
             if job.kind == "tune":  # a search: one trial's base (its searched values may change it)
                 click.echo("[raylm] estimating the search's base spec; its searched values may change it")
                 job = job.base
+            if not hasattr(job, "train"):
+                fail(f"{spec_file}: estimate answers for training jobs; a {job.kind} job does not train")
             shape = memory.shape_of_job(job)
             workers = workers or job.resources.max_workers
             precision = precision or job.train.precision

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Protocol, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from raylm.spec.compress import QuantizeJob
 from raylm.spec.jobs import FinetuneJob, PretrainJob
 from raylm.spec.tune import TuneJob
 
@@ -67,6 +68,7 @@ KINDS: dict[str, Kind] = {
     "pretrain": Kind(PretrainJob, "raylm.train.pretrain:Pretrain"),
     "finetune": Kind(FinetuneJob, "raylm.train.finetune:Finetune"),
     "tune": Kind(TuneJob, "raylm.tune.driver:Tune"),
+    "quantize": Kind(QuantizeJob, "raylm.compress.quantize:Quantize"),
 }
 
 

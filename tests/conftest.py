@@ -28,6 +28,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def reference_run(ray_local, tmp_path_factory):
+    """The 2-worker DDP pretraining run (tiny_spec) that the pretraining and strategy tests compare
+    against, and the trained model the compression tests start from (one fit per session)."""
+    from raylm.spec import validate_dict
+    from raylm.submit import run_here
+
+    output = tmp_path_factory.mktemp("reference") / "run"
+    summary = run_here(validate_dict(tiny_spec(output)))
+    return output, summary
+
+
 def run_cli_then_kill(spec_file: Path, log_file: Path, ready, linger_s: float = 0.0):
     """`raylm run spec_file` in its own process group; once `ready()` returns something truthy (and
     `linger_s` later) SIGKILL the group, driver and embedded Ray together, and return that value."""

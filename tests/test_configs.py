@@ -29,27 +29,30 @@ def test_job_spec_validates(path, monkeypatch):
 
 
 def _trained(job):
-    """The training spec of an example: itself, or a search's base."""
+    """The spec of an example that names its model and data: itself, or a search's base."""
     return job.base if job.kind == "tune" else job
+
+
+def _data_paths(job) -> list[str]:
+    data = _trained(job).data
+    return data.paths if data is not None else []
 
 
 def _cluster_path(job) -> bool:
     """Examples for a cluster name paths on its shared storage (/shared/...), absent here."""
-    job = _trained(job)
-    return any(p.startswith("/shared/") for p in [*job.data.paths, job.model.path or ""])
+    return any(p.startswith("/shared/") for p in [*_data_paths(job), _trained(job).model.path or ""])
 
 
 def _workplace_data_missing(job) -> bool:
     """Examples that train on the workplace's shared corpus (../shared/data/) beside the checkout."""
-    job = _trained(job)
-    return any(p.startswith("../shared/") and not (ROOT / p).exists() for p in job.data.paths)
+    return any(p.startswith("../shared/") and not (ROOT / p).exists() for p in _data_paths(job))
 
 
 def _after_another_example(job) -> bool:
-    """Fine-tuning examples (and searches over them) start from the quickstart's output (runs/...),
-    made by running it first."""
+    """Fine-tuning and compression examples (and searches) start from the quickstart's output
+    (runs/...), made by running it first."""
     job = _trained(job)
-    return job.kind == "finetune" and (job.model.path or "").startswith("runs/")
+    return job.kind != "pretrain" and (job.model.path or "").startswith("runs/")
 
 
 def _launcher(path: Path) -> bool:

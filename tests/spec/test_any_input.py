@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raylm import cli, submit
+from raylm.kinds import KINDS
 from raylm.methods import METHODS
 from raylm.spec import validate_dict
 
@@ -48,7 +49,14 @@ def base_specs() -> list[dict]:
         },
         "output": "runs/z",
     }
+    quantize = {
+        "kind": "quantize",
+        "model": {"path": "no-such-model-folder/x/y"},
+        "data": {"path": "no-such-corpus.txt", "seq_len": 32},
+        "output": "runs/q",
+    }
     specs = [{**pretrain, "strategy": s} for s in STRATEGIES]
+    specs += [{**quantize, "method": m} for m in ("nf4", "int8", {"name": "gguf", "type": "q4_0"})]
     specs += [{**finetune, "method": name} for name in METHODS]
     specs += [tune, {**tune, "algorithm": "grid", "search": {"train.lr": {"grid": [1e-3]}}}]
     return [validate_dict(s).model_dump(mode="json") for s in specs]
@@ -166,6 +174,6 @@ def test_any_value_in_a_search(text, tmp_path, monkeypatch):
 def test_every_kind_and_method_has_positions():
     kinds = {base["kind"] for base in BASES}
     methods = {base["method"]["name"] for base in BASES if base["kind"] == "finetune"}
-    assert kinds == {"pretrain", "finetune", "tune"} and methods == set(METHODS)
+    assert kinds == set(KINDS) and methods == set(METHODS)
     assert len(SEARCH_POSITIONS) > 15
     assert len(POSITIONS) > 300
