@@ -111,8 +111,8 @@ def _print_summary(summary: dict) -> None:
     if summary.get("kind") == "tune":
         _print_search(summary)
         return
-    if summary.get("kind") == "quantize":
-        _print_quantized(summary)
+    if summary.get("kind") in ("quantize", "prune"):
+        _print_compressed(summary)
         return
     metrics = summary.get("metrics") or {}
     click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
@@ -145,23 +145,33 @@ def _print_summary(summary: dict) -> None:
         click.echo(f"[raylm] sample: {sample['prompt']!r} -> {sample['completion']!r}")
 
 
-def _print_quantized(summary: dict) -> None:
-    size, bits, ppl, speed = (
-        summary["weights_bytes"],
-        summary["bits_per_parameter"],
-        summary["perplexity"],
-        summary["tokens_per_s"],
-    )
+def _print_compressed(summary: dict) -> None:
+    """A quantization's or a pruning's measures, before -> after."""
+    after = "quantized" if summary["kind"] == "quantize" else "pruned"
+    size, ppl, speed = summary["weights_bytes"], summary["perplexity"], summary["tokens_per_s"]
     click.echo(f"[raylm] done: {summary['artifact']}")
-    click.echo(
-        f"[raylm] weights {size['original']:,} -> {size['quantized']:,} bytes ({size['ratio']:.2f}x); "
-        f"{bits['all']:.2f} bits per parameter"
-        + (
-            f" ({bits['quantized_weights']:.3f} in the quantized weights)"
-            if bits["quantized_weights"]
-            else ""
+    line = f"[raylm] weights {size['original']:,} -> {size[after]:,} bytes ({size['ratio']:.2f}x)"
+    bits = summary.get("bits_per_parameter")
+    if bits:
+        line += f"; {bits['all']:.2f} bits per parameter"
+        if bits["quantized_weights"]:
+            line += f" ({bits['quantized_weights']:.3f} in the quantized weights)"
+    params = summary.get("parameters")
+    if params:
+        line += f"; parameters {params['original']:,} -> {params['pruned']:,}"
+    click.echo(line)
+    sparsity = summary.get("sparsity")
+    if sparsity:
+        click.echo(
+            f"[raylm] sparsity of the {sparsity['layers']} pruned layers {sparsity['pruned_layers']:.1%} "
+            f"(per layer {sparsity['min_layer']:.1%} to {sparsity['max_layer']:.1%}; target {sparsity['target']:.1%})"
         )
-    )
+    removed = summary.get("removed")
+    if removed:
+        click.echo(
+            f"[raylm] removed from every layer: {removed['heads_per_layer']} attention head(s), "
+            f"{removed['channels_per_layer']} MLP channel(s)"
+        )
     kept = summary.get("kept_full_precision") or []
     if kept:
         click.echo(
@@ -170,11 +180,11 @@ def _print_quantized(summary: dict) -> None:
             f"{', ...' if len(kept) > 2 else ''})"
         )
     click.echo(
-        f"[raylm] held-out perplexity {ppl['original']:.3f} -> {ppl['quantized']:.3f} ({ppl['blocks']} blocks); "
+        f"[raylm] held-out perplexity {ppl['original']:.3f} -> {ppl[after]:.3f} ({ppl['blocks']} blocks); "
         f"greedy tokens agreeing with the original {summary['greedy_agreement']:.1%}"
     )
     click.echo(
-        f"[raylm] greedy generation {speed['original']:.1f} -> {speed['quantized']:.1f} tokens/s "
+        f"[raylm] greedy generation {speed['original']:.1f} -> {speed[after]:.1f} tokens/s "
         f"on {summary['measured_on']}"
     )
 

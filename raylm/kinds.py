@@ -18,7 +18,7 @@ from typing import Annotated, Any, Protocol, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from raylm.spec.compress import QuantizeJob
+from raylm.spec.compress import PruneJob, QuantizeJob
 from raylm.spec.jobs import FinetuneJob, PretrainJob
 from raylm.spec.tune import TuneJob
 
@@ -69,6 +69,7 @@ KINDS: dict[str, Kind] = {
     "finetune": Kind(FinetuneJob, "raylm.train.finetune:Finetune"),
     "tune": Kind(TuneJob, "raylm.tune.driver:Tune"),
     "quantize": Kind(QuantizeJob, "raylm.compress.quantize:Quantize"),
+    "prune": Kind(PruneJob, "raylm.compress.prune:Prune"),
 }
 
 

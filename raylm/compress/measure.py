@@ -150,3 +150,21 @@ def agreement(model, prompts, continuations) -> float:
 
 def _device(model):
     return next(model.parameters()).device
+
+
+def new_tokens(model, prompts, wanted: int) -> int:
+    """`wanted` new tokens, within the model's context after the longest prompt."""
+    room = model.config.max_position_embeddings - max(len(p) for p in prompts)
+    return max(1, min(wanted, room))
+
+
+def model_measures(model, blocks, prompts, wanted_tokens: int, reference=None) -> dict:
+    """Perplexity, greedy speed and continuations, and (given the original's continuations) the
+    greedy agreement with them: one model's side of a before / after comparison."""
+    continuations, speed = greedy(model, prompts, new_tokens(model, prompts, wanted_tokens))
+    out = {"perplexity": round(perplexity(model, blocks), 4), "tokens_per_s": round(speed, 2)}
+    if reference is None:
+        out["continuations"] = continuations
+    else:
+        out["agreement"] = round(agreement(model, prompts, reference), 4)
+    return out

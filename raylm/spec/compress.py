@@ -1,4 +1,5 @@
-"""Spec of the compression kinds: `kind: quantize` (bitsandbytes NF4 / FP4 / int8, GGUF).
+"""Spec of the compression kinds: `kind: quantize` (bitsandbytes NF4 / FP4 / int8, GGUF) and
+`kind: prune` (magnitude, Wanda, N:M, structured).
 
     kind: quantize
     model: {path: runs/tiny/model}
@@ -78,23 +79,22 @@ class CompressResources(Section):
     cpus_per_worker = property(lambda self: self.cpus)
 
 
-class QuantizeJob(Section):
-    """Post-training quantization of a Hugging Face model folder, measured before and after."""
+class CompressionJob(Section):
+    """What every compression kind has: a model folder, held-out text, measurements, resources, output."""
 
-    kind: Literal["quantize"]
+    kind: str
     name: str | None = Field(None, description="Job name; default: the output folder's name.")
-    model: ModelSpec = Field(description="The model folder to quantize (model.path).")
-    method: QuantizeMethod = Field(description="nf4, fp4, int8 (bitsandbytes) or gguf.")
+    model: ModelSpec = Field(description="The model folder to compress (model.path).")
     data: DataSpec | None = Field(
         None,
-        description="Text for held-out perplexity (its validation split) and prompts; default: the "
-        "pretraining data of the raylm run the model folder belongs to.",
+        description="Text for held-out perplexity (its validation split), prompts and calibration (its "
+        "training split); default: the pretraining data of the raylm run the model folder belongs to.",
     )
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     resources: CompressResources = Field(default_factory=CompressResources)
     output: OutputSpec
 
-    _method_shorthand = field_validator("method", mode="before")(
+    _method_shorthand = field_validator("method", mode="before", check_fields=False)(
         lambda cls, v: {"name": v} if isinstance(v, str) else v
     )
     _output_shorthand = field_validator("output", mode="before")(
@@ -102,11 +102,95 @@ class QuantizeJob(Section):
     )
 
     @model_validator(mode="after")
-    def _a_folder(self) -> QuantizeJob:
+    def _a_folder(self) -> CompressionJob:
         if self.model.path is None:
-            raise ValueError("model.path: quantization needs a trained model folder, not an architecture")
+            raise ValueError("model.path: compression needs a trained model folder, not an architecture")
         return self
 
     @property
     def run_name(self) -> str:
-        return self.name or PurePosixPath(self.output.path.rstrip("/")).name or "raylm-quantize"
+        return self.name or PurePosixPath(self.output.path.rstrip("/")).name or f"raylm-{self.kind}"
+
+
+class QuantizeJob(CompressionJob):
+    """Post-training quantization of a Hugging Face model folder, measured before and after."""
+
+    kind: Literal["quantize"]
+    method: QuantizeMethod = Field(description="nf4, fp4, int8 (bitsandbytes) or gguf.")
+
+
+class Magnitude(Section):
+    """Zero the weights of smallest magnitude in each linear layer of the decoder."""
+
+    name: Literal["magnitude"]
+    sparsity: float = Field(0.5, ge=0, lt=1, description="Share of each layer's weights set to zero.")
+    pattern: str | None = Field(
+        None,
+        description='N:M semi-structured sparsity, e.g. "2:4" or "4:8": N of every M consecutive weights '
+        "of a row are kept (sparsity is then 1 - N/M).",
+    )
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _sexagesimal(cls, value):
+        """YAML 1.1 reads an unquoted 2:4 as the base-60 number 124 (2 x 60 + 4): read it back."""
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+            return f"{value // 60}:{value % 60}"
+        return value
+
+    @model_validator(mode="after")
+    def _pattern(self):
+        if self.pattern is None:
+            return self
+        parts = self.pattern.split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+            raise ValueError(f'pattern {self.pattern!r}: write N:M with 0 < N < M, e.g. "2:4"')
+        implied = 1 - int(parts[0]) / int(parts[1])
+        if "sparsity" in self.model_fields_set and abs(self.sparsity - implied) > 1e-9:
+            raise ValueError(
+                f"pattern {self.pattern} keeps {parts[0]} of {parts[1]} (sparsity {implied:g}); "
+                f"sparsity {self.sparsity:g} contradicts it: leave sparsity out"
+            )
+        self.__dict__["sparsity"] = implied
+        return self
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return tuple(int(p) for p in self.pattern.split(":")) if self.pattern else None
+
+
+class Wanda(Magnitude):
+    """Wanda (Sun et al. 2023): weight magnitude x the norm of its input feature over calibration
+    text, compared within each output row; layer by layer, each layer's inputs recomputed through the
+    layers already pruned."""
+
+    name: Literal["wanda"]
+    calibration_blocks: int = Field(
+        128,
+        ge=1,
+        description="Training-split blocks (data.seq_len tokens) whose activations score the weights.",
+    )
+
+
+class Structured(Section):
+    """Remove whole attention heads (with their key / value group) and MLP channels from every layer:
+    the saved model is smaller and its config says so."""
+
+    name: Literal["structured"]
+    heads: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of each layer's key/value head groups removed (with their query heads).",
+    )
+    channels: float = Field(0.25, ge=0, lt=1, description="Share of each layer's MLP channels removed.")
+
+
+PruneMethod = Annotated[Union[Magnitude, Wanda, Structured], Field(discriminator="name")]  # noqa: UP007
+
+
+class PruneJob(CompressionJob):
+    """Pruning of a Hugging Face model folder, measured before and after."""
+
+    kind: Literal["prune"]
+    method: PruneMethod = Field(description="magnitude, wanda (optionally N:M) or structured.")

@@ -9,12 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raylm import cli
 from raylm.spec import validate_dict
 from raylm.submit import run_here
+from tests.compress.conftest import validate_fails
 
 # Share of greedy tokens (20 prompts x 16 tokens, free-running) equal to the original model's. The
 # 4-bit formats change the weights most; a difference early in a continuation changes the rest of it.
@@ -38,11 +37,6 @@ def quantize_spec(model, output, method) -> dict:
         "measure": {"perplexity_blocks": 16, "prompts": 4},
         "output": str(output),
     }
-
-
-@pytest.fixture(scope="module")
-def trained(reference_run):
-    return reference_run[0] / "model"
 
 
 @pytest.fixture(scope="module")
@@ -226,34 +220,26 @@ def test_the_same_spec_again_returns_the_recorded_summary(quantized, trained):
     assert {p.name: p.stat().st_mtime_ns for p in output.iterdir()} == before
 
 
-def validate(tmp_path, spec: dict) -> str:
-    import yaml
-
-    file = tmp_path / "spec.yaml"
-    file.write_text(yaml.safe_dump(spec))
-    result = CliRunner().invoke(cli.main, ["validate", str(file)])
-    assert result.exit_code == 2, result.output
-    return result.output
-
-
 def test_bad_inputs_are_refused_before_any_work(tmp_path, trained, quantized):
     from transformers import GPT2Config, T5Config
 
     out = tmp_path / "out"
-    assert "is not a folder here" in validate(tmp_path, quantize_spec(tmp_path / "nowhere", out, "nf4"))
-    assert "use its model/" in validate(tmp_path, quantize_spec(trained.parent, out, "nf4"))
+    assert "is not a folder here" in validate_fails(tmp_path, quantize_spec(tmp_path / "nowhere", out, "nf4"))
+    assert "use its model/" in validate_fails(tmp_path, quantize_spec(trained.parent, out, "nf4"))
     t5 = tmp_path / "t5"
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=32).save_pretrained(t5)
-    assert "not a causal language model" in validate(tmp_path, quantize_spec(t5, out, "nf4"))
+    assert "not a causal language model" in validate_fails(tmp_path, quantize_spec(t5, out, "nf4"))
     gpt2 = tmp_path / "gpt2"
     AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(gpt2)
     AutoTokenizer.from_pretrained(trained).save_pretrained(gpt2)
-    message = validate(tmp_path, quantize_spec(gpt2, out, {"name": "gguf"}))
+    message = validate_fails(tmp_path, quantize_spec(gpt2, out, {"name": "gguf"}))
     assert "covers the llama architecture" in message and "give held-out text" in message
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    assert "already holds other files" in validate(tmp_path, quantize_spec(trained, taken, "nf4"))
+    assert "already holds other files" in validate_fails(tmp_path, quantize_spec(trained, taken, "nf4"))
     assert (taken / "notes.txt").read_text() == "mine"
-    assert "already quantized" in validate(tmp_path, quantize_spec(quantized["nf4"][0], out, "int8"))
-    assert "method.type" in validate(tmp_path, quantize_spec(trained, out, {"name": "gguf", "type": "q3_k"}))
+    assert "already quantized" in validate_fails(tmp_path, quantize_spec(quantized["nf4"][0], out, "int8"))
+    assert "method.type" in validate_fails(
+        tmp_path, quantize_spec(trained, out, {"name": "gguf", "type": "q3_k"})
+    )

@@ -57,6 +57,10 @@ def base_specs() -> list[dict]:
     }
     specs = [{**pretrain, "strategy": s} for s in STRATEGIES]
     specs += [{**quantize, "method": m} for m in ("nf4", "int8", {"name": "gguf", "type": "q4_0"})]
+    specs += [
+        {**quantize, "kind": "prune", "method": m}
+        for m in ({"name": "wanda", "pattern": "2:4"}, "magnitude", "structured")
+    ]
     specs += [{**finetune, "method": name} for name in METHODS]
     specs += [tune, {**tune, "algorithm": "grid", "search": {"train.lr": {"grid": [1e-3]}}}]
     return [validate_dict(s).model_dump(mode="json") for s in specs]

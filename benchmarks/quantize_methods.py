@@ -1,0 +1,126 @@
+"""What each quantization method costs and saves, through raylm's own job path (`raylm run` on
+quantize specs), on a model raylm pretrains on ../shared/data/tinyshakespeare.txt:
+
+one row per method: weight bytes against the float32 folder, held-out perplexity before and after (the
+pretraining run's own validation blocks), the share of the original's greedy tokens kept, and CPU tokens
+per second of greedy generation against the original, the two timed the same way in the same task.
+
+    python benchmarks/quantize_methods.py                 # writes benchmarks/results/quantize_methods.json
+    python benchmarks/quantize_methods.py --steps 200 --methods nf4 q8_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# A 12M-parameter Llama (6 layers, hidden 384): input features of every linear layer a multiple of 64,
+# so bitsandbytes' 4-bit CPU kernel quantizes all of them.
+ARCH = {"family": "llama", "layers": 6, "heads": 6, "hidden": 384, "intermediate": 1024, "context": 128}
+METHODS = {
+    "int8": {"name": "int8"},
+    "nf4": {"name": "nf4", "double_quant": True},
+    "fp4": {"name": "fp4", "double_quant": True},
+    "gguf-f16": {"name": "gguf", "type": "f16"},
+    "gguf-q8_0": {"name": "gguf", "type": "q8_0"},
+    "gguf-q5_0": {"name": "gguf", "type": "q5_0"},
+    "gguf-q4_0": {"name": "gguf", "type": "q4_0"},
+}
+
+
+def run(job: dict, folder: Path) -> tuple[dict, float]:
+    """`raylm run` on the spec in its own process: (summary.json, wall seconds of the command)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(job))
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "raylm", "run", str(path)], capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{path} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    output = Path(job["output"] if isinstance(job["output"], str) else job["output"]["path"])
+    return json.loads((output / "summary.json").read_text()), seconds
+
+
+def pretrain(scratch: Path, steps: int) -> tuple[Path, dict]:
+    job = {
+        "kind": "pretrain",
+        "model": {"architecture": ARCH},
+        "tokenizer": {"train": {"type": "bpe", "vocab_size": 2048}},
+        "data": {"path": str(CORPUS), "seq_len": 128, "val_fraction": 0.05},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 16,
+            "lr": 1.5e-3,
+            "warmup_steps": steps // 10,
+            "eval_every": steps,
+            "checkpoint_every": steps,
+            "log_every": 50,
+        },
+        "resources": {"num_workers": 1, "cpus_per_worker": 2},
+        "output": str(scratch / "base"),
+    }
+    summary, seconds = run(job, scratch / "base-spec")
+    return scratch / "base" / "model", {**summary["metrics"], "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="pretraining steps of the base model")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantize_methods.json"))
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="raylm-quantize-bench-"))
+    model, base = pretrain(scratch, args.steps)
+    print(f"base model: {base}", flush=True)
+    rows = []
+    for label in args.methods:
+        job = {
+            "kind": "quantize",
+            "model": {"path": str(model)},
+            "method": METHODS[label],
+            "measure": {"perplexity_blocks": 128, "prompts": 16, "prompt_tokens": 32, "new_tokens": 64},
+            "resources": {"cpus": 2},
+            "output": str(scratch / label),
+        }
+        summary, seconds = run(job, scratch / f"{label}-spec")
+        ppl, speed, size = summary["perplexity"], summary["tokens_per_s"], summary["weights_bytes"]
+        row = {
+            "method": label,
+            "size_vs_fp32": size["ratio"],
+            "bits_per_parameter": summary["bits_per_parameter"]["all"],
+            "bits_per_quantized_weight": summary["bits_per_parameter"]["quantized_weights"],
+            "perplexity_fp32": ppl["original"],
+            "perplexity": ppl["quantized"],
+            "perplexity_delta": round(ppl["quantized"] - ppl["original"], 4),
+            "greedy_agreement": summary["greedy_agreement"],
+            "tokens_per_s_fp32": speed["original"],
+            "tokens_per_s": speed["quantized"],
+            "speed_vs_fp32": round(speed["quantized"] / speed["original"], 3),
+            "kept_full_precision": len(summary.get("kept_full_precision") or []),
+            "measured_on": summary["measured_on"],
+            "job_seconds": round(seconds, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {
+        "command": "python benchmarks/quantize_methods.py " + " ".join(sys.argv[1:]),
+        "base": {"architecture": ARCH, "steps": args.steps, "corpus": "tinyshakespeare.txt", **base},
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
