@@ -19,7 +19,7 @@ from typing import Annotated, Any, Protocol, Union
 from pydantic import BaseModel, Field, TypeAdapter
 
 from raylm.spec.compress import PruneJob, QuantizeJob
-from raylm.spec.jobs import FinetuneJob, PretrainJob
+from raylm.spec.jobs import DistillJob, FinetuneJob, PretrainJob
 from raylm.spec.tune import TuneJob
 
 Problems = list[tuple[str, str]]  # (dotted field, what is wrong and how to fix it)
@@ -46,6 +46,10 @@ class TrainingKind(JobKind, Protocol):
     def worker_optimizer(self, job) -> Callable | None:
         """`make(model, train_spec) -> optimizer`, or None for AdamW."""
 
+    def worker_objective(self, job, device) -> Callable | None:
+        """`objective(model, batch, items) -> loss` for training steps, or None for the causal-LM loss
+        (T-Few's for multiple-choice data); evaluation always reports the causal-LM loss."""
+
     def worker_rebuild(self, job, tokenizer) -> Callable | None:
         """`rebuild() -> model` of the trained structure on the CPU (for gathering shards into), or
         None for a model built from the config."""
@@ -68,6 +72,7 @@ KINDS: dict[str, Kind] = {
     "pretrain": Kind(PretrainJob, "raylm.train.pretrain:Pretrain"),
     "finetune": Kind(FinetuneJob, "raylm.train.finetune:Finetune"),
     "tune": Kind(TuneJob, "raylm.tune.driver:Tune"),
+    "distill": Kind(DistillJob, "raylm.train.distill:Distill"),
     "quantize": Kind(QuantizeJob, "raylm.compress.quantize:Quantize"),
     "prune": Kind(PruneJob, "raylm.compress.prune:Prune"),
 }

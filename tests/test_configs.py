@@ -52,7 +52,8 @@ def _after_another_example(job) -> bool:
     """Fine-tuning and compression examples (and searches) start from the quickstart's output
     (runs/...), made by running it first."""
     job = _trained(job)
-    return job.kind != "pretrain" and (job.model.path or "").startswith("runs/")
+    teacher = job.teacher.path if job.kind == "distill" else ""
+    return job.kind != "pretrain" and any(p.startswith("runs/") for p in (job.model.path or "", teacher))
 
 
 def _launcher(path: Path) -> bool:

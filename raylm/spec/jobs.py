@@ -143,3 +143,42 @@ class FinetuneJob(TrainingJob):
         if check is not None:
             check(self)
         return self
+
+
+class TeacherSpec(Section):
+    """The frozen model whose output distribution the student learns."""
+
+    path: str = Field(
+        description="Teacher model folder (Hugging Face, e.g. runs/big/model); its tokenizer is the student's."
+    )
+    trust_remote_code: bool = Field(False, description="Allow the teacher's custom modelling code.")
+
+
+class DistillSpec(Section):
+    """loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels)."""
+
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature T of both distributions.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the distillation term (0: the student alone, on the labels)."
+    )
+
+
+class DistillJob(PretrainJob):
+    """Knowledge distillation: a student (an architecture or a folder) trained on text against a frozen
+    teacher's next-token distribution, on Ray Train like pretraining (any strategy, checkpoints, resume)."""
+
+    kind: Literal["distill"]
+    teacher: TeacherSpec
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+
+    @model_validator(mode="after")
+    def _teachers_tokenizer(self) -> DistillJob:
+        """The student reads the teacher's tokens: its tokenizer is the teacher's unless one is given."""
+        if self.tokenizer.train is not None:
+            raise ValueError(
+                "tokenizer.train: a distilled student reads the teacher's tokens; leave tokenizer out "
+                "(the teacher's is used) or give tokenizer.path"
+            )
+        if self.tokenizer.path is None:
+            self.tokenizer = TokenizerSpec(path=self.teacher.path)
+        return self

@@ -23,6 +23,7 @@ class Engine:
         self.scaler = scaler
         self.rebuild = rebuild  # a fresh unwrapped model of the same structure, for consolidation
         self.compiled = None  # torch.compile of the wrapper, for training steps (train.compile)
+        self.objective = None  # a kind's own training loss, objective(model, batch, items) (distillation)
 
     def compile(self) -> None:
         """Compile the training forward and backward (evaluation and generation stay eager: their
@@ -46,6 +47,8 @@ class Engine:
         divided by `items`."""
         model = self.compiled if training and self.compiled is not None else self.model
         with self.autocast:
+            if training and self.objective is not None:
+                return self.objective(model, batch, items)
             return forward_loss(model, batch, self.spec, items)
 
     def no_sync(self):

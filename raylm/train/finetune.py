@@ -85,6 +85,9 @@ class Finetune:
         method = job.method
         return lambda model, train: make(optim.param_groups(model, train), train.lr, train.betas, method)
 
+    def worker_objective(self, job: FinetuneJob, device):
+        return None  # the causal-LM loss (T-Few's objectives for choices data)
+
     def worker_rebuild(self, job: FinetuneJob, tokenizer):
         """A fresh base-plus-method model on the CPU, for gathering fsdp / ZeRO-3 shards into."""
 

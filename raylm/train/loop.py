@@ -70,6 +70,7 @@ def train_loop(config: dict) -> dict | None:
         make_optimizer=kind.worker_optimizer(job),
         rebuild=kind.worker_rebuild(job, tokenizer),
     )
+    engine.objective = kind.worker_objective(job, device)  # None: the causal-LM / T-Few loss
     if spec.compile:
         engine.compile()
     # what building, loading and sharding the model added to each rank's host memory at its peak

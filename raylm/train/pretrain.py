@@ -58,6 +58,9 @@ class Pretrain:
     def worker_optimizer(self, job: PretrainJob):
         return None  # AdamW
 
+    def worker_objective(self, job: PretrainJob, device):
+        return None  # the causal-LM loss
+
     def worker_rebuild(self, job: PretrainJob, tokenizer):
         return None  # gather into a model built from the config
 

@@ -56,6 +56,7 @@ def base_specs() -> list[dict]:
         "output": "runs/q",
     }
     specs = [{**pretrain, "strategy": s} for s in STRATEGIES]
+    specs.append({**pretrain, "kind": "distill", "teacher": {"path": "no-such-teacher/x"}, "tokenizer": {}})
     specs += [{**quantize, "method": m} for m in ("nf4", "int8", {"name": "gguf", "type": "q4_0"})]
     specs += [
         {**quantize, "kind": "prune", "method": m}

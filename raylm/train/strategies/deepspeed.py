@@ -66,10 +66,12 @@ class DeepSpeedEngine(Engine):
         return self.model.get_lr()[0]
 
     def loss(self, batch: dict, training: bool = False, items=None):
+        if training and self.objective is not None:
+            return self.objective(self.model, batch, items)
         return forward_loss(self.model, batch, self.spec, items)
 
     def micro_step(self, batch: dict, items, boundary: bool) -> float:
-        loss = self.loss(batch, items=items)
+        loss = self.loss(batch, training=True, items=items)
         self.model.backward(loss, scale_wrt_gas=False)  # `items` already counts every micro-batch
         self.model.step()  # steps the optimizer only at the accumulation boundary
         return loss.item() * float(items)

@@ -1,12 +1,14 @@
-"""What each quantization method costs and saves, through raylm's own job path (`raylm run` on
-quantize specs), on a model raylm pretrains on ../shared/data/tinyshakespeare.txt:
+"""What each compression method costs and saves, through raylm's own job path (`raylm run` on
+quantize and prune specs), on a model raylm pretrains on ../shared/data/tinyshakespeare.txt:
 
 one row per method: weight bytes against the float32 folder, held-out perplexity before and after (the
 pretraining run's own validation blocks), the share of the original's greedy tokens kept, and CPU tokens
 per second of greedy generation against the original, the two timed the same way in the same task.
+The pruning rows (magnitude vs Wanda vs 2:4 vs structured) are at 50% of the pruned layers' weights
+(structured: half the head groups and half the MLP channels).
 
-    python benchmarks/quantize_methods.py                 # writes benchmarks/results/quantize_methods.json
-    python benchmarks/quantize_methods.py --steps 200 --methods nf4 q8_0
+    python benchmarks/compress_methods.py                 # writes benchmarks/results/compress_methods.json
+    python benchmarks/compress_methods.py --steps 200 --methods nf4 q8_0 wanda
 """
 
 from __future__ import annotations
@@ -35,7 +37,13 @@ METHODS = {
     "gguf-q8_0": {"name": "gguf", "type": "q8_0"},
     "gguf-q5_0": {"name": "gguf", "type": "q5_0"},
     "gguf-q4_0": {"name": "gguf", "type": "q4_0"},
+    "magnitude": {"name": "magnitude", "sparsity": 0.5},
+    "wanda": {"name": "wanda", "sparsity": 0.5},
+    "magnitude-2:4": {"name": "magnitude", "pattern": "2:4"},
+    "wanda-2:4": {"name": "wanda", "pattern": "2:4"},
+    "structured": {"name": "structured", "heads": 0.5, "channels": 0.5},
 }
+PRUNE = {"magnitude", "wanda", "structured"}
 
 
 def run(job: dict, folder: Path) -> tuple[dict, float]:
@@ -75,18 +83,20 @@ def pretrain(scratch: Path, steps: int) -> tuple[Path, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=400, help="pretraining steps of the base model")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantize_methods.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_methods.json"))
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-quantize-bench-"))
+    scratch = Path(tempfile.mkdtemp(prefix="raylm-compress-bench-"))
     model, base = pretrain(scratch, args.steps)
     print(f"base model: {base}", flush=True)
     rows = []
     for label in args.methods:
         job = {
-            "kind": "quantize",
+            "kind": "prune" if METHODS[label]["name"] in PRUNE else "quantize",
             "model": {"path": str(model)},
             "method": METHODS[label],
             "measure": {"perplexity_blocks": 128, "prompts": 16, "prompt_tokens": 32, "new_tokens": 64},
@@ -94,19 +104,28 @@ def main() -> None:
             "output": str(scratch / label),
         }
         summary, seconds = run(job, scratch / f"{label}-spec")
+        after = "quantized" if job["kind"] == "quantize" else "pruned"
         ppl, speed, size = summary["perplexity"], summary["tokens_per_s"], summary["weights_bytes"]
+        bits = summary.get("bits_per_parameter") or {}
         row = {
             "method": label,
+            "kind": job["kind"],
             "size_vs_fp32": size["ratio"],
-            "bits_per_parameter": summary["bits_per_parameter"]["all"],
-            "bits_per_quantized_weight": summary["bits_per_parameter"]["quantized_weights"],
+            "bits_per_parameter": bits.get("all"),
+            "bits_per_quantized_weight": bits.get("quantized_weights"),
+            "sparsity": (summary.get("sparsity") or {}).get("pruned_layers"),
+            "parameters_vs_fp32": round(
+                summary["parameters"]["pruned"] / summary["parameters"]["original"], 4
+            )
+            if "parameters" in summary
+            else None,
             "perplexity_fp32": ppl["original"],
-            "perplexity": ppl["quantized"],
-            "perplexity_delta": round(ppl["quantized"] - ppl["original"], 4),
+            "perplexity": ppl[after],
+            "perplexity_delta": round(ppl[after] - ppl["original"], 4),
             "greedy_agreement": summary["greedy_agreement"],
             "tokens_per_s_fp32": speed["original"],
-            "tokens_per_s": speed["quantized"],
-            "speed_vs_fp32": round(speed["quantized"] / speed["original"], 3),
+            "tokens_per_s": speed[after],
+            "speed_vs_fp32": round(speed[after] / speed["original"], 3),
             "kept_full_precision": len(summary.get("kept_full_precision") or []),
             "measured_on": summary["measured_on"],
             "job_seconds": round(seconds, 1),
@@ -114,7 +133,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
-        "command": "python benchmarks/quantize_methods.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/compress_methods.py " + " ".join(sys.argv[1:]),
         "base": {"architecture": ARCH, "steps": args.steps, "corpus": "tinyshakespeare.txt", **base},
         "rows": rows,
     }
