@@ -91,6 +91,11 @@ class TrainingJob(Section):
     def run_name(self) -> str:
         return self.name or PurePosixPath(self.output.path.rstrip("/")).name or "raylm-run"
 
+    @property
+    def path_sections(self) -> tuple:
+        """The sections whose local `path` the workers read (made absolute before they start)."""
+        return (self.model, self.tokenizer)
+
 
 class PretrainJob(TrainingJob):
     """Causal-LM pretraining on Ray Train (TorchTrainer), data streamed by Ray Data."""
@@ -170,6 +175,10 @@ class DistillJob(PretrainJob):
     kind: Literal["distill"]
     teacher: TeacherSpec
     distill: DistillSpec = Field(default_factory=DistillSpec)
+
+    @property
+    def path_sections(self) -> tuple:
+        return (self.model, self.tokenizer, self.teacher)
 
     @model_validator(mode="after")
     def _teachers_tokenizer(self) -> DistillJob:

@@ -41,7 +41,7 @@ def prepare_run(job) -> Path | None:
     from raylm.data import configure_ray_data
 
     check_capacity(job.resources)
-    for section in (job.model, job.tokenizer):
+    for section in job.path_sections:
         if section.path and Path(section.path).expanduser().exists():
             section.path = str(Path(section.path).expanduser().resolve())
     output = job.output.path

@@ -96,3 +96,13 @@ def test_a_student_with_another_tokenizer_is_refused(tmp_path, sft_base):
     file.write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(cli.main, ["validate", str(file)])
     assert result.exit_code == 2 and "teacher's tokens" in result.output, result.output
+
+
+def test_a_relative_teacher_path_reaches_the_workers_absolute(ray_local, sft_base, tmp_path, monkeypatch):
+    """Ray Train's workers run in folders of their own: the driver makes local paths absolute."""
+    from raylm.train.runs import prepare_run
+
+    monkeypatch.chdir(sft_base.parent)
+    job = validate_dict(distill_spec(sft_base.name, tmp_path / "out", 0.5))
+    prepare_run(job)
+    assert job.teacher.path == job.tokenizer.path == str(sft_base.resolve())
