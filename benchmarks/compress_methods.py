@@ -9,6 +9,8 @@ The pruning rows (magnitude vs Wanda vs 2:4 vs structured) are at 50% of the pru
 
     python benchmarks/compress_methods.py                 # writes benchmarks/results/compress_methods.json
     python benchmarks/compress_methods.py --steps 200 --methods nf4 q8_0 wanda
+    python benchmarks/compress_methods.py --base /tmp/raylm-compress-bench-x/base/model --methods structured \
+        --out benchmarks/results/compress_structured.json   # more rows on an earlier run's base model
 """
 
 from __future__ import annotations
@@ -88,10 +90,14 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=400, help="pretraining steps of the base model")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--base", help="an already pretrained model folder (skips pretraining)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_methods.json"))
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="raylm-compress-bench-"))
-    model, base = pretrain(scratch, args.steps)
+    if args.base:
+        model, base = Path(args.base), {"model": args.base}
+    else:
+        model, base = pretrain(scratch, args.steps)
     print(f"base model: {base}", flush=True)
     rows = []
     for label in args.methods:

@@ -13,6 +13,8 @@ and down-projection columns of a channel). The head size stays as it was (`head_
 
 from __future__ import annotations
 
+import copy
+
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -94,4 +96,6 @@ def prune_structured(model, heads: float, channels: float):
     )
     smaller = AutoModelForCausalLM.from_config(smaller_config, dtype=next(model.parameters()).dtype)
     smaller.load_state_dict(state, strict=True)
+    # generation settings as the original's (a config-built model's default would turn the KV cache off)
+    smaller.generation_config = copy.deepcopy(model.generation_config)
     return smaller.to(next(model.parameters()).device)
