@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).parent))
+from tune_search import run  # noqa: E402 - `raylm run` in its own process: (summary, wall seconds)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -46,20 +45,6 @@ METHODS = {
     "structured": {"name": "structured", "heads": 0.5, "channels": 0.5},
 }
 PRUNE = {"magnitude", "wanda", "structured"}
-
-
-def run(job: dict, folder: Path) -> tuple[dict, float]:
-    """`raylm run` on the spec in its own process: (summary.json, wall seconds of the command)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "spec.yaml"
-    path.write_text(yaml.safe_dump(job))
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "raylm", "run", str(path)], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{path} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    output = Path(job["output"] if isinstance(job["output"], str) else job["output"]["path"])
-    return json.loads((output / "summary.json").read_text()), seconds
 
 
 def pretrain(scratch: Path, steps: int) -> tuple[Path, dict]:

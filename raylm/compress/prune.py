@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raylm.compress import staging
+from raylm.compress import remote, staging
 from raylm.compress.inputs import check_inputs, held_out, packed
 from raylm.spec import SpecError
 from raylm.spec.compress import PruneJob
@@ -30,8 +30,6 @@ class Prune:
         return method_problems(job) + staging.check_output(job)
 
     def run(self, job: PruneJob) -> dict:
-        import ray
-
         recorded = staging.finished(job)
         if recorded is not None:
             print(f"[raylm] {job.output.path} already holds this pruning; its summary:", flush=True)
@@ -55,10 +53,7 @@ class Prune:
             f"{len(prompts)} prompts" + (f", {len(calibration)} calibration blocks" if calibration else ""),
             flush=True,
         )
-        task = ray.remote(prune_task).options(
-            num_cpus=job.resources.cpus, num_gpus=1 if job.resources.use_gpu else 0
-        )
-        return ray.get(task.remote(job.model_dump(mode="json"), blocks, prompts, calibration))
+        return remote.run(job, prune_task, blocks, prompts, calibration)
 
 
 def describe(method) -> str:
@@ -108,11 +103,8 @@ def prune_task(spec: dict, blocks, prompts, calibration) -> dict:
     from raylm.compress.structured import prune_structured
     from raylm.models import build_model, count_parameters
 
-    job = PruneJob(**spec)
-    torch.set_num_threads(max(1, int(job.resources.cpus)))
-    device = "cuda" if job.resources.use_gpu else "cpu"
+    job, device, stage = remote.start(PruneJob, spec)
     source, output = Path(job.model.path).expanduser(), Path(job.output.path)
-    stage = staging.start(output)
 
     model = build_model(job.model, vocab_size=0).to(device)
     before = measure.model_measures(model, blocks, prompts, job.measure.new_tokens)

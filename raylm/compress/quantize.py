@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raylm.compress import staging
-from raylm.compress.inputs import check_causal_lm, check_inputs, held_out
+from raylm.compress import remote, staging
+from raylm.compress.inputs import check_inputs, held_out
 from raylm.spec.compress import QuantizeJob
 
 WRITERS = {"nf4": "bnb", "fp4": "bnb", "int8": "bnb", "gguf": "gguf"}  # method -> raylm.compress.<module>
@@ -25,20 +25,16 @@ class Quantize:
     """kind: quantize (a raylm.kinds.JobKind)."""
 
     def preflight(self, job: QuantizeJob) -> list[tuple[str, str]]:
-        folder = Path(job.model.path).expanduser()
-        problems = check_causal_lm(folder, "model.path")
-        if problems:
-            return problems
         problems = check_inputs(job)
+        if any(where == "model.path" for where, _ in problems):
+            return problems  # nothing more to learn from a folder that is not a model
         if job.method.name == "gguf":
             from raylm.compress.gguf import problems as gguf_problems
 
-            problems += [("method", reason) for reason in gguf_problems(folder)]
+            problems += [("method", reason) for reason in gguf_problems(Path(job.model.path).expanduser())]
         return problems + staging.check_output(job)
 
     def run(self, job: QuantizeJob) -> dict:
-        import ray
-
         output = Path(job.output.path)
         recorded = staging.finished(job)
         if recorded is not None:
@@ -50,10 +46,7 @@ class Quantize:
             f"{len(prompts)} prompts",
             flush=True,
         )
-        task = ray.remote(quantize_task).options(
-            num_cpus=job.resources.cpus, num_gpus=1 if job.resources.use_gpu else 0
-        )
-        return ray.get(task.remote(job.model_dump(mode="json"), blocks, prompts))
+        return remote.run(job, quantize_task, blocks, prompts)
 
 
 def describe(method) -> str:
@@ -68,16 +61,11 @@ def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]])
     """On the Ray worker: measure, quantize into a staging folder, reload, measure, publish."""
     import importlib
 
-    import torch
-
     from raylm.compress import measure
     from raylm.models import build_model
 
-    job = QuantizeJob(**spec)
-    torch.set_num_threads(max(1, int(job.resources.cpus)))
-    device = "cuda" if job.resources.use_gpu else "cpu"
+    job, device, stage = remote.start(QuantizeJob, spec)
     source, output = Path(job.model.path).expanduser(), Path(job.output.path)
-    stage = staging.start(output)
 
     original = build_model(job.model, vocab_size=0).to(device)
     before = measure.model_measures(original, blocks, prompts, job.measure.new_tokens)

@@ -1,0 +1,31 @@
+"""How a compression job runs: one Ray task with the spec's resources (a GPU when `use_gpu`), given
+the spec as a dict and what the driver read; on the worker, the spec back, the device and the staging
+folder its output is written into.
+
+    summary = remote.run(job, prune_task, blocks, prompts)       # on the driver
+    job, device, stage = remote.start(PruneJob, spec)            # first lines of the task
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raylm.compress import staging
+
+
+def run(job, task, *args) -> dict:
+    import ray
+
+    options = {"num_cpus": job.resources.cpus, "num_gpus": 1 if job.resources.use_gpu else 0}
+    return ray.get(ray.remote(task).options(**options).remote(job.model_dump(mode="json"), *args))
+
+
+def start(spec_model, spec: dict):
+    """(the job, its device, a fresh staging folder beside its output), with torch's threads set to the
+    task's CPUs."""
+    import torch
+
+    job = spec_model(**spec)
+    torch.set_num_threads(max(1, int(job.resources.cpus)))
+    device = "cuda" if job.resources.use_gpu else "cpu"
+    return job, device, staging.start(Path(job.output.path))
