@@ -1,8 +1,9 @@
 """What the compression kinds read: a causal-LM folder, and text packed as pretraining packs it
 (held-out blocks and prompts for the measurements, training blocks for calibration).
 
-    from raylm.compress.inputs import check_causal_lm, held_out
+    from raylm.compress.inputs import calibration, check_causal_lm, held_out
     blocks, prompts = held_out(job)           # validation blocks, and prompts cut from them
+    calibration(job)                          # training blocks for Wanda or GPTQ
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def text_data(job) -> tuple[object | None, str]:
     )
 
 
-def packed(job, validation: bool, count: int) -> list[list[int]]:
-    """Up to `count` blocks of the validation (or the training) split of the job's text, tokenized
-    and packed by the same Ray Data pipeline as pretraining, in a fixed order."""
+def packed(job, validation: bool, count: int, seq_len: int | None = None) -> list[list[int]]:
+    """Up to `count` blocks (of `seq_len` tokens, default the data's) of the validation (or the
+    training) split of the job's text, tokenized and packed by the same Ray Data pipeline as
+    pretraining, in a fixed order."""
     from ray.data.expressions import col
 
     from raylm.data import configure_ray_data, documents, packed_blocks
@@ -87,6 +89,8 @@ def packed(job, validation: bool, count: int) -> list[list[int]]:
 
     configure_ray_data()  # the same blocks in the same order on every run
     data, _ = text_data(job)
+    if seq_len is not None:
+        data = data.model_copy(update={"seq_len": seq_len})
     tokenizer = load_tokenizer(job.model.path)
     split = col("val") if validation else ~col("val")
     rows = packed_blocks(documents(data), tokenizer, data).filter(expr=split).take(count)
@@ -110,3 +114,21 @@ def held_out(job) -> tuple[list[list[int]], list[list[int]]]:
         )
     prompts = [b[: measure.prompt_tokens] for b in blocks[: measure.prompts]]
     return blocks[: measure.perplexity_blocks], prompts
+
+
+def calibration(job) -> list[list[int]]:
+    """The method's calibration blocks from the training split; too few is the spec's problem."""
+    method = job.method
+    blocks = packed(job, False, method.calibration_blocks, method.calibration_tokens)
+    if len(blocks) < method.calibration_blocks:
+        raise SpecError(
+            [
+                (
+                    "method.calibration_blocks",
+                    f"the data's training split holds {len(blocks)} blocks, fewer than the "
+                    f"{method.calibration_blocks} asked for: lower it (or method.calibration_tokens) or "
+                    "give more text",
+                )
+            ]
+        )
+    return blocks

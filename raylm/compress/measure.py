@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 WEIGHT_FILES = ("*.safetensors", "*.gguf", "*.bin")
+COMPANIONS = (".SCB", ".qweight", ".qzeros", ".scales", ".g_idx")  # int8's row scales; GPTQ's tensors
+TABLES = ("quant_map", ".g_idx")
 
 
 def weights_bytes(path: Path) -> int:
@@ -49,8 +51,9 @@ def bits_per_parameter(original: dict, compressed: dict, gguf_file: bool) -> dic
     """Bits per parameter of the whole saved model (against the original's element count), and of its
     quantized weights alone: their codes and per-block scales, as a format's bit width counts them. In
     a safetensors folder a quantized weight `X.weight` is stored with its companions (`X.weight.absmax`,
-    `X.weight.nested_absmax` for 4-bit, `X.SCB` for int8) and with per-tensor tables (code books and
-    bitsandbytes' quant-state record), whose bytes do not grow with the layer: `tables_bytes`."""
+    `X.weight.nested_absmax` for 4-bit, `X.SCB` for int8; GPTQ replaces it by `X.qweight`, `X.scales`,
+    `X.qzeros`) and with per-tensor tables (code books, bitsandbytes' quant-state record, GPTQ's column
+    order `X.g_idx`), whose bytes do not grow with the layer's rows: `tables_bytes`."""
     params = sum(numel for _, numel, _ in original.values())
     total = sum(size for _, _, size in compressed.values())
     tables = 0
@@ -60,15 +63,17 @@ def bits_per_parameter(original: dict, compressed: dict, gguf_file: bool) -> dic
         quantized = []
         for name, (dtype, numel, _) in original.items():
             saved = compressed.get(name)
-            if saved is None or saved[0] == dtype:
+            if saved is not None and saved[0] == dtype:
                 continue
             owner = name.rsplit(".", 1)[0]
             group = [
                 (key, size)
                 for key, (_, _, size) in compressed.items()
-                if key == name or key.startswith(name + ".") or key == owner + ".SCB"
+                if key == name or key.startswith(name + ".") or key in {owner + c for c in COMPANIONS}
             ]
-            table = sum(size for key, size in group if key.endswith("quant_map") or ".quant_state." in key)
+            if not group:
+                continue
+            table = sum(size for key, size in group if key.endswith(TABLES) or ".quant_state." in key)
             tables += table
             quantized.append((numel, sum(size for _, size in group) - table))
     part = sum(n for n, _ in quantized)

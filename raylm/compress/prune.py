@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raylm.compress import remote, staging
-from raylm.compress.inputs import check_inputs, held_out, packed
-from raylm.spec import SpecError
+from raylm.compress import inputs, remote, staging
 from raylm.spec.compress import PruneJob
 
 
@@ -24,7 +22,7 @@ class Prune:
     """kind: prune (a raylm.kinds.JobKind)."""
 
     def preflight(self, job: PruneJob) -> list[tuple[str, str]]:
-        problems = check_inputs(job)
+        problems = inputs.check_inputs(job)
         if problems:
             return problems
         return method_problems(job) + staging.check_output(job)
@@ -34,20 +32,8 @@ class Prune:
         if recorded is not None:
             print(f"[raylm] {job.output.path} already holds this pruning; its summary:", flush=True)
             return recorded
-        blocks, prompts = held_out(job)
-        calibration = []
-        if job.method.name == "wanda":
-            calibration = packed(job, False, job.method.calibration_blocks)
-            if len(calibration) < job.method.calibration_blocks:
-                raise SpecError(
-                    [
-                        (
-                            "method.calibration_blocks",
-                            f"the data's training split holds {len(calibration)} blocks, fewer than the "
-                            f"{job.method.calibration_blocks} asked for: lower it or give more text",
-                        )
-                    ]
-                )
+        blocks, prompts = inputs.held_out(job)
+        calibration = inputs.calibration(job) if job.method.name == "wanda" else []
         print(
             f"[raylm] prune {job.model.path} with {describe(job.method)}: {len(blocks)} held-out blocks, "
             f"{len(prompts)} prompts" + (f", {len(calibration)} calibration blocks" if calibration else ""),

@@ -2,8 +2,10 @@
 
     raylm run jobs/quantize-nf4.yaml
     raylm run jobs/quantize-nf4.yaml --set method=gguf --set output=runs/quickstart-gguf
+    raylm run jobs/quantize-gptq.yaml                   # needs pip install 'raylm[gptq]'
 
-The driver reads held-out blocks and prompts from the data (Ray Data, as pretraining packs them); the
+The driver reads held-out blocks and prompts (and GPTQ's calibration blocks) from the data (Ray Data,
+as pretraining packs them); the
 task (on a GPU worker when `resources.use_gpu`) measures the original model, writes the quantized one
 into a staging folder, reloads it with its own library, measures it the same way, and only then moves
 the folder to `output` with summary.json. A failure leaves nothing half-written at `output`; running
@@ -14,24 +16,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raylm.compress import remote, staging
-from raylm.compress.inputs import check_inputs, held_out
+from raylm.compress import inputs, remote, staging
 from raylm.spec.compress import QuantizeJob
 
-WRITERS = {"nf4": "bnb", "fp4": "bnb", "int8": "bnb", "gguf": "gguf"}  # method -> raylm.compress.<module>
+WRITERS = {
+    "nf4": "bnb",
+    "fp4": "bnb",
+    "int8": "bnb",
+    "gptq": "gptq",
+    "gguf": "gguf",
+}  # method -> raylm.compress.<module>
 
 
 class Quantize:
     """kind: quantize (a raylm.kinds.JobKind)."""
 
     def preflight(self, job: QuantizeJob) -> list[tuple[str, str]]:
-        problems = check_inputs(job)
+        problems = inputs.check_inputs(job)
         if any(where == "model.path" for where, _ in problems):
             return problems  # nothing more to learn from a folder that is not a model
+        source = Path(job.model.path).expanduser()
         if job.method.name == "gguf":
             from raylm.compress.gguf import problems as gguf_problems
 
-            problems += [("method", reason) for reason in gguf_problems(Path(job.model.path).expanduser())]
+            problems += [("method", reason) for reason in gguf_problems(source)]
+        if job.method.name == "gptq":
+            from transformers import AutoConfig
+
+            from raylm.compress.gptq import problems as gptq_problems
+
+            model_type = AutoConfig.from_pretrained(str(source)).model_type
+            problems += [("method", reason) for reason in gptq_problems(model_type)]
         return problems + staging.check_output(job)
 
     def run(self, job: QuantizeJob) -> dict:
@@ -40,13 +55,14 @@ class Quantize:
         if recorded is not None:
             print(f"[raylm] {output} already holds this quantization; its summary:", flush=True)
             return recorded
-        blocks, prompts = held_out(job)
+        blocks, prompts = inputs.held_out(job)
+        calibration = inputs.calibration(job) if job.method.name == "gptq" else []
         print(
             f"[raylm] quantize {job.model.path} with {describe(job.method)}: {len(blocks)} held-out blocks, "
-            f"{len(prompts)} prompts",
+            f"{len(prompts)} prompts" + (f", {len(calibration)} calibration blocks" if calibration else ""),
             flush=True,
         )
-        return remote.run(job, quantize_task, blocks, prompts)
+        return remote.run(job, quantize_task, blocks, prompts, calibration)
 
 
 def describe(method) -> str:
@@ -54,10 +70,13 @@ def describe(method) -> str:
         return f"gguf {method.type}"
     if method.name == "int8":
         return "bitsandbytes int8"
+    if method.name == "gptq":
+        group = "per row" if method.group_size == -1 else f"groups of {method.group_size}"
+        return f"gptq {method.bits}-bit ({group}{', act-order' if method.desc_act else ''})"
     return f"bitsandbytes {method.name}" + (" (double quantization)" if method.double_quant else "")
 
 
-def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]]) -> dict:
+def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]], calibration) -> dict:
     """On the Ray worker: measure, quantize into a staging folder, reload, measure, publish."""
     import importlib
 
@@ -77,6 +96,10 @@ def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]])
         artifact = stage / f"{named.name}-{job.method.type}.gguf"
         writer.write(source, artifact, job.method.type)
         quantized = writer.load(artifact).to(device)
+        kept = []
+    elif job.method.name == "gptq":
+        artifact = writer.write(source, stage, job.method, device, calibration)
+        quantized = writer.load(artifact, device)
         kept = []
     else:
         kept = writer.kept_in_full_precision(source, job.method, device)

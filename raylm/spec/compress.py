@@ -1,9 +1,9 @@
-"""Spec of the compression kinds: `kind: quantize` (bitsandbytes NF4 / FP4 / int8, GGUF) and
+"""Spec of the compression kinds: `kind: quantize` (bitsandbytes NF4 / FP4 / int8, GPTQ, GGUF) and
 `kind: prune` (magnitude, Wanda, N:M, structured).
 
     kind: quantize
     model: {path: runs/tiny/model}
-    method: {name: nf4}                  # nf4 | fp4 | int8 | gguf
+    method: {name: nf4}                  # nf4 | fp4 | int8 | gptq | gguf
     output: runs/tiny-nf4
 
 Held-out text for the before / after perplexity comes from `data` (the pretraining data section), or,
@@ -54,7 +54,37 @@ class Gguf(Section):
     )
 
 
-QuantizeMethod = Annotated[Union[BnbFourBit, BnbInt8, Gguf], Field(discriminator="name")]  # noqa: UP007
+class Calibrated(Section):
+    """Calibration text: blocks of the data's training split, packed as pretraining packs them."""
+
+    calibration_blocks: int = Field(
+        128, ge=1, description="Training-split blocks whose activations calibrate the method."
+    )
+    calibration_tokens: int | None = Field(
+        None, ge=2, description="Tokens per calibration block; default: data.seq_len."
+    )
+
+
+class Gptq(Calibrated):
+    """GPTQ (Frantar et al. 2022) through gptqmodel: each linear layer's weights rounded column by
+    column, the rounding error compensated on the columns not yet rounded using the layer's inputs over
+    calibration text (their Hessian), layer after layer. Needs `pip install 'raylm[gptq]'`."""
+
+    name: Literal["gptq"]
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight: 2, 3, 4 or 8.")
+    group_size: Literal[-1, 16, 32, 64, 128, 256, 512, 1024] = Field(
+        128, description="Input features sharing one scale and zero point; -1: one group per output row."
+    )
+    desc_act: bool = Field(
+        False, description="Round columns in order of decreasing activation (act-order): better, slower."
+    )
+    sym: bool = Field(True, description="Symmetric quantization (no zero point per group).")
+    damp_percent: float = Field(
+        0.05, gt=0, lt=1, description="Dampening added to the Hessian's diagonal, as a share of its mean."
+    )
+
+
+QuantizeMethod = Annotated[Union[BnbFourBit, BnbInt8, Gptq, Gguf], Field(discriminator="name")]  # noqa: UP007
 
 
 class MeasureSpec(Section):
@@ -116,7 +146,7 @@ class QuantizeJob(CompressionJob):
     """Post-training quantization of a Hugging Face model folder, measured before and after."""
 
     kind: Literal["quantize"]
-    method: QuantizeMethod = Field(description="nf4, fp4, int8 (bitsandbytes) or gguf.")
+    method: QuantizeMethod = Field(description="nf4, fp4, int8 (bitsandbytes), gptq or gguf.")
 
 
 class Magnitude(Section):
@@ -159,17 +189,12 @@ class Magnitude(Section):
         return tuple(int(p) for p in self.pattern.split(":")) if self.pattern else None
 
 
-class Wanda(Magnitude):
+class Wanda(Magnitude, Calibrated):
     """Wanda (Sun et al. 2023): weight magnitude x the norm of its input feature over calibration
     text, compared within each output row; layer by layer, each layer's inputs recomputed through the
     layers already pruned."""
 
     name: Literal["wanda"]
-    calibration_blocks: int = Field(
-        128,
-        ge=1,
-        description="Training-split blocks (data.seq_len tokens) whose activations score the weights.",
-    )
 
 
 class Structured(Section):

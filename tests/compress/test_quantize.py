@@ -2,13 +2,14 @@
 held-out text defaults to its own validation split). Each artifact is reloaded by its own library and
 compared with the original through transformers: greedy continuations, bits per parameter against the
 formats' definitions, GGUF logits against the `gguf` package's own quantize / de-quantize of the
-original weights."""
+original weights, GPTQ's layer error against plain rounding to the same grid."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raylm.spec import validate_dict
@@ -17,12 +18,14 @@ from tests.compress.conftest import validate_fails
 
 # Share of greedy tokens (20 prompts x 16 tokens, free-running) equal to the original model's. The
 # 4-bit formats change the weights most; a difference early in a continuation changes the rest of it.
-AGREEMENT = {"nf4": 0.6, "fp4": 0.5, "int8": 0.85, "f32": 1.0, "q8_0": 0.85, "q4_0": 0.5}
+AGREEMENT = {"nf4": 0.6, "fp4": 0.5, "int8": 0.85, "gptq": 0.6, "f32": 1.0, "q8_0": 0.85, "q4_0": 0.5}
+GPTQ = {"name": "gptq", "bits": 4, "group_size": 32, "calibration_blocks": 16}
 
 RUNS = {
     "nf4": {"name": "nf4", "double_quant": True},
     "fp4": {"name": "fp4", "double_quant": False},
     "int8": {"name": "int8"},
+    "gptq": GPTQ,
     "f32": {"name": "gguf", "type": "f32"},
     "q8_0": {"name": "gguf", "type": "q8_0"},
     "q4_0": {"name": "gguf", "type": "q4_0"},
@@ -99,6 +102,12 @@ def test_artifact_reloads_and_generates_like_the_original(label, quantized, prom
         assert isinstance(layer, bnb.nn.Linear8bitLt if label == "int8" else bnb.nn.Linear4bit)
         saved = json.loads((output / "config.json").read_text())["quantization_config"]
         assert saved["quant_method"] == "bitsandbytes"
+    if label == "gptq":
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+        assert isinstance(model.model.layers[0].self_attn.q_proj, BaseQuantLinear)
+        saved = json.loads((output / "config.json").read_text())["quantization_config"]
+        assert (saved["quant_method"], saved["bits"], saved["group_size"]) == ("gptq", 4, 32)
     agreement = share_equal(greedy(model, prompts), original_greedy)
     assert agreement >= AGREEMENT[label], agreement
     assert summary["weights_bytes"]["quantized"] < summary["weights_bytes"]["original"] or label == "f32"
@@ -119,6 +128,78 @@ def test_four_bit_storage_costs_what_the_format_says(quantized):
     )
     double = 4 + 8 / 64 + 32 / (64 * 256)  # 4.127
     assert quantized["nf4"][1]["bits_per_parameter"]["quantized_weights"] == pytest.approx(double, abs=0.01)
+
+
+def test_gptq_reloads_with_gptqmodel_and_beats_rounding_to_the_same_grid(quantized, trained):
+    """GPTQ stores 4-bit codes with an fp16 scale and a 4-bit zero point per group of 32 inputs (4 + 20 /
+    32 bits); the folder loads with gptqmodel itself as it does with transformers; and on layer 0's
+    q / k / v (whose inputs the quantized model computes exactly as the original) its weights
+    reproduce the layer's outputs on the calibration text better than rounding each weight to the
+    nearest point of the same symmetric grid (GPTQ's whole point: each rounding error compensated by
+    the weights not yet rounded)."""
+    from gptqmodel import GPTQModel
+
+    output, summary = quantized["gptq"]
+    assert summary["bits_per_parameter"]["quantized_weights"] == pytest.approx(4 + (16 + 4) / 32, abs=1e-3)
+    by_gptqmodel = GPTQModel.load(str(output), device="cpu")  # in bfloat16, its CPU default
+    by_transformers = reload(output, summary)
+    ids = torch.tensor([_calibration_blocks(trained, 1)[0]])
+    with torch.no_grad():
+        assert torch.allclose(by_gptqmodel.model(ids).logits.float(), by_transformers(ids).logits, atol=0.05)
+
+    original = AutoModelForCausalLM.from_pretrained(trained)
+    inputs = []
+    hook = original.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        original(torch.tensor(_calibration_blocks(trained, GPTQ["calibration_blocks"])))
+    hook.remove()
+    x = inputs[0]
+    saved = load_file(output / "model.safetensors")
+    for name in ("q_proj", "k_proj", "v_proj"):
+        w = getattr(original.model.layers[0].self_attn, name).weight.detach().double()
+        gptq = _unpack_gptq(saved, f"model.layers.0.self_attn.{name}", bits=4)
+        with torch.no_grad():  # the kernel (multiplying in bfloat16 on CPU) uses these weights
+            layer = getattr(by_transformers.model.layers[0].self_attn, name)
+            expected = x[:64].double() @ gptq.T
+            assert (layer(x[:64]).double() - expected).norm() < 0.01 * expected.norm()
+        groups = w.reshape(w.shape[0], -1, 32)  # symmetric 4-bit grid: scale = 2 max|w| / 15, zero 8
+        scale = 2 * groups.abs().amax(-1, keepdim=True) / 15
+        rounded = ((torch.round(groups / scale) + 8).clamp(0, 15) - 8) * scale
+        error_gptq = ((gptq - w) @ x.double().T).norm()
+        error_rounding = ((rounded.reshape(w.shape) - w) @ x.double().T).norm()
+        assert error_gptq < 0.9 * error_rounding, (name, error_gptq, error_rounding)
+
+
+def _unpack_gptq(saved, prefix, bits) -> torch.Tensor:
+    """A [out, in] float64 weight from the GPTQ checkpoint format itself: `qweight` packs 32 / bits
+    codes per int32 along the inputs (lowest bits first), `qzeros` packs the zero points along the
+    outputs, stored minus one; `scales` is [groups, out]; `g_idx` gives each input's group."""
+    per = 32 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(per) * bits
+
+    def unpack(packed, dim):
+        values = (
+            packed.unsqueeze(dim + 1) >> shifts.view(*([1] * (dim + 1)), per, *([1] * (1 - dim)))
+        ) & mask
+        return values.flatten(dim, dim + 1) if dim == 0 else values.reshape(packed.shape[0], -1)
+
+    codes = unpack(saved[f"{prefix}.qweight"].long(), 0)  # [in, out]
+    zeros = unpack(saved[f"{prefix}.qzeros"].long(), 1) + 1  # [groups, out]
+    groups = saved[f"{prefix}.g_idx"].long()
+    scales = saved[f"{prefix}.scales"].double()
+    return (scales[groups] * (codes - zeros[groups])).T
+
+
+def _calibration_blocks(trained, count):
+    """The training-split blocks the job calibrated on, as raylm packs them (the job's own reader,
+    whose packing the data tests check)."""
+    from raylm.compress.inputs import packed
+
+    job = validate_dict(quantize_spec(trained, trained.parent / "unused", GPTQ))
+    return packed(job, False, count)
 
 
 def _gguf_reference(trained, qtype: str) -> dict[str, torch.Tensor]:
@@ -242,4 +323,8 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, trained, quantized):
     assert "already quantized" in validate_fails(tmp_path, quantize_spec(quantized["nf4"][0], out, "int8"))
     assert "method.type" in validate_fails(
         tmp_path, quantize_spec(trained, out, {"name": "gguf", "type": "q3_k"})
+    )
+    assert "method.bits" in validate_fails(tmp_path, quantize_spec(trained, out, {"name": "gptq", "bits": 5}))
+    assert "method.group_size" in validate_fails(
+        tmp_path, quantize_spec(trained, out, {"name": "gptq", "group_size": 100})
     )
