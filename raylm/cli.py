@@ -13,6 +13,7 @@ Only `raylm.spec` is imported at start-up; torch and ray load inside the command
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
@@ -40,6 +41,10 @@ def user_errors():
 @click.version_option(package_name="raylm")
 def main():
     """raylm: LLM pretraining, fine-tuning, search, compression and serving from one job spec, on Ray."""
+    # torchao (installed with the gptq extra; transformers and PEFT import it) warns on import about
+    # its CUDA-only kernels and enums this torch already knows: nothing a raylm user can act on.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 overrides_option = click.option(
@@ -178,6 +183,16 @@ def _print_compressed(summary: dict) -> None:
             f"[raylm] {len(kept)} layer(s) stay in full precision: bitsandbytes' 4-bit CPU kernel needs input "
             f"features in multiples of 64 and output features in multiples of 32 ({', '.join(kept[:2])}"
             f"{', ...' if len(kept) > 2 else ''})"
+        )
+    for r in summary.get("rounds") or []:
+        click.echo(
+            f"[raylm] round {r['round']}: sparsity {r['sparsity']:.1%}, retrained to validation perplexity "
+            f"{r['val_ppl']:.3f} ({r['run']})"
+        )
+    if "before_recovery" in ppl:
+        click.echo(
+            f"[raylm] recovery training ({summary['recovery_run']}): held-out perplexity of the pruned model "
+            f"{ppl['before_recovery']:.3f} -> {ppl[after]:.3f}"
         )
     click.echo(
         f"[raylm] held-out perplexity {ppl['original']:.3f} -> {ppl[after]:.3f} ({ppl['blocks']} blocks); "

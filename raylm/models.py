@@ -154,9 +154,10 @@ def meta_model(config, method=None):
 
 def transformer_blocks(model) -> list:
     """The repeated decoder layers (the unit of sharding, offload and adapters), found the way
-    transformers marks them for device maps: the classes in `model._no_split_modules`."""
+    transformers marks them for device maps: the classes in `model._no_split_modules` (or classes made
+    from them: FSDP2's fully_shard turns a LlamaDecoderLayer into an FSDPLlamaDecoderLayer)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not blocks:
         raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
     return blocks

@@ -1,20 +1,23 @@
 """Driver of `kind: prune`: magnitude, Wanda (unstructured or N:M) and structured pruning as one Ray
-task, measured before and after.
+task, iterative magnitude pruning with rewinding (raylm/compress/iterative.py), and an optional
+recovery training with the zeros held (raylm/compress/retrain.py); measured before and after.
 
     raylm run jobs/prune-wanda.yaml
     raylm run jobs/prune-wanda.yaml --set method.pattern=2:4 --set output=runs/quickstart-wanda-2-4
+    raylm run jobs/prune-iterative.yaml
 
 Like quantization (raylm/compress/quantize.py): held-out blocks and prompts (and, for Wanda, training
-blocks for calibration) are read on the driver; the task measures the original, prunes, saves a
-safetensors folder into a staging folder, reloads it with transformers, counts the sparsity reached
-from the saved tensors, measures, and only then moves the folder to `output`.
+blocks for calibration) are read on the driver; the task measures the original, prunes (or takes the
+retrained model), saves a safetensors folder into a staging folder, reloads it with transformers,
+counts the sparsity reached from the saved tensors, measures, and only then moves the folder to
+`output`. Retraining runs live in `<output>.work/`; a rerun resumes them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from raylm.compress import inputs, remote, staging
+from raylm.compress import inputs, iterative, remote, retrain, staging
 from raylm.spec.compress import PruneJob
 
 
@@ -25,7 +28,11 @@ class Prune:
         problems = inputs.check_inputs(job)
         if problems:
             return problems
-        return method_problems(job) + staging.check_output(job)
+        if job.method.name == "iterative":
+            problems += iterative.problems(job)
+        if job.recover is not None:
+            problems += retrain.problems(job, job.recover, "recover")
+        return problems + method_problems(job) + staging.check_output(job)
 
     def run(self, job: PruneJob) -> dict:
         recorded = staging.finished(job)
@@ -39,10 +46,30 @@ class Prune:
             f"{len(prompts)} prompts" + (f", {len(calibration)} calibration blocks" if calibration else ""),
             flush=True,
         )
-        return remote.run(job, prune_task, blocks, prompts, calibration)
+        if job.method.name == "iterative":
+            trained, rounds = iterative.run_rounds(job)
+            return remote.run(
+                job, prune_task, blocks, prompts, [], {"trained": str(trained), "rounds": rounds}
+            )
+        if job.recover is None:
+            return remote.run(job, prune_task, blocks, prompts, calibration, {})
+        pruned = retrain.work_folder(job) / "pruned"
+        if not (pruned / "config.json").exists():
+            remote.run(job, prune_only_task, calibration, str(pruned))
+        print(f"[raylm] recovery training of {pruned}, its zeros held", flush=True)
+        trained, summary = retrain.retrain(
+            job, pruned, retrain.work_folder(job) / "recover", job.recover, "recover"
+        )
+        facts = {"trained": str(trained), "pruned": str(pruned), "recovery_run": str(trained.parent)}
+        return remote.run(job, prune_task, blocks, prompts, [], facts)
 
 
 def describe(method) -> str:
+    if method.name == "iterative":
+        return (
+            f"iterative magnitude pruning ({method.sparsity:.0%} in {method.rounds} round(s), rewinding to "
+            f"{method.rewind})"
+        )
     if method.name == "structured":
         return (
             f"structured pruning ({method.heads:.0%} of head groups, {method.channels:.0%} of MLP channels)"
@@ -79,14 +106,49 @@ def method_problems(job) -> list[tuple[str, str]]:
     return []
 
 
-def prune_task(spec: dict, blocks, prompts, calibration) -> dict:
-    """On the Ray worker: measure, prune, save into a staging folder, reload, count, measure, publish."""
+def apply_method(model, method, calibration):
+    """`model` pruned by a one-shot method (in place; structured pruning returns a smaller model)."""
     import torch
+
+    from raylm.compress import sparsity
+    from raylm.compress.structured import prune_structured
+
+    if method.name == "structured":
+        return prune_structured(model, method.heads, method.channels)
+    if method.name == "wanda":
+        sparsity.prune_wanda(model, torch.tensor(calibration), method.sparsity, method.n_m)
+    else:
+        sparsity.prune_magnitude(model, method.sparsity, method.n_m)
+    return model
+
+
+def prune_only_task(spec: dict, calibration, folder: str) -> None:
+    """On a Ray worker: the one-shot pruned model, written to `folder` for its recovery training."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from raylm.models import build_model
+
+    job = PruneJob(**spec)
+    torch.set_num_threads(max(1, int(job.resources.cpus)))
+    device = "cuda" if job.resources.use_gpu else "cpu"
+    model = apply_method(build_model(job.model, vocab_size=0).to(device), job.method, calibration)
+    partial = Path(folder).parent / f".{Path(folder).name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial))
+    AutoTokenizer.from_pretrained(job.model.path).save_pretrained(str(partial))
+    partial.rename(folder)
+
+
+def prune_task(spec: dict, blocks, prompts, calibration, retrained: dict) -> dict:
+    """On the Ray worker: measure, prune (or take the retrained model: `retrained["trained"]`), save
+    into a staging folder, reload, count, measure, publish."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raylm.compress import measure, sparsity
-    from raylm.compress.structured import prune_structured
     from raylm.models import build_model, count_parameters
 
     job, device, stage = remote.start(PruneJob, spec)
@@ -98,12 +160,12 @@ def prune_task(spec: dict, blocks, prompts, calibration) -> dict:
     before_shape = {"heads": model.config.num_attention_heads, "channels": model.config.intermediate_size}
     names = [f"{name}.weight" for name in sparsity.prunable(model)]
     method = job.method
-    if method.name == "structured":
-        model = prune_structured(model, method.heads, method.channels)
-    elif method.name == "wanda":
-        sparsity.prune_wanda(model, torch.tensor(calibration), method.sparsity, method.n_m)
+    if retrained:
+        generation = model.generation_config
+        model = AutoModelForCausalLM.from_pretrained(retrained["trained"], use_safetensors=True)
+        model.generation_config = generation  # the original's (a training run saves use_cache off)
     else:
-        sparsity.prune_magnitude(model, method.sparsity, method.n_m)
+        model = apply_method(model, method, calibration)
     model.save_pretrained(str(stage))
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(stage))
     del model
@@ -129,6 +191,14 @@ def prune_task(spec: dict, blocks, prompts, calibration) -> dict:
         "tokens_per_s": {"original": before["tokens_per_s"], "pruned": after["tokens_per_s"]},
         "measured_on": device,
     }
+    if "pruned" in retrained:  # the one-shot pruned model before its recovery training
+        unrecovered = AutoModelForCausalLM.from_pretrained(retrained["pruned"], use_safetensors=True)
+        summary["perplexity"]["before_recovery"] = round(
+            measure.perplexity(unrecovered.to(device), blocks), 4
+        )
+        summary["recovery_run"] = retrained["recovery_run"]
+    if "rounds" in retrained:
+        summary["rounds"] = retrained["rounds"]
     if method.name == "structured":
         config = pruned.config
         summary["removed"] = {

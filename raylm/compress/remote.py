@@ -17,6 +17,8 @@ def run(job, task, *args) -> dict:
     import ray
 
     options = {"num_cpus": job.resources.cpus, "num_gpus": 1 if job.resources.use_gpu else 0}
+    if not job.resources.use_gpu:  # DeepSpeed (imported by transformers' integrations) need not guess
+        options["runtime_env"] = {"env_vars": {"DS_ACCELERATOR": "cpu"}}
     return ray.get(ray.remote(task).options(**options).remote(job.model_dump(mode="json"), *args))
 
 

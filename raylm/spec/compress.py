@@ -1,5 +1,5 @@
 """Spec of the compression kinds: `kind: quantize` (bitsandbytes NF4 / FP4 / int8, GPTQ, GGUF) and
-`kind: prune` (magnitude, Wanda, N:M, structured).
+`kind: prune` (magnitude, Wanda, N:M, structured, iterative with rewinding; optional recovery training).
 
     kind: quantize
     model: {path: runs/tiny/model}
@@ -17,7 +17,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from raylm.spec.sections import DataSpec, ModelSpec, OutputSpec, Section
+from raylm.spec.sections import DataSpec, ModelSpec, OutputSpec, ResourcesSpec, Section, TrainSpec
+from raylm.spec.strategies import DDPStrategy, FSDPStrategy, strategy_shorthand
 
 
 class BnbFourBit(Section):
@@ -197,6 +198,52 @@ class Wanda(Magnitude, Calibrated):
     name: Literal["wanda"]
 
 
+class Retraining(Section):
+    """Training of a pruned model on the job's text (its training split) with its zeros held at zero
+    (train.keep_sparsity): a raylm pretraining run that starts from the pruned weights."""
+
+    train: TrainSpec | None = Field(
+        None,
+        description="The loop's settings; default: the train section recorded by the pretraining run the "
+        "model folder belongs to (the same schedule again).",
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    strategy: DDPStrategy | FSDPStrategy = Field(
+        default_factory=lambda: DDPStrategy(name="ddp"),
+        discriminator="name",
+        description="ddp or fsdp (DeepSpeed's flat weight copies cannot be masked).",
+    )
+
+    _strategy_shorthand = field_validator("strategy", mode="before")(lambda cls, v: strategy_shorthand(v))
+
+
+class Iterative(Section):
+    """Iterative magnitude pruning with weight rewinding (the lottery-ticket procedure, Frankle & Carbin
+    2019; Frankle et al. 2020): from the trained model, `rounds` times: prune each layer's smallest
+    surviving weights by magnitude, rewind the survivors (and every other weight) to their values at
+    the rewind point, retrain with the pruned weights held at zero."""
+
+    name: Literal["iterative"]
+    sparsity: float = Field(
+        0.8, gt=0, lt=1, description="Share of each layer's weights zero after the last round."
+    )
+    rounds: int = Field(
+        3, ge=1, description="Prune-rewind-retrain rounds; round r reaches 1 - (1 - sparsity)^(r / rounds)."
+    )
+    rewind: str = Field(
+        "init",
+        description='Where survivors go back to: "init" (the pretraining run\'s initialization, rebuilt from '
+        "its recorded architecture and seed) or a model folder holding early weights of the same model.",
+    )
+    retrain: Retraining = Field(default_factory=Retraining, description="Each round's retraining.")
+
+    pattern = property(lambda self: None)
+    n_m = property(lambda self: None)
+
+    def round_sparsity(self, r: int) -> float:
+        return 1 - (1 - self.sparsity) ** (r / self.rounds)
+
+
 class Structured(Section):
     """Remove whole attention heads (with their key / value group) and MLP channels from every layer:
     the saved model is smaller and its config says so."""
@@ -211,11 +258,31 @@ class Structured(Section):
     channels: float = Field(0.25, ge=0, lt=1, description="Share of each layer's MLP channels removed.")
 
 
-PruneMethod = Annotated[Union[Magnitude, Wanda, Structured], Field(discriminator="name")]  # noqa: UP007
+PruneMethod = Annotated[Union[Magnitude, Wanda, Structured, Iterative], Field(discriminator="name")]  # noqa: UP007
 
 
 class PruneJob(CompressionJob):
     """Pruning of a Hugging Face model folder, measured before and after."""
 
     kind: Literal["prune"]
-    method: PruneMethod = Field(description="magnitude, wanda (optionally N:M) or structured.")
+    method: PruneMethod = Field(description="magnitude, wanda (optionally N:M), structured or iterative.")
+    recover: Retraining | None = Field(
+        None,
+        description="A recovery training after pruning, the pruned weights held at zero; its run (and the "
+        "iterative method's rounds) live in <output>.work/.",
+    )
+
+    @property
+    def cpus_needed(self) -> float:
+        """What an embedded local Ray is sized by: the task, or the retraining's workers."""
+        retraining = self.recover or getattr(self.method, "retrain", None)
+        if retraining is None:
+            return self.resources.cpus
+        workers = retraining.resources
+        return max(self.resources.cpus, workers.max_workers * workers.cpus_per_worker)
+
+    @model_validator(mode="after")
+    def _one_retraining(self) -> PruneJob:
+        if self.recover is not None and self.method.name == "iterative":
+            raise ValueError("recover: the iterative method retrains in every round; use method.retrain")
+        return self

@@ -80,6 +80,11 @@ class TrainingJob(Section):
                 "train.compile with strategy deepspeed: DeepSpeed wraps the model in its own engine, "
                 "which raylm does not compile; use ddp or fsdp, or leave compile off"
             )
+        if self.train.keep_sparsity and isinstance(self.strategy, DeepSpeedStrategy):
+            raise ValueError(
+                "train.keep_sparsity with strategy deepspeed: ZeRO keeps its own flat copies of the "
+                "weights, which raylm does not mask; use ddp or fsdp"
+            )
         if self.resources.elastic and isinstance(self.strategy, DeepSpeedStrategy):
             raise ValueError(
                 "elastic resources.num_workers [min, max] needs strategy ddp or fsdp: DeepSpeed's ZeRO "
@@ -135,6 +140,11 @@ class FinetuneJob(TrainingJob):
             raise ValueError(
                 "train.objective unlikelihood / length_norm score wrong answers: they need data.format: "
                 "choices (a prompt, choices and the right one's index)"
+            )
+        if self.train.keep_sparsity and self.method.name not in ("full", "freeze"):
+            raise ValueError(
+                f"train.keep_sparsity with method {self.method.name}: only methods that train the weights "
+                "themselves (full, freeze) can keep their zeros; an adapter merged into them would fill them"
             )
         reason = refusal(self.method, self.strategy)
         if reason:

@@ -283,6 +283,11 @@ class TrainSpec(Section):
         description="torch.compile the training step (ddp, fsdp; CPU and GPU). The first steps pay the "
         "compilation; measure before turning it on (benchmarks/pretrain_overhead.py).",
     )
+    keep_sparsity: bool = Field(
+        False,
+        description="Weights that are exactly zero in the starting model's decoder linear layers (a pruned "
+        "model) stay zero while training: their gradients and values are masked (ddp, fsdp).",
+    )
     seed: int = Field(0, description="Seed for weights, data order and dropout.")
     objective: ObjectiveSpec = Field(
         default_factory=ObjectiveSpec,

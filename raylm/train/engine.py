@@ -24,6 +24,7 @@ class Engine:
         self.rebuild = rebuild  # a fresh unwrapped model of the same structure, for consolidation
         self.compiled = None  # torch.compile of the wrapper, for training steps (train.compile)
         self.objective = None  # a kind's own training loss, objective(model, batch, items) (distillation)
+        self.masks = None  # raylm.train.masks.SparsityMasks under train.keep_sparsity
 
     def compile(self) -> None:
         """Compile the training forward and backward (evaluation and generation stay eager: their
@@ -74,6 +75,8 @@ class Engine:
 
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if self.masks is not None:
+            self.masks.gradients()
         if self.spec.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
         if self.scaler:
@@ -81,6 +84,8 @@ class Engine:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.masks is not None:
+            self.masks.weights()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 

@@ -71,6 +71,16 @@ def train_loop(config: dict) -> dict | None:
         rebuild=kind.worker_rebuild(job, tokenizer),
     )
     engine.objective = kind.worker_objective(job, device)  # None: the causal-LM / T-Few loss
+    if spec.keep_sparsity:  # masks of the starting weights' zeros, from each rank's own shard
+        from raylm.train.masks import SparsityMasks
+
+        engine.masks = SparsityMasks(engine.module)
+        held = every_rank(engine.masks.pruned)
+        if rank == 0:
+            held_at_zero = sum(held) if strategies.fills_from_rank0(plan) else held[0]
+            emit(
+                f"[raylm] keep_sparsity: {held_at_zero:,} zero weights of the decoder's linear layers stay zero"
+            )
     if spec.compile:
         engine.compile()
     # what building, loading and sharding the model added to each rank's host memory at its peak

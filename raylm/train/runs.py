@@ -67,6 +67,15 @@ def resolve_strategy(job) -> tuple[dict, str]:
         strategy, why = resolve(job)
     except NothingFits as err:
         raise SpecError([("strategy", str(err))]) from None
+    if strategy["name"] == "deepspeed" and job.train.keep_sparsity:
+        raise SpecError(
+            [
+                (
+                    "strategy",
+                    f"auto chose deepspeed ({why}), which train.keep_sparsity cannot mask: set fsdp or ddp",
+                )
+            ]
+        )
     storage.write_text(output, "strategy.json", json.dumps({"strategy": strategy, "why": why}, indent=2))
     return strategy, why
 
