@@ -5,12 +5,16 @@ one row per method: weight bytes against the float32 folder, held-out perplexity
 pretraining run's own validation blocks), the share of the original's greedy tokens kept, and CPU tokens
 per second of greedy generation against the original, the two timed the same way in the same task.
 The pruning rows (magnitude vs Wanda vs 2:4 vs structured) are at 50% of the pruned layers' weights
-(structured: half the head groups and half the MLP channels).
+(structured: half the head groups and half the MLP channels); the training rows at 75%: one-shot
+magnitude, the same with a 100-step recovery training, and two lottery-ticket rounds (rewound to the
+base run's initialization, each retrained with the base run's own schedule).
 
     python benchmarks/compress_methods.py                 # writes benchmarks/results/compress_methods.json
     python benchmarks/compress_methods.py --steps 200 --methods nf4 q8_0 wanda
     python benchmarks/compress_methods.py --base /tmp/raylm-compress-bench-x/base/model --methods structured \
         --out benchmarks/results/compress_structured.json   # more rows on an earlier run's base model
+    python benchmarks/compress_methods.py --base <base>/model --methods gptq-4 gptq-3 magnitude-75 \
+        magnitude-75+recover iterative-75 --out benchmarks/results/compress_training.json
 """
 
 from __future__ import annotations
@@ -43,8 +47,24 @@ METHODS = {
     "magnitude-2:4": {"name": "magnitude", "pattern": "2:4"},
     "wanda-2:4": {"name": "wanda", "pattern": "2:4"},
     "structured": {"name": "structured", "heads": 0.5, "channels": 0.5},
+    "gptq-4": {"name": "gptq", "bits": 4, "group_size": 128},
+    "gptq-3": {"name": "gptq", "bits": 3, "group_size": 128},
+    "magnitude-75": {"name": "magnitude", "sparsity": 0.75},
+    "magnitude-75+recover": {"name": "magnitude", "sparsity": 0.75},
+    "iterative-75": {"name": "iterative", "sparsity": 0.75, "rounds": 2, "rewind": "init"},
 }
-PRUNE = {"magnitude", "wanda", "structured"}
+PRUNE = {"magnitude", "wanda", "structured", "iterative"}
+# Training with the pruned weights held at zero, on the base model's own data: 1 worker with 2 CPUs as
+# the base was trained. The iterative rounds retrain with the base run's own schedule (its default).
+RETRAIN_RESOURCES = {"num_workers": 1, "cpus_per_worker": 2}
+RECOVER = {
+    "train": {"max_steps": 100, "batch_size": 16, "lr": 5e-4, "warmup_steps": 10, "eval_every": 100},
+    "resources": RETRAIN_RESOURCES,
+}
+SECTIONS = {
+    "magnitude-75+recover": {"recover": RECOVER},
+    "iterative-75": {"method": {**METHODS["iterative-75"], "retrain": {"resources": RETRAIN_RESOURCES}}},
+}
 
 
 def pretrain(scratch: Path, steps: int) -> tuple[Path, dict]:
@@ -93,6 +113,7 @@ def main() -> None:
             "measure": {"perplexity_blocks": 128, "prompts": 16, "prompt_tokens": 32, "new_tokens": 64},
             "resources": {"cpus": 2},
             "output": str(scratch / label),
+            **SECTIONS.get(label, {}),
         }
         summary, seconds = run(job, scratch / f"{label}-spec")
         after = "quantized" if job["kind"] == "quantize" else "pruned"
@@ -113,6 +134,8 @@ def main() -> None:
             "perplexity_fp32": ppl["original"],
             "perplexity": ppl[after],
             "perplexity_delta": round(ppl[after] - ppl["original"], 4),
+            "perplexity_before_recovery": ppl.get("before_recovery"),
+            "rounds": summary.get("rounds"),
             "greedy_agreement": summary["greedy_agreement"],
             "tokens_per_s_fp32": speed["original"],
             "tokens_per_s": speed[after],

@@ -314,8 +314,9 @@ def estimate(
     flash_attention,
 ):
     """Per-worker training memory for each strategy: weights, gradients, optimizer, activations."""
-    from raylm import memory
+    from raylm import memory, plan
 
+    teacher = 0.0
     try:
         if spec_file:
             job = load_spec(spec_file, overrides)
@@ -334,6 +335,7 @@ def estimate(
                 gradient_checkpointing = job.train.gradient_checkpointing
             if flash_attention is None:
                 flash_attention = job.resources.use_gpu
+            teacher = plan.teacher_terms(job).get("teacher", 0.0)
         elif params:
             shape = memory.shape_from_params(params)
             flash_attention = True if flash_attention is None else flash_attention
@@ -356,6 +358,7 @@ def estimate(
             bool(flash_attention),
             gpu_memory,
             dtype or "float32",
+            teacher,
         )
     )
 

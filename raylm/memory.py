@@ -43,17 +43,20 @@ class Breakdown:
     temporary: float
 
     buckets: float = 0.0
+    teacher: float = 0.0
 
     @property
     def total(self) -> float:
         """Peak bytes. Activations are freed as backward creates gradients, and gradients are freed
         (zero_grad(set_to_none=True)) before the next forward, so the two peaks do not add; the
-        optimizer step's temporaries come with the gradients. DDP's buckets hold one more copy."""
+        optimizer step's temporaries come with the gradients. DDP's buckets hold one more copy; a
+        distillation teacher's weights and output distributions come on top."""
         return (
             self.weights
             + self.optimizer
             + max(self.activations, self.gradients + self.temporary)
             + self.buckets
+            + self.teacher
         )
 
     def as_dict(self) -> dict:
@@ -156,6 +159,7 @@ def estimate(
     flash_attention: bool = False,
     weight_bits: float | None = None,
     dtype: str = "float32",
+    teacher: float = 0.0,
 ) -> Breakdown:
     """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers,
     with the weights loaded in `dtype` (model.dtype) and `precision` (train.precision).
@@ -164,7 +168,8 @@ def estimate(
     frozen base (LoRA) only weights, in `dtype` (16 bits under DeepSpeed's bf16 / fp16), or
     `weight_bits` per parameter when quantised (QUANT_BITS; QLoRA). `flash_attention`: attention
     kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. fsdp and ZeRO-3 also hold the
-    gathered weights of two blocks at a time (the one computing and the one prefetched).
+    gathered weights of two blocks at a time (the one computing and the one prefetched). `teacher`:
+    bytes of a distillation teacher on every worker (teacher_bytes).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -196,7 +201,16 @@ def estimate(
         # AdamW's multi-tensor step holds one more moment-sized copy of the (local) trained parameters.
         temporary=trained * (optimizer_bytes // 2 if optimizer_bytes < 12 else 4) / shard[2] + gathered,
         buckets=gradients if strategy == "ddp" and workers > 1 else 0.0,
+        teacher=teacher,
     )
+
+
+def teacher_bytes(teacher: Shape, dtype: str, batch: int, seq_len: int) -> float:
+    """A frozen distillation teacher, whole on every worker whatever the strategy (raylm/train/distill.py):
+    its weights in `dtype`, and per micro-batch its float32 logits, their log-softmax and probabilities,
+    plus the student's log-softmax that backward keeps (its layer activations are freed as the
+    no-grad forward goes)."""
+    return teacher.params * (4 if dtype == "float32" else 2) + 4 * batch * seq_len * teacher.vocab * 4
 
 
 def shape_of_job(job) -> Shape:
@@ -216,6 +230,7 @@ def report(
     flash_attention: bool,
     gpu_memory_gb: float | None,
     dtype: str = "float32",
+    teacher: float = 0.0,
 ) -> str:
     """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`."""
     breakdowns = {
@@ -230,6 +245,7 @@ def report(
             None,
             flash_attention,
             dtype=dtype,
+            teacher=teacher,
         )
         for strategy in STRATEGIES
     }
@@ -239,7 +255,12 @@ def report(
         f"{workers} worker(s), {precision} ({dtype} weights), batch {batch} x {seq_len} tokens"
         + (", gradient checkpointing" if gradient_checkpointing else "")
         + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)"),
-        f"weights alone: {shape.params * (4 if dtype == 'float32' else 2) / scale:.2f} {unit} in {dtype}",
+        f"weights alone: {shape.params * (4 if dtype == 'float32' else 2) / scale:.2f} {unit} in {dtype}"
+        + (
+            f"; the distillation teacher adds {teacher / scale:.2f} {unit} to every worker's peak"
+            if teacher
+            else ""
+        ),
         "",
         f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'peak ' + unit:>11}"
         + ("  fits" if gpu_memory_gb else ""),

@@ -54,6 +54,7 @@ def choose(
     weight_bits: float | None = None,
     exclude: tuple[str, ...] = (),
     dtype: str = "float32",
+    teacher: float = 0.0,
 ) -> Choice:
     """`exclude`: candidates (ddp, zero1, zero2, fsdp) the job's method cannot run under (QLoRA: all but ddp)."""
     budget = memory_bytes * headroom
@@ -73,6 +74,7 @@ def choose(
             flash_attention,
             weight_bits,
             dtype=dtype,
+            teacher=teacher,
         ).total
         if needed <= budget:
             rejected = "; ".join(f"{k} needs {size(n)}" for k, n in tried)
@@ -158,6 +160,23 @@ def _job_terms(job) -> dict:
         "elastic": job.resources.elastic,
         "dtype": job.model.dtype,
         **method_terms(job),
+        **teacher_terms(job),
+    }
+
+
+def teacher_terms(job) -> dict:
+    """A distillation teacher's share of each worker's memory."""
+    if job.kind != "distill":
+        return {}
+    from transformers import AutoConfig
+
+    from raylm.memory import shape_from_config, teacher_bytes
+
+    config = AutoConfig.from_pretrained(job.teacher.path, trust_remote_code=job.teacher.trust_remote_code)
+    return {
+        "teacher": teacher_bytes(
+            shape_from_config(config), job.model.dtype, job.train.batch_size, job.data.seq_len
+        )
     }
 
 

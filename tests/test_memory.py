@@ -129,3 +129,37 @@ def test_qlora_base_bits_and_lora_trainable_set():
     assert b.gradients == lora * 4 and b.optimizer == lora * 8
     full = memory.estimate(shape, "ddp", "bf16", dtype="bfloat16")
     assert b.weights < full.weights / 3.8  # 7B: ~3.6 GB of 4-bit weights against 14 GB in bf16
+
+
+def test_a_distillation_teacher_adds_its_weights_and_distributions_to_every_strategy(tmp_path):
+    """The teacher is whole on every worker: its parameters (counted by transformers) x 4 bytes in
+    float32, and four float32 [batch, seq, vocab] tensors of the loss (its logits, log-softmax and
+    probabilities, the student's log-softmax); the same job without a teacher peaks that much lower."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raylm.plan import _job_terms
+    from raylm.spec import validate_dict
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2
+    )
+    config.save_pretrained(tmp_path / "teacher")
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    student = {"architecture": {"family": "llama", "layers": 1, "heads": 2, "hidden": 32, "context": 64}}
+    spec = {
+        "kind": "distill",
+        "model": student,
+        "teacher": {"path": str(tmp_path / "teacher")},
+        "data": {"generate": {"documents": 10}, "seq_len": 64},
+        "train": {"batch_size": 4},
+        "output": str(tmp_path / "out"),
+    }
+    distill = _job_terms(validate_dict(spec))
+    assert distill["teacher"] == params * 4 + 4 * (4 * 64 * 300) * 4
+    alone = {**distill, "teacher": 0.0}
+    for key in ("ddp", "zero3", "fsdp"):
+        with_teacher = estimate(strategy=key, **{k: v for k, v in distill.items() if k != "elastic"})
+        without = estimate(strategy=key, **{k: v for k, v in alone.items() if k != "elastic"})
+        assert with_teacher.total - without.total == distill["teacher"]
