@@ -447,3 +447,93 @@ def jobs_stop(job_id, address):
     """Stop a running job."""
     stopped = _job_call(address, job_id, "stop_job")
     click.echo(f"{job_id}: {'stop requested' if stopped else 'not running'}")
+
+
+def _control_options(command):
+    """One flag per generation control (raylm.spec.generation.GenerationSpec), its help from the field."""
+    from raylm.spec.generation import GenerationSpec
+
+    for name, field in reversed(GenerationSpec.model_fields.items()):
+        flag = "--" + name.replace("_", "-")
+        if name == "stop":
+            option = click.option(flag, "stop", multiple=True, help=field.description + " (repeatable)")
+        else:
+            kind = {int: int, float: float}.get(field.annotation, None)
+            kind = kind or (int if name in ("top_k", "seed") else float)
+            option = click.option(flag, name, type=kind, default=None, help=field.description)
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
+@click.option(
+    "--prompts", "prompts_file", type=click.Path(dir_okay=False), help='A JSON-lines file of {"prompt": ...}.'
+)
+@click.option(
+    "--base", default=None, help="Base model folder of an adapter (default: the one it was trained on)."
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt (choices, usage).")
+@_control_options
+def generate(model_path, prompts, prompts_file, base, device, as_json, **controls):
+    """Generate from MODEL: a model folder (full, bitsandbytes or GPTQ), an adapter folder, a GGUF file
+    or a raylm run folder, with greedy decoding, sampling or beam search."""
+    import json as json_module
+
+    from raylm.spec.generation import GenerationSpec
+    from raylm.spec.loading import validate_section
+
+    given = {k: v for k, v in controls.items() if v is not None and v != ()}
+    try:
+        spec = validate_section(GenerationSpec, given, "generation flags")
+    except SpecError as err:
+        err.problems = [
+            ("flags" if where == "spec" else "--" + where.replace("_", "-"), what)
+            for where, what in err.problems
+        ]
+        fail(str(err))
+    texts = list(prompts)
+    if prompts_file:
+        try:
+            lines = [
+                line for line in open(prompts_file, encoding="utf-8").read().splitlines() if line.strip()
+            ]
+            texts += [str(json_module.loads(line)["prompt"]) for line in lines]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            fail(
+                f'--prompts {prompts_file}: expected JSON lines with a "prompt" field ({type(err).__name__}: {err})'
+            )
+    if not texts:
+        fail("give a prompt: --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+
+    import torch
+
+    from raylm.infer.loading import LoadError, load_for_generation
+    from raylm.infer.sampling import GenerationError, complete
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model, tokenizer, what = load_for_generation(model_path, base, device)
+    except LoadError as err:
+        fail(str(err))
+    if not as_json:
+        click.echo(f"[raylm] {what} on {device}", err=True)
+    for text in texts:
+        try:
+            result = complete(model, tokenizer, text, spec)
+        except GenerationError as err:
+            fail(str(err))
+        if as_json:
+            click.echo(json_module.dumps({"prompt": text, **result}))
+            continue
+        for choice in result["choices"]:
+            label = f"[{choice['index']}] " if spec.n > 1 else ""
+            click.echo(f"{label}{text}{choice['text']}")
+        click.echo(
+            f"[raylm] {result['usage']['prompt_tokens']} prompt + {result['usage']['completion_tokens']} "
+            f"generated tokens; finish: {', '.join(c['finish_reason'] for c in result['choices'])}",
+            err=True,
+        )

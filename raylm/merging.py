@@ -15,13 +15,31 @@ class MergeError(Exception):
 
 
 def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from raylm import methods
+
+    model, method, base = load_adapter(Path(artifact), base)
+    if method.name not in methods.mergeable():
+        raise MergeError(
+            f"method {method.name} cannot be merged into its base (mergeable: {', '.join(methods.mergeable())})"
+        )
+    merged = methods.module(method.name).merge(model)
+    merged.save_pretrained(out, safe_serialization=True)
+    folder = Path(artifact)
+    source = folder if (folder / "tokenizer_config.json").exists() else Path(base)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+
+
+def load_adapter(folder: Path, base: str | None = None, device: str = "cpu"):
+    """(the base with the saved adapter loaded onto it, the method, the base folder) for an adapter
+    folder written by a fine-tuning run (raylm_method.json) or by PEFT (adapter_config.json)."""
     from pydantic import TypeAdapter, ValidationError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from raylm import methods
     from raylm.methods import MethodSpec
 
-    folder = Path(artifact)
     record = folder / "raylm_method.json"
     if not record.exists():
         if not (folder / "adapter_config.json").exists():
@@ -34,10 +52,6 @@ def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
         method = TypeAdapter(MethodSpec).validate_python(saved["method"])
     except ValidationError as err:
         raise MergeError(f"{record}: not a method raylm knows ({err.errors()[0]['msg']})") from None
-    if method.name not in methods.mergeable():
-        raise MergeError(
-            f"method {method.name} cannot be merged into its base (mergeable: {', '.join(methods.mergeable())})"
-        )
     base = (
         base
         or saved.get("base")
@@ -47,10 +61,6 @@ def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
         raise MergeError(f"base model {base!r} not found: pass --base FOLDER")
     module = methods.module(method.name)
     if hasattr(module, "load_base"):
-        model = module.load(module.load_base(base, method, "cpu"), folder)
-    else:
-        model = module.load(AutoModelForCausalLM.from_pretrained(base, use_safetensors=True), folder)
-    merged = module.merge(model)
-    merged.save_pretrained(out, safe_serialization=True)
-    source = folder if (folder / "tokenizer_config.json").exists() else Path(base)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        return module.load(module.load_base(base, method, device), folder), method, base
+    plain = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True).to(device)
+    return module.load(plain, folder), method, base

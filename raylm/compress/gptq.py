@@ -23,7 +23,7 @@ from pathlib import Path
 INSTALL = "pip install 'raylm[gptq]'"
 
 
-def _import():
+def import_gptqmodel():
     """gptqmodel, imported with its worker pools sized for this process and its banner kept off the
     console. On a 2-core machine its CPU loader asks for 2 workers: GPTQMODEL_CPU_WORKERS grants them.
     (torchao, which it imports, registers enums that this torch already supports: torch warns.)"""
@@ -41,7 +41,7 @@ def problems(model_type: str) -> list[str]:
 
     if importlib.util.find_spec("gptqmodel") is None:
         return [f"gptq needs the gptqmodel package: {INSTALL}"]
-    _, model_map = _import()
+    _, model_map = import_gptqmodel()
     if model_type not in model_map:
         return [f"gptqmodel has no support for {model_type!r} models"]
     return []
@@ -52,7 +52,7 @@ def write(source: Path, target: Path, method, device: str, calibration: list[lis
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    gptqmodel, _ = _import()
+    gptqmodel, _ = import_gptqmodel()
     config = gptqmodel.QuantizeConfig(
         bits=method.bits,
         group_size=method.group_size,
@@ -77,7 +77,7 @@ def write(source: Path, target: Path, method, device: str, calibration: list[lis
 def load(artifact: Path, device: str):
     """The GPTQ folder through transformers' integration (optimum + gptqmodel), de-quantizing on the
     fly in gptqmodel's kernels."""
-    _import()
+    import_gptqmodel()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(artifact), device_map={"": device}, use_safetensors=True)

@@ -126,6 +126,14 @@ def validate_dict(data: dict, source: str = "spec") -> BaseModel:
         raise SpecError([_describe(model, e) for e in err.errors()], source=source) from None
 
 
+def validate_section(model: type[BaseModel], data: dict, source: str) -> BaseModel:
+    """One section model (e.g. generation controls from CLI flags), errors as for a spec."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError([_describe(model, e) for e in err.errors()], source=source) from None
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> BaseModel:
     data = apply_overrides(read_yaml(path), list(overrides))
     return validate_dict(data, source=str(path))

@@ -1,0 +1,92 @@
+"""What `raylm generate` (and the server) can load: a Hugging Face model folder (full precision, or
+quantized by bitsandbytes or GPTQ: its quantization_config says which), a PEFT / raylm adapter folder
+over its base, a GGUF file (or a folder holding one), or a raylm run folder (its artifact or model).
+
+    model, tokenizer, what = load_for_generation("runs/quickstart", device="cpu")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class LoadError(ValueError):
+    """The path is not something raylm can generate from; the message says what it expected."""
+
+
+def resolve(path: Path) -> Path:
+    """A raylm run folder -> what it produced: a fine-tuning run's adapter or model, a quantization's
+    artifact, a pruning's folder, a pretraining run's model/."""
+    summary_file = path / "summary.json"
+    if path.is_dir() and not (path / "config.json").exists() and summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        for key in ("artifact", "model"):
+            found = summary.get(key)
+            if not found:
+                continue
+            candidate = Path(found)
+            if not candidate.is_absolute() and not candidate.exists():
+                candidate = path / candidate.name  # a run moved since: look inside it
+            if candidate.exists() and candidate != path:
+                return candidate
+        if (path / "model" / "config.json").exists():
+            return path / "model"
+    return path
+
+
+def load_for_generation(path: str, base: str | None = None, device: str = "cpu"):
+    """(model, tokenizer, a description of what was loaded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve(Path(path).expanduser())
+    if target.is_dir() and not (target / "config.json").exists():
+        ggufs = sorted(target.glob("*.gguf"))
+        if len(ggufs) == 1:
+            target = ggufs[0]
+    if target.is_file() and target.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(target.parent), gguf_file=target.name)
+        return model.to(device), gguf_tokenizer(target), f"GGUF {target} (de-quantized by transformers)"
+    if (target / "adapter_config.json").exists() or (target / "raylm_method.json").exists():
+        from raylm.merging import MergeError, load_adapter
+
+        try:
+            model, method, base_folder = load_adapter(target, base, device)
+        except MergeError as err:
+            raise LoadError(str(err)) from None
+        source = target if (target / "tokenizer_config.json").exists() else Path(base_folder)
+        return (
+            model,
+            AutoTokenizer.from_pretrained(str(source)),
+            f"{method.name} adapter {target} over {base_folder}",
+        )
+    if not (target / "config.json").exists():
+        raise LoadError(
+            f"{path} is not a model folder (config.json), an adapter folder (adapter_config.json), a GGUF "
+            "file or a raylm run folder (summary.json)"
+        )
+    config = json.loads((target / "config.json").read_text())
+    quantized = (config.get("quantization_config") or {}).get("quant_method")
+    if quantized == "gptq":
+        from raylm.compress.gptq import import_gptqmodel
+
+        import_gptqmodel()  # gptqmodel's CPU worker pools sized before transformers loads it
+    model = AutoModelForCausalLM.from_pretrained(str(target), use_safetensors=True, device_map={"": device})
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    return model, tokenizer, f"{target}" + (f" ({quantized})" if quantized else "")
+
+
+def gguf_tokenizer(file: Path):
+    """The tokenizer beside a GGUF file, or the one of the model a raylm quantization converted, or
+    else the GGUF's own as transformers converts it (which puts SentencePiece's space before the
+    text even where the file says not to)."""
+    from transformers import AutoTokenizer
+
+    folder = file.parent
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(folder))
+    if (folder / "summary.json").exists():
+        source = Path(json.loads((folder / "summary.json").read_text()).get("model", ""))
+        if (source / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(source))
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=file.name)
