@@ -38,6 +38,9 @@ def resolve(path: Path) -> Path:
 def load_for_generation(path: str, base: str | None = None, device: str = "cpu"):
     """(model, tokenizer, a description of what was loaded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar says nothing here
 
     target = resolve(Path(path).expanduser())
     if target.is_dir() and not (target / "config.json").exists():
