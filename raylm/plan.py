@@ -11,6 +11,7 @@ the ZeRO stages (their checkpoints do not reload on another worker count).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from raylm.memory import GiB, Shape, estimate
 from raylm.spec.strategies import HEADROOM, memory_key
@@ -171,8 +172,17 @@ def teacher_terms(job) -> dict:
     from transformers import AutoConfig
 
     from raylm.memory import shape_from_config, teacher_bytes
+    from raylm.spec import SpecError
 
-    config = AutoConfig.from_pretrained(job.teacher.path, trust_remote_code=job.teacher.trust_remote_code)
+    folder = Path(job.teacher.path).expanduser()
+    if not (folder / "config.json").is_file():  # distillation reads a local teacher folder
+        raise SpecError([("teacher.path", f"{job.teacher.path} is not a model folder here (no config.json)")])
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=job.teacher.trust_remote_code)
+    except Exception as err:  # a config.json transformers cannot read (OSError, ValueError, ...)
+        raise SpecError(
+            [("teacher.path", f"cannot read {folder}/config.json ({type(err).__name__})")]
+        ) from None
     return {
         "teacher": teacher_bytes(
             shape_from_config(config), job.model.dtype, job.train.batch_size, job.data.seq_len
