@@ -77,8 +77,8 @@ def test_each_decoding_equals_transformers_generate(trained):
     assert texts(complete(model, tokenizer, PROMPT, controls)) == expected  # the same seed, the same text
     assert len(set(expected)) > 1  # three different samples, not one text three times
 
-    # no top_k given means none: transformers' default of 50 must not apply (a 41-token vocabulary
-    # cannot tell, so compare with top_k 1, which would make every sample the greedy text)
+    # no top_k given means none: transformers' default of 50 must not apply; the reference says
+    # top_k=0 (no filtering) outright
     unfiltered = complete(
         model, tokenizer, PROMPT, GenerationSpec(max_new_tokens=12, temperature=1.5, seed=1, n=4)
     )
