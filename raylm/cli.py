@@ -465,6 +465,40 @@ def _control_options(command):
     return command
 
 
+def _strategy_options(command):
+    """--strategy and its settings, one flag per field of raylm.spec.generation.StrategySpec."""
+    from raylm.spec.generation import StrategySpec
+
+    for name, field in reversed(StrategySpec.model_fields.items()):
+        if name == "name":
+            option = click.option(
+                "--strategy",
+                "strategy",
+                type=click.Choice(["fewshot", "cot", "pal", "react"]),
+                default=None,
+                help=field.description,
+            )
+        else:
+            kind = {"max_steps": int, "memory_mb": int, "timeout_s": float}.get(name, str)
+            option = click.option(
+                "--" + name.replace("_", "-"),
+                "strategy_" + name,
+                type=kind,
+                default=None,
+                help=field.description,
+            )
+        command = option(command)
+    return command
+
+
+def _flag_problems(err: SpecError, prefix: str = "") -> SpecError:
+    err.problems = [
+        ("flags" if where == "spec" else "--" + prefix + where.replace("_", "-"), what)
+        for where, what in err.problems
+    ]
+    return err
+
+
 @main.command()
 @click.argument("model_path", metavar="MODEL")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable).")
@@ -477,23 +511,41 @@ def _control_options(command):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt (choices, usage).")
 @_control_options
-def generate(model_path, prompts, prompts_file, base, device, as_json, **controls):
+@_strategy_options
+def generate(model_path, prompts, prompts_file, base, device, as_json, strategy, **controls):
     """Generate from MODEL: a model folder (full, bitsandbytes or GPTQ), an adapter folder, a GGUF file
-    or a raylm run folder, with greedy decoding, sampling or beam search."""
+    or a raylm run folder, with greedy decoding, sampling or beam search, and optionally a prompting
+    strategy (few-shot, chain-of-thought, PAL, ReAct)."""
     import json as json_module
 
-    from raylm.spec.generation import GenerationSpec
+    from raylm.spec.generation import GenerationSpec, StrategySpec
     from raylm.spec.loading import validate_section
 
+    settings = {
+        k.removeprefix("strategy_"): controls.pop(k) for k in list(controls) if k.startswith("strategy_")
+    }
     given = {k: v for k, v in controls.items() if v is not None and v != ()}
     try:
         spec = validate_section(GenerationSpec, given, "generation flags")
     except SpecError as err:
-        err.problems = [
-            ("flags" if where == "spec" else "--" + where.replace("_", "-"), what)
-            for where, what in err.problems
-        ]
-        fail(str(err))
+        fail(str(_flag_problems(err)))
+    settings = {k: v for k, v in settings.items() if v is not None}
+    plan = None
+    if strategy is None and settings:
+        fail(f"--{next(iter(settings)).replace('_', '-')} is a strategy setting: add --strategy")
+    if strategy is not None:
+        if spec.n > 1:
+            fail("--n: a strategy answers once per prompt; leave --n out")
+        try:
+            plan = validate_section(StrategySpec, {"name": strategy, **settings}, "strategy flags")
+        except SpecError as err:
+            fail(str(_flag_problems(err)).replace("--name", "--strategy"))
+        from raylm.infer.strategies import StrategyError, prepare
+
+        try:
+            exemplars, tools = prepare(plan)
+        except StrategyError as err:
+            fail(str(err))
     texts = list(prompts)
     if prompts_file:
         try:
@@ -521,6 +573,23 @@ def generate(model_path, prompts, prompts_file, base, device, as_json, **control
         fail(str(err))
     if not as_json:
         click.echo(f"[raylm] {what} on {device}", err=True)
+    if plan is not None:
+        from raylm.infer import strategies
+
+        run_one = strategies.completer(model, tokenizer, spec)
+        for text in texts:
+            outcome = strategies.run(plan, text, run_one, exemplars, tools)
+            if as_json:
+                click.echo(json_module.dumps({"prompt": text, "strategy": plan.name, **outcome.as_dict()}))
+                continue
+            click.echo(f"{text}\n{outcome.text}")
+            click.echo(
+                f"[raylm] {plan.name} answer: {outcome.answer}"
+                if outcome.answer is not None
+                else f"[raylm] {plan.name}: no answer ({outcome.error})",
+                err=True,
+            )
+        return
     for text in texts:
         try:
             result = complete(model, tokenizer, text, spec)

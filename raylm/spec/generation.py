@@ -9,6 +9,8 @@ server and evaluation as they come).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from raylm.spec.sections import Section
@@ -72,3 +74,35 @@ class GenerationSpec(Section):
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
+
+
+class StrategySpec(Section):
+    """A prompting strategy around generation: few-shot, chain-of-thought, program-aided (PAL) or ReAct.
+
+    Exemplars are a JSON-lines file: {"question", "answer"} for fewshot; plus "reasoning" for cot;
+    {"question", "program"} for pal; {"question", "trace"} (Thought / Action / Observation lines ending
+    in "Final Answer: ...") for react.
+    """
+
+    name: Literal["fewshot", "cot", "pal", "react"] = Field(
+        description="fewshot: exemplars then the question; cot: exemplars with reasoning, the answer "
+        "extracted from 'The answer is ...'; pal: the model writes Python, run in a sandbox; react: "
+        "Thought / Action / Observation steps with tools."
+    )
+    exemplars: str | None = Field(
+        None, description="JSON-lines file of worked examples (required by fewshot; cot without it is zero-shot)."
+    )
+    documents: str | None = Field(
+        None, description="react: a folder of .txt / .md files for the search tool (no search tool without it)."
+    )
+    max_steps: int = Field(8, ge=1, le=64, description="react: Thought/Action rounds at most.")
+    timeout_s: float = Field(5.0, gt=0, le=600, description="pal: wall-clock limit of the program.")
+    memory_mb: int = Field(256, ge=32, le=65536, description="pal: address-space limit of the program.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> StrategySpec:
+        if self.name == "fewshot" and self.exemplars is None:
+            raise ValueError("strategy fewshot needs exemplars: a JSON-lines file of {question, answer}")
+        if self.documents is not None and self.name != "react":
+            raise ValueError("documents feed react's search tool: use name: react, or leave documents out")
+        return self
