@@ -113,6 +113,12 @@ def run(spec_file, overrides, address, no_follow, verbose):
 
 
 def _print_summary(summary: dict) -> None:
+    if summary.get("kind") == "serve":
+        click.echo(
+            f"[raylm] {summary['model']}: "
+            + ("stopped" if summary.get("stopped") else f"deployed at {summary['url']}")
+        )
+        return
     if summary.get("kind") == "tune":
         _print_search(summary)
         return

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from raylm.spec.compress import PruneJob, QuantizeJob
 from raylm.spec.jobs import DistillJob, FinetuneJob, PretrainJob
+from raylm.spec.serve import ServeJob
 from raylm.spec.tune import TuneJob
 
 Problems = list[tuple[str, str]]  # (dotted field, what is wrong and how to fix it)
@@ -75,6 +76,7 @@ KINDS: dict[str, Kind] = {
     "distill": Kind(DistillJob, "raylm.train.distill:Distill"),
     "quantize": Kind(QuantizeJob, "raylm.compress.quantize:Quantize"),
     "prune": Kind(PruneJob, "raylm.compress.prune:Prune"),
+    "serve": Kind(ServeJob, "raylm.serve.driver:Serve"),
 }
 
 

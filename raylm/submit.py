@@ -53,6 +53,14 @@ def ensure_ray(job, verbose: bool = False) -> None:
         quiet_ray_console()
 
 
+_EMBEDDED = False
+
+
+def embedded() -> bool:
+    """Whether this process started the Ray it runs on (so the job ends when this process does)."""
+    return _EMBEDDED
+
+
 def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     """An embedded single-machine Ray that exists to run raylm's job.
 
@@ -82,6 +90,8 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
         )
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    global _EMBEDDED
+    _EMBEDDED = True
 
 
 def run_here(job, verbose: bool = False) -> dict:

@@ -90,10 +90,12 @@ class StrategySpec(Section):
         "Thought / Action / Observation steps with tools."
     )
     exemplars: str | None = Field(
-        None, description="JSON-lines file of worked examples (required by fewshot; cot without it is zero-shot)."
+        None,
+        description="JSON-lines file of worked examples (required by fewshot; cot without it is zero-shot).",
     )
     documents: str | None = Field(
-        None, description="react: a folder of .txt / .md files for the search tool (no search tool without it)."
+        None,
+        description="react: a folder of .txt / .md files for the search tool (no search tool without it).",
     )
     max_steps: int = Field(8, ge=1, le=64, description="react: Thought/Action rounds at most.")
     timeout_s: float = Field(5.0, gt=0, le=600, description="pal: wall-clock limit of the program.")

@@ -1,0 +1,442 @@
+"""The Ray Serve deployment: a FastAPI ingress with OpenAI's routes over raylm's batched engine.
+
+    GET  /health                 GET /v1/models
+    POST /v1/completions         POST /v1/chat/completions        (stream: true for server-sent events)
+
+Requests from different callers meet in `@serve.batch` and share `generate` calls (raylm/serve/engine.py);
+LoRA adapters over the base are loaded on demand per replica (`@serve.multiplexed`, least recently used
+unloaded past the limit) and serve mixed batches. One thread per replica runs the model, so adapter
+loads never race a batch.
+"""
+
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from raylm.serve.engine import Engine, Request
+from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, validation_message
+
+
+def key_digest(key: str) -> str:
+    """The deployment holds a digest of the API key, never the key (Serve records its init args)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def build_app(job, key_hash: str | None):
+    """The Serve application for a validated ServeJob."""
+    scaling = job.scaling
+    options = {
+        "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica},
+        "max_ongoing_requests": scaling.max_ongoing_requests,
+        "max_queued_requests": scaling.max_queued_requests,
+    }
+    if scaling.autoscaling:
+        options["autoscaling_config"] = scaling.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = scaling.replicas
+    return Server.options(**options).bind(job.model_dump(mode="json"), key_hash)
+
+
+api = FastAPI(docs_url=None, redoc_url=None)
+ADAPTER_SLOTS = 1024  # the decorator's limit until the first load sets the spec's
+
+
+def failure(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _emitter(loop, queue, i):
+    def emit(index, delta, reason, count):
+        loop.call_soon_threadsafe(queue.put_nowait, (i, (index, delta, reason, count)))
+
+    return emit
+
+
+def _template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+class Adapter:
+    """What the multiplexer keeps per loaded adapter; unloading it retires the adapter's weights."""
+
+    def __init__(self, server, name: str, token: int):
+        self.server, self.name, self.token = server, name, token
+
+    def __del__(self):
+        self.server._retire(self.name, self.token)
+
+
+@serve.deployment(name="raylm")
+@serve.ingress(api)
+class Server:
+    def __init__(self, spec: dict, key_hash: str | None):
+        import torch
+
+        from raylm.infer.loading import load_for_generation
+        from raylm.infer.strategies import prepare
+        from raylm.spec.serve import ServeJob
+
+        self.job = ServeJob.model_validate(spec)
+        device = "cuda" if self.job.scaling.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
+        model, self.tokenizer, self.what = load_for_generation(
+            self.job.model.path, self.job.model.base, device
+        )
+        self.engine = Engine(model, self.tokenizer)
+        self.key_hash = key_hash
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-model")
+        self.loaded: dict[str, int] = {}  # adapter -> load token
+        self.retired: set[str] = set()
+        self.tokens = 0
+        self.strategies = {s.name: (s, *prepare(s)) for s in self.job.strategies}
+        self.chat_template = _template(self.job.chat_template)
+        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
+
+    # ---- routes ------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok", "model": self.job.model_name}
+
+    @api.get("/v1/models")
+    async def models(self, request: HttpRequest):
+        try:
+            self._authorize(request)
+        except ApiError as err:
+            return failure(err)
+        names = [self.job.model_name, *self.job.adapters]
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "raylm"} for n in names],
+        }
+
+    @api.post("/v1/completions")
+    async def completions(self, request: HttpRequest):
+        return await self._answer(request, CompletionRequest, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: HttpRequest):
+        return await self._answer(request, ChatRequest, chat=True)
+
+    # ---- request handling -------------------------------------------------------------
+    async def _answer(self, request, model_type, chat: bool):
+        try:
+            self._authorize(request)
+            try:
+                body = model_type.model_validate(json.loads(await request.body()))
+            except ValueError as err:
+                errors = (
+                    err.errors()
+                    if isinstance(err, ValidationError)
+                    else [{"type": "json_invalid", "msg": str(err)}]
+                )
+                message, param = validation_message(errors)
+                raise ApiError(400, message, param) from None
+            adapter = await self._adapter_for(body.model)
+            controls = body.generation(self.job.defaults, self.job.max_tokens_limit)
+            prompts = self._prompts(body, chat)
+            for ids in prompts:
+                self._check_length(ids, controls)
+            deadline = self.job.http.request_timeout_s
+            if body.strategy is not None:
+                return await asyncio.wait_for(
+                    self._strategy(body, prompts, controls, adapter, chat), deadline
+                )
+            if body.stream:
+                if len(prompts) > 1:
+                    raise ApiError(400, "stream one prompt per request", "prompt")
+                return StreamingResponse(
+                    self._events(body, prompts[0], controls, adapter, chat, deadline),
+                    media_type="text/event-stream",
+                )
+            results = await asyncio.wait_for(
+                asyncio.gather(*[self._collect(ids, controls, adapter) for ids in prompts]), deadline
+            )
+            return self._response(body, results, controls, chat)
+        except ApiError as err:
+            return failure(err)
+        except asyncio.TimeoutError:
+            return failure(
+                ApiError(
+                    408,
+                    f"no answer within {self.job.http.request_timeout_s:g} s (http.request_timeout_s)",
+                )
+            )
+
+    def _authorize(self, request) -> None:
+        if self.key_hash is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "missing API key: send Authorization: Bearer KEY", code="invalid_api_key")
+        if not hmac.compare_digest(key_digest(key.strip()), self.key_hash):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    async def _adapter_for(self, name: str) -> str | None:
+        if name == self.job.model_name:
+            return None
+        if name not in self.job.adapters:
+            raise ApiError(
+                404,
+                f"model {name!r} does not exist here; models: {', '.join([self.job.model_name, *self.job.adapters])}",
+                "model",
+                "model_not_found",
+            )
+        await self._load_adapter(name)
+        return name
+
+    @serve.multiplexed(max_num_models_per_replica=ADAPTER_SLOTS)
+    async def _load_adapter(self, name: str):
+        loop = asyncio.get_running_loop()
+        token = await loop.run_in_executor(self.pool, self._attach, name)
+        return Adapter(self, name, token)
+
+    def _attach(self, name: str) -> int:
+        """In the model thread: load (or keep) adapter `name` into the PEFT model."""
+        from peft import PeftModel
+
+        self.retired.discard(name)
+        if name not in self.loaded:
+            path = self.job.adapters[name]
+            if hasattr(self.engine.model, "peft_config"):
+                self.engine.model.load_adapter(path, adapter_name=name)
+            else:
+                self.engine.model = PeftModel.from_pretrained(self.engine.model, path, adapter_name=name)
+            self.engine.model.eval()
+        self.tokens += 1
+        self.loaded[name] = self.tokens
+        return self.tokens
+
+    def _retire(self, name: str, token: int) -> None:
+        if self.loaded.get(name) == token:
+            self.retired.add(name)
+
+    def _run_batch(self, jobs: list[Request]) -> None:
+        in_use = {j.adapter for j in jobs}
+        for name in sorted(self.retired - in_use):
+            if len(self.loaded) > 1:  # PEFT keeps at least one adapter in the model
+                self.engine.model.delete_adapter(name)
+                del self.loaded[name]
+            self.retired.discard(name)
+        self.engine.run_batch(jobs)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # the spec's values are set per replica
+    async def _generate(self, jobs: list[Request]):
+        """Every request's events, one list per step (None: nothing new for that request)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, job_ in enumerate(jobs):
+            job_.emit = _emitter(loop, queue, i)
+        work = loop.run_in_executor(self.pool, self._run_batch, jobs)
+        remaining = [j.controls.n for j in jobs]
+        while any(remaining):
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                work.result()  # the engine failed: raise to every caller
+                if queue.empty():
+                    break
+                continue
+            i, event = getter.result()
+            out = [StopIteration if not r else None for r in remaining]
+            out[i] = event
+            if event[2] is not None:
+                remaining[i] -= 1
+            yield out
+        await work
+
+    async def _stream(self, ids, controls, adapter):
+        job_ = Request(ids, controls, emit=None, adapter=adapter)
+        try:
+            async for event in self._generate(job_):
+                if event is not None:
+                    yield event
+        finally:
+            job_.cancelled = True  # the caller left (timeout, disconnect): stop its rows
+
+    async def _collect(self, ids, controls, adapter) -> dict:
+        texts = [""] * controls.n
+        finish, tokens = [None] * controls.n, [0] * controls.n
+        async for index, delta, reason, count in self._stream(ids, controls, adapter):
+            texts[index] += delta
+            if reason is not None:
+                finish[index], tokens[index] = reason, count
+        return {
+            "texts": texts,
+            "finish": finish,
+            "prompt_tokens": len(ids),
+            "completion_tokens": sum(tokens),
+        }
+
+    def _prompts(self, body, chat: bool) -> list[list[int]]:
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            template = self.tokenizer.chat_template or self.chat_template
+            if template is None:
+                raise ApiError(
+                    400,
+                    "this model's tokenizer has no chat template: use /v1/completions, or set "
+                    "chat_template in the serve spec",
+                    "messages",
+                )
+            text = self.tokenizer.apply_chat_template(
+                messages, chat_template=template, add_generation_prompt=True, tokenize=False
+            )
+            return [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not texts:
+            raise ApiError(400, "prompt: empty list", "prompt")
+        return [self.tokenizer(t)["input_ids"] for t in texts]
+
+    def _check_length(self, ids: list[int], controls) -> None:
+        if self.context is not None and len(ids) + controls.max_new_tokens > self.context:
+            raise ApiError(
+                400,
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({controls.max_new_tokens}) exceed the "
+                f"model's context of {self.context} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+
+    def _response(self, body, results: list[dict], controls, chat: bool) -> dict:
+        choices = []
+        for result in results:
+            for text, reason in zip(result["texts"], result["finish"], strict=True):
+                index = len(choices)
+                if chat:
+                    message = {"role": "assistant", "content": text}
+                    choices.append({"index": index, "message": message, "finish_reason": reason})
+                else:
+                    choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
+        usage = {
+            "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+            "completion_tokens": sum(r["completion_tokens"] for r in results),
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    async def _events(self, body, ids, controls, adapter, chat: bool, deadline: float):
+        """Server-sent events: a chunk per piece of text, the finish reasons, usage if asked, [DONE]."""
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, usage=None) -> str:
+            data = {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+            }
+            if usage is not None:
+                data["usage"] = usage
+            return f"data: {json.dumps(data)}\n\n"
+
+        if chat:
+            yield chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    for i in range(controls.n)
+                ]
+            )
+        completion = 0
+        events = self._stream(ids, controls, adapter)
+        end = asyncio.get_running_loop().time() + deadline
+        try:
+            while True:
+                try:
+                    left = end - asyncio.get_running_loop().time()
+                    index, delta, reason, count = await asyncio.wait_for(events.__anext__(), max(left, 0))
+                except StopAsyncIteration:
+                    break
+                if not delta and reason is None:
+                    continue
+                if chat:
+                    piece = {
+                        "index": index,
+                        "delta": {"content": delta} if delta else {},
+                        "finish_reason": reason,
+                    }
+                else:
+                    piece = {"index": index, "text": delta, "finish_reason": reason, "logprobs": None}
+                completion += count if reason is not None else 0
+                yield chunk([piece])
+        except asyncio.TimeoutError:
+            yield f"data: {json.dumps(ApiError(408, f'no answer within {deadline:g} s').body())}\n\n"
+            return
+        finally:
+            await events.aclose()
+        if (body.stream_options or {}).get("include_usage"):
+            usage = {
+                "prompt_tokens": len(ids),
+                "completion_tokens": completion,
+                "total_tokens": len(ids) + completion,
+            }
+            yield chunk([], usage)
+        yield "data: [DONE]\n\n"
+
+    async def _strategy(self, body, prompts, controls, adapter, chat: bool):
+        from raylm.infer import strategies
+
+        if body.stream or len(prompts) > 1 or controls.n > 1:
+            raise ApiError(400, "strategy: one prompt, one choice, no streaming", "strategy")
+        if body.strategy not in self.strategies:
+            offered = ", ".join(self.strategies) or "none (set strategies: in the serve spec)"
+            raise ApiError(
+                400, f"strategy {body.strategy!r} is not offered here; offered: {offered}", "strategy"
+            )
+        spec, exemplars, tools = self.strategies[body.strategy]
+        question = (
+            body.messages[-1].text() if chat else self.tokenizer.decode(prompts[0], skip_special_tokens=True)
+        )
+        loop = asyncio.get_running_loop()
+
+        def complete(prompt: str, stop: list[str]) -> str:
+            chosen = controls.model_copy(update={"stop": list(dict.fromkeys([*stop, *controls.stop]))})
+            ids = self.tokenizer(prompt)["input_ids"]
+            self._check_length(ids, chosen)
+            result = asyncio.run_coroutine_threadsafe(self._collect(ids, chosen, adapter), loop).result()
+            return result["texts"][0]
+
+        try:
+            outcome = await asyncio.to_thread(strategies.run, spec, question, complete, exemplars, tools)
+        except ApiError as err:
+            outcome = strategies.Outcome(None, "", err.message)
+        answer = {
+            "texts": [outcome.answer or ""],
+            "finish": ["stop"],
+            "prompt_tokens": len(prompts[0]),
+            "completion_tokens": 0,
+        }
+        response = self._response(body, [answer], controls, chat)
+        response["strategy"] = {"name": spec.name, **outcome.as_dict()}
+        return response

@@ -1,0 +1,169 @@
+"""`kind: serve` on the driver: checks before anything starts, then the Serve application.
+
+    raylm run jobs/serve.yaml                                   # local: prints the URL, Ctrl-C stops it
+    raylm run jobs/serve.yaml --address http://HEAD:8265        # deploys on the cluster and returns
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "quickstart", "prompt": "To be", "max_tokens": 20}'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+from raylm.kinds import Problems
+
+
+class ApiKeyError(ValueError):
+    """The API key is required but missing or unreadable; the message says where raylm looked."""
+
+
+def api_key(job) -> str | None:
+    """The API key from http.api_key_file or the http.api_key_env variable (never from the spec)."""
+    http = job.http
+    if http.api_key_file:
+        try:
+            key = Path(http.api_key_file).expanduser().read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ApiKeyError(f"http.api_key_file {http.api_key_file}: cannot read it ({err})") from None
+        if not key:
+            raise ApiKeyError(f"http.api_key_file {http.api_key_file} is empty")
+        return key
+    return os.environ.get(http.api_key_env, "").strip() or None
+
+
+class Serve:
+    def preflight(self, job) -> Problems:
+        from raylm.submit import is_loopback
+
+        problems: Problems = []
+        try:
+            key = api_key(job)
+        except ApiKeyError as err:
+            problems.append(("http.api_key_file", str(err)))
+            key = "?"
+        if key is None and not is_loopback(job.http.host):
+            problems.append(
+                (
+                    "http.host",
+                    f"{job.http.host} is reachable from other machines, so an API key is required: set "
+                    f"{job.http.api_key_env} (or http.api_key_file), or bind to 127.0.0.1",
+                )
+            )
+        if job.engine == "vllm":
+            if not is_loopback(job.http.host):
+                problems.append(
+                    (
+                        "http.host",
+                        "engine vllm serves without raylm's API-key check: bind to 127.0.0.1 "
+                        "and put an authenticating gateway in front",
+                    )
+                )
+            if importlib.util.find_spec("vllm") is None:
+                problems.append(
+                    ("engine", "vllm is not installed here: pip install vllm (a CUDA build, GPU nodes)")
+                )
+            return problems
+        problems += _model_problems(job)
+        for name, folder in job.adapters.items():
+            config = Path(folder) / "adapter_config.json"
+            if not config.is_file():
+                problems.append(
+                    (f"adapters.{name}", f"{folder}: no adapter_config.json (a PEFT LoRA adapter folder)")
+                )
+            elif json.loads(config.read_text()).get("peft_type") != "LORA":
+                problems.append(
+                    (f"adapters.{name}", f"{folder}: not a LoRA adapter (served one at a time as model.path)")
+                )
+        if job.chat_template and "{" not in job.chat_template and not Path(job.chat_template).is_file():
+            problems.append(("chat_template", f"{job.chat_template}: neither a template nor a file"))
+        from raylm.infer.strategies import StrategyError, prepare
+
+        for i, strategy in enumerate(job.strategies):
+            try:
+                prepare(strategy)
+            except StrategyError as err:
+                problems.append((f"strategies.{i}", str(err)))
+        return problems
+
+    def run(self, job) -> dict:
+        from ray import serve
+
+        from raylm import submit
+
+        summary = deploy(job)
+        if not submit.embedded():
+            return summary  # deployed on the cluster; it stays up after this job ends
+        print("[raylm] Ctrl-C stops the server", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("[raylm] stopping the server", flush=True)
+        finally:
+            serve.shutdown()
+        return {**summary, "stopped": True}
+
+
+def deploy(job) -> dict:
+    """Start Serve's HTTP proxy (if it is not up) and deploy the application; returns once it answers."""
+    from ray import serve
+
+    from raylm.serve.app import key_digest
+
+    key = api_key(job)
+    http = job.http
+    serve.start(
+        http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s}
+    )
+    app = _vllm_app(job) if job.engine == "vllm" else _transformers_app(job, key_digest(key) if key else None)
+    serve.run(app, name=job.model_name, route_prefix=http.route_prefix)
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    url = f"http://{host}:{http.port}{http.route_prefix.rstrip('/')}/v1"
+    print(
+        f"[raylm] serving {job.model_name} at {url} (OpenAI API; {'API key required' if key else 'no API key'})",
+        flush=True,
+    )
+    return {"kind": "serve", "model": job.model_name, "url": url, "adapters": list(job.adapters)}
+
+
+def _model_problems(job) -> Problems:
+    path = Path(job.model.path).expanduser()
+    if not path.exists():
+        return [("model.path", f"{job.model.path} does not exist")]
+    if job.adapters:
+        from raylm.infer.loading import resolve
+
+        target = resolve(path)
+        if not (target / "config.json").exists() or (target / "adapter_config.json").exists():
+            return [("adapters", f"adapters need model.path to be a full model folder; {target} is not one")]
+    return []
+
+
+def _transformers_app(job, key_hash: str | None):
+    from raylm.serve.app import build_app
+
+    return build_app(job, key_hash)
+
+
+def _vllm_app(job):
+    """Ray Serve's LLM support (vLLM engines) with the same scaling settings; GPU clusters only."""
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    scaling = job.scaling
+    deployment = {"max_ongoing_requests": scaling.max_ongoing_requests}
+    if scaling.autoscaling:
+        deployment["autoscaling_config"] = scaling.autoscaling.model_dump()
+    else:
+        deployment["autoscaling_config"] = {
+            "min_replicas": scaling.replicas,
+            "max_replicas": scaling.replicas,
+        }
+    config = LLMConfig(
+        model_loading_config={"model_id": job.model_name, "model_source": job.model.path},
+        deployment_config=deployment,
+    )
+    return build_openai_app({"llm_configs": [config]})

@@ -1,0 +1,152 @@
+"""Batched generation for the server: several requests in one transformers `generate` call, streamed
+token by token, each request stopped at its own limit, stop sequence or end-of-sequence.
+
+    engine = Engine(model, tokenizer)
+    engine.run_batch([Request(prompt_ids, controls, emit=print)])      # blocking; the server runs it in a thread
+
+Requests whose controls agree (except max_new_tokens and stop) share one left-padded `generate` call;
+a seeded request runs alone so that its seed gives the same text as `raylm generate`. LoRA adapters
+loaded into a PEFT model serve mixed batches (`adapter_names`, one per row). `emit(index, delta,
+finish_reason, tokens)` is called for every piece of text of choice `index`; finish_reason is set
+once, on the last call for that choice ("stop" or "length"), with the tokens that choice generated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    controls: object  # raylm.spec.generation.GenerationSpec
+    emit: Callable[[int, str, str | None, int], None]
+    adapter: str | None = None
+    cancelled: bool = False  # set by the server when the caller gave up (timeout, disconnect)
+
+
+class _Choice:
+    """One output row: its tokens, the text already emitted, whether and why it finished."""
+
+    def __init__(self, request: Request, index: int, tokenizer):
+        self.request, self.index, self.tokenizer = request, index, tokenizer
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.finish: str | None = None
+
+    def add(self, token: int) -> None:
+        if self.finish is not None:
+            return
+        controls, eos = self.request.controls, self.tokenizer.eos_token_id
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cuts = [text.find(s) for s in controls.stop if s in text]
+        if cuts:
+            text, self.finish = text[: min(cuts)], "stop"
+        elif token == eos:
+            self.finish = "stop"
+        elif len(self.tokens) >= controls.max_new_tokens or self.request.cancelled:
+            self.finish = "length"
+        end = len(text) if self.finish else self._safe_end(text)
+        if end > self.sent or self.finish:
+            self.request.emit(self.index, text[self.sent : end], self.finish, len(self.tokens))
+            self.sent = max(self.sent, end)
+
+    def _safe_end(self, text: str) -> int:
+        """Hold back a tail that may be the start of a stop sequence or half a UTF-8 character."""
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        for stop in self.request.controls.stop:
+            for k in range(min(len(stop) - 1, end - self.sent), 0, -1):
+                if text[:end].endswith(stop[:k]):
+                    end = min(end, len(text[:end]) - k)
+                    break
+        return end
+
+
+class _Tracker:
+    """transformers streamer + stopping criterion over all rows of one `generate` call."""
+
+    def __init__(self, rows: list[_Choice]):
+        self.rows = rows
+        self.prompt_seen = False
+
+    # streamer protocol
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate first hands over the prompts
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.view(-1).tolist(), strict=True):
+            row.add(token)
+
+    def end(self) -> None:
+        for row in self.rows:  # generate stopped (its own max_new_tokens): close what is open
+            if row.finish is None:
+                row.finish = "length"
+                row.request.emit(row.index, "", "length", len(row.tokens))
+
+    # stopping-criterion protocol: a bool per row, True when that row is done
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
+
+
+def group_key(request: Request, position: int) -> str:
+    controls = request.controls.model_dump(exclude={"max_new_tokens", "stop"})
+    if request.controls.seed is not None:
+        controls["alone"] = position  # its own call, seeded as `raylm generate` seeds it
+    return json.dumps(controls, sort_keys=True)
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.model.eval()
+
+    def run_batch(self, requests: list[Request]) -> None:
+        groups: dict[str, list[Request]] = {}
+        for position, request in enumerate(requests):
+            groups.setdefault(group_key(request, position), []).append(request)
+        for group in groups.values():
+            self._generate(group)
+
+    def _generate(self, group: list[Request]) -> None:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        from raylm.infer.sampling import generate_kwargs
+
+        controls = group[0].controls
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
+        width = max(len(r.prompt_ids) for r in group)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in group])
+        rows = [_Choice(r, i, self.tokenizer) for r in group for i in range(controls.n)]
+        tracker = _Tracker(rows)
+        kwargs = generate_kwargs(controls.model_copy(update={"stop": []}), self.tokenizer)
+        kwargs["max_new_tokens"] = max(r.controls.max_new_tokens for r in group)
+        beams = controls.num_beams > 1
+        if not beams:  # transformers streams greedy and sampled decoding only; beams are replayed after
+            kwargs.update(streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]))
+        if hasattr(self.model, "peft_config") and any(r.adapter for r in group):
+            kwargs["adapter_names"] = [r.adapter or BASE for r in group for _ in range(controls.n)]
+        device = next(self.model.parameters()).device
+        if controls.seed is not None:
+            torch.manual_seed(controls.seed)
+        with torch.no_grad():
+            out = self.model.generate(ids.to(device), attention_mask=mask.to(device), **kwargs)
+        if beams:  # replay the finished beams through the same bookkeeping
+            tracker.prompt_seen = True
+            for step in range(width, out.shape[1]):
+                tracker.put(out[:, step].cpu())
+        tracker.end()

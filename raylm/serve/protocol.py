@@ -1,0 +1,131 @@
+"""The OpenAI request bodies the server accepts, their mapping onto raylm's generation controls, and
+OpenAI-style error bodies.
+
+OpenAI's names where they exist (max_tokens, temperature, top_p, n, stop, seed, stream); raylm's
+extensions beside them (top_k, min_p, repetition_penalty, num_beams, length_penalty, strategy). A field
+a request leaves out takes the deployment's `defaults:`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raylm.spec.generation import GenerationSpec
+
+
+class ApiError(Exception):
+    """An answer with an HTTP status and an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "invalid_request_error", 408: "timeout_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class Controls(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    user: str | None = None
+    # OpenAI fields raylm does not implement: accepted only at their neutral value
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | int | None = None
+    # raylm's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    strategy: str | None = None
+
+    def generation(self, defaults: GenerationSpec, max_tokens_limit: int) -> GenerationSpec:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ApiError(
+                    400, f"{name} is not supported; use repetition_penalty (raylm's extension)", name
+                )
+        if self.logprobs not in (None, False, 0):
+            raise ApiError(400, "logprobs are not supported by this server", "logprobs")
+        given = {
+            "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "n": self.n,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "seed": self.seed,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "num_beams": self.num_beams,
+            "length_penalty": self.length_penalty,
+        }
+        merged = {**defaults.model_dump(), **{k: v for k, v in given.items() if v is not None}}
+        if self.top_p == 1.0 and not merged["temperature"]:
+            merged["top_p"] = None  # clients send top_p 1 (no-op) by default, also with greedy decoding
+        if merged["max_new_tokens"] > max_tokens_limit:
+            raise ApiError(
+                400,
+                f"max_tokens {merged['max_new_tokens']} is above this server's limit of {max_tokens_limit}",
+                "max_tokens",
+            )
+        try:
+            return GenerationSpec.model_validate(merged)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            where = {"max_new_tokens": "max_tokens"}.get(where, where)
+            raise ApiError(400, f"{where}: {first['msg'].removeprefix('Value error, ')}", where) from None
+
+
+class CompletionRequest(Controls):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # [{"type": "text", "text": ...}]
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(Controls):
+    messages: list[Message] = Field(min_length=1)
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """FastAPI's validation errors -> (message, param) naming the first bad field."""
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('msg')}", None
+    if first.get("type") == "missing":
+        return f"{param}: required field is missing", param
+    if first.get("type") == "extra_forbidden":
+        return f"{param}: unknown field", param
+    return f"{param or 'body'}: {first.get('msg')}", param

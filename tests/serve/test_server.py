@@ -1,0 +1,285 @@
+"""`kind: serve` on a real Ray Serve on loopback, driven by the official `openai` client: completions,
+chat, streaming, n > 1, stop sequences, two LoRA adapters by name, API keys; greedy text equal to
+transformers' `generate` (batched or not); bad requests, overload (503 at once, bounded queue) and
+timeouts (408); an NF4 model serves."""
+
+import asyncio
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raylm.serve.driver import Serve, deploy
+from raylm.spec import validate_dict
+
+KEY = "test-key-not-a-secret"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+PROMPTS = ["the cat", "a dog", "once upon a", "to be", "it was the", "and so", "we", "the end of"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_adapter(base: str, folder, seed: int) -> None:
+    """A LoRA adapter with non-zero B (PEFT's own init would make it the identity)."""
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
+    from ray import serve
+
+    base = str(reference_run[0] / "model")
+    root = tmp_path_factory.mktemp("serve")
+    adapters = {}
+    for seed, name in ((1, "poet"), (2, "critic")):
+        make_adapter(base, root / name, seed)
+        adapters[name] = str(root / name)
+    monkeypatch_module.setenv("RAYLM_TEST_KEY", KEY)
+    port = free_port()
+    common = {"kind": "serve", "model": base, "scaling": {"cpus_per_replica": 0.5}}
+    main = validate_dict(
+        {
+            **common,
+            "name": "tiny",
+            "adapters": adapters,
+            "max_adapters_per_replica": 1,  # two adapters take turns: loading and unloading are exercised
+            "chat_template": CHAT_TEMPLATE,
+            "strategies": [{"name": "pal", "timeout_s": 2}],
+            "http": {"port": port, "api_key_env": "RAYLM_TEST_KEY"},
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            "scaling": {"cpus_per_replica": 0.5, "max_ongoing_requests": 32, "max_queued_requests": 64},
+        }
+    )
+    # Overload and time limits, made deterministic: a batch waits 2 s for company, the caller 0.5 s.
+    tight = validate_dict(
+        {
+            **common,
+            "name": "tight",
+            "http": {"port": port, "route_prefix": "/tight", "request_timeout_s": 0.5},
+            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 2.0},
+            "scaling": {"cpus_per_replica": 0.5, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        }
+    )
+    for job in (main, tight):
+        assert Serve().preflight(job) == []
+        deploy(job)
+    yield {"url": f"http://127.0.0.1:{port}", "base": base, "adapters": adapters}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def client(served, key=KEY, prefix=""):
+    return openai.OpenAI(base_url=f"{served['url']}{prefix}/v1", api_key=key, max_retries=0)
+
+
+def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    row = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in row:
+        row = row[: row.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(row, skip_special_tokens=True)
+
+
+def test_greedy_through_the_server_equals_generate_batched_or_not(served):
+    base = served["base"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    expected = [reference_greedy(model, tokenizer, p, 16) for p in PROMPTS]
+    api = client(served)
+    alone = api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    assert alone.choices[0].text == expected[0]
+    assert alone.usage.prompt_tokens == len(tokenizer(PROMPTS[0])["input_ids"])
+
+    async def together():
+        api = openai.AsyncOpenAI(base_url=f"{served['url']}/v1", api_key=KEY, max_retries=0)
+        return await asyncio.gather(
+            *[api.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0) for p in PROMPTS]
+        )
+
+    answers = asyncio.run(together())
+    assert [a.choices[0].text for a in answers] == expected
+    # one request with several prompts: OpenAI's choice order (prompt by prompt)
+    many = api.completions.create(model="tiny", prompt=PROMPTS[:3], max_tokens=16)
+    assert [c.text for c in many.choices] == expected[:3] and [c.index for c in many.choices] == [0, 1, 2]
+
+    # the adapters by name, each equal to PEFT's own generate over the base
+    for name, folder in served["adapters"].items():
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+        want = reference_greedy(peft_model, tokenizer, PROMPTS[1], 16)
+        got = api.completions.create(model=name, prompt=PROMPTS[1], max_tokens=16)
+        assert got.choices[0].text == want and want != expected[1], name
+    assert [m.id for m in api.models.list().data] == ["tiny", "poet", "critic"]
+
+
+def test_chat_streaming_n_and_stop(served):
+    api = client(served)
+    chat = api.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "the cat"}], max_tokens=12
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.object == "chat.completion"
+    assert chat.usage.completion_tokens <= 12 and chat.choices[0].finish_reason in ("stop", "length")
+
+    whole = api.completions.create(model="tiny", prompt="the cat", max_tokens=20)
+    pieces, finish, usage = [], None, None
+    for chunk in api.completions.create(
+        model="tiny", prompt="the cat", max_tokens=20, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == whole.choices[0].text and len(pieces) > 2
+    assert (
+        finish == whole.choices[0].finish_reason and usage.completion_tokens == whole.usage.completion_tokens
+    )
+
+    deltas = [
+        c.choices[0].delta.content or ""
+        for c in api.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "the cat"}], max_tokens=12, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(deltas) == chat.choices[0].message.content
+
+    sampled = api.completions.create(model="tiny", prompt="the", max_tokens=12, n=3, temperature=1.0, seed=5)
+    assert len(sampled.choices) == 3 and len({c.text for c in sampled.choices}) > 1
+    again = api.completions.create(model="tiny", prompt="the", max_tokens=12, n=3, temperature=1.0, seed=5)
+    assert [c.text for c in again.choices] == [c.text for c in sampled.choices]
+
+    text = whole.choices[0].text
+    stop = text[3:5]
+    cut = api.completions.create(model="tiny", prompt="the cat", max_tokens=20, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text
+        for c in api.completions.create(
+            model="tiny", prompt="the cat", max_tokens=20, stop=[stop], stream=True
+        )
+        if c.choices
+    )
+    assert streamed == cut.choices[0].text
+
+    pal = api.completions.create(
+        model="tiny", prompt="what is 2 + 2?", max_tokens=8, extra_body={"strategy": "pal"}
+    )
+    outcome = pal.model_extra["strategy"]
+    assert outcome["name"] == "pal" and (outcome["answer"] is not None or outcome["error"])
+
+
+def test_keys(served):
+    for key, message in ((None, "missing API key"), ("wrong", "incorrect API key")):
+        if key is None:
+            status = httpx.post(f"{served['url']}/v1/completions", json={"model": "tiny", "prompt": "a"})
+            assert status.status_code == 401 and message in status.json()["error"]["message"]
+            continue
+        with pytest.raises(openai.AuthenticationError, match=message):
+            client(served, key).completions.create(model="tiny", prompt="a", max_tokens=2)
+    assert httpx.get(f"{served['url']}/health").status_code == 200
+
+
+def test_bad_requests_get_openai_errors(served):
+    url, headers = f"{served['url']}/v1/completions", {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        ({"prompt": "a"}, 400, "model"),
+        ({"model": "tiny"}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "a", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "a", "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "a", "max_tokens": 1000}, 400, "context"),
+        ({"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "a", "top_p": 1.5, "temperature": 1}, 400, "top_p"),
+        ({"model": "tiny", "prompt": "a", "bogus": 1}, 400, "bogus"),
+        ({"model": "gpt-4", "prompt": "a"}, 404, "gpt-4"),
+    ]
+    for body, status, word in cases:
+        answer = httpx.post(url, json=body, headers=headers)
+        assert answer.status_code == status, (body, answer.text)
+        error = answer.json()["error"]
+        assert word in error["message"] and error["type"], (body, error)
+    broken = httpx.post(url, content=b"{not json", headers={**headers, "Content-Type": "application/json"})
+    assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(served).completions.create(model="nobody", prompt="a")
+
+
+def test_overload_is_refused_at_once_and_slow_requests_time_out(served):
+    url = f"{served['url']}/tight/v1/completions"
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=30) as http:
+
+            async def one():
+                start = time.monotonic()
+                answer = await http.post(url, json={"model": "tight", "prompt": "a", "max_tokens": 4})
+                return answer.status_code, time.monotonic() - start
+
+            return await asyncio.gather(*[one() for _ in range(8)])
+
+    results = asyncio.run(burst())
+    codes = sorted(code for code, _ in results)
+    assert codes.count(503) >= 5 and set(codes) <= {408, 503}, results
+    # refused before any work: well under the batch's 2 s wait
+    assert all(seconds < 1.5 for code, seconds in results if code == 503), results
+    late = httpx.post(url, json={"model": "tight", "prompt": "a", "max_tokens": 4}, timeout=30)
+    assert late.status_code == 408 and late.json()["error"]["type"] == "timeout_error"
+
+
+def test_nf4_model_serves(served, tmp_path):
+    from raylm.compress import bnb
+    from raylm.spec.compress import QuantizeJob
+
+    method = QuantizeJob.model_validate(
+        {
+            "kind": "quantize",
+            "model": served["base"],
+            "method": {"name": "nf4"},
+            "output": str(tmp_path / "x"),
+        }
+    ).method
+    source = tmp_path.parent / "nf4"
+    keep = bnb.kept_in_full_precision(__import__("pathlib").Path(served["base"]), method, "cpu")
+    folder = bnb.write(__import__("pathlib").Path(served["base"]), tmp_path / "nf4", method, "cpu", keep)
+    job = validate_dict(
+        {
+            "kind": "serve",
+            "name": "tiny-nf4",
+            "model": str(folder),
+            "http": {"port": int(served["url"].rsplit(":", 1)[1]), "route_prefix": "/nf4"},
+            "scaling": {"cpus_per_replica": 0.5},
+        }
+    )
+    deploy(job)
+    model, tokenizer = bnb.load(folder, "cpu"), AutoTokenizer.from_pretrained(folder)
+    assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
+    answer = client(served, prefix="/nf4").completions.create(
+        model="tiny-nf4", prompt="the cat", max_tokens=12
+    )
+    assert answer.choices[0].text == reference_greedy(model, tokenizer, "the cat", 12)
+    del source
