@@ -9,7 +9,6 @@ unloaded past the limit) and serve mixed batches. One thread per replica runs th
 loads never race a batch.
 """
 
-
 import asyncio
 import hashlib
 import hmac
@@ -106,6 +105,8 @@ class Server:
         self.tokens = 0
         self.strategies = {s.name: (s, *prepare(s)) for s in self.job.strategies}
         self.chat_template = _template(self.job.chat_template)
+        self._generate.set_max_batch_size(self.job.batching.max_batch_size)
+        self._generate.set_batch_wait_timeout_s(self.job.batching.batch_wait_timeout_s)
         self.context = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", None
         )
@@ -205,6 +206,11 @@ class Server:
 
     @serve.multiplexed(max_num_models_per_replica=ADAPTER_SLOTS)
     async def _load_adapter(self, name: str):
+        # Serve builds the multiplexer on the first call with the decorator's limit; the spec's applies from
+        # then on (before a second adapter could evict the first).
+        getattr(
+            self, "__serve_multiplex_wrapper"
+        ).max_num_models_per_replica = self.job.max_adapters_per_replica
         loop = asyncio.get_running_loop()
         token = await loop.run_in_executor(self.pool, self._attach, name)
         return Adapter(self, name, token)

@@ -6,6 +6,7 @@ timeouts (408); an NF4 model serves."""
 import asyncio
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -18,7 +19,7 @@ from raylm.serve.driver import Serve, deploy
 from raylm.spec import validate_dict
 
 KEY = "test-key-not-a-secret"
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # the tiny model's context is 32
 PROMPTS = ["the cat", "a dog", "once upon a", "to be", "it was the", "and so", "we", "the end of"]
 
 
@@ -64,14 +65,15 @@ def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
             "scaling": {"cpus_per_replica": 0.5, "max_ongoing_requests": 32, "max_queued_requests": 64},
         }
     )
-    # Overload and time limits, made deterministic: a batch waits 2 s for company, the caller 0.5 s.
+    # Overload and time limits, made deterministic: 8 requests at work, 2 waiting, the rest refused; a
+    # batch of fewer than 8 waits 2 s for company, longer than a caller's 0.5 s.
     tight = validate_dict(
         {
             **common,
             "name": "tight",
             "http": {"port": port, "route_prefix": "/tight", "request_timeout_s": 0.5},
             "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 2.0},
-            "scaling": {"cpus_per_replica": 0.5, "max_ongoing_requests": 1, "max_queued_requests": 1},
+            "scaling": {"cpus_per_replica": 0.5, "max_ongoing_requests": 8, "max_queued_requests": 2},
         }
     )
     for job in (main, tight):
@@ -240,11 +242,11 @@ def test_overload_is_refused_at_once_and_slow_requests_time_out(served):
                 answer = await http.post(url, json={"model": "tight", "prompt": "a", "max_tokens": 4})
                 return answer.status_code, time.monotonic() - start
 
-            return await asyncio.gather(*[one() for _ in range(8)])
+            return await asyncio.gather(*[one() for _ in range(24)])
 
     results = asyncio.run(burst())
     codes = sorted(code for code, _ in results)
-    assert codes.count(503) >= 5 and set(codes) <= {408, 503}, results
+    assert codes.count(503) >= 10 and set(codes) <= {200, 408, 503}, results
     # refused before any work: well under the batch's 2 s wait
     assert all(seconds < 1.5 for code, seconds in results if code == 503), results
     late = httpx.post(url, json={"model": "tight", "prompt": "a", "max_tokens": 4}, timeout=30)
@@ -258,14 +260,13 @@ def test_nf4_model_serves(served, tmp_path):
     method = QuantizeJob.model_validate(
         {
             "kind": "quantize",
-            "model": served["base"],
+            "model": {"path": served["base"]},
             "method": {"name": "nf4"},
             "output": str(tmp_path / "x"),
         }
     ).method
-    source = tmp_path.parent / "nf4"
-    keep = bnb.kept_in_full_precision(__import__("pathlib").Path(served["base"]), method, "cpu")
-    folder = bnb.write(__import__("pathlib").Path(served["base"]), tmp_path / "nf4", method, "cpu", keep)
+    keep = bnb.kept_in_full_precision(Path(served["base"]), method, "cpu")
+    folder = bnb.write(Path(served["base"]), tmp_path / "nf4", method, "cpu", keep)
     job = validate_dict(
         {
             "kind": "serve",
@@ -282,4 +283,3 @@ def test_nf4_model_serves(served, tmp_path):
         model="tiny-nf4", prompt="the cat", max_tokens=12
     )
     assert answer.choices[0].text == reference_greedy(model, tokenizer, "the cat", 12)
-    del source
