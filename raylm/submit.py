@@ -44,7 +44,11 @@ def ensure_ray(job, verbose: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
     else:
-        needed = getattr(job, "cpus_needed", job.resources.max_workers * job.resources.cpus_per_worker)
+        needed = (
+            job.cpus_needed
+            if hasattr(job, "cpus_needed")
+            else job.resources.max_workers * job.resources.cpus_per_worker
+        )
         # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
         start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2), verbose)
     if not verbose:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -102,8 +104,8 @@ class Serve:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
             print("[raylm] stopping the server", flush=True)
-        finally:
             serve.shutdown()
         return {**summary, "stopped": True}
 
@@ -116,6 +118,7 @@ def deploy(job) -> dict:
 
     key = api_key(job)
     http = job.http
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines repeat what raylm prints
     serve.start(
         http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s}
     )
