@@ -49,6 +49,7 @@ def build_app(job, key_hash: str | None):
 
 
 api = FastAPI(docs_url=None, redoc_url=None)
+FLUSH_S = 0.02  # new text reaches callers at most this often (50 messages/s per stream)
 ADAPTER_SLOTS = 1024  # the decorator's limit until the first load sets the spec's
 
 
@@ -246,7 +247,9 @@ class Server:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # the spec's values are set per replica
     async def _generate(self, jobs: list[Request]):
-        """Every request's events, one list per step (None: nothing new for that request)."""
+        """Every request's new text, one list per flush: a list of (choice, delta, finish, tokens) per
+        request, merged per choice (None: nothing new for that request). Flushing every FLUSH_S instead
+        of every token keeps the per-message cost of streaming through Serve off the decoding path."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         for i, job_ in enumerate(jobs):
@@ -262,30 +265,40 @@ class Server:
                 if queue.empty():
                     break
                 continue
-            i, event = getter.result()
+            events = [getter.result()]
+            if not work.done():
+                await asyncio.sleep(FLUSH_S)
+            while not queue.empty():
+                events.append(queue.get_nowait())
             out = [StopIteration if not r else None for r in remaining]
-            out[i] = event
-            if event[2] is not None:
-                remaining[i] -= 1
-            yield out
+            for i, event in events:
+                out[i] = out[i] or {}
+                index, delta, reason, count = event
+                _, text, _, _ = out[i].get(index, (index, "", None, 0))
+                out[i][index] = (index, text + delta, reason, count)
+                if reason is not None:
+                    remaining[i] -= 1
+            yield [list(o.values()) if isinstance(o, dict) else o for o in out]
         await work
 
     async def _stream(self, ids, controls, adapter):
+        """Lists of (choice, delta, finish, tokens) for one prompt as its batch produces them."""
         job_ = Request(ids, controls, emit=None, adapter=adapter)
         try:
-            async for event in self._generate(job_):
-                if event is not None:
-                    yield event
+            async for events in self._generate(job_):
+                if events is not None:
+                    yield events
         finally:
             job_.cancelled = True  # the caller left (timeout, disconnect): stop its rows
 
     async def _collect(self, ids, controls, adapter) -> dict:
         texts = [""] * controls.n
         finish, tokens = [None] * controls.n, [0] * controls.n
-        async for index, delta, reason, count in self._stream(ids, controls, adapter):
-            texts[index] += delta
-            if reason is not None:
-                finish[index], tokens[index] = reason, count
+        async for events in self._stream(ids, controls, adapter):
+            for index, delta, reason, count in events:
+                texts[index] += delta
+                if reason is not None:
+                    finish[index], tokens[index] = reason, count
         return {
             "texts": texts,
             "finish": finish,
@@ -381,21 +394,22 @@ class Server:
             while True:
                 try:
                     left = end - asyncio.get_running_loop().time()
-                    index, delta, reason, count = await asyncio.wait_for(events.__anext__(), max(left, 0))
+                    batch = await asyncio.wait_for(events.__anext__(), max(left, 0))
                 except StopAsyncIteration:
                     break
-                if not delta and reason is None:
-                    continue
-                if chat:
-                    piece = {
-                        "index": index,
-                        "delta": {"content": delta} if delta else {},
-                        "finish_reason": reason,
-                    }
-                else:
-                    piece = {"index": index, "text": delta, "finish_reason": reason, "logprobs": None}
-                completion += count if reason is not None else 0
-                yield chunk([piece])
+                pieces = []
+                for index, delta, reason, count in batch:
+                    if not delta and reason is None:
+                        continue
+                    if chat:
+                        content = {"content": delta} if delta else {}
+                        piece = {"index": index, "delta": content, "finish_reason": reason}
+                    else:
+                        piece = {"index": index, "text": delta, "finish_reason": reason, "logprobs": None}
+                    completion += count if reason is not None else 0
+                    pieces.append(chunk([piece]))
+                if pieces:
+                    yield "".join(pieces)  # one HTTP message per flush
         except asyncio.TimeoutError:
             yield f"data: {json.dumps(ApiError(408, f'no answer within {deadline:g} s').body())}\n\n"
             return

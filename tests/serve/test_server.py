@@ -157,7 +157,7 @@ def test_chat_streaming_n_and_stop(served):
             finish = chunk.choices[0].finish_reason or finish
         if chunk.usage:
             usage = chunk.usage
-    assert "".join(pieces) == whole.choices[0].text and len(pieces) > 2
+    assert "".join(pieces) == whole.choices[0].text and pieces  # pieces arrive per flush (FLUSH_S)
     assert (
         finish == whole.choices[0].finish_reason and usage.completion_tokens == whole.usage.completion_tokens
     )

@@ -64,14 +64,16 @@ def base_specs() -> list[dict]:
     ]
     specs += [{**finetune, "method": name} for name in METHODS]
     specs += [tune, {**tune, "algorithm": "grid", "search": {"train.lr": {"grid": [1e-3]}}}]
-    specs.append({
-        "kind": "serve",
-        "model": "no-such-model-folder/x/y",
-        "adapters": {"a": "no-such-adapter"},
-        "strategies": [{"name": "cot"}, {"name": "react", "documents": "no-such-docs"}],
-        "scaling": {"autoscaling": {"min_replicas": 1, "max_replicas": 2}},
-        "http": {"host": "0.0.0.0", "api_key_file": "no-such-key-file"},
-    })
+    specs.append(
+        {
+            "kind": "serve",
+            "model": "no-such-model-folder/x/y",
+            "adapters": {"a": "no-such-adapter"},
+            "strategies": [{"name": "cot"}, {"name": "react", "documents": "no-such-docs"}],
+            "scaling": {"autoscaling": {"min_replicas": 1, "max_replicas": 2}},
+            "http": {"host": "0.0.0.0", "api_key_file": "no-such-key-file"},
+        }
+    )
     return [validate_dict(s).model_dump(mode="json") for s in specs]
 
 
