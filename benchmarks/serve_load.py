@@ -180,7 +180,7 @@ def main() -> None:
         f"nf4/fp32 batching on at {top}": round(
             rate("nf4 batching on", top) / rate("fp32 batching on", top), 2
         ),
-        f"nf4/fp32 batching on at 1": round(rate("nf4 batching on", 1) / rate("fp32 batching on", 1), 2),
+        "nf4/fp32 batching on at 1": round(rate("nf4 batching on", 1) / rate("fp32 batching on", 1), 2),
     }
     result = {
         "command": "python benchmarks/serve_load.py " + " ".join(
