@@ -15,7 +15,6 @@ import hmac
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -24,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from raylm.serve.continuous import DecodeLoop
 from raylm.serve.engine import Engine, Request
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, validation_message
 
@@ -57,9 +57,9 @@ def failure(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def _emitter(loop, queue, i):
+def _emitter(loop, queue):
     def emit(index, delta, reason, count):
-        loop.call_soon_threadsafe(queue.put_nowait, (i, (index, delta, reason, count)))
+        loop.call_soon_threadsafe(queue.put_nowait, (index, delta, reason, count))
 
     return emit
 
@@ -100,14 +100,14 @@ class Server:
         )
         self.engine = Engine(model, self.tokenizer)
         self.key_hash = key_hash
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-model")
+        self.decoder = DecodeLoop(self.engine, max_rows=self.job.batching.max_batch_size)
         self.loaded: dict[str, int] = {}  # adapter -> load token
         self.retired: set[str] = set()
         self.tokens = 0
         self.strategies = {s.name: (s, *prepare(s)) for s in self.job.strategies}
         self.chat_template = _template(self.job.chat_template)
-        self._generate.set_max_batch_size(self.job.batching.max_batch_size)
-        self._generate.set_batch_wait_timeout_s(self.job.batching.batch_wait_timeout_s)
+        self._submit.set_max_batch_size(self.job.batching.max_batch_size)
+        self._submit.set_batch_wait_timeout_s(self.job.batching.batch_wait_timeout_s)
         self.context = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", None
         )
@@ -213,7 +213,7 @@ class Server:
             self, "__serve_multiplex_wrapper"
         ).max_num_models_per_replica = self.job.max_adapters_per_replica
         loop = asyncio.get_running_loop()
-        token = await loop.run_in_executor(self.pool, self._attach, name)
+        token = await asyncio.wrap_future(self.decoder.call(lambda: self._attach(name)), loop=loop)
         return Adapter(self, name, token)
 
     def _attach(self, name: str) -> int:
@@ -221,6 +221,12 @@ class Server:
         from peft import PeftModel
 
         self.retired.discard(name)
+        busy = {row.adapter for row in self.decoder.rows} | {r.adapter for r in self.decoder.waiting}
+        for old in sorted(self.retired - busy):
+            if len(self.loaded) > 1:  # PEFT keeps at least one adapter in the model
+                self.engine.model.delete_adapter(old)
+                del self.loaded[old]
+            self.retired.discard(old)
         if name not in self.loaded:
             path = self.job.adapters[name]
             if hasattr(self.engine.model, "peft_config"):
@@ -236,60 +242,43 @@ class Server:
         if self.loaded.get(name) == token:
             self.retired.add(name)
 
-    def _run_batch(self, jobs: list[Request]) -> None:
-        in_use = {j.adapter for j in jobs}
-        for name in sorted(self.retired - in_use):
-            if len(self.loaded) > 1:  # PEFT keeps at least one adapter in the model
-                self.engine.model.delete_adapter(name)
-                del self.loaded[name]
-            self.retired.discard(name)
-        self.engine.run_batch(jobs)
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # the spec's values are set per replica
-    async def _generate(self, jobs: list[Request]):
-        """Every request's new text, one list per flush: a list of (choice, delta, finish, tokens) per
-        request, merged per choice (None: nothing new for that request). Flushing every FLUSH_S instead
-        of every token keeps the per-message cost of streaming through Serve off the decoding path."""
+    async def _submit(self, jobs: list[Request]) -> list[asyncio.Queue]:
+        """Requests that arrived together enter the decoding loop together (one prefill); each gets
+        the queue its text arrives on. Returns at once: the loop admits later batches between steps."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        for i, job_ in enumerate(jobs):
-            job_.emit = _emitter(loop, queue, i)
-        work = loop.run_in_executor(self.pool, self._run_batch, jobs)
-        remaining = [j.controls.n for j in jobs]
-        while any(remaining):
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                work.result()  # the engine failed: raise to every caller
-                if queue.empty():
-                    break
-                continue
-            events = [getter.result()]
-            if not work.done():
-                await asyncio.sleep(FLUSH_S)
-            while not queue.empty():
-                events.append(queue.get_nowait())
-            out = [StopIteration if not r else None for r in remaining]
-            for i, event in events:
-                out[i] = out[i] or {}
-                index, delta, reason, count = event
-                _, text, _, _ = out[i].get(index, (index, "", None, 0))
-                out[i][index] = (index, text + delta, reason, count)
-                if reason is not None:
-                    remaining[i] -= 1
-            yield [list(o.values()) if isinstance(o, dict) else o for o in out]
-        await work
+        queues = []
+        for job_ in jobs:
+            queues.append(asyncio.Queue())
+            job_.emit = _emitter(loop, queues[-1])
+        self.decoder.submit(jobs)
+        return queues
 
     async def _stream(self, ids, controls, adapter):
-        """Lists of (choice, delta, finish, tokens) for one prompt as its batch produces them."""
+        """Lists of (choice, delta, finish, tokens) for one prompt, merged per choice, one list per
+        flush: every FLUSH_S rather than every token, which keeps the per-message cost of streaming
+        through Serve off the decoding path."""
         job_ = Request(ids, controls, emit=None, adapter=adapter)
         try:
-            async for events in self._generate(job_):
-                if events is not None:
-                    yield events
+            events = await self._submit(job_)
+            remaining = controls.n
+            while remaining:
+                pending = [await events.get()]
+                if remaining > 1 or pending[0][2] is None:
+                    await asyncio.sleep(FLUSH_S)
+                while not events.empty():
+                    pending.append(events.get_nowait())
+                merged: dict[int, tuple] = {}
+                for index, delta, reason, count in pending:
+                    text = merged.get(index, (index, "", None, 0))[1]
+                    merged[index] = (index, text + delta, reason, count)
+                    if reason == "error":
+                        raise ApiError(500, f"generation failed: {job_.error}")
+                    if reason is not None:
+                        remaining -= 1
+                yield list(merged.values())
         finally:
-            job_.cancelled = True  # the caller left (timeout, disconnect): stop its rows
+            job_.cancelled = True  # the caller left (timeout, disconnect): its rows stop at the next step
 
     async def _collect(self, ids, controls, adapter) -> dict:
         texts = [""] * controls.n

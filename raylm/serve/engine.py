@@ -8,7 +8,8 @@ Requests whose controls agree (except max_new_tokens and stop) share one left-pa
 a seeded request runs alone so that its seed gives the same text as `raylm generate`. LoRA adapters
 loaded into a PEFT model serve mixed batches (`adapter_names`, one per row). `emit(index, delta,
 finish_reason, tokens)` is called for every piece of text of choice `index`; finish_reason is set
-once, on the last call for that choice ("stop" or "length"), with the tokens that choice generated.
+once, on the last call for that choice ("stop" or "length"; "error" when generation failed, with the
+exception in `request.error`), with the tokens that choice generated.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Request:
     emit: Callable[[int, str, str | None, int], None]
     adapter: str | None = None
     cancelled: bool = False  # set by the server when the caller gave up (timeout, disconnect)
+    error: Exception | None = None  # set with finish reason "error" when generation failed
 
 
 class _Choice:

@@ -1,0 +1,263 @@
+"""Continuous batching: one decoding loop per replica that admits requests between steps.
+
+    loop = DecodeLoop(engine, max_rows=16)
+    loop.submit(requests)          # from any thread; text arrives through each request's emit
+    loop.call(fn).result()         # run fn on the model's thread (adapter loads) between steps
+
+Static batching (a batch runs to its end before the next starts) leaves a request that arrives just
+after a batch began waiting for the whole batch. Here a new request is prefilled on its own and its
+key/value cache joins the running batch at the next step (left-padded to the batch's length), and a
+row leaves as soon as it finishes, so up to `max_rows` sequences decode together at every step.
+
+Greedy and sampled requests decode here with transformers' own logits processors (repetition penalty,
+temperature, top-k, top-p, min-p, in `generate`'s order); beam search, seeded requests (their seed must
+give `raylm generate`'s text) and prompt-learning adapters run through `generate` itself
+(raylm.serve.engine.Engine), between steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+from concurrent.futures import Future
+
+from raylm.serve.engine import BASE, Engine, Request, _Choice
+
+
+def decodes_here(request: Request, model) -> bool:
+    """Whether the step loop can decode `request` (else transformers' generate does)."""
+    configs = getattr(model, "peft_config", {}) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
+        return False  # prefix / prompt tuning feed their own past key values
+    return request.controls.num_beams == 1 and request.controls.seed is None
+
+
+class _Row:
+    """One decoding sequence: its choice bookkeeping, its token history and its logits processors."""
+
+    def __init__(self, choice: _Choice, processors, adapter: str | None):
+        self.choice, self.processors, self.adapter = choice, processors, adapter
+        self.history: list[int] = list(choice.request.prompt_ids)
+
+
+def _processors(controls):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    chain = LogitsProcessorList()
+    if controls.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(controls.repetition_penalty))
+    if controls.sampling:
+        if controls.temperature != 1.0:
+            chain.append(TemperatureLogitsWarper(controls.temperature))
+        if controls.top_k:
+            chain.append(TopKLogitsWarper(controls.top_k))
+        if controls.top_p is not None and controls.top_p < 1.0:
+            chain.append(TopPLogitsWarper(controls.top_p))
+        if controls.min_p is not None:
+            chain.append(MinPLogitsWarper(controls.min_p))
+    return chain
+
+
+class DecodeLoop:
+    def __init__(self, engine: Engine, max_rows: int):
+        self.engine, self.max_rows = engine, max_rows
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: list[Request] = []
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask = None  # [rows, length]: 1 where a row has a real token
+        self.thread = threading.Thread(target=self._run, name="raylm-decode", daemon=True)
+        self.thread.start()
+
+    # ---- from other threads ------------------------------------------------------------------
+    def submit(self, requests: list[Request]) -> None:
+        for request in requests:
+            self.inbox.put(("request", request, None))
+
+    def call(self, fn) -> Future:
+        done: Future = Future()
+        self.inbox.put(("call", fn, done))
+        return done
+
+    # ---- the model's thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._take(block=not self.rows and not self.waiting)
+            try:
+                self._admit()
+                if self.rows:
+                    self._step()
+            except Exception as err:  # a failed step fails its requests, never the loop
+                _fail([row.choice for row in self.rows], err)
+                self.rows, self.cache, self.mask = [], None, None
+
+    def _take(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(block=block)
+        except queue.Empty:
+            return
+        while True:
+            kind, payload, done = item
+            if kind == "call":
+                try:
+                    done.set_result(payload())
+                except Exception as err:
+                    done.set_exception(err)
+            else:
+                self.waiting.append(payload)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        model = self.engine.model
+        fresh: list[Request] = []
+        while self.waiting:
+            request = self.waiting[0]
+            if not decodes_here(request, model):
+                self.waiting.pop(0)
+                try:
+                    self.engine._generate([request])  # beams, seeds, prompt learning: generate itself
+                except Exception as err:
+                    _fail(
+                        [_Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)], err
+                    )
+                continue
+            if len(self.rows) + sum(r.controls.n for r in fresh) + request.controls.n > self.max_rows and (
+                self.rows or fresh
+            ):
+                break
+            fresh.append(self.waiting.pop(0))
+        if fresh:
+            self._prefill(fresh)
+
+    def _forward(self, ids, mask, positions, cache, adapters):
+        import torch
+
+        model = self.engine.model
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+        kwargs[_cache_argument(model)] = cache
+        if adapters is not None:
+            kwargs["adapter_names"] = adapters
+        with torch.no_grad():
+            out = model(**kwargs)
+        cache = out.get("cache")
+        return out.logits[:, -1, :].float(), cache if cache is not None else out.get("past_key_values")
+
+    def _adapters(self, rows) -> list[str] | None:
+        if not hasattr(self.engine.model, "peft_config") or not any(r.adapter for r in self.rows + rows):
+            return None
+        return [r.adapter or BASE for r in rows]
+
+    def _prefill(self, requests: list[Request]) -> None:
+        import torch
+
+        tokenizer, device = self.engine.tokenizer, next(self.engine.model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = [
+            _Row(_Choice(r, i, tokenizer), _processors(r.controls), r.adapter)
+            for r in requests
+            for i in range(r.controls.n)
+        ]
+        width = max(len(r.history) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r.history)) + r.history for r in rows], device=device)
+        mask = torch.tensor(
+            [[0] * (width - len(r.history)) + [1] * len(r.history) for r in rows], device=device
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, None, self._adapters(rows))
+        self._merge(rows, cache, mask)
+        self._choose(rows, logits)
+
+    def _merge(self, rows, cache, mask) -> None:
+        """Join the new rows' cache to the running batch's, left-padding the shorter in time."""
+        import torch
+        from transformers import DynamicCache
+
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        length = max(old, new)
+
+        def left_pad(t, by):
+            return t if by == 0 else torch.nn.functional.pad(t, (0, 0, by, 0))
+
+        layers = []
+        for a, b in zip(self.cache.layers, cache.layers, strict=True):
+            keys = torch.cat([left_pad(a.keys, length - old), left_pad(b.keys, length - new)])
+            values = torch.cat([left_pad(a.values, length - old), left_pad(b.values, length - new)])
+            layers.append((keys, values))
+        self.cache = DynamicCache(layers)
+        self.mask = torch.cat(
+            [
+                torch.nn.functional.pad(self.mask, (length - old, 0)),
+                torch.nn.functional.pad(mask, (length - new, 0)),
+            ]
+        )
+        self.rows = self.rows + rows
+
+    def _step(self) -> None:
+        import torch
+
+        device = self.mask.device
+        last = torch.tensor([[r.history[-1]] for r in self.rows], device=device)
+        self.mask = torch.cat(
+            [self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=device)], 1
+        )
+        positions = self.mask.sum(-1, keepdim=True) - 1
+        logits, self.cache = self._forward(last, self.mask, positions, self.cache, self._adapters(self.rows))
+        self._choose(self.rows, logits)
+
+    def _choose(self, rows, logits) -> None:
+        """The next token of every row (greedy: argmax; else sampled after its processors), then
+        drop the rows that finished."""
+        import torch
+
+        for i, row in enumerate(rows):
+            scores = logits[i : i + 1]
+            if row.processors:
+                history = torch.tensor([row.history], device=scores.device)
+                scores = row.processors(history, scores)
+            if row.choice.request.controls.sampling:
+                token = int(torch.multinomial(torch.softmax(scores, -1), 1)[0, 0])
+            else:
+                token = int(scores.argmax(-1)[0])
+            row.history.append(token)
+            row.choice.add(token)
+        keep = [i for i, row in enumerate(self.rows) if row.choice.finish is None]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        self.cache.batch_select_indices(torch.tensor(keep, device=self.mask.device))
+        self.mask = self.mask[keep]
+        self.rows = [self.rows[i] for i in keep]
+        start = int((self.mask.sum(0) > 0).nonzero()[0])  # columns every remaining row pads: drop them
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _fail(choices, err: Exception) -> None:
+    for choice in choices:
+        if choice.finish is None:
+            choice.finish = "error"
+            choice.request.error = err
+            choice.request.emit(choice.index, "", "error", len(choice.tokens))
+
+
+def _cache_argument(model) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
