@@ -3,16 +3,18 @@
     GET  /health                 GET /v1/models
     POST /v1/completions         POST /v1/chat/completions        (stream: true for server-sent events)
 
-Requests from different callers meet in `@serve.batch` and share `generate` calls (raylm/serve/engine.py);
+Requests from different callers meet in `@serve.batch` and enter the replica's continuous-batching loop
+(raylm/serve/continuous.py);
 LoRA adapters over the base are loaded on demand per replica (`@serve.multiplexed`, least recently used
-unloaded past the limit) and serve mixed batches. One thread per replica runs the model, so adapter
-loads never race a batch.
+unloaded past the limit) and serve mixed batches. The loop's thread is the only one that touches the
+model, so adapter loads never race a step.
 """
 
 import asyncio
 import hashlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -49,7 +51,7 @@ def build_app(job, key_hash: str | None):
 
 
 api = FastAPI(docs_url=None, redoc_url=None)
-FLUSH_S = 0.02  # new text reaches callers at most this often (50 messages/s per stream)
+FLUSH_S = 0.05  # new text reaches callers at most this often (20 messages/s per stream)
 ADAPTER_SLOTS = 1024  # the decorator's limit until the first load sets the spec's
 
 
@@ -57,11 +59,29 @@ def failure(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def _emitter(loop, queue):
-    def emit(index, delta, reason, count):
-        loop.call_soon_threadsafe(queue.put_nowait, (index, delta, reason, count))
+class Outbox:
+    """Hands events from the decoding thread to the replica's event loop: one wake-up per batch of
+    events (a decoding step emits one per row), not one per event."""
 
-    return emit
+    def __init__(self, loop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def emitter(self, queue):
+        def emit(index, delta, reason, count):
+            with self.lock:
+                self.items.append((queue, (index, delta, reason, count)))
+                if self.scheduled:
+                    return
+                self.scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+
+        return emit
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 def _template(value: str | None) -> str | None:
@@ -101,6 +121,7 @@ class Server:
         self.engine = Engine(model, self.tokenizer)
         self.key_hash = key_hash
         self.decoder = DecodeLoop(self.engine, max_rows=self.job.batching.max_batch_size)
+        self.outbox = None  # made on the replica's event loop by the first request
         self.loaded: dict[str, int] = {}  # adapter -> load token
         self.retired: set[str] = set()
         self.tokens = 0
@@ -246,26 +267,28 @@ class Server:
     async def _submit(self, jobs: list[Request]) -> list[asyncio.Queue]:
         """Requests that arrived together enter the decoding loop together (one prefill); each gets
         the queue its text arrives on. Returns at once: the loop admits later batches between steps."""
-        loop = asyncio.get_running_loop()
+        if self.outbox is None:
+            self.outbox = Outbox(asyncio.get_running_loop())
         queues = []
         for job_ in jobs:
             queues.append(asyncio.Queue())
-            job_.emit = _emitter(loop, queues[-1])
+            job_.emit = self.outbox.emitter(queues[-1])
         self.decoder.submit(jobs)
         return queues
 
     async def _stream(self, ids, controls, adapter):
         """Lists of (choice, delta, finish, tokens) for one prompt, merged per choice, one list per
-        flush: every FLUSH_S rather than every token, which keeps the per-message cost of streaming
-        through Serve off the decoding path."""
+        flush: the first text at once, then every FLUSH_S rather than every token, which keeps the
+        per-message cost of streaming through Serve's proxy off the decoding path."""
         job_ = Request(ids, controls, emit=None, adapter=adapter)
         try:
             events = await self._submit(job_)
-            remaining = controls.n
+            remaining, first = controls.n, True
             while remaining:
                 pending = [await events.get()]
-                if remaining > 1 or pending[0][2] is None:
-                    await asyncio.sleep(FLUSH_S)
+                if not first and (remaining > 1 or pending[0][2] is None):
+                    await asyncio.sleep(FLUSH_S)  # the first text goes out at once (time to first token)
+                first = False
                 while not events.empty():
                     pending.append(events.get_nowait())
                 merged: dict[int, tuple] = {}

@@ -1,0 +1,94 @@
+"""The continuous-batching loop without Serve: requests arriving one by one while others decode (their
+caches joining the running batch) give exactly the text, finish reasons and token counts that
+transformers' `generate` gives each alone — greedy, repetition penalty, stop sequences, different
+lengths; beam search and seeded sampling go through `generate` between steps."""
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raylm.serve.continuous import DecodeLoop
+from raylm.serve.engine import Engine, Request
+from raylm.spec.generation import GenerationSpec
+
+PROMPTS = ["the cat", "a", "to be or not", "once upon"]
+CONTROLS = [
+    GenerationSpec(max_new_tokens=20),
+    GenerationSpec(max_new_tokens=7),
+    GenerationSpec(max_new_tokens=18, stop=["e"]),
+    GenerationSpec(max_new_tokens=15, repetition_penalty=1.3),
+    GenerationSpec(max_new_tokens=12, num_beams=3, n=2),
+    GenerationSpec(max_new_tokens=10, temperature=0.8, top_k=5, seed=3, n=2),
+]
+
+
+@pytest.fixture(scope="module")
+def model(reference_run):
+    folder = reference_run[0] / "model"
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def alone(model, tokenizer, prompt: str, controls) -> list[tuple[str, str]]:
+    """transformers' generate, one request alone, arguments written out; (text, finish) per choice."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    kwargs = {
+        "do_sample": controls.sampling,
+        "num_beams": controls.num_beams,
+        "num_return_sequences": controls.n,
+    }
+    if controls.sampling:
+        kwargs.update(temperature=controls.temperature, top_k=controls.top_k, top_p=1.0)
+        torch.manual_seed(controls.seed)
+    if controls.stop:
+        kwargs.update(stop_strings=controls.stop, tokenizer=tokenizer)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=controls.max_new_tokens,
+                             repetition_penalty=controls.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                             **kwargs)  # fmt: skip
+    choices = []
+    for row in out[:, ids.shape[1] :].tolist():
+        while row and row[-1] == tokenizer.pad_token_id:
+            row = row[:-1]
+        finish = "stop" if tokenizer.eos_token_id in row or len(row) < controls.max_new_tokens else "length"
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        for stop in controls.stop:
+            if stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        choices.append((text, finish))
+    return choices
+
+
+def test_requests_joining_a_running_batch_decode_as_if_alone(model):
+    model, tokenizer = model
+    loop = DecodeLoop(Engine(model, tokenizer), max_rows=16)
+    results: dict[int, dict] = {}
+    finished = threading.Event()
+    requests = []
+
+    def collector(key, n):
+        def emit(index, delta, reason, count):
+            text, _ = results[key].get(index, ("", None))
+            results[key][index] = (text + delta, reason)
+            if sum(1 for r in results.values() for _, why in r.values() if why) == total:
+                finished.set()
+
+        return emit
+
+    total = sum(c.n for c in CONTROLS) * len(PROMPTS)
+    for p in PROMPTS:
+        for c in CONTROLS:
+            key = len(requests)
+            results[key] = {}
+            requests.append((p, c, Request(tokenizer(p)["input_ids"], c, collector(key, c.n))))
+    for _, _, request in requests:
+        loop.submit([request])
+        time.sleep(0.002)  # one by one: most join a batch already decoding
+    assert finished.wait(120)
+    for key, (prompt, controls, _) in enumerate(requests):
+        got = [results[key][i] for i in range(controls.n)]
+        assert got == alone(model, tokenizer, prompt, controls), (prompt, controls)
