@@ -181,6 +181,12 @@ def job_environment(job) -> dict:
     env_vars = {"PYTHONUNBUFFERED": "1"}
     if os.environ.get("HF_TOKEN"):  # gated hub models and datasets; never in the spec record or a log
         env_vars["HF_TOKEN"] = os.environ["HF_TOKEN"]
+    if job.kind == "serve":  # the server's API key travels as its digest only
+        from raylm.serve.driver import DIGEST_ENV, key_hash
+
+        digest = key_hash(job)
+        if digest:
+            env_vars[DIGEST_ENV] = digest
     return {
         "working_dir": str(workdir),
         # Ship this raylm so the cluster runs the code that validated the spec.

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 
+import httpx
 import pytest
 import yaml
 
@@ -264,3 +265,41 @@ def test_hf_token_travels_in_the_job_environment_only(monkeypatch, tmp_path):
     assert written and not any(secret in text for text in written)  # not in the spec the job reads
     monkeypatch.delenv("HF_TOKEN")
     assert "HF_TOKEN" not in job_environment(validate_dict(tiny_spec(tmp_path / "run")))["env_vars"]
+
+
+@pytest.mark.cluster
+def test_a_server_deployed_through_the_jobs_api_stays_up_and_needs_the_key(
+    two_node_cluster, reference_run, tmp_path
+):
+    """kind: serve with --address: the job deploys and returns; the server answers on the head with the
+    key from the submitting shell, which reaches the cluster only as its digest."""
+    address, env = two_node_cluster
+    port = free_port()
+    spec_file = tmp_path / "serve.yaml"
+    spec = {
+        "kind": "serve",
+        "name": "tiny",
+        "model": str(reference_run[0] / "model"),
+        "http": {"port": port},
+        "scaling": {"cpus_per_replica": 0.5},
+    }
+    spec_file.write_text(yaml.safe_dump(spec))
+    key = uuid.uuid4().hex
+    done = raylm("run", str(spec_file), "--address", address, env={**env, "RAYLM_API_KEY": key})
+    assert done.returncode == 0 and "deployed at" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "tiny", "prompt": "the cat", "max_tokens": 5}
+        assert httpx.post(url, json=body, timeout=30).status_code == 401
+        answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 5
+        job_id = done.stdout.split("submitted ", 1)[1].split()[0]
+        code = (
+            "import json\nfrom ray.job_submission import JobSubmissionClient as C\n"
+            f"print(json.dumps(C({address!r}).get_job_info({job_id!r}).runtime_env))"
+        )
+        runtime_env = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert "RAYLM_API_KEY_SHA256" in runtime_env.stdout, runtime_env.stderr[-2000:]
+        assert key not in runtime_env.stdout and key not in done.stdout
+    finally:
+        subprocess.run(["serve", "shutdown", "-y", "-a", address], env=env, capture_output=True)

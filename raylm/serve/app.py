@@ -11,7 +11,6 @@ model, so adapter loads never race a step.
 """
 
 import asyncio
-import hashlib
 import hmac
 import json
 import threading
@@ -27,12 +26,7 @@ from ray import serve
 
 from raylm.serve.continuous import DecodeLoop
 from raylm.serve.engine import Engine, Request
-from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, validation_message
-
-
-def key_digest(key: str) -> str:
-    """The deployment holds a digest of the API key, never the key (Serve records its init args)."""
-    return hashlib.sha256(key.encode()).hexdigest()
+from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
 
 
 def build_app(job, key_hash: str | None):

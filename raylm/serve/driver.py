@@ -23,6 +23,19 @@ class ApiKeyError(ValueError):
     """The API key is required but missing or unreadable; the message says where raylm looked."""
 
 
+DIGEST_ENV = (
+    "RAYLM_API_KEY_SHA256"  # a submitted job's key, as its digest (the key never leaves this machine)
+)
+
+
+def key_hash(job) -> str | None:
+    """The SHA-256 digest of the API key: from the key here, or the digest a submitting machine sent."""
+    from raylm.serve.protocol import key_digest
+
+    key = api_key(job)
+    return key_digest(key) if key else (os.environ.get(DIGEST_ENV) or None)
+
+
 def api_key(job) -> str | None:
     """The API key from http.api_key_file or the http.api_key_env variable (never from the spec)."""
     http = job.http
@@ -47,7 +60,7 @@ class Serve:
         except ApiKeyError as err:
             problems.append(("http.api_key_file", str(err)))
             key = "?"
-        if key is None and not is_loopback(job.http.host):
+        if key is None and not os.environ.get(DIGEST_ENV) and not is_loopback(job.http.host):
             problems.append(
                 (
                     "http.host",
@@ -114,23 +127,41 @@ def deploy(job) -> dict:
     """Start Serve's HTTP proxy (if it is not up) and deploy the application; returns once it answers."""
     from ray import serve
 
-    from raylm.serve.app import key_digest
-
-    key = api_key(job)
+    digest = key_hash(job)
+    job = absolute_paths(job)  # replicas may start in another working folder (or on another node)
     http = job.http
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines repeat what raylm prints
     serve.start(
-        http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s}
+        proxy_location="HeadOnly" if http.proxy == "head" else "EveryNode",
+        http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s},
     )
-    app = _vllm_app(job) if job.engine == "vllm" else _transformers_app(job, key_digest(key) if key else None)
+    app = _vllm_app(job) if job.engine == "vllm" else _transformers_app(job, digest)
     serve.run(app, name=job.model_name, route_prefix=http.route_prefix)
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     url = f"http://{host}:{http.port}{http.route_prefix.rstrip('/')}/v1"
     print(
-        f"[raylm] serving {job.model_name} at {url} (OpenAI API; {'API key required' if key else 'no API key'})",
+        f"[raylm] serving {job.model_name} at {url} (OpenAI API; {'API key required' if digest else 'no API key'})",
         flush=True,
     )
     return {"kind": "serve", "model": job.model_name, "url": url, "adapters": list(job.adapters)}
+
+
+def absolute_paths(job):
+    """A copy of the spec with every local path that exists here made absolute."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or not Path(path).expanduser().exists():
+            return path
+        return str(Path(path).expanduser().resolve())
+
+    job = job.model_copy(deep=True)
+    job.model.path, job.model.base = absolute(job.model.path), absolute(job.model.base)
+    job.adapters = {name: absolute(folder) for name, folder in job.adapters.items()}
+    if job.chat_template and "{" not in job.chat_template:
+        job.chat_template = absolute(job.chat_template)
+    for strategy in job.strategies:
+        strategy.exemplars, strategy.documents = absolute(strategy.exemplars), absolute(strategy.documents)
+    return job
 
 
 def _model_problems(job) -> Problems:

@@ -8,11 +8,17 @@ a request leaves out takes the deployment's `defaults:`.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raylm.spec.generation import GenerationSpec
+
+
+def key_digest(key: str) -> str:
+    """Servers hold a digest of the API key, never the key (Serve records a deployment's init args)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class ApiError(Exception):

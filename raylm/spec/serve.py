@@ -31,6 +31,11 @@ class ServedModel(Section):
 class HttpSpec(Section):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to (0.0.0.0: every interface).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    proxy: Literal["head", "every_node"] = Field(
+        "head",
+        description="Where Serve runs its HTTP proxy: the head node only (the URL printed), or every node "
+        "(put a load balancer in front).",
+    )
     route_prefix: str = Field(
         "/",
         pattern=r"^/[A-Za-z0-9_./-]*$",
