@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import signal
-import time
+import threading
 from pathlib import Path
 
 from raylm.kinds import Problems
@@ -113,13 +113,13 @@ class Serve:
         if not submit.embedded():
             return summary  # deployed on the cluster; it stays up after this job ends
         print("[raylm] Ctrl-C stops the server", flush=True)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-            print("[raylm] stopping the server", flush=True)
-            serve.shutdown()
+        stop = threading.Event()
+        for number in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(number, lambda *_: stop.set())
+        while not stop.wait(1):
+            pass
+        print("[raylm] stopping the server", flush=True)
+        serve.shutdown()
         return {**summary, "stopped": True}
 
 
