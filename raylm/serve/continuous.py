@@ -22,7 +22,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from raylm.serve.engine import BASE, Engine, Request, _Choice
+from raylm.serve.engine import BASE, Choice, Engine, Request
 
 
 def decodes_here(request: Request, model) -> bool:
@@ -36,7 +36,7 @@ def decodes_here(request: Request, model) -> bool:
 class _Row:
     """One decoding sequence: its choice bookkeeping, its token history and its logits processors."""
 
-    def __init__(self, choice: _Choice, processors, adapter: str | None):
+    def __init__(self, choice: Choice, processors, adapter: str | None):
         self.choice, self.processors, self.adapter = choice, processors, adapter
         self.history: list[int] = list(choice.request.prompt_ids)
 
@@ -126,11 +126,9 @@ class DecodeLoop:
             if not decodes_here(request, model):
                 self.waiting.pop(0)
                 try:
-                    self.engine._generate([request])  # beams, seeds, prompt learning: generate itself
+                    self.engine.generate([request])  # beams, seeds, prompt learning: generate itself
                 except Exception as err:
-                    _fail(
-                        [_Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)], err
-                    )
+                    _fail([Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)], err)
                 continue
             if len(self.rows) + sum(r.controls.n for r in fresh) + request.controls.n > self.max_rows and (
                 self.rows or fresh
@@ -164,7 +162,7 @@ class DecodeLoop:
         tokenizer, device = self.engine.tokenizer, next(self.engine.model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = [
-            _Row(_Choice(r, i, tokenizer), _processors(r.controls), r.adapter)
+            _Row(Choice(r, i, tokenizer), _processors(r.controls), r.adapter)
             for r in requests
             for i in range(r.controls.n)
         ]

@@ -1,20 +1,19 @@
-"""Batched generation for the server: several requests in one transformers `generate` call, streamed
-token by token, each request stopped at its own limit, stop sequence or end-of-sequence.
+"""The server's requests and their text: a `Request` per prompt, a `Choice` per output row that turns
+tokens into text deltas (stopped at its own limit, stop sequence or end-of-sequence), and `Engine`,
+which holds the model and runs what the continuous-batching loop (raylm/serve/continuous.py) does not
+decode itself through transformers' `generate`, streamed through the same bookkeeping:
 
     engine = Engine(model, tokenizer)
-    engine.run_batch([Request(prompt_ids, controls, emit=print)])      # blocking; the server runs it in a thread
+    engine.generate([Request(prompt_ids, controls, emit=print)])      # blocking; beams, seeded sampling
 
-Requests whose controls agree (except max_new_tokens and stop) share one left-padded `generate` call;
-a seeded request runs alone so that its seed gives the same text as `raylm generate`. LoRA adapters
-loaded into a PEFT model serve mixed batches (`adapter_names`, one per row). `emit(index, delta,
-finish_reason, tokens)` is called for every piece of text of choice `index`; finish_reason is set
-once, on the last call for that choice ("stop" or "length"; "error" when generation failed, with the
-exception in `request.error`), with the tokens that choice generated.
+`emit(index, delta, finish_reason, tokens)` is called for every piece of text of choice `index`;
+finish_reason is set once, on the last call for that choice ("stop" or "length"; "error" when
+generation failed, with the exception in `request.error`), with the tokens that choice generated.
+LoRA adapters loaded into a PEFT model serve mixed batches (`adapter_names`, one per row).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ class Request:
     error: Exception | None = None  # set with finish reason "error" when generation failed
 
 
-class _Choice:
+class Choice:
     """One output row: its tokens, the text already emitted, whether and why it finished."""
 
     def __init__(self, request: Request, index: int, tokenizer):
@@ -74,7 +73,7 @@ class _Choice:
 class _Tracker:
     """transformers streamer + stopping criterion over all rows of one `generate` call."""
 
-    def __init__(self, rows: list[_Choice]):
+    def __init__(self, rows: list[Choice]):
         self.rows = rows
         self.prompt_seen = False
 
@@ -99,26 +98,13 @@ class _Tracker:
         return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
 
 
-def group_key(request: Request, position: int) -> str:
-    controls = request.controls.model_dump(exclude={"max_new_tokens", "stop"})
-    if request.controls.seed is not None:
-        controls["alone"] = position  # its own call, seeded as `raylm generate` seeds it
-    return json.dumps(controls, sort_keys=True)
-
-
 class Engine:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.model.eval()
 
-    def run_batch(self, requests: list[Request]) -> None:
-        groups: dict[str, list[Request]] = {}
-        for position, request in enumerate(requests):
-            groups.setdefault(group_key(request, position), []).append(request)
-        for group in groups.values():
-            self._generate(group)
-
-    def _generate(self, group: list[Request]) -> None:
+    def generate(self, group: list[Request]) -> None:
+        """One `generate` call for requests with the same controls (but max_new_tokens and stop)."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -133,7 +119,7 @@ class Engine:
         width = max(len(r.prompt_ids) for r in group)
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group])
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in group])
-        rows = [_Choice(r, i, self.tokenizer) for r in group for i in range(controls.n)]
+        rows = [Choice(r, i, self.tokenizer) for r in group for i in range(controls.n)]
         tracker = _Tracker(rows)
         kwargs = generate_kwargs(controls.model_copy(update={"stop": []}), self.tokenizer)
         kwargs["max_new_tokens"] = max(r.controls.max_new_tokens for r in group)
