@@ -48,6 +48,16 @@ def context_length(model) -> int | None:
     )
 
 
+def check_fits(prompt_tokens: int, controls, limit: int | None, field: str = "max_new_tokens") -> None:
+    """Refuse a prompt whose tokens plus the tokens to generate exceed the model's context; `field`
+    names the limit as the caller knows it (the server's max_tokens)."""
+    if limit is not None and prompt_tokens + controls.max_new_tokens > limit:
+        raise GenerationError(
+            f"the prompt ({prompt_tokens} tokens) plus {field} ({controls.max_new_tokens}) exceed the "
+            f"model's context of {limit} tokens: shorten the prompt or lower {field}"
+        )
+
+
 def complete(model, tokenizer, prompt: str | list[int], controls) -> dict:
     """`controls.n` continuations of one prompt (text or token ids): {"choices": [{"index", "text",
     "finish_reason": "stop" | "length", "tokens"}], "usage": {"prompt_tokens", "completion_tokens"}}."""
@@ -58,12 +68,7 @@ def complete(model, tokenizer, prompt: str | list[int], controls) -> dict:
         if isinstance(prompt, str)
         else list(prompt)
     )
-    limit = context_length(model)
-    if limit is not None and len(ids) + controls.max_new_tokens > limit:
-        raise GenerationError(
-            f"the prompt ({len(ids)} tokens) plus max_new_tokens ({controls.max_new_tokens}) exceed the "
-            f"model's context of {limit} tokens: shorten the prompt or lower max_new_tokens"
-        )
+    check_fits(len(ids), controls, context_length(model))
     device = next(model.parameters()).device
     if controls.seed is not None:
         torch.manual_seed(controls.seed)

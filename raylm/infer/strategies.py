@@ -184,14 +184,16 @@ def run(spec, question: str, complete: Complete, exemplars: list[dict], tools: d
         return Outcome(None, "", str(err))
 
 
+def step_controls(controls, stop: list[str]):
+    """The controls of one strategy step: one choice, the strategy's stop sequences before the user's."""
+    return controls.model_copy(update={"stop": list(dict.fromkeys([*stop, *controls.stop])), "n": 1})
+
+
 def completer(model, tokenizer, controls) -> Complete:
-    """`complete(prompt, stop) -> text`: the first choice under `controls`, with the strategy's stop
-    sequences before the user's."""
+    """`complete(prompt, stop) -> text`: the first choice under `step_controls`."""
     from raylm.infer.sampling import complete
 
     def run_one(prompt: str, stop: list[str]) -> str:
-        merged = list(dict.fromkeys([*stop, *controls.stop]))
-        chosen = controls.model_copy(update={"stop": merged, "n": 1})
-        return complete(model, tokenizer, prompt, chosen)["choices"][0]["text"]
+        return complete(model, tokenizer, prompt, step_controls(controls, stop))["choices"][0]["text"]
 
     return run_one

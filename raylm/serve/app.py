@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from raylm.infer.sampling import GenerationError, check_fits, context_length
 from raylm.serve.continuous import DecodeLoop
 from raylm.serve.engine import Engine, Request
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
@@ -109,9 +110,7 @@ class Server:
 
         self.job = ServeJob.model_validate(spec)
         device = "cuda" if self.job.scaling.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        model, self.tokenizer, self.what = load_for_generation(
-            self.job.model.path, self.job.model.base, device
-        )
+        model, self.tokenizer, _ = load_for_generation(self.job.model.path, self.job.model.base, device)
         self.engine = Engine(model, self.tokenizer)
         self.key_hash = key_hash
         self.decoder = DecodeLoop(self.engine, max_rows=self.job.batching.max_batch_size)
@@ -123,9 +122,7 @@ class Server:
         self.chat_template = _template(self.job.chat_template)
         self._submit.set_max_batch_size(self.job.batching.max_batch_size)
         self._submit.set_batch_wait_timeout_s(self.job.batching.batch_wait_timeout_s)
-        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", None
-        )
+        self.context = context_length(model)
 
     # ---- routes ------------------------------------------------------------------------
     @api.get("/health")
@@ -336,14 +333,10 @@ class Server:
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
     def _check_length(self, ids: list[int], controls) -> None:
-        if self.context is not None and len(ids) + controls.max_new_tokens > self.context:
-            raise ApiError(
-                400,
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({controls.max_new_tokens}) exceed the "
-                f"model's context of {self.context} tokens",
-                "max_tokens",
-                "context_length_exceeded",
-            )
+        try:
+            check_fits(len(ids), controls, self.context, field="max_tokens")
+        except GenerationError as err:
+            raise ApiError(400, str(err), "max_tokens", "context_length_exceeded") from None
 
     def _response(self, body, results: list[dict], controls, chat: bool) -> dict:
         choices = []
@@ -447,7 +440,7 @@ class Server:
         loop = asyncio.get_running_loop()
 
         def complete(prompt: str, stop: list[str]) -> str:
-            chosen = controls.model_copy(update={"stop": list(dict.fromkeys([*stop, *controls.stop]))})
+            chosen = strategies.step_controls(controls, stop)
             ids = self.tokenizer(prompt)["input_ids"]
             self._check_length(ids, chosen)
             result = asyncio.run_coroutine_threadsafe(self._collect(ids, chosen, adapter), loop).result()
