@@ -1,6 +1,12 @@
 """QLoRA: the base loaded in 4 bits by bitsandbytes (NF4 or FP4, optionally double-quantised), prepared
 for k-bit training, LoRA on top (PEFT), and bitsandbytes' paged 8-bit AdamW.
 
+Under fsdp and ZeRO-3 the 4-bit base is sharded the way FSDP-QLoRA does it: the packed 4-bit codes are
+stored in the compute dtype (`bnb_4bit_quant_storage`), so they shard and gather like any tensor, and
+each layer's quantisation constants (small) stay whole on its module. Every worker loads the 4-bit base
+on its host; each keeps its shard. bitsandbytes' optimizers step plain tensors only, so a sharded run
+trains the LoRA weights with torch's AdamW (`optimizer: adamw`).
+
 Merging folds the LoRA update into a de-quantised copy of the same 4-bit base: the merged model
 computes what the trained one did, in full precision.
 """
@@ -31,13 +37,20 @@ class QLoraMethod(LoraMethod):
 Spec = QLoraMethod
 
 
-def refuses(strategy) -> str | None:
+def refuses(strategy, method) -> str | None:
     if strategy.name in ("ddp", "auto"):
         return None
-    return (
-        f"runs under strategy ddp only: bitsandbytes 4-bit weights are not sharded by "
-        f"{strategy.name} here; use strategy: ddp (the 4-bit base is small) or method lora with fsdp / deepspeed"
-    )
+    if strategy.name == "deepspeed" and strategy.stage < 3:
+        return (
+            f"with ZeRO-{strategy.stage} keeps a whole 4-bit base on every worker, as ddp does: use "
+            "strategy ddp, or deepspeed stage 3 to partition the base"
+        )
+    if method.optimizer != "adamw":
+        return (
+            f"with strategy {strategy.name} needs method.optimizer: adamw (bitsandbytes' "
+            f"{method.optimizer} steps plain tensors, not sharded ones)"
+        )
+    return None
 
 
 def base_bits(method) -> float:
@@ -56,11 +69,13 @@ def quantization_config(method):
     import torch
     from transformers import BitsAndBytesConfig
 
+    compute = torch.bfloat16 if method.compute_dtype == "bf16" else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=method.quant_type,
         bnb_4bit_use_double_quant=method.double_quant,
-        bnb_4bit_compute_dtype=torch.bfloat16 if method.compute_dtype == "bf16" else torch.float32,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # codes packed into compute-dtype elements: fsdp / ZeRO-3 shard them
     )
 
 
@@ -69,6 +84,12 @@ def check(job) -> None:
         raise ValueError(
             "train.compile with method qlora: bitsandbytes' 4-bit matmuls break torch.compile's graphs "
             "(no speed-up); leave compile off"
+        )
+    if job.strategy.name == "deepspeed" and job.train.precision != "fp32":
+        raise ValueError(
+            f"train.precision {job.train.precision} with method qlora under deepspeed: DeepSpeed's "
+            f"{job.train.precision} mode casts every weight, the packed 4-bit codes too; leave precision "
+            "fp32 (the base already computes in method.compute_dtype)"
         )
 
 

@@ -52,6 +52,10 @@ class Engine:
                 return self.objective(model, batch, items)
             return forward_loss(model, batch, self.spec, items)
 
+    def generating(self):
+        """Around generation on `module` (which may skip the wrapper's own forward)."""
+        return contextlib.nullcontext()
+
     def no_sync(self):
         """Skip the gradient all-reduce of a micro-batch that does not end an accumulation."""
         return self.model.no_sync() if hasattr(self.model, "no_sync") else contextlib.nullcontext()
@@ -139,12 +143,18 @@ def inputs(batch: dict) -> dict:
 
 def plain_copy(engine, module, state: dict):
     """A fresh, unwrapped model like `module` (its config; or the engine's `rebuild`, for a
-    fine-tuning method's structure) holding `state`, on the CPU."""
+    fine-tuning method's structure, whose frozen weights come from their source as in training)
+    holding `state`: every trained parameter (and any other entry), on the CPU."""
     from transformers import AutoModelForCausalLM
 
     # a real init, not the meta device: non-persistent buffers (RoPE's) are not in `state`
     plain = engine.rebuild() if engine.rebuild else AutoModelForCausalLM.from_config(module.config)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tensors = dict(plain.named_parameters()) | dict(plain.named_buffers())
+    trained = {name for name, param in plain.named_parameters() if param.requires_grad}
+    # state-dict entries that are neither (bitsandbytes' quantisation constants) are the rebuild's own
+    unexpected = [key for key in state if key not in plain.state_dict()]
+    missing = sorted(trained - state.keys())
     if unexpected or missing:
         raise RuntimeError(f"consolidation: state does not fit the model ({(unexpected or missing)[:3]})")
+    plain.load_state_dict({k: v for k, v in state.items() if k in tensors}, strict=False)
     return plain

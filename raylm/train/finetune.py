@@ -44,18 +44,19 @@ class Finetune:
     # ---- on each worker (raylm.train.loop calls these) -----------------------------------------
 
     def worker_model(self, job: FinetuneJob, tokenizer, device, rank: int, config: dict):
-        """The base with the method applied (same seed on every rank: identical adapter init), and on
-        rank 0 of a fresh run, exact match before training. Under fsdp the other ranks build
-        the structure only (`config["empty"]`) and receive rank 0's weights when sharding."""
-        import ray.train
+        """The base with the method applied (same seed on every rank: identical adapter init). Under
+        fsdp and ZeRO-3 the other ranks build the structure only (`config["empty"]`) and receive rank
+        0's weights when sharding. (The loop answers the held-out prompts before training.)"""
         import torch
 
         from raylm import methods
-        from raylm.evaluate import exact_match
         from raylm.models import empty_weights
 
-        empty = config["empty"]  # only the structure: a sharded strategy fills it from rank 0
-        base = _base(job, tokenizer, device, empty)
+        # only the structure: a sharded strategy fills it from rank 0; a base the method loads its own
+        # way (QLoRA's 4-bit) is loaded on every rank, and the method's weights start equal everywhere
+        empty = config["empty"] and not hasattr(methods.module(job.method.name), "load_base")
+        # a sharded strategy moves each rank's shards to the device: the whole base stays on the host
+        base = _base(job, tokenizer, torch.device("cpu") if config["sharded"] else device, empty)
         if job.train.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(job.train.seed)
@@ -69,10 +70,7 @@ class Finetune:
             emit(
                 f"[raylm] method {job.method.name}: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.3f}%)"
             )
-        before = {}
-        if rank == 0 and config["held_out"] and ray.train.get_checkpoint() is None:
-            before = exact_match(model.to(device), tokenizer, config["held_out"], job.eval.max_new_tokens)
-        return model, {"exact_match_before": before} if before else {}
+        return model, {}
 
     def worker_optimizer(self, job: FinetuneJob):
         """The method's own optimizer (QLoRA's bitsandbytes AdamW), or None (AdamW)."""

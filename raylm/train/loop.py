@@ -55,8 +55,9 @@ def train_loop(config: dict) -> dict | None:
 
     total_steps = config["total_steps"]
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])  # `auto` is resolved by now
-    # fsdp: one full copy on rank 0's host, the structure only on the other ranks
-    config = {**config, "empty": rank != 0 and strategies.fills_from_rank0(plan)}
+    # fsdp, ZeRO-3: one full copy on rank 0's host, the structure only on the other ranks
+    sharded = strategies.fills_from_rank0(plan)
+    config = {**config, "sharded": sharded, "empty": rank != 0 and sharded}
     import_model_code(job)  # so that the host memory measured next is the model's, not code's
     host_start = hostmem.reset_peak()
     model, before = kind.worker_model(job, tokenizer, device, rank, config)
@@ -77,7 +78,7 @@ def train_loop(config: dict) -> dict | None:
         engine.masks = SparsityMasks(engine.module)
         held = every_rank(engine.masks.pruned)
         if rank == 0:
-            held_at_zero = sum(held) if strategies.fills_from_rank0(plan) else held[0]
+            held_at_zero = sum(held) if sharded else held[0]
             emit(
                 f"[raylm] keep_sparsity: {held_at_zero:,} zero weights of the decoder's linear layers stay zero"
             )
@@ -143,6 +144,14 @@ def train_loop(config: dict) -> dict | None:
         batch = {k: torch.from_numpy(v).long() for k, v in rows.items()}
         return {k: v.to(device) for k, v in (to_longest(batch) if dynamic_padding else batch).items()}
 
+    def answered() -> list[float]:
+        """(right answers, answered) over this rank's share of the held-out prompts: every rank
+        answers its own, in lockstep (under fsdp / ZeRO-3 a forward pass is a collective)."""
+        from raylm.evaluate import exact_match_share
+
+        with engine.generating(), engine.autocast or contextlib.nullcontext():
+            return list(exact_match_share(engine.module, tokenizer, held_out, rank, world, max_new_tokens))
+
     def evaluate() -> dict:
         """Validation loss (of the response / right choice tokens) and, for choices data, accuracy."""
         from raylm.train.objectives import choices_eval
@@ -165,11 +174,7 @@ def train_loop(config: dict) -> dict | None:
                     loss = engine.loss(batch, items=torch.tensor(float(n), device=device))
                     totals[:2] += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
             if answer_during_training:
-                from raylm.evaluate import exact_match_share
-
-                with engine.autocast or contextlib.nullcontext():
-                    right = exact_match_share(engine.module, tokenizer, held_out, rank, world, max_new_tokens)
-                totals[4:] += torch.tensor(right, dtype=torch.float64, device=device)
+                totals[4:] += torch.tensor(answered(), dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
         engine.model.train()
@@ -205,6 +210,14 @@ def train_loop(config: dict) -> dict | None:
                     group = []
             loop["epoch"] += 1
             loop["batches_in_epoch"] = 0
+
+    if held_out and restored is None:  # exact match before training, the same way as during it
+        engine.model.eval()
+        with torch.no_grad():
+            right = torch.tensor(answered(), dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(right)
+        before["exact_match_before"] = {"exact_match": (right[0] / right[1]).item(), "examples": int(right[1])}
 
     # ---- train -------------------------------------------------------------------------------
     engine.model.train()

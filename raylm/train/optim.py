@@ -11,9 +11,14 @@ def param_groups(model, spec: TrainSpec) -> list[dict]:
     """Trainable parameters in two groups: matrices decay, norms and biases do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if _ndim(p) >= 2], "weight_decay": spec.weight_decay},
+        {"params": [p for p in params if _ndim(p) < 2], "weight_decay": 0.0},
     ]
+
+
+def _ndim(param) -> int:
+    """Dimensions of the full parameter (a ZeRO-3 partitioned one holds an empty stand-in tensor)."""
+    return len(getattr(param, "ds_shape", param.shape))
 
 
 def adamw(model, spec: TrainSpec):

@@ -163,8 +163,8 @@ def finetune(**sections):
 @pytest.mark.parametrize(
     "sections,where,words",
     [
-        ({"method": "qlora", "strategy": "fsdp"}, "spec", "qlora runs under strategy ddp only"),
-        ({"method": "qlora", "strategy": {"name": "deepspeed", "stage": 2}}, "spec", "bitsandbytes 4-bit"),
+        ({"method": "qlora", "strategy": "fsdp"}, "spec", "needs method.optimizer: adamw"),
+        ({"method": "qlora", "strategy": {"name": "deepspeed", "stage": 2}}, "spec", "whole 4-bit base"),
         ({"method": "prompt", "strategy": "fsdp"}, "spec", "prompt learning"),
         ({"method": "prefix", "strategy": {"name": "deepspeed", "stage": 3}}, "spec", "ZeRO-3"),
         ({"method": "adapter", "output": {"path": "x", "merge": True}}, "spec", "cannot be merged"),

@@ -1,4 +1,5 @@
-"""Fine-tuning jobs on real local Ray with 2 workers: LoRA (ddp, merged), QLoRA (ddp) and full (fsdp).
+"""Fine-tuning jobs on real local Ray with 2 workers: LoRA (ddp, merged), QLoRA (ddp, fsdp, ZeRO-3) and
+full (fsdp).
 
 Artifacts are checked with the reference loaders: PEFT's `PeftModel.from_pretrained` on the base, and
 transformers for merged and full folders.
@@ -128,21 +129,58 @@ def test_ia3_with_tfew_objectives_on_multiple_choice(ray_local, sft_base, tmp_pa
     assert config["peft_type"] == "IA3"
 
 
-def test_qlora_on_ddp(ray_local, sft_base, tmp_path):
+QLORA_STRATEGIES = {"ddp": "ddp", "fsdp": "fsdp", "zero3": {"name": "deepspeed", "stage": 3}}
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(ray_local, sft_base, tmp_path_factory):
+    """The same QLoRA job (torch AdamW: bitsandbytes' optimizers do not step sharded tensors) under
+    ddp, and with the 4-bit base sharded by fsdp and by ZeRO-3."""
+    runs = {}
+    for name, strategy in QLORA_STRATEGIES.items():
+        output = tmp_path_factory.mktemp(f"qlora-{name}") / "run"
+        method = {"name": "qlora", "r": 4, "compute_dtype": "fp32", "optimizer": "adamw"}
+        spec = finetune_spec(
+            sft_base,
+            output,
+            method,
+            strategy=strategy,
+            train={"max_steps": 16, "eval_every": 8, "checkpoint_every": 16},
+        )
+        runs[name] = (output, validate_dict(spec), run_here(validate_dict(spec)))
+    return runs
+
+
+def test_qlora_trains_and_its_adapter_loads_on_the_4bit_base(qlora_runs, sft_base):
     import bitsandbytes as bnb
     from peft import PeftModel
 
     from raylm import methods
 
-    spec = finetune_spec(sft_base, tmp_path / "run", {"name": "qlora", "r": 4, "compute_dtype": "fp32"})
-    job = validate_dict(spec)
-    summary = run_here(job)
-    losses = val_losses(tmp_path / "run")
+    output, job, summary = qlora_runs["ddp"]
+    losses = val_losses(output)
     assert losses[-1] < losses[0]
     assert summary["parameters"]["trainable"] == lora_count(4)
     base = methods.module("qlora").load_base(str(sft_base), job.method, "cpu")
-    model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    assert base.config.quantization_config.bnb_4bit_quant_storage == torch.float32  # the compute dtype
+    model = PeftModel.from_pretrained(base, output / "adapter")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_qlora_with_a_sharded_4bit_base_trains_like_ddp(qlora_runs, strategy):
+    """fsdp shards the packed 4-bit codes and the LoRA weights; ZeRO-3 partitions them: the same
+    arithmetic as ddp up to reduction order, so the adapters agree."""
+    from safetensors.torch import load_file
+
+    output, _, summary = qlora_runs[strategy]
+    assert summary["strategy"]["name"] == {"fsdp": "fsdp", "zero3": "deepspeed"}[strategy]
+    mine, ddp = (
+        load_file(o / "adapter" / "adapter_model.safetensors") for o in (output, qlora_runs["ddp"][0])
+    )
+    assert set(mine) == set(ddp) and len(mine) == 2 * 7 * 2  # A and B of 7 layers in each of 2 blocks
+    for name, tensor in ddp.items():
+        torch.testing.assert_close(mine[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_full_finetune_on_fsdp(ray_local, sft_base, tmp_path):

@@ -6,6 +6,8 @@ checkpoint (DCP's dcp_to_torch_save, DeepSpeed's zero_to_fp32). `strategy: auto`
 worker range run through the FSDP case.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -204,6 +206,79 @@ def test_deepspeed_export_equals_zero_to_fp32(deepspeed_run):
     mine = exported(run_dir)
     assert set(consolidated) == set(mine)
     assert all(torch.equal(consolidated[k], mine[k]) for k in mine)
+
+
+def _partition_rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: build BIG (rank 0 whole, rank 1 on the meta device), partition it from
+    rank 0 for ZeRO-3, and write what that did to this rank's host memory and what the gathered
+    weights are."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    from raylm.models import architecture_config, empty_weights
+    from raylm.spec.sections import Architecture, TrainSpec
+    from raylm.spec.strategies import DeepSpeedStrategy
+    from raylm.train import hostmem
+    from raylm.train.strategies.deepspeed import config, partition_from_rank0
+
+    settings = config(DeepSpeedStrategy(name="deepspeed", stage=3), TrainSpec(max_steps=1), "fp32")
+    arch = architecture_config(Architecture(**BIG), 0)
+    import transformers.models.llama.modeling_llama  # noqa: F401 - its code is not the model's memory
+
+    torch.manual_seed(0)
+    start = hostmem.reset_peak()
+    with empty_weights(rank != 0):
+        model = AutoModelForCausalLM.from_config(arch)
+    partition_from_rank0(model, settings, torch.device("cpu"))
+    facts = {"grew": hostmem.peak() - start}
+    sums = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            sums[name] = param.double().sum().item()
+    facts["sums"] = sums
+    Path(out, f"rank{rank}.json").write_text(json.dumps(facts))
+    dist.destroy_process_group()
+
+
+def test_zero3_partitions_rank_0s_weights_one_module_at_a_time(tmp_path, monkeypatch):
+    """Rank 1 builds only the structure; partitioning allocates one module's parameters at a time,
+    fills them from rank 0 and keeps a half: building and partitioning grow its peak host memory by
+    well under one copy (bound: 75%; rank 0, which builds the whole model, by more than 90%), and the
+    gathered weights are rank 0's (the same seeded model built whole here)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    from raylm.models import architecture_config
+    from raylm.spec.sections import Architecture
+
+    # large tensors are mapped and unmapped, so the kernel's counters see live memory, not glibc's
+    # reuse pool (inherited by the spawned ranks)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_partition_rank, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    torch.manual_seed(0)
+    whole = AutoModelForCausalLM.from_config(architecture_config(Architecture(**BIG), 0))
+    full_bytes = sum(p.numel() for p in whole.parameters()) * 4
+    assert ranks[1]["grew"] < 0.75 * full_bytes, ranks[1]["grew"] / full_bytes
+    assert ranks[0]["grew"] > 0.9 * full_bytes  # rank 0 built the whole model
+    expected = {name: p.double().sum().item() for name, p in whole.named_parameters()}
+    for facts in ranks:
+        assert facts["sums"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize(

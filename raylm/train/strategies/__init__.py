@@ -28,8 +28,19 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
 
 def fills_from_rank0(strategy) -> bool:
     """Whether `strategy` builds the full model on rank 0 only and fills the other ranks' shards from
-    it (fsdp). ZeRO-3 still builds the whole model on every rank before partitioning it."""
-    return strategy.name == "fsdp"
+    it (fsdp, ZeRO-3); the other strategies keep a whole copy on every rank anyway."""
+    return strategy.name == "fsdp" or (strategy.name == "deepspeed" and strategy.stage == 3)
+
+
+def quant_states_to(model, device) -> None:
+    """Move bitsandbytes 4-bit layers' quantisation constants (absmax, code book: not parameters, so
+    a strategy moving the weights leaves them behind) to `device`."""
+    if device.type == "cpu":
+        return
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None and hasattr(state, "absmax"):
+            state.to(device)
 
 
 def autocast(precision: str, device):

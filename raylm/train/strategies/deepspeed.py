@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from raylm.train.engine import Engine, forward_loss, plain_copy
+from raylm.train.strategies import quant_states_to
 
 TAG = "deepspeed"  # checkpoint subfolder
 
@@ -85,22 +86,20 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"{folder}: DeepSpeed found no checkpoint to load")
 
     def consolidated(self, rank: int):
-        """The full model on rank 0. Under ZeRO-3 the parameters are gathered one module at a time
-        and copied to rank 0's host, so no rank holds more than its partition plus one module."""
+        """The full model on rank 0. Under ZeRO-3 the trained parameters are gathered one module at a
+        time and copied to rank 0's host, so no rank holds more than its partition plus one module; a
+        frozen base is not gathered at all (the export rebuilds it from its source)."""
         import deepspeed
 
         stage3 = self.model.zero_optimization_stage() == 3
         state = {}
         for prefix, module in self.module.named_modules():
-            params = list(module.parameters(recurse=False))
+            trained = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             with deepspeed.zero.GatheredParameters(
-                params, modifier_rank=None, enabled=stage3 and bool(params)
+                [p for _, p in trained], modifier_rank=None, enabled=stage3 and bool(trained)
             ):
                 if rank == 0:
-                    for name, tensor in [
-                        *module.named_parameters(recurse=False),
-                        *module.named_buffers(recurse=False),
-                    ]:
+                    for name, tensor in [*trained, *module.named_buffers(recurse=False)]:
                         key = f"{prefix}.{name}" if prefix else name
                         state.setdefault(key, tensor.detach().float().cpu().clone())
         if rank != 0:
@@ -109,19 +108,62 @@ class DeepSpeedEngine(Engine):
         return plain_copy(self, self.module, {k: v for k, v in state.items() if k in wanted})
 
 
+def partition_from_rank0(model, settings: dict, device) -> None:
+    """ZeRO-3 partitioning of `model` (complete on rank 0; its structure, parameters on the meta
+    device, elsewhere) one module at a time: each rank allocates a module's parameters, DeepSpeed
+    broadcasts rank 0's values into them and keeps only the rank's partition. No rank but 0 ever holds
+    a full copy, and none more than its partitions plus one module's parameters."""
+    import deepspeed
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    materialized: dict[int, tuple] = {}  # id of a meta parameter -> (it, its real replacement): ties stay
+
+    def allocate(module, recurse: bool) -> None:
+        for owner in module.modules() if recurse else (module,):
+            for name, param in list(owner._parameters.items()):
+                if param is None or not param.is_meta:
+                    continue
+                if id(param) not in materialized:
+                    real = torch.nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+                    materialized[id(param)] = (param, real)
+                owner._parameters[name] = materialized[id(param)][1]
+
+    converter = None  # the first partitioned parameter converts the others with the same settings
+    for module in model.modules():
+        if converter is None and any(True for _ in module.parameters(recurse=False)):
+            allocate(module, recurse=True)  # Init(module=) converts the module's children too
+            deepspeed.zero.Init(module=module, config_dict_or_path=settings)
+            converter = next(module.parameters(recurse=False))
+            continue
+        allocate(module, recurse=False)
+        params = [p for p in module.parameters(recurse=False) if not is_zero_param(p)]
+        if params:
+            converter.convert_to_zero_parameters(params)
+    for module in model.modules():  # buffers (RoPE's: computed on every rank) go as they are
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
 def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):
     import deepspeed
     import torch
 
     from raylm.train import optim
 
+    settings = config(strategy, train, train.precision)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if settings["zero_optimization"]["stage"] == 3:
+        partition_from_rank0(model, settings, device)
+        quant_states_to(model, device)  # QLoRA's 4-bit layers: their constants are not parameters
+    elif device.type == "cuda":
         model = model.to(device)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=optim.param_groups(model, train),
-        config=config(strategy, train, train.precision),
+        config=settings,
         lr_scheduler=lambda opt: optim.scheduler(opt, train, total_steps),
         dist_init_required=False,  # Ray Train made the process group
     )

@@ -24,6 +24,19 @@ def _trained_only():
 
 
 class FSDPEngine(Engine):
+    @contextlib.contextmanager
+    def generating(self):
+        """The root's own parameters (embeddings, final norm, head) gathered for generation: a PEFT
+        model's generate() runs the inner model's forward, not the root's, whose hooks would gather
+        them; each block still gathers its own in its forward. Before the first forward the root is
+        made the root first (FSDP2 picks as root the first module to run forward: it would be a block)."""
+        self.model._get_fsdp_state()._lazy_init()  # a no-op once a forward has run
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
+
     def no_sync(self):
         @contextlib.contextmanager
         def unsynced():
@@ -65,8 +78,9 @@ class FSDPEngine(Engine):
     def consolidated(self, rank: int):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(  # what trained: a frozen base is rebuilt from its source
+            self.model,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True),
         )
         return plain_copy(self, self.model, full) if rank == 0 else None
 
@@ -87,12 +101,14 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     options = {"reshard_after_forward": strategy.reshard_after_forward}
     if strategy.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs a GPU
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # fully_shard places shards on the current device
+    if getattr(model, "is_loaded_in_4bit", False):
+        return _shard_4bit(model, options, train, total_steps, device, make_optimizer, rebuild)
     if train.precision == "bf16":
         # bf16 compute and communication; the sharded weights (the optimizer's master copy) and the
         # gradient reduction in fp32, even when model.dtype loads the weights in bf16.
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # fully_shard places shards on the current device
     full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, kept on its host
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # RoPE's: computed, not loaded
     persistent = set(model.state_dict())
@@ -117,5 +133,32 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
         optim.scheduler(optimizer, train, total_steps),
         train,
         contextlib.nullcontext(),
+        rebuild=rebuild,
+    )
+
+
+def _shard_4bit(model, options, train, total_steps: int, device, make_optimizer, rebuild):
+    """QLoRA (raylm/methods/qlora.py): every rank loaded the same 4-bit base on its host and built the
+    same LoRA weights, so each shards its own copy where it is: the packed codes (stored in the compute
+    dtype) shard like any tensor; a layer's quantisation constants stay whole on its module, where
+    bitsandbytes finds them again when FSDP swaps in the gathered weight. No mixed-precision policy:
+    it would cast the packed codes; the compute dtype is bitsandbytes' and autocast's."""
+    from torch.distributed.fsdp import fully_shard
+
+    from raylm.models import transformer_blocks
+    from raylm.train import optim
+    from raylm.train.strategies import autocast, quant_states_to
+
+    for block in transformer_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    quant_states_to(model, device)
+    optimizer = (make_optimizer or optim.adamw)(model, train)
+    return FSDPEngine(
+        model,
+        optimizer,
+        optim.scheduler(optimizer, train, total_steps),
+        train,
+        autocast(train.precision, device),
         rebuild=rebuild,
     )
