@@ -345,9 +345,11 @@ def predicts_first_token(module) -> bool:
 
 
 def import_model_code(job) -> None:
-    """Import what building the job's model imports (its modelling module, PEFT, the sharding code),
-    by building its structure on the meta device: no weights, no memory."""
-    import peft  # noqa: F401
+    """Import what building the job's model imports (its modelling module, PEFT for a fine-tuning
+    method, the sharding code), by building its structure on the meta device: no weights, no memory.
+    (PEFT, with bitsandbytes behind it, takes seconds to import: only a job with a method needs it.)"""
+    if getattr(job, "method", None) is not None:
+        import peft  # noqa: F401
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 

@@ -145,7 +145,8 @@ def qlora_runs(ray_local, sft_base, tmp_path_factory):
             output,
             method,
             strategy=strategy,
-            train={"max_steps": 16, "eval_every": 8, "checkpoint_every": 16},
+            train={"max_steps": 8, "eval_every": 4, "checkpoint_every": 8},
+            eval={"exact_match_examples": 4},
         )
         runs[name] = (output, validate_dict(spec), run_here(validate_dict(spec)))
     return runs
