@@ -90,7 +90,14 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
             num_cpus=num_cpus,
             _system_config={"worker_niceness": 0},
             logging_level=logging.INFO if verbose else logging.WARNING,
-            runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}},
+            runtime_env={
+                "env_vars": {
+                    "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+                    # Ray Train's watcher of preempted nodes polls every 5 s: on the one machine this
+                    # Ray lives on there is no other node to move to, only CPU taken from training
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                }
+            },
         )
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)

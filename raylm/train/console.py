@@ -66,20 +66,28 @@ class Console:
     def _drain(self) -> None:
         from ray.util.queue import Empty
 
+        # A waiting get returns as soon as an item arrives; the long timeout only bounds how often an
+        # idle console asks (each ask is an actor call, CPU taken from training on a small machine).
         while True:
             try:
-                item = self.queue.get(timeout=0.2)
+                item = self.queue.get(timeout=5)
             except Empty:
                 if self.done.is_set():
                     return
                 continue
             except Exception:  # the queue actor is gone (Ray shut down): nothing more will come
                 return
+            if item == _END:
+                return
             self._show(item)
 
     def close(self) -> None:
         """Print what is still queued, end the bar and the queue actor."""
         self.done.set()
+        try:
+            self.queue.put(_END)  # behind everything sent: the drain prints those, then stops
+        except Exception:  # the queue actor is gone (Ray shut down)
+            pass
         self.thread.join(timeout=30)
         if self.bar is not None:
             self.bar.close()
@@ -88,6 +96,9 @@ class Console:
             self.queue.shutdown(force=True)
         except Exception:  # already gone with its Ray
             pass
+
+
+_END = ("end", None)  # put by close() after everything the workers sent
 
 
 def format_progress(row: dict, max_steps: int) -> str:
