@@ -322,7 +322,7 @@ def estimate(
     """Per-worker training memory for each strategy: weights, gradients, optimizer, activations."""
     from raylm import memory, plan
 
-    teacher = 0.0
+    teacher, terms = 0.0, {}
     try:
         if spec_file:
             job = load_spec(spec_file, overrides)
@@ -342,6 +342,7 @@ def estimate(
             if flash_attention is None:
                 flash_attention = job.resources.use_gpu
             teacher = plan.teacher_terms(job).get("teacher", 0.0)
+            terms = plan.method_terms(job)  # what `strategy: auto` counts for a fine-tuning method
         elif params:
             shape = memory.shape_from_params(params)
             flash_attention = True if flash_attention is None else flash_attention
@@ -365,6 +366,7 @@ def estimate(
             gpu_memory,
             dtype or "float32",
             teacher,
+            terms,
         )
     )
 

@@ -231,8 +231,12 @@ def report(
     gpu_memory_gb: float | None,
     dtype: str = "float32",
     teacher: float = 0.0,
+    method: dict | None = None,
 ) -> str:
-    """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`."""
+    """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`. `method`:
+    a fine-tuning method's terms (raylm.plan.method_terms: trainable parameters, a quantised base's
+    bits, the strategies it cannot run under), as `strategy: auto` counts them."""
+    method = method or {}
     breakdowns = {
         strategy: estimate(
             shape,
@@ -242,8 +246,9 @@ def report(
             batch,
             seq_len,
             gradient_checkpointing,
-            None,
+            method.get("trainable"),
             flash_attention,
+            method.get("weight_bits"),
             dtype=dtype,
             teacher=teacher,
         )
@@ -260,6 +265,12 @@ def report(
             f"; the distillation teacher adds {teacher / scale:.2f} {unit} to every worker's peak"
             if teacher
             else ""
+        )
+        + (
+            f"; {method['trainable'] / 1e6:,.2f}M of them train"
+            + (f", the frozen base in {method['weight_bits']:.3g} bits" if method.get("weight_bits") else "")
+            if method.get("trainable") is not None
+            else ""
         ),
         "",
         f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'peak ' + unit:>11}"
@@ -269,5 +280,7 @@ def report(
         row = f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.total / scale:>11.2f}"
         if gpu_memory_gb:
             row += "  yes" if b.total <= gpu_memory_gb * GiB else "  no"
+        if strategy in method.get("exclude", ()):
+            row += "  (the method cannot run under it)"
         lines.append(row)
     return "\n".join(lines)

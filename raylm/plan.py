@@ -57,7 +57,7 @@ def choose(
     dtype: str = "float32",
     teacher: float = 0.0,
 ) -> Choice:
-    """`exclude`: candidates (ddp, zero1, zero2, fsdp) the job's method cannot run under (QLoRA: all but ddp)."""
+    """`exclude`: strategies (ddp, zero1, zero2, fsdp, zero3) the job's method cannot run under."""
     budget = memory_bytes * headroom
     tried = []
     for key, strategy in CANDIDATES:
@@ -206,7 +206,8 @@ def method_terms(job) -> dict:
     from raylm.spec.strategies import StrategySpec
 
     as_spec = TypeAdapter(StrategySpec).validate_python
-    refused = tuple(key for key, strategy in CANDIDATES if methods.refusal(job.method, as_spec(strategy)))
+    every = (*CANDIDATES, ("zero3", {"name": "deepspeed", "stage": 3}))  # auto's, and the estimate's last row
+    refused = tuple(key for key, strategy in every if methods.refusal(job.method, as_spec(strategy)))
     if refused:
         terms["exclude"] = refused
     return terms

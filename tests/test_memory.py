@@ -163,3 +163,41 @@ def test_a_distillation_teacher_adds_its_weights_and_distributions_to_every_stra
         with_teacher = estimate(strategy=key, **{k: v for k, v in distill.items() if k != "elastic"})
         without = estimate(strategy=key, **{k: v for k, v in alone.items() if k != "elastic"})
         assert with_teacher.total - without.total == distill["teacher"]
+
+
+def test_estimate_of_a_qlora_spec_counts_what_auto_counts(tmp_path):
+    """`raylm estimate` on a QLoRA spec: only LoRA's parameters (counted here by hand) carry gradients,
+    the base is 4-bit, and the strategies the method refuses (ZeRO-1/2: a whole 4-bit base on every
+    worker) are marked; with torch AdamW fsdp and ZeRO-3 are allowed."""
+    import yaml
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4
+    ).save_pretrained(tmp_path / "base")
+    spec = {
+        "kind": "finetune",
+        "model": {"path": str(tmp_path / "base")},
+        "method": {"name": "qlora", "r": 16, "optimizer": "adamw"},
+        "data": {"generate": {"task": "arithmetic"}},
+        "strategy": "fsdp",
+        "output": str(tmp_path / "out"),
+    }
+    (tmp_path / "qlora.yaml").write_text(yaml.safe_dump(spec))
+    from click.testing import CliRunner
+
+    from raylm.cli import main
+
+    out = CliRunner().invoke(main, ["estimate", str(tmp_path / "qlora.yaml")])
+    assert out.exit_code == 0, out.output
+    # r x (in + out) for q, k, v, o (256 -> 256) and gate, up (256 -> 512), down (512 -> 256), 2 layers
+    lora = 2 * 16 * (4 * (256 + 256) + 3 * (256 + 512))
+    assert f"{lora / 1e6:,.2f}M of them train, the frozen base in 4.13 bits" in out.output
+    rows = {
+        line.split()[0]: line
+        for line in out.output.splitlines()
+        if line.split()[:1] in (["ddp"], ["zero1"], ["zero2"], ["zero3"], ["fsdp"])
+    }
+    assert rows["ddp"].split()[2] == f"{lora * 4 / 2**20:.2f}"  # gradients: the LoRA weights' only
+    assert all("cannot run" in rows[k] for k in ("zero1", "zero2"))
+    assert not any("cannot run" in rows[k] for k in ("ddp", "zero3", "fsdp"))

@@ -146,6 +146,8 @@ def _important_only(handler):
             in_traceback = in_traceback or "Traceback (most recent call last)" in line
             if "RayDeprecationWarning" in line and "/ray/" in line:
                 continue  # Ray calling its own deprecated API: nothing a raylm user can act on
+            if "Detected no triton" in line:
+                continue  # torchao's import-time print on a CPU build of torch (no Triton to have)
             if in_traceback or IMPORTANT.search(line) or line.startswith(KEPT_PREFIX):
                 kept.append(line)
         if kept:

@@ -217,7 +217,10 @@ def train_loop(config: dict) -> dict | None:
             right = torch.tensor(answered(), dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(right)
-        before["exact_match_before"] = {"exact_match": (right[0] / right[1]).item(), "examples": int(right[1])}
+        before["exact_match_before"] = {
+            "exact_match": (right[0] / right[1]).item(),
+            "examples": int(right[1]),
+        }
 
     # ---- train -------------------------------------------------------------------------------
     engine.model.train()
