@@ -10,9 +10,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-# Ray Train's controller polls its workers every 2 s by default, so a finished run ends up to 2 s
-# later; the suite runs dozens of short fits (inherited by the local Ray's processes).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
