@@ -93,10 +93,7 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    from raylm.models import transformer_blocks
-    from raylm.train import optim
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     options = {"reshard_after_forward": strategy.reshard_after_forward}
     if strategy.cpu_offload:
@@ -115,9 +112,7 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     model.to("meta")
     if train.precision == "bf16":
         model.to(torch.float32)
-    for block in transformer_blocks(model):
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+    _shard_blocks_then_root(model, options)
     model.to_empty(device="cpu" if strategy.cpu_offload else device)
     for name, value in buffers.items():
         owner, _, leaf = name.rpartition(".")
@@ -126,15 +121,7 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
     del full
-    optimizer = (make_optimizer or optim.adamw)(model, train)
-    return FSDPEngine(
-        model,
-        optimizer,
-        optim.scheduler(optimizer, train, total_steps),
-        train,
-        contextlib.nullcontext(),
-        rebuild=rebuild,
-    )
+    return _engine(model, train, total_steps, contextlib.nullcontext(), make_optimizer, rebuild)
 
 
 def _shard_4bit(model, options, train, total_steps: int, device, make_optimizer, rebuild):
@@ -143,22 +130,28 @@ def _shard_4bit(model, options, train, total_steps: int, device, make_optimizer,
     dtype) shard like any tensor; a layer's quantisation constants stay whole on its module, where
     bitsandbytes finds them again when FSDP swaps in the gathered weight. No mixed-precision policy:
     it would cast the packed codes; the compute dtype is bitsandbytes' and autocast's."""
+    from raylm.train.strategies import autocast, quant_states_to
+
+    _shard_blocks_then_root(model, options)
+    quant_states_to(model, device)
+    return _engine(model, train, total_steps, autocast(train.precision, device), make_optimizer, rebuild)
+
+
+def _shard_blocks_then_root(model, options: dict) -> None:
+    """fully_shard each transformer block (gathered one at a time), then the rest as the root."""
     from torch.distributed.fsdp import fully_shard
 
     from raylm.models import transformer_blocks
-    from raylm.train import optim
-    from raylm.train.strategies import autocast, quant_states_to
 
     for block in transformer_blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
-    quant_states_to(model, device)
+
+
+def _engine(model, train, total_steps: int, autocast, make_optimizer, rebuild) -> FSDPEngine:
+    from raylm.train import optim
+
     optimizer = (make_optimizer or optim.adamw)(model, train)
     return FSDPEngine(
-        model,
-        optimizer,
-        optim.scheduler(optimizer, train, total_steps),
-        train,
-        autocast(train.precision, device),
-        rebuild=rebuild,
+        model, optimizer, optim.scheduler(optimizer, train, total_steps), train, autocast, rebuild=rebuild
     )
