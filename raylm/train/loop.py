@@ -261,7 +261,8 @@ def train_loop(config: dict) -> dict | None:
             )
             window.zero_()
             window_tokens = 0
-        if step % spec.eval_every == 0 or done:
+        evaluated = step % spec.eval_every == 0 or done
+        if evaluated:
             started = time.perf_counter()
             row.update(evaluate())
             paused += time.perf_counter() - started
@@ -275,7 +276,10 @@ def train_loop(config: dict) -> dict | None:
             started = time.perf_counter()
             save_and_report({**last_row, "step": step, "epoch": loop["epoch"]})
             paused += time.perf_counter() - started
-        elif row:
+        elif evaluated:
+            # Only evaluations go to Ray Train (Tune's schedulers read them): a report is a barrier
+            # across the workers and waits for the controller to take the previous one, while the
+            # progress rows already reach the log, the trackers and the console from rank 0.
             ray.train.report(row)
         if row:
             window_start = time.perf_counter()
