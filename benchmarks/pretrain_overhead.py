@@ -13,8 +13,12 @@ The model of jobs/tinyshakespeare-char.yaml (Llama, 4 layers, 4 heads, hidden 12
 - plain: the same model, tokenizer, packed blocks (raylm.data.pack_batch, same validation split), AdamW
   + schedule + clipping, in a process that never imports Ray, started when no Ray process is alive;
   its throughput is every token over the wall time of its loop (it has no evaluation or checkpoint).
+- plain in Ray Train (`--with-ray-train`): that same loop function as the train function of a
+  1-worker TorchTrainer (2 CPUs) on the embedded Ray raylm starts (raylm.submit.ensure_ray), timed the
+  same way: what Ray Train alone costs this loop, raylm's code aside.
 
-Rounds alternate plain / raylm. Written to benchmarks/results/pretrain_overhead.json.
+Rounds alternate plain / raylm; `pooled` gives each variant's rounds together (each side's tokens over
+its summed seconds). Written to benchmarks/results/pretrain_overhead.json.
 """
 
 from __future__ import annotations
@@ -98,31 +102,68 @@ def plain(spec_file: str) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "final_loss": loss.item()}
 
 
+def in_ray_train(spec_file: str) -> dict:
+    """The plain loop as a Ray Train worker's train function (run in a fresh process: `--in-train SPEC`)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raylm.spec import load_spec
+    from raylm.submit import ensure_ray
+
+    job = load_spec(spec_file)
+    ensure_ray(job)  # the embedded Ray raylm runs its jobs on
+    trainer = TorchTrainer(
+        lambda: plain(spec_file),
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker=job.resources.per_worker),
+        run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="raylm-bench-train-")),
+    )
+    return trainer.fit().return_value
+
+
 def ray_alive() -> bool:
     return subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True).returncode == 0
 
 
-def run_plain(spec_file: Path) -> dict:
+def no_ray_alive() -> None:
     deadline = time.time() + 120
-    while ray_alive():  # the plain loop runs with no Ray process beside it
+    while ray_alive():
         if time.time() > deadline:
             raise SystemExit("a Ray process is still alive: stop it (ray stop) before benchmarking")
         time.sleep(1)
+
+
+def run_plain(spec_file: Path, mode: str = "--plain") -> dict:
+    no_ray_alive()  # the plain loop runs with no Ray process beside it; the others start their own
     out = subprocess.run(
-        [sys.executable, __file__, "--plain", str(spec_file)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, mode, str(spec_file)], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_raylm(spec_file: Path, output: Path) -> dict:
+    no_ray_alive()
     subprocess.run([sys.executable, "-m", "raylm", "run", str(spec_file)], check=True, capture_output=True)
     summary = json.loads((output / "summary.json").read_text())
     return {**summary["throughput"], "final_loss": summary["metrics"].get("loss")}
 
 
+def pooled(rows: list[dict]) -> dict:
+    """A variant's rounds together: each side's tokens over its summed seconds, and the ratios to plain."""
+    sides = [side for side in ("plain", "plain_in_ray_train", "raylm") if side in rows[0]]
+    rate = {
+        side: sum(r[side]["tokens"] for r in rows) / sum(r[side]["seconds"] for r in rows) for side in sides
+    }
+    ratios = {f"{side}_ratio": rate[side] / rate["plain"] for side in sides[1:]}
+    return {"rounds": len(rows), **{f"{k}_tokens_per_s": v for k, v in rate.items()}, **ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plain", help=argparse.SUPPRESS)
+    parser.add_argument("--in-train", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--with-ray-train", action="store_true", help="also time the plain loop inside a Ray Train worker"
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
@@ -133,6 +174,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.plain:
         print(json.dumps(plain(args.plain)))
+        return
+    if args.in_train:
+        print(json.dumps(in_ray_train(args.in_train)))
         return
 
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
@@ -146,25 +190,26 @@ def main() -> None:
                 yaml.safe_dump(spec_for(args.corpus, args.steps, VARIANTS[name], str(output)))
             )
             base = run_plain(spec_file)
-            ours = run_raylm(spec_file, output)
-            row = {
-                "variant": name,
-                "round": round_,
-                "plain": base,
-                "raylm": ours,
-                "ratio": ours["tokens_per_s"] / base["tokens_per_s"],
-            }
+            row = {"variant": name, "round": round_, "plain": base}
+            if args.with_ray_train:
+                row["plain_in_ray_train"] = run_plain(spec_file, "--in-train")
+                row["plain_in_ray_train_ratio"] = (
+                    row["plain_in_ray_train"]["tokens_per_s"] / base["tokens_per_s"]
+                )
+            row["raylm"] = run_raylm(spec_file, output)
+            row["ratio"] = row["raylm"]["tokens_per_s"] / base["tokens_per_s"]
             print(json.dumps(row), flush=True)
             rows.append(row)
     result = {
         "command": f"python benchmarks/pretrain_overhead.py --steps {args.steps} --rounds {args.rounds} "
-        f"--variants {args.variants}",
+        f"--variants {args.variants}" + (" --with-ray-train" if args.with_ray_train else ""),
         "model": SPEC["model"]["architecture"],
         "batch_size": SPEC["train"]["batch_size"],
         "seq_len": SPEC["data"]["seq_len"],
         "torch_threads": SPEC["resources"]["cpus_per_worker"],
         "steps": args.steps,
         "rows": rows,
+        "pooled": {name: pooled([r for r in rows if r["variant"] == name]) for name in names},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

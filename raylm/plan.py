@@ -207,7 +207,9 @@ def method_terms(job) -> dict:
 
     as_spec = TypeAdapter(StrategySpec).validate_python
     every = (*CANDIDATES, ("zero3", {"name": "deepspeed", "stage": 3}))  # auto's, and the estimate's last row
-    refused = tuple(key for key, strategy in every if methods.refusal(job.method, as_spec(strategy)))
+    refused = tuple(
+        key for key, strategy in every if methods.refusal(job.method, as_spec(strategy), job.train)
+    )
     if refused:
         terms["exclude"] = refused
     return terms

@@ -201,3 +201,11 @@ def test_estimate_of_a_qlora_spec_counts_what_auto_counts(tmp_path):
     assert rows["ddp"].split()[2] == f"{lora * 4 / 2**20:.2f}"  # gradients: the LoRA weights' only
     assert all("cannot run" in rows[k] for k in ("zero1", "zero2"))
     assert not any("cannot run" in rows[k] for k in ("ddp", "zero3", "fsdp"))
+
+    # with bf16 mixed precision DeepSpeed would cast the packed codes: ZeRO-3 is refused too, so
+    # strategy: auto cannot pick it
+    (tmp_path / "bf16.yaml").write_text(yaml.safe_dump({**spec, "train": {"precision": "bf16"}}))
+    out = CliRunner().invoke(main, ["estimate", str(tmp_path / "bf16.yaml")])
+    assert out.exit_code == 0, out.output
+    marked = [line.split()[0] for line in out.output.splitlines() if "cannot run" in line]
+    assert sorted(marked) == ["zero1", "zero2", "zero3"], out.output

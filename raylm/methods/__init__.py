@@ -8,7 +8,7 @@ A method module holds its spec block and what it does to a model:
 optional:
     merge(model) -> plain model           the method can be folded into the base (`output.merge`)
     ARTIFACT = "model"                    the artifact folder's name under the output (default "adapter")
-    refuses(strategy, method) -> str | None   why a (concrete) strategy cannot run it
+    refuses(strategy, method, train) -> str | None   why a (concrete) strategy cannot run it
     check(job)                            raise ValueError for a spec combination it cannot run
     load_base(path, method, device, revision, trust_remote_code)   a base it loads its own way (4-bit)
     optimizer(params, lr, betas, method)  an optimizer other than AdamW
@@ -61,7 +61,7 @@ def mergeable() -> list[str]:
     return [name for name, m in METHODS.items() if hasattr(m, "merge")]
 
 
-def refusal(method, strategy) -> str | None:
-    """Why `strategy` (a concrete strategy spec) cannot run `method`, or None."""
+def refusal(method, strategy, train) -> str | None:
+    """Why `strategy` (a concrete strategy spec) cannot run `method` with the `train` section, or None."""
     refuses = getattr(METHODS[method.name], "refuses", None)
-    return refuses(strategy, method) if refuses else None
+    return refuses(strategy, method, train) if refuses else None

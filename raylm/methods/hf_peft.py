@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def refuses_sharded_blocks(strategy, method) -> str | None:
+def refuses_sharded_blocks(strategy, method, train) -> str | None:
     """Prompt learning keeps its virtual-token encoder outside the transformer blocks."""
     if strategy.name == "fsdp" or getattr(strategy, "stage", None) == 3:
         return (

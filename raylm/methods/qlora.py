@@ -37,9 +37,15 @@ class QLoraMethod(LoraMethod):
 Spec = QLoraMethod
 
 
-def refuses(strategy, method) -> str | None:
+def refuses(strategy, method, train) -> str | None:
     if strategy.name in ("ddp", "auto"):
         return None
+    if strategy.name == "deepspeed" and train.precision != "fp32":
+        return (
+            f"under deepspeed with train.precision {train.precision}: DeepSpeed's {train.precision} mode "
+            "casts every weight, the packed 4-bit codes too; leave precision fp32 (the base already "
+            "computes in method.compute_dtype)"
+        )
     if strategy.name == "deepspeed" and strategy.stage < 3:
         return (
             f"with ZeRO-{strategy.stage} keeps a whole 4-bit base on every worker, as ddp does: use "
@@ -84,12 +90,6 @@ def check(job) -> None:
         raise ValueError(
             "train.compile with method qlora: bitsandbytes' 4-bit matmuls break torch.compile's graphs "
             "(no speed-up); leave compile off"
-        )
-    if job.strategy.name == "deepspeed" and job.train.precision != "fp32":
-        raise ValueError(
-            f"train.precision {job.train.precision} with method qlora under deepspeed: DeepSpeed's "
-            f"{job.train.precision} mode casts every weight, the packed 4-bit codes too; leave precision "
-            "fp32 (the base already computes in method.compute_dtype)"
         )
 
 

@@ -146,7 +146,7 @@ class FinetuneJob(TrainingJob):
                 f"train.keep_sparsity with method {self.method.name}: only methods that train the weights "
                 "themselves (full, freeze) can keep their zeros; an adapter merged into them would fill them"
             )
-        reason = refusal(self.method, self.strategy)
+        reason = refusal(self.method, self.strategy, self.train)
         if reason:
             raise ValueError(f"method {self.method.name} {reason}")
         if self.output.merge and self.method.name not in mergeable():

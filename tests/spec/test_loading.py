@@ -165,6 +165,15 @@ def finetune(**sections):
     [
         ({"method": "qlora", "strategy": "fsdp"}, "spec", "needs method.optimizer: adamw"),
         ({"method": "qlora", "strategy": {"name": "deepspeed", "stage": 2}}, "spec", "whole 4-bit base"),
+        (
+            {
+                "method": "qlora",
+                "strategy": {"name": "deepspeed", "stage": 3},
+                "train": {"precision": "bf16"},
+            },
+            "spec",
+            "leave precision fp32",
+        ),
         ({"method": "prompt", "strategy": "fsdp"}, "spec", "prompt learning"),
         ({"method": "prefix", "strategy": {"name": "deepspeed", "stage": 3}}, "spec", "ZeRO-3"),
         ({"method": "adapter", "output": {"path": "x", "merge": True}}, "spec", "cannot be merged"),
