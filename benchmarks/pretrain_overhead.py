@@ -17,7 +17,7 @@ The model of jobs/tinyshakespeare-char.yaml (Llama, 4 layers, 4 heads, hidden 12
   1-worker TorchTrainer (2 CPUs) on the embedded Ray raylm starts (raylm.submit.ensure_ray), timed the
   same way: what Ray Train alone costs this loop, raylm's code aside.
 
-Rounds alternate plain / raylm; `pooled` gives each variant's rounds together (each side's tokens over
+Rounds alternate plain / plain in Ray Train (when asked) / raylm; `pooled` gives each variant's rounds together (each side's tokens over
 its summed seconds). Written to benchmarks/results/pretrain_overhead.json.
 """
 
@@ -132,8 +132,9 @@ def no_ray_alive() -> None:
         time.sleep(1)
 
 
-def run_plain(spec_file: Path, mode: str = "--plain") -> dict:
-    no_ray_alive()  # the plain loop runs with no Ray process beside it; the others start their own
+def run_loop(spec_file: Path, mode: str) -> dict:
+    """The plain loop in a fresh process, alone (`--plain`) or inside Ray Train (`--in-train`)."""
+    no_ray_alive()  # the plain process runs with no Ray beside it; the in-train one starts its own
     out = subprocess.run(
         [sys.executable, __file__, mode, str(spec_file)], capture_output=True, text=True, check=True
     )
@@ -189,10 +190,10 @@ def main() -> None:
             spec_file.write_text(
                 yaml.safe_dump(spec_for(args.corpus, args.steps, VARIANTS[name], str(output)))
             )
-            base = run_plain(spec_file)
+            base = run_loop(spec_file, "--plain")
             row = {"variant": name, "round": round_, "plain": base}
             if args.with_ray_train:
-                row["plain_in_ray_train"] = run_plain(spec_file, "--in-train")
+                row["plain_in_ray_train"] = run_loop(spec_file, "--in-train")
                 row["plain_in_ray_train_ratio"] = (
                     row["plain_in_ray_train"]["tokens_per_s"] / base["tokens_per_s"]
                 )
