@@ -17,8 +17,9 @@ The model of jobs/tinyshakespeare-char.yaml (Llama, 4 layers, 4 heads, hidden 12
   1-worker TorchTrainer (2 CPUs) on the embedded Ray raylm starts (raylm.submit.ensure_ray), timed the
   same way: what Ray Train alone costs this loop, raylm's code aside.
 
-Rounds alternate plain / plain in Ray Train (when asked) / raylm; `pooled` gives each variant's rounds together (each side's tokens over
-its summed seconds). Written to benchmarks/results/pretrain_overhead.json.
+Rounds alternate plain / plain in Ray Train (when asked) / raylm; `pooled` gives each variant's
+rounds together (each side's tokens over its summed seconds). Written to
+benchmarks/results/pretrain_overhead.json.
 """
 
 from __future__ import annotations
