@@ -57,10 +57,10 @@ def pretrain_base(folder: Path, steps: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raylm.corpus import stories
+    from raylm.data.corpus import stories
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.models import architecture_config
     from raylm.spec.sections import Architecture
-    from raylm.tokenizer import train_tokenizer
 
     texts = stories(3000, seed=0)
     tokenizer = train_tokenizer(texts, "bpe", 512, 2)

@@ -10,7 +10,7 @@ The model of jobs/tinyshakespeare-char.yaml (Llama, 4 layers, 4 heads, hidden 12
 - raylm: `raylm run` on that spec (1 worker of 2 CPUs, no evaluation or checkpoint before the end),
   in its own process; its throughput is summary.json's `throughput`: every token of the run over the
   training time, epoch boundaries and data waits included, evaluation and checkpointing not.
-- plain: the same model, tokenizer, packed blocks (raylm.data.pack_batch, same validation split), AdamW
+- plain: the same model, tokenizer, packed blocks (raylm.data.pipeline.pack_batch, same validation split), AdamW
   + schedule + clipping, in a process that never imports Ray, started when no Ray process is alive;
   its throughput is every token over the wall time of its loop (it has no evaluation or checkpoint).
 - plain in Ray Train (`--with-ray-train`): that same loop function as the train function of a
@@ -61,10 +61,10 @@ def plain(spec_file: str) -> dict:
     import numpy as np
     import torch
 
-    from raylm.data import pack_batch
+    from raylm.data.pipeline import pack_batch
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.models import build_model
     from raylm.spec import load_spec
-    from raylm.tokenizer import train_tokenizer
     from raylm.train import optim
 
     job = load_spec(spec_file)

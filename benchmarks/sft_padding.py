@@ -29,7 +29,7 @@ VARIANTS = {
 
 
 def make_data(folder: Path, examples: int) -> Path:
-    from raylm.corpus import stories
+    from raylm.data.corpus import stories
 
     rng = random.Random(0)
     rows = []
@@ -49,9 +49,9 @@ def base_model(folder: Path, data: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.models import architecture_config
     from raylm.spec.sections import Architecture
-    from raylm.tokenizer import train_tokenizer
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     tokenizer = train_tokenizer([r["prompt"] + r["completion"] for r in rows], "char", 0)

@@ -167,10 +167,10 @@ def main() -> None:
 
     import numpy as np
 
-    from raylm.data import configure_ray_data, documents, packed_blocks
+    from raylm.data.pipeline import configure_ray_data, documents, packed_blocks
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.spec import validate_dict
     from raylm.submit import start_local_ray
-    from raylm.tokenizer import train_tokenizer
 
     start_local_ray(num_cpus=4)  # as `raylm run` starts it on this machine
     configure_ray_data()

@@ -55,7 +55,7 @@ def check_logging(logging) -> list[tuple[str, str]]:
 
 def check_finetune(job) -> list[tuple[str, str]]:
     """What needs the model: a tokenizer source, target modules that exist, a chat template."""
-    from raylm.tokenizer import load_tokenizer
+    from raylm.data.tokenizer import load_tokenizer
 
     if job.model.path is None and job.tokenizer.path is None:
         return [("tokenizer.path", "a model built from an architecture needs tokenizer.path")]

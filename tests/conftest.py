@@ -21,7 +21,7 @@ def ray_local():
 
     # Logical CPUs: two training workers plus room for Ray Data's tasks on a 2-core machine.
     start_local_ray(num_cpus=4)
-    from raylm.data import configure_ray_data
+    from raylm.data.pipeline import configure_ray_data
 
     configure_ray_data()
     yield ray
@@ -95,11 +95,11 @@ def sft_base(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raylm.corpus import stories
+    from raylm.data.corpus import stories
+    from raylm.data.tasks import generate
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.models import architecture_config
     from raylm.spec.sections import Architecture
-    from raylm.tasks import generate
-    from raylm.tokenizer import train_tokenizer
 
     texts = list(stories(300, seed=0))
     examples = generate("arithmetic", 200, seed=0)

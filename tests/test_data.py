@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylm.corpus import stories
-from raylm.data import check_data, documents, packed_blocks, resolve_format
+from raylm.data.corpus import stories
+from raylm.data.pipeline import check_data, documents, packed_blocks, resolve_format
+from raylm.data.tokenizer import train_tokenizer
 from raylm.spec.sections import DataSpec
-from raylm.tokenizer import train_tokenizer
 
 TEXTS = stories(200, seed=1)
 

@@ -4,13 +4,13 @@ the rows depend on, and read by each worker in a disjoint, resumable order."""
 import numpy as np
 import pytest
 
-from raylm.corpus import stories
-from raylm.data import documents, packed_blocks
-from raylm.datacache import cache_key, ensure, load_manifest
-from raylm.sft import examples, token_rows
+from raylm.data.cache import cache_key, ensure, load_manifest
+from raylm.data.corpus import stories
+from raylm.data.pipeline import documents, packed_blocks
+from raylm.data.sft import examples, token_rows
+from raylm.data.tokenizer import train_tokenizer
 from raylm.spec.sections import DataSpec
 from raylm.spec.sft import SFTDataSpec
-from raylm.tokenizer import train_tokenizer
 from raylm.train.reader import CachedSplit, TrainShard, val_batches
 
 TEXTS = stories(300, seed=2)

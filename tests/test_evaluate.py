@@ -10,7 +10,7 @@ def test_ranks_answering_in_lockstep_count_what_generate_answers(sft_base):
     right answers add up to 5 of 10; the single-process exact match says 0.5."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raylm.corpus import stories
+    from raylm.data.corpus import stories
     from raylm.evaluate import exact_match, exact_match_share
 
     tokenizer = AutoTokenizer.from_pretrained(sft_base)

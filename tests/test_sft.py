@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from raylm.sft import IGNORE, check_sft_data, encode, examples, held_out, render, token_rows
+from raylm.data.sft import IGNORE, check_sft_data, encode, examples, held_out, render, token_rows
 from raylm.spec.sft import SFTDataSpec
 
 CHATML = (
@@ -94,8 +94,8 @@ def test_dynamic_padding_leaves_the_loss_unchanged(tokenizer, sft_base):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raylm.sft import collate
-    from raylm.tasks import generate
+    from raylm.data.sft import collate
+    from raylm.data.tasks import generate
     from raylm.train.loop import to_longest
 
     spec = SFTDataSpec(generate={"task": "arithmetic"}, seq_len=64)

@@ -49,7 +49,7 @@ def check_causal_lm(folder: Path, where: str) -> list[tuple[str, str]]:
 
 def check_inputs(job) -> list[tuple[str, str]]:
     """The model folder and the text a compression job reads, before any work."""
-    from raylm.data import check_data
+    from raylm.data.pipeline import check_data
 
     problems = check_causal_lm(Path(job.model.path).expanduser(), "model.path")
     if problems:
@@ -84,8 +84,8 @@ def packed(job, validation: bool, count: int, seq_len: int | None = None) -> lis
     pretraining, in a fixed order."""
     from ray.data.expressions import col
 
-    from raylm.data import configure_ray_data, documents, packed_blocks
-    from raylm.tokenizer import load_tokenizer
+    from raylm.data.pipeline import configure_ray_data, documents, packed_blocks
+    from raylm.data.tokenizer import load_tokenizer
 
     configure_ray_data()  # the same blocks in the same order on every run
     data, _ = text_data(job)

@@ -81,7 +81,7 @@ def distillation_loss(teacher, temperature: float, alpha: float):
 def tokenizer_problems(job: DistillJob) -> list[tuple[str, str]]:
     """The student reads the teacher's token ids: a student folder's own tokenizer must be the
     teacher's, and its vocabulary at least as large."""
-    from raylm.tokenizer import load_tokenizer
+    from raylm.data.tokenizer import load_tokenizer
 
     teacher = load_tokenizer(job.teacher.path, trust_remote_code=job.teacher.trust_remote_code)
     vocab = teacher.get_vocab()

@@ -32,8 +32,8 @@ class Finetune:
     """kind: finetune (a raylm.kinds.TrainingKind)."""
 
     def preflight(self, job: FinetuneJob) -> list[tuple[str, str]]:
+        from raylm.data.sft import check_sft_data
         from raylm.preflight import check_finetune, check_training_inputs
-        from raylm.sft import check_sft_data
 
         problems = check_sft_data(job.data) + check_training_inputs(job)
         return problems or check_finetune(job)
@@ -159,8 +159,8 @@ def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dic
 def prepare_data(job: FinetuneJob):
     """The tokenizer, the examples, and where their tokenized splits are (written now unless a cache
     of the same inputs and settings exists): (tokenizer, records, where, splits)."""
-    from raylm.sft import examples, token_rows
-    from raylm.tokenizer import load_tokenizer
+    from raylm.data.sft import examples, token_rows
+    from raylm.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(
         job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
@@ -181,7 +181,7 @@ def prepare_data(job: FinetuneJob):
 
 def held_out_pairs(job: FinetuneJob, tokenizer, records) -> list[tuple[list[int], str]]:
     """(prompt ids, answer) of the held-out examples that exact match answers."""
-    from raylm.sft import held_out, prompt_ids
+    from raylm.data.sft import held_out, prompt_ids
 
     return [
         (prompt_ids(prompt, tokenizer), answer)

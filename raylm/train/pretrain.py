@@ -33,7 +33,7 @@ class Pretrain:
     """kind: pretrain (a raylm.kinds.TrainingKind)."""
 
     def preflight(self, job: PretrainJob) -> list[tuple[str, str]]:
-        from raylm.data import check_data
+        from raylm.data.pipeline import check_data
         from raylm.preflight import check_training_inputs
 
         return check_data(job.data) + check_training_inputs(job)
@@ -74,7 +74,7 @@ class Pretrain:
 
 
 def run_pretrain(kind: Pretrain, job: PretrainJob) -> dict:
-    from raylm.data import documents, packed_blocks
+    from raylm.data.pipeline import documents, packed_blocks
     from raylm.train.reader import CachedSplit
 
     output = job.output.path
@@ -127,8 +127,8 @@ def run_pretrain(kind: Pretrain, job: PretrainJob) -> dict:
 
 def prepare_tokenizer(job: PretrainJob, docs, local_output: Path | None):
     """The run's tokenizer: the one saved by an earlier attempt of this run, a given one, or a new one."""
-    from raylm.data import corpus_sample
-    from raylm.tokenizer import load_tokenizer, train_tokenizer
+    from raylm.data.pipeline import corpus_sample
+    from raylm.data.tokenizer import load_tokenizer, train_tokenizer
 
     saved = local_output / "tokenizer" if local_output else None
     if saved is not None and (saved / "tokenizer_config.json").exists():

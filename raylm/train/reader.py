@@ -1,4 +1,4 @@
-"""Each worker's batches, read straight from the tokenized cache (raylm/datacache.py).
+"""Each worker's batches, read straight from the tokenized cache (raylm/data/cache.py).
 
 An epoch is one order of the cache's rows, the same on every worker: the rows are cut into windows
 of `data.shuffle_buffer` rows, the windows visited in a seeded random order and each one shuffled
@@ -22,7 +22,7 @@ class CachedSplit:
     """One split of a cache: contiguous row ranges read from its Parquet files."""
 
     def __init__(self, where: str, split: str, info: dict):
-        from raylm.datacache import filesystem
+        from raylm.data.cache import filesystem
 
         self.fs, root = filesystem(where)
         self.folder = f"{root}/{split}"

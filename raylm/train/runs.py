@@ -38,7 +38,7 @@ def prepare_run(job) -> Path | None:
     (None for a storage URI)."""
     from raylm import storage
     from raylm.capacity import check_capacity
-    from raylm.data import configure_ray_data
+    from raylm.data.pipeline import configure_ray_data
 
     check_capacity(job.resources)
     for section in job.path_sections:
@@ -90,10 +90,10 @@ def announce(job, strategy: dict, why: str, total_steps: int, extra: str) -> Non
 
 
 def tokenized(job, tokenizer, make_rows, val_limit: int | None = None) -> tuple[str, dict]:
-    """The run's tokenized data (raylm/datacache.py): (where, manifest), written from the Ray Dataset
+    """The run's tokenized data (raylm/data/cache.py): (where, manifest), written from the Ray Dataset
     `make_rows()` returns unless a cache of the same inputs, tokenizer and settings exists."""
-    from raylm.datacache import cache_key, ensure
-    from raylm.sources import dataset_inputs
+    from raylm.data.cache import cache_key, ensure
+    from raylm.data.sources import dataset_inputs
 
     inputs = job.data.paths + (dataset_inputs(job.data.dataset) if job.data.dataset else [])
     from raylm import storage

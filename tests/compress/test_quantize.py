@@ -55,7 +55,7 @@ def quantized(trained, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts(trained):
     """20 prompts the model did not train on: the starts of stories from another seed."""
-    from raylm.corpus import stories
+    from raylm.data.corpus import stories
 
     tokenizer = AutoTokenizer.from_pretrained(trained)
     return [tokenizer(text, add_special_tokens=False)["input_ids"][:12] for text in stories(20, seed=99)]
@@ -274,10 +274,10 @@ def test_gguf_file_reads_back_and_loads_with_the_formats_error(label, quantized,
 def test_a_byte_level_bpe_tokenizer_survives_the_gguf_file(tmp_path):
     """transformers rebuilds the same tokenizer from the file's vocabulary and merges."""
     from raylm.compress.gguf import write
-    from raylm.corpus import stories
+    from raylm.data.corpus import stories
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.models import architecture_config
     from raylm.spec.sections import Architecture
-    from raylm.tokenizer import train_tokenizer
 
     texts = stories(200, seed=1)
     tokenizer = train_tokenizer(texts, "bpe", 300)

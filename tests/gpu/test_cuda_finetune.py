@@ -13,9 +13,9 @@ pytestmark = [
 
 
 def arithmetic_batches(tokenizer, n, size=16, seed=1):
-    from raylm.sft import collate, encode
+    from raylm.data.sft import collate, encode
+    from raylm.data.tasks import generate
     from raylm.spec.sft import SFTDataSpec
-    from raylm.tasks import generate
 
     spec = SFTDataSpec(generate={}, seq_len=32)
     rows = [encode(e["prompt"], e["completion"], tokenizer, spec) for e in generate("arithmetic", 400, seed)]

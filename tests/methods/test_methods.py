@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from raylm import methods
+from raylm.data.sft import collate, encode
+from raylm.data.tasks import generate
 from raylm.methods import MethodSpec
-from raylm.sft import collate, encode
 from raylm.spec.sft import SFTDataSpec
-from raylm.tasks import generate
 from tests.conftest import SFT_BASE as SHAPE
 
 H, LAYERS, HEADS, KV_HEADS, FFN = (

@@ -78,9 +78,9 @@ def test_distillation_loss_is_the_formula():
 def test_a_student_with_another_tokenizer_is_refused(tmp_path, sft_base):
     from transformers import AutoModelForCausalLM
 
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.models import architecture_config
     from raylm.spec.sections import Architecture
-    from raylm.tokenizer import train_tokenizer
 
     other = train_tokenizer(["a completely different alphabet: xyz 123"], "char", 0)
     folder = tmp_path / "student"

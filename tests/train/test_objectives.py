@@ -106,10 +106,10 @@ def test_accuracy_picks_the_highest_length_normalised_choice():
 
 
 def test_choice_rows_keep_each_examples_choices_together():
-    from raylm.sft import tokenize_batch
+    from raylm.data.sft import tokenize_batch
+    from raylm.data.tasks import generate
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.spec.sft import SFTDataSpec
-    from raylm.tasks import generate
-    from raylm.tokenizer import train_tokenizer
 
     rows = generate("recall", 40, seed=1, choices=4)
     tokenizer = train_tokenizer([r["prompt"] + "".join(r["choices"]) for r in rows], "char", 0)

@@ -38,8 +38,8 @@ def test_the_cache_of_a_relative_output_is_named_absolutely(ray_local, tmp_path,
     reach them as an absolute path."""
     from pathlib import Path
 
-    from raylm.data import documents, packed_blocks
-    from raylm.tokenizer import train_tokenizer
+    from raylm.data.pipeline import documents, packed_blocks
+    from raylm.data.tokenizer import train_tokenizer
     from raylm.train.reader import CachedSplit
     from raylm.train.runs import tokenized
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from raylm.corpus import NAMES, THINGS
+from raylm.data.corpus import NAMES, THINGS
 
 # Words of the generated story corpus (the quickstart's tokenizer has each as one token): a base model
 # pretrained on the stories knows them, but not the tasks' formats.

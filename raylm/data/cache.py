@@ -1,6 +1,6 @@
 """Tokenized data, written once as Parquet shards and read by every later run and resume.
 
-    from raylm.datacache import cache_key, ensure
+    from raylm.data.cache import cache_key, ensure
     key = cache_key(job.data, tokenizer, inputs=job.data.paths)
     cache = ensure(f"{root}/{key}", lambda: token_rows(...))   # tokenizes only on a miss
 

@@ -1,6 +1,6 @@
 """Supervised examples -> (prompt, response) text -> token rows with response-only labels, in Ray Data.
 
-    from raylm.sft import check_sft_data, examples, token_rows
+    from raylm.data.sft import check_sft_data, examples, token_rows
     rows = token_rows(examples(spec.data), tokenizer, spec.data)   # both splits, `val` marks one
 
 Formats: `completion` (prompt/completion fields), `alpaca` (instruction/input/output, rendered with
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raylm.sources import (
+from raylm.data.sources import (
     check_dataset,
     files_under,
     in_validation,
@@ -192,7 +192,7 @@ def examples(spec: SFTDataSpec):
     import ray.data
 
     if spec.generate is not None:
-        from raylm.tasks import generate
+        from raylm.data.tasks import generate
 
         task = spec.generate
         choices = spec.num_choices if spec.format == "choices" else 0

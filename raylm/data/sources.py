@@ -1,7 +1,7 @@
 """What the pretraining and supervised data pipelines share about their inputs: finding files,
 `datasets.save_to_disk` folders, the first checks on a file, and the hash split.
 
-    from raylm.sources import in_validation, is_saved_dataset, load_saved_dataset
+    from raylm.data.sources import in_validation, is_saved_dataset, load_saved_dataset
 """
 
 from __future__ import annotations

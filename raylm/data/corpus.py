@@ -1,6 +1,6 @@
 """A small corpus raylm writes itself, so the quickstart and tests need no downloads.
 
-    python -c "from raylm.corpus import stories; print(stories(2)[0])"
+    python -c "from raylm.data.corpus import stories; print(stories(2)[0])"
 
 Templated children's stories: a fixed vocabulary and regular grammar that a tiny model learns in a
 few hundred steps, so a sample generation after the quickstart reads like the corpus.

@@ -1,11 +1,11 @@
 """Ray Data pipeline: read text / JSONL / Parquet / save_to_disk folders -> tokenize -> pack -> split.
 
-    from raylm.data import check_data, documents, packed_blocks
+    from raylm.data.pipeline import check_data, documents, packed_blocks
     problems = check_data(spec.data)            # before any worker starts
     blocks = packed_blocks(documents(spec.data), tokenizer, spec.data)   # rows: input_ids, val
 
 Tokenizing and packing run in parallel Ray tasks (`map_batches`); the train split streams to the
-tokenized cache (raylm/datacache.py) that the workers read. Each packed block goes to the validation
+tokenized cache (raylm/data/cache.py) that the workers read. Each packed block goes to the validation
 split by a hash of its tokens, so the split is deterministic and needs no pass over the data to count.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raylm.sources import (
+from raylm.data.sources import (
     check_dataset,
     files_under,
     in_validation,
@@ -141,7 +141,7 @@ def documents(spec: DataSpec):
 
     fmt = resolve_format(spec)
     if fmt == "generated":
-        from raylm.corpus import stories
+        from raylm.data.corpus import stories
 
         return ray.data.from_items(
             [{"text": s} for s in stories(spec.generate.documents, spec.generate.seed)]
