@@ -59,7 +59,7 @@ def pretrain_base(folder: Path, steps: int) -> None:
 
     from raylm.data.corpus import stories
     from raylm.data.tokenizer import train_tokenizer
-    from raylm.models import architecture_config
+    from raylm.planning.models import architecture_config
     from raylm.spec.sections import Architecture
 
     texts = stories(3000, seed=0)

@@ -8,7 +8,7 @@ layers, hidden 512, vocab 2048, batch 4 x 128). Measured: the most host memory a
 added from just before it built the model to the end of training (Linux's peak-RSS counter, reset
 then; raylm reports it per rank in summary.json's host_memory.train), the larger of the two ranks.
 glibc returns large freed blocks at once (MALLOC_MMAP_THRESHOLD_=65536), so the peak follows live
-memory. Predicted: raylm.memory.estimate for the same strategy, precision, model.dtype, 2 workers,
+memory. Predicted: raylm.planning.memory.estimate for the same strategy, precision, model.dtype, 2 workers,
 batch and sequence, unadjusted. bf16 runs load the weights in bfloat16 (model.dtype).
 Written to benchmarks/results/memory_estimate.json.
 """
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # before Ray starts: its workers inherit it
 
-    from raylm.memory import estimate, shape_of_job
+    from raylm.planning.memory import estimate, shape_of_job
     from raylm.spec import validate_dict
     from raylm.submit import run_here
 

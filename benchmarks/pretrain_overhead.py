@@ -14,7 +14,7 @@ The model of jobs/tinyshakespeare-char.yaml (Llama, 4 layers, 4 heads, hidden 12
   + schedule + clipping, in a process that never imports Ray, started when no Ray process is alive;
   its throughput is every token over the wall time of its loop (it has no evaluation or checkpoint).
 - plain in Ray Train (`--with-ray-train`): that same loop function as the train function of a
-  1-worker TorchTrainer (2 CPUs) on the embedded Ray raylm starts (raylm.submit.ensure_ray), timed the
+  1-worker TorchTrainer (2 CPUs) on the embedded Ray raylm starts (raylm.runtime.cluster.ensure_ray), timed the
   same way: what Ray Train alone costs this loop, raylm's code aside.
 
 Rounds alternate plain / plain in Ray Train (when asked) / raylm; `pooled` gives each variant's
@@ -63,7 +63,7 @@ def plain(spec_file: str) -> dict:
 
     from raylm.data.pipeline import pack_batch
     from raylm.data.tokenizer import train_tokenizer
-    from raylm.models import build_model
+    from raylm.planning.models import build_model
     from raylm.spec import load_spec
     from raylm.train import optim
 
@@ -108,8 +108,8 @@ def in_ray_train(spec_file: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raylm.runtime.cluster import ensure_ray
     from raylm.spec import load_spec
-    from raylm.submit import ensure_ray
 
     job = load_spec(spec_file)
     ensure_ray(job)  # the embedded Ray raylm runs its jobs on

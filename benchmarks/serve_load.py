@@ -117,10 +117,10 @@ def main() -> None:
     from ray import serve
 
     from raylm.compress import bnb
+    from raylm.runtime.cluster import start_local_ray
     from raylm.serve.driver import deploy
     from raylm.spec import validate_dict
     from raylm.spec.compress import QuantizeJob
-    from raylm.submit import start_local_ray
 
     model = Path(args.model)
     work = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))

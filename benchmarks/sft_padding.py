@@ -50,7 +50,7 @@ def base_model(folder: Path, data: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from raylm.data.tokenizer import train_tokenizer
-    from raylm.models import architecture_config
+    from raylm.planning.models import architecture_config
     from raylm.spec.sections import Architecture
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]

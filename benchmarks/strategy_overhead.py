@@ -4,7 +4,7 @@
     python benchmarks/strategy_overhead.py --steps 150 --rounds 2 --strategies ddp fsdp
 
 For each strategy the baseline is the same strategy written by hand: two processes started with
-torch.multiprocessing, a gloo process group, the same model (raylm.models.build_model, same seed),
+torch.multiprocessing, a gloo process group, the same model (raylm.planning.models.build_model, same seed),
 the same packed Tiny Shakespeare blocks (each rank a strided half), batch, AdamW and clipping, one
 torch thread per process: torch DDP, FSDP2 `fully_shard` per block, or `deepspeed.initialize` with
 the same ZeRO config. raylm runs the same on its embedded Ray with 2 workers of 1 CPU and reports
@@ -57,7 +57,7 @@ def bare_worker(rank, world, port, job_dict, tokenizer, blocks, steps, results):
     import torch
     import torch.distributed as dist
 
-    from raylm.models import build_model
+    from raylm.planning.models import build_model
     from raylm.spec import validate_dict
     from raylm.train import optim
 
@@ -169,8 +169,8 @@ def main() -> None:
 
     from raylm.data.pipeline import configure_ray_data, documents, packed_blocks
     from raylm.data.tokenizer import train_tokenizer
+    from raylm.runtime.cluster import start_local_ray
     from raylm.spec import validate_dict
-    from raylm.submit import start_local_ray
 
     start_local_ray(num_cpus=4)  # as `raylm run` starts it on this machine
     configure_ray_data()

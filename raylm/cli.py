@@ -32,7 +32,7 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
 
 def user_errors():
     """Exceptions that mean bad input: printed as a message, exit 2, no traceback."""
-    from raylm.submit import SubmitError
+    from raylm.runtime.cluster import SubmitError
 
     return (SpecError, SubmitError)
 
@@ -235,7 +235,7 @@ def _print_search(summary: dict) -> None:
 )
 def validate(spec_files, overrides, no_files):
     """Check specs and report every problem at once (exit 2 if any)."""
-    from raylm.preflight import check_job
+    from raylm.kinds import preflight as check_job
 
     failed = False
     for spec_file in spec_files:
@@ -320,7 +320,7 @@ def estimate(
     flash_attention,
 ):
     """Per-worker training memory for each strategy: weights, gradients, optimizer, activations."""
-    from raylm import memory, plan
+    from raylm.planning import memory, plan
 
     teacher, terms = 0.0, {}
     try:
@@ -377,7 +377,7 @@ def estimate(
 @click.option("--base", default=None, help="Base model folder (default: the one the run used).")
 def merge(artifact, out, base):
     """Merge a LoRA / QLoRA / IA3 adapter folder into its base: a plain Hugging Face folder."""
-    from raylm.merging import MergeError, merge_adapter
+    from raylm.methods.merging import MergeError, merge_adapter
 
     try:
         merge_adapter(artifact, out, base)

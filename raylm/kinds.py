@@ -3,8 +3,9 @@
 The CLI (`validate`, `schema`, `run`), `raylm.submit` (local runs and the Jobs API) and the training
 loop all find a kind here; the loop receives the driver object itself.
 
-Adding a kind: its spec model (raylm/spec/), its driver module (a class implementing `JobKind`, or
-`TrainingKind` for a kind that trains on the shared loop), one line in KINDS below, and its tests.
+Adding a kind: its spec model (raylm/spec/) and its line in `raylm.spec.loading.JOB_SPECS`, its driver
+module (a class implementing `JobKind`, or `TrainingKind` for a kind that trains on the shared loop), one
+line in KINDS below, and its tests.
 Driver modules load lazily: the registry itself imports only the spec models.
 """
 
@@ -18,12 +19,8 @@ from typing import Annotated, Any, Protocol, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from raylm.spec.compress import PruneJob, QuantizeJob
-from raylm.spec.jobs import DistillJob, FinetuneJob, PretrainJob
-from raylm.spec.serve import ServeJob
-from raylm.spec.tune import TuneJob
-
-Problems = list[tuple[str, str]]  # (dotted field, what is wrong and how to fix it)
+from raylm.spec.loading import JOB_SPECS
+from raylm.spec.reading import Problems
 
 
 class JobKind(Protocol):
@@ -70,13 +67,13 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "pretrain": Kind(PretrainJob, "raylm.train.pretrain:Pretrain"),
-    "finetune": Kind(FinetuneJob, "raylm.train.finetune:Finetune"),
-    "tune": Kind(TuneJob, "raylm.tune.driver:Tune"),
-    "distill": Kind(DistillJob, "raylm.train.distill:Distill"),
-    "quantize": Kind(QuantizeJob, "raylm.compress.quantize:Quantize"),
-    "prune": Kind(PruneJob, "raylm.compress.prune:Prune"),
-    "serve": Kind(ServeJob, "raylm.serve.driver:Serve"),
+    "pretrain": Kind(JOB_SPECS["pretrain"], "raylm.train.pretrain:Pretrain"),
+    "finetune": Kind(JOB_SPECS["finetune"], "raylm.train.finetune:Finetune"),
+    "tune": Kind(JOB_SPECS["tune"], "raylm.tune.driver:Tune"),
+    "distill": Kind(JOB_SPECS["distill"], "raylm.train.distill:Distill"),
+    "quantize": Kind(JOB_SPECS["quantize"], "raylm.compress.quantize:Quantize"),
+    "prune": Kind(JOB_SPECS["prune"], "raylm.compress.prune:Prune"),
+    "serve": Kind(JOB_SPECS["serve"], "raylm.serve.driver:Serve"),
 }
 
 
@@ -90,3 +87,8 @@ def json_schema(kind: str | None = None) -> dict:
         return KINDS[kind].spec.model_json_schema()
     models = tuple(k.spec for k in KINDS.values())
     return TypeAdapter(Annotated[Union[models], Field(discriminator="kind")]).json_schema()  # noqa: UP007
+
+
+def preflight(job) -> Problems:
+    """Every problem the job's kind finds before a worker starts (paths, files, model modules)."""
+    return driver(job).preflight(job)

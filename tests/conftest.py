@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# Ray Train's controller polls its workers every 2 s by default; every fit waits for a poll to notice it
+# ended, so a faster poll saves about a second a fit. The kill tests keep enough reports after their
+# checkpoint to be independent of it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
@@ -17,7 +21,7 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 def ray_local():
     import ray
 
-    from raylm.submit import start_local_ray
+    from raylm.runtime.cluster import start_local_ray
 
     # Logical CPUs: two training workers plus room for Ray Data's tasks on a 2-core machine.
     start_local_ray(num_cpus=4)
@@ -98,7 +102,7 @@ def sft_base(tmp_path_factory):
     from raylm.data.corpus import stories
     from raylm.data.tasks import generate
     from raylm.data.tokenizer import train_tokenizer
-    from raylm.models import architecture_config
+    from raylm.planning.models import architecture_config
     from raylm.spec.sections import Architecture
 
     texts = list(stories(300, seed=0))

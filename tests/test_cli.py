@@ -4,9 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import tiny_spec
+
+pytestmark = pytest.mark.quick
 
 
 def raylm(*args, cwd=None):

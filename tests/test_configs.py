@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raylm.preflight import check_job
+from raylm.kinds import preflight as check_job
 from raylm.spec import load_spec, validate_dict
+
+pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))

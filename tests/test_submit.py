@@ -14,10 +14,11 @@ import httpx
 import pytest
 import yaml
 
-from raylm.submit import SubmitError, check_address, is_loopback
+from raylm.runtime.cluster import SubmitError, check_address, is_loopback
 from tests.conftest import tiny_spec
 
 
+@pytest.mark.quick
 def test_loopback_detection():
     assert (
         is_loopback("http://127.0.0.1:8265")
@@ -27,6 +28,7 @@ def test_loopback_detection():
     assert not is_loopback("http://10.1.2.3:8265") and not is_loopback("http://203.0.113.7:8265")
 
 
+@pytest.mark.quick
 def test_non_loopback_refused_without_token(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     with pytest.raises(SubmitError) as info:
@@ -34,6 +36,7 @@ def test_non_loopback_refused_without_token(monkeypatch):
     assert "RAY_AUTH_MODE=token" in str(info.value)
 
 
+@pytest.mark.quick
 def test_non_loopback_allowed_with_token(monkeypatch, tmp_path):
     token = tmp_path / "token"
     token.write_text(uuid.uuid4().hex)
@@ -46,6 +49,7 @@ def test_non_loopback_allowed_with_token(monkeypatch, tmp_path):
         check_address("10.1.2.3:8265")
 
 
+@pytest.mark.quick
 def test_ray_client_address_is_refused():
     with pytest.raises(SubmitError) as info:
         check_address("ray://127.0.0.1:10001")
@@ -251,6 +255,7 @@ def test_wrong_token_is_a_clear_error(two_node_cluster, tmp_path):
     assert "token" in listed.stderr.lower()
 
 
+@pytest.mark.quick
 def test_hf_token_travels_in_the_job_environment_only(monkeypatch, tmp_path):
     from pathlib import Path
 

@@ -45,7 +45,7 @@ def kept_in_full_precision(source: Path, method, device: str) -> list[str]:
     import torch
     from transformers import AutoConfig
 
-    from raylm.models import meta_model
+    from raylm.planning.models import meta_model
 
     model = meta_model(AutoConfig.from_pretrained(str(source)))
     return [

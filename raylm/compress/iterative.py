@@ -90,8 +90,9 @@ def rewind_task(spec: dict, trained: str, start: str, sparsity: float, initial: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raylm.compress.sparsity import mask_lowest, prunable
-    from raylm.models import build_model
+    from raylm.compress.sparsity import mask_lowest
+    from raylm.methods.blocks import prunable
+    from raylm.planning.models import build_model
     from raylm.spec.compress import PruneJob
     from raylm.spec.sections import ModelSpec
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raylm.compress import inputs, iterative, remote, retrain, staging
+from raylm.methods.blocks import prunable
 from raylm.spec.compress import PruneJob
 
 
@@ -82,13 +83,13 @@ def method_problems(job) -> list[tuple[str, str]]:
     """What the method needs of the model's shapes, checked on the meta device."""
     from transformers import AutoConfig
 
-    from raylm.compress import sparsity, structured
-    from raylm.models import meta_model
+    from raylm.compress import structured
+    from raylm.planning.models import meta_model
 
     model = meta_model(AutoConfig.from_pretrained(job.model.path))
     if job.method.name == "structured":
         return [("method", reason) for reason in structured.problems(model)]
-    layers = sparsity.prunable(model)
+    layers = prunable(model)
     if not layers:
         return [("method", f"found no linear layers inside {type(model).__name__}'s decoder blocks")]
     if job.method.n_m is not None:
@@ -129,7 +130,7 @@ def prune_only_task(spec: dict, calibration, folder: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from raylm.models import build_model
+    from raylm.planning.models import build_model
 
     job = PruneJob(**spec)
     torch.set_num_threads(max(1, int(job.resources.cpus)))
@@ -149,7 +150,7 @@ def prune_task(spec: dict, blocks, prompts, calibration, retrained: dict) -> dic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raylm.compress import measure, sparsity
-    from raylm.models import build_model, count_parameters
+    from raylm.planning.models import build_model, count_parameters
 
     job, device, stage = remote.start(PruneJob, spec)
     source, output = Path(job.model.path).expanduser(), Path(job.output.path)
@@ -158,7 +159,7 @@ def prune_task(spec: dict, blocks, prompts, calibration, retrained: dict) -> dic
     before = measure.model_measures(model, blocks, prompts, job.measure.new_tokens)
     parameters_before = count_parameters(model)[1]
     before_shape = {"heads": model.config.num_attention_heads, "channels": model.config.intermediate_size}
-    names = [f"{name}.weight" for name in sparsity.prunable(model)]
+    names = [f"{name}.weight" for name in prunable(model)]
     method = job.method
     if retrained:
         generation = model.generation_config

@@ -81,7 +81,7 @@ def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]],
     import importlib
 
     from raylm.compress import measure
-    from raylm.models import build_model
+    from raylm.planning.models import build_model
 
     job, device, stage = remote.start(QuantizeJob, spec)
     source, output = Path(job.model.path).expanduser(), Path(job.output.path)

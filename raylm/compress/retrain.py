@@ -63,14 +63,14 @@ def retrain(job, start: Path, run: Path, retraining, label: str) -> tuple[Path, 
     (its model, its summary)."""
     import json
 
-    from raylm.kinds import driver
     from raylm.spec import validate_dict
+    from raylm.train.pretrain import Pretrain
 
     if (run / "summary.json").exists() and (run / "model" / "config.json").exists():
         print(f"[raylm] {run} already trained; reusing it", flush=True)
         return run / "model", json.loads((run / "summary.json").read_text())
     pretrain = validate_dict(pretrain_spec(job, start, run, retraining, label))
-    kind = driver(pretrain)
+    kind = Pretrain()
     found = kind.preflight(pretrain)
     if found:
         raise SpecError(found, source="preflight")

@@ -13,19 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from raylm.models import transformer_blocks
-
-
-def prunable(model) -> dict[str, torch.nn.Linear]:
-    """name -> linear layer, for every linear layer inside the decoder blocks."""
-    blocks = {id(b) for b in transformer_blocks(model)}
-    out = {}
-    for name, module in model.named_modules():
-        if id(module) in blocks:
-            for child, layer in module.named_modules():
-                if isinstance(layer, torch.nn.Linear):
-                    out[f"{name}.{child}"] = layer
-    return out
+from raylm.methods.blocks import prunable, transformer_blocks
 
 
 def mask_lowest(scores: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None, per_row: bool):

@@ -51,7 +51,7 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu")
         model = AutoModelForCausalLM.from_pretrained(str(target.parent), gguf_file=target.name)
         return model.to(device), gguf_tokenizer(target), f"GGUF {target} (de-quantized by transformers)"
     if (target / "adapter_config.json").exists() or (target / "raylm_method.json").exists():
-        from raylm.merging import MergeError, load_adapter
+        from raylm.methods.merging import MergeError, load_adapter
 
         try:
             model, method, base_folder = load_adapter(target, base, device)

@@ -84,7 +84,7 @@ def _places(placement: str) -> tuple[str, ...]:
 
 
 def apply(model, method, tokenizer=None):
-    from raylm.models import transformer_blocks
+    from raylm.methods.blocks import transformer_blocks
 
     Bottleneck = _bottleneck_class()
     for param in model.parameters():

@@ -38,7 +38,7 @@ def check(job) -> None:
 
 
 def apply(model, method, tokenizer=None):
-    from raylm.models import transformer_blocks
+    from raylm.methods.blocks import transformer_blocks
 
     frozen = set()
     if method.freeze_embeddings:

@@ -21,6 +21,10 @@ from pydantic import Field
 from raylm.methods.hf_peft import load, save  # noqa: F401 - the method's artifact
 from raylm.methods.lora import LoraMethod
 
+# Bits per base weight stored by bitsandbytes' 4-bit formats: the 4-bit codes plus an fp32 absmax per
+# 64 weights, or (double quantization) an 8-bit absmax per 64 and an fp32 scale per 256 of those.
+QUANT_BITS = {"nf4": 4 + 32 / 64, "nf4-dq": 4 + 8 / 64 + 32 / (64 * 256)}
+
 
 class QLoraMethod(LoraMethod):
     """QLoRA: the base loaded in 4 bits by bitsandbytes, LoRA on top, a paged 8-bit optimizer."""
@@ -60,8 +64,6 @@ def refuses(strategy, method, train) -> str | None:
 
 
 def base_bits(method) -> float:
-    from raylm.memory import QUANT_BITS
-
     return QUANT_BITS["nf4-dq" if method.double_quant else "nf4"]
 
 
@@ -121,12 +123,12 @@ def load_base(path: str, method, device, revision=None, trust_remote_code=False,
 def apply(model, method, tokenizer=None):
     from peft import prepare_model_for_kbit_training
 
-    from raylm.methods import lora
     from raylm.methods.hf_peft import wrap
+    from raylm.methods.lora import config
 
     # fp32 norms and embeddings; gradient checkpointing is the loop's (train.gradient_checkpointing)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return wrap(model, lora.config(method))
+    return wrap(model, config(method))
 
 
 def optimizer(params, lr: float, betas, method):

@@ -105,7 +105,7 @@ class CompressResources(Section):
     use_gpu: bool = Field(False, description="Run on a GPU worker (one GPU).")
     cpus: float = Field(1, gt=0, description="CPUs reserved for the task; also its torch thread count.")
 
-    # What an embedded local Ray is sized by (raylm.submit.ensure_ray), as for a training job.
+    # What an embedded local Ray is sized by (raylm.runtime.cluster.ensure_ray), as for a training job.
     max_workers = property(lambda self: 1)
     cpus_per_worker = property(lambda self: self.cpus)
 

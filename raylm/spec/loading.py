@@ -1,117 +1,39 @@
-"""YAML -> validated job spec, with `--set a.b=value` overrides and errors written for people."""
+"""A mapping -> the validated job spec of its kind, with errors written for people.
+
+from raylm.spec import load_spec, validate_dict
+job = load_spec("jobs/quickstart.yaml", ["train.lr=3e-4"])
+"""
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from raylm.spec.compress import PruneJob, QuantizeJob
+from raylm.spec.jobs import DistillJob, FinetuneJob, PretrainJob
+from raylm.spec.reading import SpecError, apply_overrides, read_yaml
+from raylm.spec.serve import ServeJob
+from raylm.spec.tune import TuneJob
 
-class SpecError(Exception):
-    """Every problem found in a spec, each with its dotted path and a hint. Picklable across Ray."""
-
-    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
-        self.problems = list(problems)
-        self.source = source
-        super().__init__(self.problems, source)
-
-    def __str__(self) -> str:
-        lines = [f"{self.source}: {len(self.problems)} problem(s)"]
-        lines += [f"  {where}: {what}" for where, what in self.problems]
-        return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise SpecError([(f"--set {text}", "expected KEY=VALUE with a dotted key, e.g. --set train.lr=3e-4")])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise SpecError([(f"--set {text}", f"value is not valid YAML: {err}")]) from None
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
-    return key.strip().split("."), value
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in {"nan", "inf", "-inf", "infinity", "-infinity"}
-
-
-class NotASection(ValueError):
-    """A dotted path runs through a value: `where` (the prefix) holds a `found`, not a mapping."""
-
-    def __init__(self, where: str, found: str):
-        super().__init__(f"{where} is a {found}, not a section")
-        self.where, self.found = where, found
-
-
-def set_dotted(data: dict, keys: list[str], value) -> None:
-    """data[k0][k1]...[kn] = value, creating sections on the way (NotASection when one is a value)."""
-    node = data
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise NotASection(".".join(keys[: depth + 1]), type(child).__name__)
-        node = child
-    node[keys[-1]] = value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        keys, value = parse_override(text)
-        try:
-            set_dotted(data, keys, value)
-        except NotASection as err:
-            raise SpecError([(f"--set {text}", str(err))]) from None
-    return data
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError([("file", f"no such spec file: {path}")], source=str(path))
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise SpecError(
-            [("file", f"not UTF-8 text (byte {err.start}): a spec is a YAML text file; save it as UTF-8")],
-            source=str(path),
-        ) from None
-    except OSError as err:
-        raise SpecError([("file", f"cannot read it: {err.strerror}")], source=str(path)) from None
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "file"
-        raise SpecError(
-            [(where, f"not valid YAML: {getattr(err, 'problem', None) or err}")], source=str(path)
-        ) from None
-    except RecursionError:
-        raise SpecError([("file", "not a spec: nested too deeply")], source=str(path)) from None
-    if len(documents) != 1 or not isinstance(documents[0], dict):
-        raise SpecError([("file", "expected one YAML mapping with a `kind:` key")], source=str(path))
-    return documents[0]
+# The spec model of every job kind, by `kind:`; raylm.kinds pairs each with its driver.
+JOB_SPECS: dict[str, type[BaseModel]] = {
+    "pretrain": PretrainJob,
+    "finetune": FinetuneJob,
+    "tune": TuneJob,
+    "distill": DistillJob,
+    "quantize": QuantizeJob,
+    "prune": PruneJob,
+    "serve": ServeJob,
+}
 
 
 def validate_dict(data: dict, source: str = "spec") -> BaseModel:
-    from raylm.kinds import KINDS  # the registry imports the spec models: not at module level
-
     kind = data.get("kind")
-    if not isinstance(kind, str) or kind not in KINDS:
-        choices = ", ".join(KINDS)
-        hint = _did_you_mean(kind, KINDS) if isinstance(kind, str) else ""
+    if not isinstance(kind, str) or kind not in JOB_SPECS:
+        choices = ", ".join(JOB_SPECS)
+        hint = _did_you_mean(kind, JOB_SPECS) if isinstance(kind, str) else ""
         if kind is None:
             what = "missing: every spec starts with `kind:`"
         elif isinstance(kind, str):
@@ -119,7 +41,7 @@ def validate_dict(data: dict, source: str = "spec") -> BaseModel:
         else:
             what = f"expected a kind name, got a {type(kind).__name__}"
         raise SpecError([("kind", f"{what}; choose one of: {choices}{hint}")], source=source)
-    model = KINDS[kind].spec
+    model = JOB_SPECS[kind]
     try:
         return model.model_validate(data)
     except ValidationError as err:

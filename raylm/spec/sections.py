@@ -380,8 +380,8 @@ class MLflowLogging(Section):
 
     tracking_uri: str | None = Field(
         None,
-        description="http(s)://server:5000, databricks, or a local folder (mlruns); default: "
-        "$MLFLOW_TRACKING_URI, else <output>/mlruns.",
+        description="http(s)://server:5000, databricks, sqlite:///path.db, or a local path (a .db file: "
+        "SQLite; else a folder store); default: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db.",
     )
     experiment: str = Field("raylm", min_length=1, description="Experiment name (created if missing).")
 

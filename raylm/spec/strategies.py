@@ -109,7 +109,7 @@ def strategy_shorthand(value):
 
 
 def memory_key(strategy) -> str:
-    """The raylm.memory strategy a concrete strategy spec is estimated as."""
+    """The raylm.planning.memory strategy a concrete strategy spec is estimated as."""
     if isinstance(strategy, DeepSpeedStrategy):
         return strategy.memory_key
     return strategy.name

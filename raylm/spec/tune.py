@@ -97,7 +97,7 @@ class TuneJob(Section):
             data["metric"] = "exact_match"
         base = data.get("base")
         if isinstance(base, str):
-            from raylm.spec.loading import SpecError, read_yaml
+            from raylm.spec.reading import SpecError, read_yaml
 
             try:
                 base = read_yaml(base)
@@ -118,7 +118,7 @@ class TuneJob(Section):
 
     @model_validator(mode="after")
     def _space_runs(self) -> TuneJob:
-        from raylm.tune.space import SpaceError, corner_overrides, parse
+        from raylm.spec.space import SpaceError, corner_overrides, parse
 
         try:
             space = parse(self.search, self.algorithm)
@@ -159,7 +159,7 @@ class TuneJob(Section):
 
     @property
     def samples(self) -> int:
-        from raylm.tune.space import has_grid, parse
+        from raylm.spec.space import has_grid, parse
 
         if self.num_samples is not None:
             return self.num_samples
@@ -181,8 +181,8 @@ def trial_spec(base: dict, overrides: dict) -> dict:
     """The finetune spec (a dict) of one trial: `base` with the trial's dotted-path values."""
     import copy
 
-    from raylm.spec.loading import NotASection, set_dotted
-    from raylm.tune.space import SpaceError
+    from raylm.spec.reading import NotASection, set_dotted
+    from raylm.spec.space import SpaceError
 
     trial = copy.deepcopy(base)
     for path, value in overrides.items():

@@ -13,8 +13,6 @@ unless `raylm run --verbose`; warnings and errors from any process still reach t
 
 from __future__ import annotations
 
-import logging
-import re
 import sys
 import threading
 
@@ -113,44 +111,3 @@ def format_progress(row: dict, max_steps: int) -> str:
     if "val_loss" in row:
         parts.append(f"val_loss {row['val_loss']:.4f} ppl {row['val_ppl']:.2f}")
     return "[raylm] " + " | ".join(parts)
-
-
-# Lines from Ray's processes that reach the console without --verbose: warnings, errors, tracebacks.
-IMPORTANT = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Error\b|Exception\b|Warning\b")
-
-
-KEPT_PREFIX = "[raylm] trial "  # a search's trial processes: one line as each starts and ends
-
-
-def quiet_ray_console() -> None:
-    """Keep Ray's INFO lines (its start-up, Ray Data's plans, Ray Train's per-report lines) off the
-    console; they stay in the session's log files. Warnings, errors and tracebacks still show."""
-    import ray.data  # noqa: F401 - configures the ray.data loggers, whose console handler is lowered
-
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-    try:  # the worker-log printer is Ray's internal; without it, Ray prints everything as usual
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except (ImportError, AttributeError):  # a Ray without this printer: its lines stay as they are
-        return
-    with dispatcher._lock:
-        dispatcher.handlers = [(name, _important_only(h)) for name, h in dispatcher.handlers]
-
-
-def _important_only(handler):
-    def handle(data: dict) -> None:
-        kept, in_traceback = [], False
-        for line in data.get("lines", []):
-            in_traceback = in_traceback or "Traceback (most recent call last)" in line
-            if "RayDeprecationWarning" in line and "/ray/" in line:
-                continue  # Ray calling its own deprecated API: nothing a raylm user can act on
-            if "Detected no triton" in line:
-                continue  # torchao's import-time print on a CPU build of torch (no Triton to have)
-            if in_traceback or IMPORTANT.search(line) or line.startswith(KEPT_PREFIX):
-                kept.append(line)
-        if kept:
-            handler({**data, "lines": kept})
-
-    return handle

@@ -25,7 +25,7 @@ class Distill(Pretrain):
     """kind: distill (a raylm.kinds.TrainingKind): pretraining's hooks plus the distillation loss."""
 
     def preflight(self, job: DistillJob) -> list[tuple[str, str]]:
-        from raylm.preflight import check_model_folder
+        from raylm.runtime.preflight import check_model_folder
 
         problems = check_model_folder(job.teacher.path, "teacher.path", "config.json") + super().preflight(
             job
@@ -39,7 +39,7 @@ class Distill(Pretrain):
         return summary
 
     def worker_objective(self, job: DistillJob, device):
-        from raylm.models import build_model
+        from raylm.planning.models import build_model
         from raylm.spec.sections import ModelSpec
 
         teacher = build_model(

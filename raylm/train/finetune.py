@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raylm import storage
+from raylm.runtime import storage
 from raylm.spec import SpecError
 from raylm.spec.jobs import FinetuneJob
 from raylm.train.runs import (
@@ -33,7 +33,7 @@ class Finetune:
 
     def preflight(self, job: FinetuneJob) -> list[tuple[str, str]]:
         from raylm.data.sft import check_sft_data
-        from raylm.preflight import check_finetune, check_training_inputs
+        from raylm.runtime.preflight import check_finetune, check_training_inputs
 
         problems = check_sft_data(job.data) + check_training_inputs(job)
         return problems or check_finetune(job)
@@ -50,7 +50,7 @@ class Finetune:
         import torch
 
         from raylm import methods
-        from raylm.models import empty_weights
+        from raylm.planning.models import empty_weights
 
         # only the structure: a sharded strategy fills it from rank 0; a base the method loads its own
         # way (QLoRA's 4-bit) is loaded on every rank, and the method's weights start equal everywhere
@@ -63,7 +63,7 @@ class Finetune:
         with empty_weights(empty):
             model = methods.apply(base, job.method, tokenizer)
         if rank == 0:
-            from raylm.models import count_parameters
+            from raylm.planning.models import count_parameters
             from raylm.train.metrics import emit
 
             trainable, total = count_parameters(model)
@@ -105,7 +105,7 @@ class Finetune:
 def _base(job: FinetuneJob, tokenizer, device, empty: bool = False):
     """The frozen base: loaded the method's own way (QLoRA: 4-bit) or as the model spec says."""
     from raylm import methods
-    from raylm.models import build_model
+    from raylm.planning.models import build_model
 
     load_base = getattr(methods.module(job.method.name), "load_base", None)
     if load_base is not None:
@@ -196,8 +196,8 @@ def export(final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dic
     import torch
 
     from raylm import methods
-    from raylm.evaluate import exact_match
-    from raylm.models import count_parameters
+    from raylm.planning.models import count_parameters
+    from raylm.train.exact_match import exact_match
 
     method = methods.module(job.method.name)
     name = methods.artifact_dir(job.method.name)

@@ -25,7 +25,7 @@ def train_loop(config: dict) -> dict | None:
     import ray.train
     import torch
 
-    from raylm import storage
+    from raylm.runtime import storage
     from raylm.train import checkpoint, hostmem, metrics, strategies
     from raylm.train.metrics import MetricsLog, emit
     from raylm.train.reader import CachedSplit, TrainShard, val_batches
@@ -147,7 +147,7 @@ def train_loop(config: dict) -> dict | None:
     def answered() -> list[float]:
         """(right answers, answered) over this rank's share of the held-out prompts: every rank
         answers its own, in lockstep (under fsdp / ZeRO-3 a forward pass is a collective)."""
-        from raylm.evaluate import exact_match_share
+        from raylm.train.exact_match import exact_match_share
 
         with engine.generating(), engine.autocast or contextlib.nullcontext():
             return list(exact_match_share(engine.module, tokenizer, held_out, rank, world, max_new_tokens))
@@ -360,7 +360,7 @@ def import_model_code(job) -> None:
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
-    from raylm.models import meta_model, model_config
+    from raylm.planning.models import meta_model, model_config
 
     # best effort: a model whose structure cannot be built on meta is simply built as usual next
     with contextlib.suppress(Exception):

@@ -23,7 +23,7 @@ class SparsityMasks:
     def __init__(self, model):
         import torch
 
-        from raylm.compress.sparsity import prunable
+        from raylm.methods.blocks import prunable
 
         self.kept = []  # (parameter, bool mask of its local part: True where the weight lives)
         with torch.no_grad():

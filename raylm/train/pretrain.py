@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raylm import storage
+from raylm.runtime import storage
 from raylm.spec import SpecError
 from raylm.spec.jobs import PretrainJob
 from raylm.spec.sections import TokenizerTraining
@@ -34,7 +34,7 @@ class Pretrain:
 
     def preflight(self, job: PretrainJob) -> list[tuple[str, str]]:
         from raylm.data.pipeline import check_data
-        from raylm.preflight import check_training_inputs
+        from raylm.runtime.preflight import check_training_inputs
 
         return check_data(job.data) + check_training_inputs(job)
 
@@ -46,7 +46,7 @@ class Pretrain:
     def worker_model(self, job: PretrainJob, tokenizer, device, rank: int, config: dict):
         """A new model of the architecture (or the given folder's weights), seeded identically on all
         ranks; only its structure on the ranks a sharded strategy fills from rank 0 (`config["empty"]`)."""
-        from raylm.models import build_model
+        from raylm.planning.models import build_model
 
         model = build_model(
             job.model, len(tokenizer), tokenizer=tokenizer, seed=job.train.seed, empty=config["empty"]
@@ -66,7 +66,7 @@ class Pretrain:
 
     def worker_export(self, final, tokenizer, stage: Path, config: dict, job: PretrainJob) -> dict:
         """The final Hugging Face folder `model/`, and a greedy sample from the start of a corpus block."""
-        from raylm.evaluate import greedy_sample
+        from raylm.train.exact_match import greedy_sample
 
         sample = greedy_sample(final, tokenizer, config["sample_prompt"])
         storage.export_model(final, tokenizer, stage, config["publish_to"])

@@ -36,9 +36,9 @@ def prepare_run(job) -> Path | None:
     """What every training driver does first: absolute local model / tokenizer paths (workers may run
     elsewhere), the run folder's identity check, Ray Data's settings. Returns the local run folder
     (None for a storage URI)."""
-    from raylm import storage
-    from raylm.capacity import check_capacity
     from raylm.data.pipeline import configure_ray_data
+    from raylm.runtime import storage
+    from raylm.runtime.capacity import check_capacity
 
     check_capacity(job.resources)
     for section in job.path_sections:
@@ -55,8 +55,8 @@ def resolve_strategy(job) -> tuple[dict, str]:
     """The run's concrete strategy. A resumed run keeps the one its checkpoints were written with
     (recorded in the output's strategy.json, a folder or a URI), even when `auto` would now choose
     another (other GPUs, another worker count)."""
-    from raylm import storage
-    from raylm.plan import NothingFits, resolve
+    from raylm.planning.plan import NothingFits, resolve
+    from raylm.runtime import storage
 
     output = job.output.path if storage.is_uri(job.output.path) else str(Path(job.output.path).resolve())
     saved = storage.read_text(output, "strategy.json")
@@ -96,7 +96,7 @@ def tokenized(job, tokenizer, make_rows, val_limit: int | None = None) -> tuple[
     from raylm.data.sources import dataset_inputs
 
     inputs = job.data.paths + (dataset_inputs(job.data.dataset) if job.data.dataset else [])
-    from raylm import storage
+    from raylm.runtime import storage
 
     root = job.data.cache or f"{job.output.path.rstrip('/')}/data-cache"
     if not storage.is_uri(root):  # workers run in folders of their own: give them an absolute path
@@ -115,7 +115,7 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, callbacks: tupl
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raylm import storage
+    from raylm.runtime import storage
     from raylm.train.console import Console
     from raylm.train.loop import train_loop
     from raylm.train.tracking import finish_runs, open_runs
@@ -163,7 +163,7 @@ def finish(job, local_output: Path | None, summary: dict, outcome: dict) -> None
     """Write summary.json into the run and close the tracking runs with it."""
     import tempfile
 
-    from raylm import storage
+    from raylm.runtime import storage
     from raylm.train.tracking import finish_runs
 
     text = json.dumps(summary, indent=2)
@@ -212,7 +212,7 @@ def planned_steps(job, train_rows: int) -> int:
 def check_same_run(job, output: str) -> None:
     """Refuse to resume a run (a folder or a URI) written by a different spec; record the spec for
     new runs."""
-    from raylm import storage
+    from raylm.runtime import storage
 
     current = job.model_dump(mode="json")
     recorded = storage.read_text(output, "spec.yaml")

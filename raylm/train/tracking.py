@@ -68,9 +68,15 @@ def open_runs(job, local_output: Path | None) -> dict:
 
 
 def mlflow_uri(configured: str | None, local_output: Path | None) -> str:
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or str((local_output or Path.cwd()) / "mlruns")
+    """The spec's tracking URI, else $MLFLOW_TRACKING_URI, else MLflow's recommended local backend: a
+    SQLite database in the run's folder (<output>/mlflow.db). A local path in the spec names a SQLite
+    database when it ends in .db, else a folder store (which MLflow 3 keeps in maintenance mode)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        return f"sqlite:///{(local_output or Path.cwd()).resolve() / 'mlflow.db'}"
     if "://" not in uri and uri != "databricks":
-        uri = Path(uri).expanduser().resolve().as_uri()
+        path = Path(uri).expanduser().resolve()
+        return f"sqlite:///{path}" if path.suffix == ".db" else path.as_uri()
     return uri
 
 
@@ -78,9 +84,19 @@ def _mlflow_client(uri: str):
     if uri.startswith("file:"):
         # MLflow 3 keeps the folder store only on request; a local `mlruns` folder is what is asked for.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    import logging
+
     from mlflow import MlflowClient
 
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its table-creation lines
     return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Beside a SQLite database, its runs' artifacts (MLflow would put them under the current folder)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
 
 def _open_mlflow(job, local_output: Path | None, saved: dict | None) -> dict:
@@ -93,8 +109,16 @@ def _open_mlflow(job, local_output: Path | None, saved: dict | None) -> dict:
         return saved
     name = job.logging.mlflow.experiment
     experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        experiment_id = client.create_experiment(name, artifact_location=_artifact_location(uri))
+    else:
+        experiment_id = experiment.experiment_id
     run = client.create_run(experiment_id, run_name=job.run_name, tags={"raylm.kind": job.kind})
+    if not uri.startswith(("http://", "https://", "databricks")):
+        print(
+            f"[raylm] MLflow run {run.info.run_id}; to see it: mlflow ui --backend-store-uri {uri}",
+            flush=True,
+        )
     params = [Param(k, v[:500]) for k, v in flat(job.model_dump(mode="json")).items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
         client.log_batch(run.info.run_id, params=params[start : start + 100])

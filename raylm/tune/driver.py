@@ -27,7 +27,7 @@ class Tune:
     """kind: tune (a raylm.kinds.JobKind)."""
 
     def preflight(self, job: TuneJob) -> list[tuple[str, str]]:
-        from raylm import storage
+        from raylm.runtime import storage
         from raylm.train.finetune import Finetune
 
         problems = [(f"base.{where}", what) for where, what in Finetune().preflight(job.base)]
@@ -46,12 +46,12 @@ def run_search(job: TuneJob) -> dict:
 
     from ray import tune
 
-    from raylm.capacity import check_capacity
+    from raylm.runtime.capacity import check_capacity
     from raylm.spec import validate_dict
+    from raylm.spec.space import has_grid, parse
     from raylm.train.finetune import prepare_data
     from raylm.train.runs import check_same_run, planned_steps
     from raylm.tune import results
-    from raylm.tune.space import has_grid, parse
     from raylm.tune.trial import run_trial
 
     started = time.time()
@@ -207,7 +207,7 @@ def per_worker_memory(job: TuneJob, concurrent: int) -> float:
     or the cluster's memory shared by every worker of the trials running at once."""
     import ray
 
-    from raylm.plan import worker_memory
+    from raylm.planning.plan import worker_memory
 
     if getattr(job.base.strategy, "memory_per_worker_gb", None) is not None or job.base.resources.use_gpu:
         return worker_memory(job.base)

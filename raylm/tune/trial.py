@@ -41,7 +41,7 @@ def run_trial(config: dict, search: dict) -> None:
     output folder, the driver's working folder and each worker's memory for the estimate check."""
     import ray.tune
 
-    from raylm.plan import unfit_reason
+    from raylm.planning.plan import unfit_reason
     from raylm.spec import validate_dict
     from raylm.spec.tune import trial_spec
     from raylm.train.finetune import Finetune, run_finetune

@@ -271,12 +271,13 @@ def test_gguf_file_reads_back_and_loads_with_the_formats_error(label, quantized,
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.quick
 def test_a_byte_level_bpe_tokenizer_survives_the_gguf_file(tmp_path):
     """transformers rebuilds the same tokenizer from the file's vocabulary and merges."""
     from raylm.compress.gguf import write
     from raylm.data.corpus import stories
     from raylm.data.tokenizer import train_tokenizer
-    from raylm.models import architecture_config
+    from raylm.planning.models import architecture_config
     from raylm.spec.sections import Architecture
 
     texts = stories(200, seed=1)

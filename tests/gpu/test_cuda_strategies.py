@@ -113,8 +113,8 @@ def test_strategy_trains_checkpoints_and_consolidates(strategy, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_memory_estimate_matches_cuda_peak(precision):
-    """Peak allocated bytes of plain training steps against raylm.memory's ddp estimate (1 worker)."""
-    from raylm import memory
+    """Peak allocated bytes of plain training steps against raylm.planning.memory's ddp estimate (1 worker)."""
+    from raylm.planning import memory
     from raylm.spec.sections import TrainSpec
     from raylm.train import optim
 

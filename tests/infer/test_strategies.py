@@ -22,6 +22,7 @@ EXEMPLARS = "jobs/exemplars"
 # ---- the sandbox ------------------------------------------------------------------------------
 
 
+@pytest.mark.quick
 def test_sandbox_runs_a_program_and_returns_what_it_printed():
     result = run_program(
         "import math\nopen('scratch.txt', 'w').write('12')\nprint(math.factorial(int(open('scratch.txt').read())) % 1000)"
@@ -29,16 +30,19 @@ def test_sandbox_runs_a_program_and_returns_what_it_printed():
     assert result.ok and result.answer == str(479001600 % 1000)
 
 
+@pytest.mark.quick
 def test_sandbox_stops_a_program_that_loops_forever():
     result = run_program("while True:\n    pass", timeout_s=1.0)
     assert not result.ok and result.error.startswith("time limit")
 
 
+@pytest.mark.quick
 def test_sandbox_stops_unbounded_allocation():
     result = run_program("blocks = []\nwhile True:\n    blocks.append(bytearray(10**7))", memory_mb=128)
     assert not result.ok and result.error.startswith("memory limit")
 
 
+@pytest.mark.quick
 def test_sandbox_refuses_files_outside_its_folder(tmp_path):
     target = tmp_path / "escaped.txt"
     for program in (
@@ -53,6 +57,7 @@ def test_sandbox_refuses_files_outside_its_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.quick
 def test_sandbox_refuses_sockets_and_processes():
     # A listener here: the program must not reach it (and must fail, not hang).
     server = socket.socket()
@@ -94,6 +99,7 @@ def run(name, script, question="Q?", **settings):
     return strategies.run(spec, question, script, exemplars, tools)
 
 
+@pytest.mark.quick
 def test_fewshot_puts_the_exemplars_before_the_question_and_takes_one_line():
     script = Script(" Rome")
     outcome = run(
@@ -105,6 +111,7 @@ def test_fewshot_puts_the_exemplars_before_the_question_and_takes_one_line():
     assert outcome.answer == "Rome"
 
 
+@pytest.mark.quick
 def test_cot_extracts_the_answer_from_the_reasoning():
     outcome = run(
         "cot",
@@ -119,6 +126,7 @@ def test_cot_extracts_the_answer_from_the_reasoning():
     assert missing.answer is None and "The answer is" in missing.error
 
 
+@pytest.mark.quick
 def test_pal_runs_the_written_program_and_reports_failures_as_answers():
     script = Script("total = 17 * 23 + 4\nprint(total)\n")
     outcome = run("pal", script, exemplars=f"{EXEMPLARS}/arithmetic-pal.jsonl")
@@ -130,6 +138,7 @@ def test_pal_runs_the_written_program_and_reports_failures_as_answers():
     assert broken.answer is None and "ZeroDivisionError" in broken.error
 
 
+@pytest.mark.quick
 def test_react_calls_tools_and_keeps_the_trace(tmp_path):
     (tmp_path / "rivers.md").write_text("The Danube flows through ten countries.\n\nThe Nile is long.")
     (tmp_path / "cities.txt").write_text("Vienna lies on the Danube.")
@@ -157,6 +166,7 @@ def test_react_calls_tools_and_keeps_the_trace(tmp_path):
     assert "- search:" in script.calls[0][0] and "Question: What is 15% of 240?" in script.calls[0][0]
 
 
+@pytest.mark.quick
 def test_react_stops_at_the_step_limit_and_reports_bad_actions():
     script = Script("Action: weather[Paris]", "I wonder.", "Action: calculator[1/0]")
     outcome = run("react", script, max_steps=3)
@@ -168,6 +178,7 @@ def test_react_stops_at_the_step_limit_and_reports_bad_actions():
     ]
 
 
+@pytest.mark.quick
 def test_tools():
     assert calculate("2 ^ 10 + sqrt(16)") == "1028" and calculate("7 / 2") == "3.5"
     for bad in ("__import__('os')", "2 ** 100000", "open('x')"):
@@ -178,6 +189,7 @@ def test_tools():
         strategies.load_exemplars(f"{EXEMPLARS}/arithmetic-pal.jsonl", "cot")
 
 
+@pytest.mark.quick
 def test_document_search_ranks_by_bm25(tmp_path):
     (tmp_path / "a.txt").write_text("cats and dogs\n\ncats cats cats")
     (tmp_path / "b.md").write_text("the rare word zebra")
@@ -209,6 +221,7 @@ def test_generate_with_each_strategy_on_a_real_model(reference_run, tmp_path):
     assert "exceed the model's context" in row["error"] or row["answer"] is not None
 
 
+@pytest.mark.quick
 def test_strategy_flags_are_checked():
     runner = CliRunner()
     for flags, message in (

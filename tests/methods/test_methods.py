@@ -12,6 +12,8 @@ from raylm.methods import MethodSpec
 from raylm.spec.sft import SFTDataSpec
 from tests.conftest import SFT_BASE as SHAPE
 
+pytestmark = pytest.mark.quick
+
 H, LAYERS, HEADS, KV_HEADS, FFN = (
     SHAPE[k] for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")
 )

@@ -76,10 +76,18 @@ def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
             "scaling": {"cpus_per_replica": 0.5, "max_ongoing_requests": 8, "max_queued_requests": 2},
         }
     )
-    for job in (main, tight):
+    nf4 = validate_dict(
+        {
+            **common,
+            "name": "tiny-nf4",
+            "model": str(nf4_folder(base, root)),
+            "http": {"port": port, "route_prefix": "/nf4"},
+        }
+    )
+    for job in (main, tight, nf4):
         assert Serve().preflight(job) == []
-        deploy(job)
-    yield {"url": f"http://127.0.0.1:{port}", "base": base, "adapters": adapters}
+    deploy(main, tight, nf4)  # at once: the replicas load side by side
+    yield {"url": f"http://127.0.0.1:{port}", "base": base, "adapters": adapters, "nf4": nf4.model.path}
     serve.shutdown()
 
 
@@ -253,30 +261,22 @@ def test_overload_is_refused_at_once_and_slow_requests_time_out(served):
     assert late.status_code == 408 and late.json()["error"]["type"] == "timeout_error"
 
 
-def test_nf4_model_serves(served, tmp_path):
+def nf4_folder(base: str, root: Path) -> Path:
+    """The base quantized to NF4 by bitsandbytes (raylm's quantize writer)."""
     from raylm.compress import bnb
     from raylm.spec.compress import QuantizeJob
 
     method = QuantizeJob.model_validate(
-        {
-            "kind": "quantize",
-            "model": {"path": served["base"]},
-            "method": {"name": "nf4"},
-            "output": str(tmp_path / "x"),
-        }
+        {"kind": "quantize", "model": {"path": base}, "method": {"name": "nf4"}, "output": str(root / "x")}
     ).method
-    keep = bnb.kept_in_full_precision(Path(served["base"]), method, "cpu")
-    folder = bnb.write(Path(served["base"]), tmp_path / "nf4", method, "cpu", keep)
-    job = validate_dict(
-        {
-            "kind": "serve",
-            "name": "tiny-nf4",
-            "model": str(folder),
-            "http": {"port": int(served["url"].rsplit(":", 1)[1]), "route_prefix": "/nf4"},
-            "scaling": {"cpus_per_replica": 0.5},
-        }
-    )
-    deploy(job)
+    keep = bnb.kept_in_full_precision(Path(base), method, "cpu")
+    return bnb.write(Path(base), root / "nf4", method, "cpu", keep)
+
+
+def test_nf4_model_serves(served):
+    from raylm.compress import bnb
+
+    folder = served["nf4"]
     model, tokenizer = bnb.load(folder, "cpu"), AutoTokenizer.from_pretrained(folder)
     assert "Linear4bit" in {type(m).__name__ for m in model.modules()}
     answer = client(served, prefix="/nf4").completions.create(

@@ -22,6 +22,8 @@ from raylm.kinds import KINDS
 from raylm.methods import METHODS
 from raylm.spec import validate_dict
 
+pytestmark = pytest.mark.quick
+
 STRATEGIES = ["ddp", "fsdp", {"name": "deepspeed", "stage": 3}, "auto"]
 
 

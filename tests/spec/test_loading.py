@@ -7,6 +7,8 @@ from raylm.kinds import json_schema
 from raylm.spec import SpecError, load_spec, validate_dict
 from raylm.spec.jobs import PretrainJob
 
+pytestmark = pytest.mark.quick
+
 MINIMAL = {
     "kind": "pretrain",
     "model": {"architecture": {"layers": 2, "heads": 2, "hidden": 64, "context": 64}},
@@ -191,7 +193,7 @@ def test_finetune_refuses_incompatible_choices(sections, where, words):
 
 
 def test_missing_target_modules_are_refused_by_preflight(sft_base):
-    from raylm.preflight import check_job
+    from raylm.kinds import preflight as check_job
 
     job = validate_dict(
         finetune(

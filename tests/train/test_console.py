@@ -4,7 +4,10 @@ trial lines reach it."""
 
 import io
 
-from raylm.train.console import Console, _important_only
+import pytest
+
+from raylm.runtime.ray_output import _important_only
+from raylm.train.console import Console
 
 
 def test_console_prints_everything_sent_in_order_before_close(ray_local):
@@ -23,6 +26,7 @@ def test_console_prints_everything_sent_in_order_before_close(ray_local):
     ]
 
 
+@pytest.mark.quick
 def test_only_what_needs_attention_of_rays_output_reaches_the_console():
     printed = []
     handle = _important_only(lambda data: printed.extend(data["lines"]))

@@ -4,6 +4,7 @@ alone for the same steps (`distill.alpha: 0`), and the distillation loss against
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -46,6 +47,7 @@ def test_distilled_student_beats_the_student_alone(ray_local, sft_base, tmp_path
     )
 
 
+@pytest.mark.quick
 def test_distillation_loss_is_the_formula():
     from raylm.train.distill import distillation_loss
 
@@ -79,7 +81,7 @@ def test_a_student_with_another_tokenizer_is_refused(tmp_path, sft_base):
     from transformers import AutoModelForCausalLM
 
     from raylm.data.tokenizer import train_tokenizer
-    from raylm.models import architecture_config
+    from raylm.planning.models import architecture_config
     from raylm.spec.sections import Architecture
 
     other = train_tokenizer(["a completely different alphabet: xyz 123"], "char", 0)

@@ -2,11 +2,12 @@
 
 import contextlib
 
+import pytest
 import torch
 
 
 def tiny_llama(attention="sdpa"):
-    from raylm.models import build_model
+    from raylm.planning.models import build_model
     from raylm.spec.sections import ModelSpec
 
     spec = ModelSpec(
@@ -43,6 +44,7 @@ def test_compiled_steps_match_eager_steps():
     assert compiled.compiled is not None and eager.compiled is None
 
 
+@pytest.mark.quick
 def test_attention_kernels_agree():
     """model.attention picks the kernel: eager and sdpa compute the same logits."""
     ids = torch.randint(0, 64, (2, 16))

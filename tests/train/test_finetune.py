@@ -108,6 +108,17 @@ def test_lora_adapter_loads_with_peft_and_equals_the_merged_model(lora_run, sft_
     assert not torch.allclose(a, b, atol=1e-3)  # training moved the adapter away from the identity
 
 
+def test_a_lora_run_folder_serves_as_an_adapter(lora_run, sft_base):
+    """A serve spec may name the fine-tuning run folder where an adapter is read (as model.path takes a
+    run folder): the server's checks pass and its replicas get the run's adapter/ folder."""
+    from raylm.serve.driver import Serve, absolute_paths
+
+    run_dir, _ = lora_run
+    job = validate_dict({"kind": "serve", "model": str(sft_base), "adapters": {"tuned": str(run_dir)}})
+    assert Serve().preflight(job) == []
+    assert absolute_paths(job).adapters == {"tuned": str((run_dir / "adapter").resolve())}
+
+
 def test_ia3_with_tfew_objectives_on_multiple_choice(ray_local, sft_base, tmp_path):
     """IA3 with T-Few's three loss terms on a generated multiple-choice task, 2 workers: the validation
     reports choice accuracy at every evaluation (reduced over both workers' examples), the loss of the

@@ -10,6 +10,8 @@ import torch
 from raylm.spec.sections import ObjectiveSpec
 from raylm.train.objectives import choices_eval, choices_loss, tfew_terms
 
+pytestmark = pytest.mark.quick
+
 IGNORE = -100
 V = 5
 

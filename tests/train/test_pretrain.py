@@ -68,24 +68,28 @@ def test_checkpoints_are_complete_and_pruned(reference_run):
 
 def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
     """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered, re-run, compare.
-    The run tracks to MLflow (a local store) and W&B (offline): the resumed run continues the same
-    tracking runs."""
+    The run tracks to MLflow (its default local store, <output>/mlflow.db) and W&B (offline): the resumed
+    run continues the same tracking runs."""
     reference_dir, _ = reference_run
     output = tmp_path / "run"
     tracked = {
-        "mlflow": {"tracking_uri": str(tmp_path / "mlruns"), "experiment": "kill"},
+        "mlflow": {"experiment": "kill"},
         "wandb": {"mode": "offline"},
     }
+    # Evaluations every 5 steps: each is a report that waits for the controller to take the previous
+    # one, so once step 10 is registered the run still has 4 reports (4 controller polls) to go and
+    # cannot finish before the kill lands, whatever the poll interval. Evaluating moves no weight.
+    spec = tiny_spec(output, logging=tracked, train={"eval_every": 5})
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec(output, logging=tracked)))
+    spec_file.write_text(yaml.safe_dump(spec))
     run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10))
     assert not (output / "model").exists()
 
-    summary = run_here(validate_dict(tiny_spec(output, logging=tracked)))
+    summary = run_here(validate_dict(spec))
     assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
     # the resumed attempt read from its position on: rank 0's rows of the remaining steps, no more
     assert summary["throughput"]["rows_read"] == (30 - summary["resumed_from"]) * 8
-    check_tracking(output, tmp_path / "mlruns", summary)
+    check_tracking(output, summary)
     resumed = load_file(output / "model" / "model.safetensors")
     reference = load_file(reference_dir / "model" / "model.safetensors")
     assert resumed.keys() == reference.keys()
@@ -131,7 +135,9 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
 
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
     killer.start()
-    summary = run_here(validate_dict(tiny_spec(output, failure={"max_failures": 1})))
+    # reports every 5 steps keep the run going for several controller polls after the step-10 checkpoint
+    spec = tiny_spec(output, failure={"max_failures": 1}, train={"eval_every": 5})
+    summary = run_here(validate_dict(spec))
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)  # the last attempt restarted
@@ -141,19 +147,18 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
         assert torch.equal(resumed[name], reference[name]), name
 
 
-def check_tracking(output: Path, mlruns: Path, summary: dict) -> None:
+def check_tracking(output: Path, summary: dict) -> None:
     """Read the tracking runs back with the libraries' own readers: one MLflow run holding the spec as
     parameters, every logged step's metrics, summary.json and the artifact path; one W&B run id
     whose offline files hold the metric rows, the spec as config and the final summary."""
     import json
 
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow import MlflowClient
 
     from tests.train.wandb_files import run_contents
 
     logged = {row["step"]: row for row in read_metrics(output)}
-    client = MlflowClient(tracking_uri=mlruns.resolve().as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{output.resolve() / 'mlflow.db'}")  # MLflow's own reader
     experiment = client.get_experiment_by_name("kill")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, "the resumed run opened a second MLflow run"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raylm import memory
-from raylm.memory import GiB
+from raylm.planning import memory
+from raylm.planning.memory import GiB
 from raylm.spec import validate_dict
 from raylm.submit import run_here
 from raylm.train.metrics import read_metrics
@@ -130,7 +130,7 @@ BIG = {"layers": 12, "heads": 8, "hidden": 512, "intermediate": 1408, "context":
 def big_base(sft_base, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raylm.models import architecture_config
+    from raylm.planning.models import architecture_config
     from raylm.spec.sections import Architecture
 
     tokenizer = AutoTokenizer.from_pretrained(sft_base)
@@ -223,7 +223,7 @@ def _partition_rank(rank: int, port: int, out: str) -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from raylm.models import architecture_config, empty_weights
+    from raylm.planning.models import architecture_config, empty_weights
     from raylm.spec.sections import Architecture, TrainSpec
     from raylm.spec.strategies import DeepSpeedStrategy
     from raylm.train import hostmem
@@ -259,7 +259,7 @@ def test_zero3_partitions_rank_0s_weights_one_module_at_a_time(tmp_path, monkeyp
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    from raylm.models import architecture_config
+    from raylm.planning.models import architecture_config
     from raylm.spec.sections import Architecture
 
     # large tensors are mapped and unmapped, so the kernel's counters see live memory, not glibc's

@@ -141,7 +141,7 @@ def _shard_blocks_then_root(model, options: dict) -> None:
     """fully_shard each transformer block (gathered one at a time), then the rest as the root."""
     from torch.distributed.fsdp import fully_shard
 
-    from raylm.models import transformer_blocks
+    from raylm.methods.blocks import transformer_blocks
 
     for block in transformer_blocks(model):
         fully_shard(block, **options)

@@ -71,11 +71,13 @@ def test_generated_corpus_needs_no_files(ray_local, tokenizer):
     assert check_data(spec) == [] and documents(spec).count() == 50
 
 
+@pytest.mark.quick
 def test_missing_path(tmp_path):
     [(where, what)] = check_data(DataSpec(path=str(tmp_path / "none.txt")))
     assert where == "data.path" and "does not exist" in what
 
 
+@pytest.mark.quick
 def test_empty_file_and_folder(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     assert "empty" in check_data(DataSpec(path=str(tmp_path / "empty.txt")))[0][1]
@@ -83,12 +85,14 @@ def test_empty_file_and_folder(tmp_path):
     assert "no text files" in check_data(DataSpec(path=str(tmp_path / "folder"), format="text"))[0][1]
 
 
+@pytest.mark.quick
 def test_undecodable_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
     [(_, what)] = check_data(DataSpec(path=str(tmp_path / "latin1.txt")))
     assert "not UTF-8" in what
 
 
+@pytest.mark.quick
 def test_jsonl_without_text_field_and_broken_json(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
     [(_, what)] = check_data(DataSpec(path=str(tmp_path / "a.jsonl")))
@@ -98,6 +102,7 @@ def test_jsonl_without_text_field_and_broken_json(tmp_path):
     assert "not JSON" in what
 
 
+@pytest.mark.quick
 def test_parquet_missing_column_and_corrupt(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
     [(_, what)] = check_data(DataSpec(path=str(tmp_path / "a.parquet")))

@@ -64,6 +64,7 @@ def test_sft_rows_keep_their_columns_and_shapes(ray_local, tmp_path, tokenizer):
         np.testing.assert_array_equal(read[name], np.stack([r[name] for r in expected[3:9]]))
 
 
+@pytest.mark.quick
 def test_the_key_follows_inputs_tokenizer_and_settings(tmp_path, tokenizer, corpus):
     spec = DataSpec(path=str(corpus), seq_len=32)
     key = cache_key(spec, tokenizer, spec.paths)

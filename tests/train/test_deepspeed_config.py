@@ -2,10 +2,14 @@
 
 import json
 
-from raylm.preflight import check_strategy_files
+import pytest
+
+from raylm.runtime.preflight import check_strategy_files
 from raylm.spec import validate_dict
 from raylm.train.strategies.deepspeed import config
 from tests.conftest import tiny_spec
+
+pytestmark = pytest.mark.quick
 
 
 def job_with(strategy, **train):

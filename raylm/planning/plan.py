@@ -3,7 +3,7 @@
     raylm run spec.yaml --set strategy=auto
 
 Candidates in order of preference (less communication first): ddp, DeepSpeed ZeRO-1, ZeRO-2, FSDP
-(full sharding, as ZeRO-3 but native PyTorch). The first whose estimate (raylm.memory) fits in
+(full sharding, as ZeRO-3 but native PyTorch). The first whose estimate (raylm.planning.memory) fits in
 `headroom` x the device memory of a worker wins; the job log says which and why. Elastic runs skip
 the ZeRO stages (their checkpoints do not reload on another worker count).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raylm.memory import GiB, Shape, estimate
+from raylm.planning.memory import GiB, Shape, estimate
 from raylm.spec.strategies import HEADROOM, memory_key
 
 CANDIDATES = (
@@ -147,7 +147,7 @@ def unfit_reason(job, memory_bytes: float) -> str | None:
 
 def _job_terms(job) -> dict:
     """What the estimate reads from a job."""
-    from raylm.memory import shape_of_job
+    from raylm.planning.memory import shape_of_job
 
     workers = job.resources.num_workers
     return {
@@ -171,7 +171,7 @@ def teacher_terms(job) -> dict:
         return {}
     from transformers import AutoConfig
 
-    from raylm.memory import shape_from_config, teacher_bytes
+    from raylm.planning.memory import shape_from_config, teacher_bytes
     from raylm.spec import SpecError
 
     folder = Path(job.teacher.path).expanduser()
@@ -218,7 +218,7 @@ def method_terms(job) -> dict:
 def trainable_parameters(job) -> int | None:
     """Parameters the method trains, counted on a meta-device model (no memory); None if unknown."""
     from raylm import methods
-    from raylm.models import meta_model, model_config
+    from raylm.planning.models import meta_model, model_config
 
     method = job.method
     counted_as = getattr(methods.module(method.name), "counted_as", None)

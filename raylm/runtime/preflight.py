@@ -11,18 +11,11 @@ def check_model_folder(path: str, where: str, marker: str) -> list[tuple[str, st
         if not (folder / marker).exists():
             return [(where, f"{path} has no {marker}: not a Hugging Face folder")]
         return []
-    from raylm.models import looks_like_hub_id
+    from raylm.planning.models import looks_like_hub_id
 
     if looks_like_hub_id(path):
         return []  # a hub id: resolved (or refused, when offline) by transformers at load time
     return [(where, f"{path} does not exist (a local folder, or a hub id like org/name)")]
-
-
-def check_job(job) -> list[tuple[str, str]]:
-    """Every problem the job's kind finds before a worker starts (paths, files, model modules)."""
-    from raylm.kinds import driver
-
-    return driver(job).preflight(job)
 
 
 def check_training_inputs(job) -> list[tuple[str, str]]:
@@ -74,7 +67,7 @@ def check_finetune(job) -> list[tuple[str, str]]:
 def _check_targets(job) -> list[tuple[str, str]]:
     """Module names the method targets must exist in the model (built on the meta device: no memory)."""
     from raylm.methods.lora import ALL_LINEAR
-    from raylm.models import meta_model, model_config
+    from raylm.planning.models import meta_model, model_config
 
     method = job.method
     wanted = {
@@ -100,7 +93,7 @@ def _check_targets(job) -> list[tuple[str, str]]:
                 )
             )
     if method.name == "freeze":
-        from raylm.models import transformer_blocks
+        from raylm.methods.blocks import transformer_blocks
 
         blocks = len(transformer_blocks(model))
         if method.layers > blocks:

@@ -17,9 +17,6 @@ from dataclasses import asdict, dataclass
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
-# Bits per frozen base parameter under bitsandbytes 4-bit (QLoRA): 4 bits plus one fp32 absmax per
-# block of 64 (= 4.5); double quantisation stores those as 8 bits plus one fp32 per 256 of them.
-QUANT_BITS = {"nf4": 4 + 32 / 64, "nf4-dq": 4 + 8 / 64 + 32 / (64 * 256)}
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ class Breakdown:
 
 def shape_from_config(config) -> Shape:
     """A Shape from a transformers config, counting parameters on the meta device (no memory)."""
-    from raylm.models import meta_model
+    from raylm.planning.models import meta_model
 
     params = sum(p.numel() for p in meta_model(config).parameters())
     hidden = getattr(config, "hidden_size", None) or config.n_embd
@@ -166,7 +163,7 @@ def estimate(
 
     `trainable` parameters (default all) carry gradients and AdamW state (bytes_per_parameter); a
     frozen base (LoRA) only weights, in `dtype` (16 bits under DeepSpeed's bf16 / fp16), or
-    `weight_bits` per parameter when quantised (QUANT_BITS; QLoRA). `flash_attention`: attention
+    `weight_bits` per parameter when quantised (QLoRA: raylm.methods.qlora.QUANT_BITS). `flash_attention`: attention
     kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. fsdp and ZeRO-3 also hold the
     gathered weights of two blocks at a time (the one computing and the one prefetched). `teacher`:
     bytes of a distillation teacher on every worker (teacher_bytes).
@@ -215,7 +212,7 @@ def teacher_bytes(teacher: Shape, dtype: str, batch: int, seq_len: int) -> float
 
 def shape_of_job(job) -> Shape:
     """The Shape of a job's model: its architecture block, or the config.json of its folder."""
-    from raylm.models import model_config
+    from raylm.planning.models import model_config
 
     return shape_from_config(model_config(job))
 
@@ -234,7 +231,7 @@ def report(
     method: dict | None = None,
 ) -> str:
     """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`. `method`:
-    a fine-tuning method's terms (raylm.plan.method_terms: trainable parameters, a quantised base's
+    a fine-tuning method's terms (raylm.planning.plan.method_terms: trainable parameters, a quantised base's
     bits, the strategies it cannot run under), as `strategy: auto` counts them."""
     method = method or {}
     breakdowns = {

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from raylm import memory
-from raylm.memory import GiB, estimate, shape_from_config, shape_from_params
+from raylm.methods.qlora import QUANT_BITS
+from raylm.planning import memory
+from raylm.planning.memory import GiB, estimate, shape_from_config, shape_from_params
 
 TOLERANCE = 0.25  # |estimate / measured - 1|
 # glibc keeps freed memory of mid-sized blocks in the process; with every block above 64 KiB mmap'ed
@@ -82,6 +83,7 @@ def test_estimate_matches_measured_peak(layers, hidden, inter, vocab, batch, seq
     )
 
 
+@pytest.mark.quick
 def test_bytes_per_parameter_rules():
     shape = shape_from_params(1e9)
     fp32 = estimate(shape, "ddp", "fp32", workers=1, batch=1, seq_len=128)
@@ -106,6 +108,7 @@ def test_bytes_per_parameter_rules():
     assert lora.gradients == 4e7 and lora.optimizer == 8e7 and lora.weights == 4e9
 
 
+@pytest.mark.quick
 def test_one_billion_parameters_rule_of_thumb():
     shape = shape_from_params(1e9)
     assert 2000 <= shape.hidden <= 2300 and 14 <= shape.layers <= 22
@@ -115,14 +118,15 @@ def test_one_billion_parameters_rule_of_thumb():
     assert 60 < train < 100  # "~80 GB to train", activations at batch 8 x 2048 included
 
 
+@pytest.mark.quick
 def test_qlora_base_bits_and_lora_trainable_set():
     """QLoRA: NF4 stores 4.5 bits per frozen parameter (4.127 double-quantised); LoRA parameters keep
     their precision and alone carry gradients and Adam state."""
-    assert memory.QUANT_BITS["nf4"] == 4.5
-    assert memory.QUANT_BITS["nf4-dq"] == pytest.approx(4.127, abs=1e-3)
+    assert QUANT_BITS["nf4"] == 4.5
+    assert QUANT_BITS["nf4-dq"] == pytest.approx(4.127, abs=1e-3)
     shape = memory.shape_from_params(7e9)
     lora = 20_000_000
-    b = memory.estimate(shape, "ddp", "bf16", trainable=lora, weight_bits=memory.QUANT_BITS["nf4-dq"])
+    b = memory.estimate(shape, "ddp", "bf16", trainable=lora, weight_bits=QUANT_BITS["nf4-dq"])
     frozen = shape.params - lora
     # the LoRA weights stay fp32 (prepare_model_for_kbit_training upcasts them; bf16 is autocast)
     assert b.weights == pytest.approx(frozen * 4.127 / 8 + lora * 4, rel=1e-3)
@@ -131,6 +135,7 @@ def test_qlora_base_bits_and_lora_trainable_set():
     assert b.weights < full.weights / 3.8  # 7B: ~3.6 GB of 4-bit weights against 14 GB in bf16
 
 
+@pytest.mark.quick
 def test_a_distillation_teacher_adds_its_weights_and_distributions_to_every_strategy(tmp_path):
     """The teacher is whole on every worker: its parameters (counted by transformers) x 4 bytes in
     float32, and four float32 [batch, seq, vocab] tensors of the loss (its logits, log-softmax and
@@ -138,7 +143,7 @@ def test_a_distillation_teacher_adds_its_weights_and_distributions_to_every_stra
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from raylm.plan import _job_terms
+    from raylm.planning.plan import _job_terms
     from raylm.spec import validate_dict
 
     config = LlamaConfig(
@@ -165,6 +170,7 @@ def test_a_distillation_teacher_adds_its_weights_and_distributions_to_every_stra
         assert with_teacher.total - without.total == distill["teacher"]
 
 
+@pytest.mark.quick
 def test_estimate_of_a_qlora_spec_counts_what_auto_counts(tmp_path):
     """`raylm estimate` on a QLoRA spec: only LoRA's parameters (counted here by hand) carry gradients,
     the base is 4-bit, and the strategies the method refuses (ZeRO-1/2: a whole 4-bit base on every

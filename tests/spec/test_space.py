@@ -7,7 +7,9 @@ from click.testing import CliRunner
 
 from raylm.cli import main
 from raylm.spec import SpecError, validate_dict
-from raylm.tune.space import SpaceError, parse
+from raylm.spec.space import SpaceError, parse
+
+pytestmark = pytest.mark.quick
 
 SEARCH = {
     "train.lr": {"loguniform": [1.0e-4, 3.0e-2]},

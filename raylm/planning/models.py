@@ -1,6 +1,6 @@
 """Models: build a causal LM from an architecture block, or load one from a Hugging Face folder.
 
-    from raylm.models import build_model
+    from raylm.planning.models import build_model
     model = build_model(spec.model, vocab_size=len(tokenizer))
 
 Loading goes through safetensors only; custom modelling code runs only with trust_remote_code.
@@ -150,17 +150,6 @@ def meta_model(config, method=None):
 
             model = methods.apply(model, method)
     return model
-
-
-def transformer_blocks(model) -> list:
-    """The repeated decoder layers (the unit of sharding, offload and adapters), found the way
-    transformers marks them for device maps: the classes in `model._no_split_modules` (or classes made
-    from them: FSDP2's fully_shard turns a LlamaDecoderLayer into an FSDPLlamaDecoderLayer)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
-    if not blocks:
-        raise RuntimeError(f"{type(model).__name__} names no transformer block class (_no_split_modules)")
-    return blocks
 
 
 def looks_like_hub_id(path: str) -> bool:

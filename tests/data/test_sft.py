@@ -21,6 +21,7 @@ def tokenizer(sft_base):
     return AutoTokenizer.from_pretrained(sft_base)
 
 
+@pytest.mark.quick
 def test_alpaca_renders_with_and_without_input(tokenizer):
     spec = SFTDataSpec(path="x.jsonl", format="alpaca")
     prompt, response = render({"instruction": "Add.", "input": "2 and 3", "output": "5"}, spec, tokenizer)
@@ -29,6 +30,7 @@ def test_alpaca_renders_with_and_without_input(tokenizer):
     assert "### Input" not in prompt and "paired with an input" not in prompt
 
 
+@pytest.mark.quick
 def test_chat_uses_the_template_and_the_last_assistant_turn(tokenizer):
     spec = SFTDataSpec(path="x.jsonl", format="chat", chat_template=CHATML)
     messages = [
@@ -43,6 +45,7 @@ def test_chat_uses_the_template_and_the_last_assistant_turn(tokenizer):
         render({"messages": messages[:-1]}, spec, tokenizer)
 
 
+@pytest.mark.quick
 def test_labels_cover_the_response_only_unless_asked(tokenizer):
     spec = SFTDataSpec(generate={}, seq_len=64)
     ids, labels = encode("Q: 1+2=\nA:", " 3", tokenizer, spec)
@@ -71,6 +74,7 @@ def test_pipeline_pads_packs_and_splits_deterministically(ray_local, tokenizer):
     assert len(pairs) == 5 and all(p.startswith("Q: ") and a.startswith(" ") for p, a in pairs)
 
 
+@pytest.mark.quick
 def test_input_checks_name_the_field_and_the_fix(tmp_path):
     rows = tmp_path / "sft.jsonl"
     rows.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")

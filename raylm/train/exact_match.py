@@ -1,6 +1,6 @@
 """Generation-based evaluation: a greedy sample, and exact match of greedy answers.
 
-from raylm.evaluate import exact_match
+from raylm.train.exact_match import exact_match
 accuracy = exact_match(model, tokenizer, [("Q: 2+2=\\nA:", " 4")], max_new_tokens=8)
 """
 

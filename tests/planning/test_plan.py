@@ -3,8 +3,10 @@ and device memories (the estimate's own arithmetic is tested in test_memory.py).
 
 import pytest
 
-from raylm import memory, plan
-from raylm.memory import GiB
+from raylm.planning import memory, plan
+from raylm.planning.memory import GiB
+
+pytestmark = pytest.mark.quick
 
 # params, workers, GiB per device, precision, gradient checkpointing -> expected choice
 TABLE = [

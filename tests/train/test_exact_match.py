@@ -11,7 +11,7 @@ def test_ranks_answering_in_lockstep_count_what_generate_answers(sft_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raylm.data.corpus import stories
-    from raylm.evaluate import exact_match, exact_match_share
+    from raylm.train.exact_match import exact_match, exact_match_share
 
     tokenizer = AutoTokenizer.from_pretrained(sft_base)
     model = AutoModelForCausalLM.from_pretrained(sft_base).eval()

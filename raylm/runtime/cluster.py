@@ -1,0 +1,131 @@
+"""Where a job runs: the embedded local Ray that `raylm run` starts, or the cluster this process runs
+in; and the guard on the addresses raylm submits to or serves on.
+
+The Jobs API runs arbitrary code for whoever reaches it, so raylm refuses a non-loopback address
+unless Ray token authentication is configured (RAY_AUTH_MODE=token and a token).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class SubmitError(Exception):
+    """A problem with where or how a job is submitted; the message says how to fix it."""
+
+
+def ensure_ray(job, verbose: bool = False) -> None:
+    """Connect to the cluster this process runs in (a Ray job), or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+    else:
+        needed = (
+            job.cpus_needed
+            if hasattr(job, "cpus_needed")
+            else job.resources.max_workers * job.resources.cpus_per_worker
+        )
+        # Ray's CPUs are logical: leave room beside the training workers for Ray Data's tasks.
+        start_local_ray(max(os.cpu_count() or 1, math.ceil(needed) + 2), verbose)
+    if not verbose:
+        from raylm.runtime.ray_output import quiet_ray_console
+
+        quiet_ray_console()
+
+
+_EMBEDDED = False
+
+
+def embedded() -> bool:
+    """Whether this process started the Ray it runs on (so the job ends when this process does)."""
+    return _EMBEDDED
+
+
+def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
+    """An embedded single-machine Ray that exists to run raylm's job.
+
+    Ray runs its workers at nice 15 by default; here they share the cores with Ray's own daemons
+    and the driver, and lost ~10% of their CPU time to them (benchmarks/pretrain_overhead.py), so
+    the embedded Ray runs its workers at normal priority.
+    """
+    import ray
+    from ray.util import get_node_ip_address
+
+    # Ray's own processes (Ray Train's placement-group cleaner, state queries) find "the" cluster
+    # through RAY_ADDRESS, else by looking for running Ray instances: with a second Ray on the same
+    # machine they fail ("Found multiple active Ray instances"), and a Tune trial stopped early would
+    # keep its workers' CPUs. So the embedded Ray's GCS gets a port chosen here, and every process of
+    # the job is told that address.
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            _system_config={"worker_niceness": 0},
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            runtime_env={
+                "env_vars": {
+                    "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+                    # Ray Train's watcher of preempted nodes polls every 5 s: on the one machine this
+                    # Ray lives on there is no other node to move to, only CPU taken from training
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                }
+            },
+        )
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    global _EMBEDDED
+    _EMBEDDED = True
+
+
+def is_loopback(address: str) -> bool:
+    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
+            )
+        except (socket.gaierror, ValueError):
+            return False
+
+
+def token_configured() -> bool:
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return False
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return Path(token_file).is_file() and Path(token_file).read_text().strip() != ""
+
+
+def check_address(address: str) -> str:
+    """The Jobs API (dashboard) URL for `address`; refuses non-loopback hosts without token auth."""
+    if address.startswith("ray://"):
+        raise SubmitError(
+            f"{address}: raylm submits through the Ray Jobs API; give the dashboard address, e.g. http://HOST:8265"
+        )
+    url = address if "://" in address else f"http://{address}"
+    if not is_loopback(url) and not token_configured():
+        raise SubmitError(
+            f"refusing to submit to {address}: the Ray Jobs API runs arbitrary code for anyone who can reach it, "
+            "and Ray token authentication is not configured here. Start the cluster with RAY_AUTH_MODE=token, "
+            "then set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token, "
+            "e.g. from `ray get-auth-token`) in this shell."
+        )
+    return url
