@@ -16,7 +16,7 @@ import signal
 import threading
 from pathlib import Path
 
-from raylm.kinds import Problems
+from raylm.spec.reading import Problems
 
 
 class ApiKeyError(ValueError):
@@ -52,7 +52,7 @@ def api_key(job) -> str | None:
 
 class Serve:
     def preflight(self, job) -> Problems:
-        from raylm.submit import is_loopback
+        from raylm.runtime.cluster import is_loopback
 
         problems: Problems = []
         try:
@@ -84,10 +84,13 @@ class Serve:
             return problems
         problems += _model_problems(job)
         for name, folder in job.adapters.items():
-            config = Path(folder) / "adapter_config.json"
+            config = Path(adapter_folder(folder)) / "adapter_config.json"
             if not config.is_file():
                 problems.append(
-                    (f"adapters.{name}", f"{folder}: no adapter_config.json (a PEFT LoRA adapter folder)")
+                    (
+                        f"adapters.{name}",
+                        f"{folder}: no adapter_config.json (a PEFT LoRA adapter folder, or a LoRA run's folder)",
+                    )
                 )
             elif json.loads(config.read_text()).get("peft_type") != "LORA":
                 problems.append(
@@ -107,10 +110,10 @@ class Serve:
     def run(self, job) -> dict:
         from ray import serve
 
-        from raylm import submit
+        from raylm.runtime import cluster
 
-        summary = deploy(job)
-        if not submit.embedded():
+        (summary,) = deploy(job)
+        if not cluster.embedded():
             return summary  # deployed on the cluster; it stays up after this job ends
         print("[raylm] Ctrl-C stops the server", flush=True)
         stop = threading.Event()
@@ -123,27 +126,40 @@ class Serve:
         return {**summary, "stopped": True}
 
 
-def deploy(job) -> dict:
-    """Start Serve's HTTP proxy (if it is not up) and deploy the application; returns once it answers."""
+def deploy(*jobs) -> list[dict]:
+    """Start Serve's HTTP proxy (if it is not up) and deploy one application per spec, all at once (they
+    share the proxy: the first spec's host and port, each under its own route prefix); returns once
+    every one answers, with their summaries."""
     from ray import serve
 
-    digest = key_hash(job)
-    job = absolute_paths(job)  # replicas may start in another working folder (or on another node)
-    http = job.http
+    digests = [key_hash(job) for job in jobs]
+    jobs = [absolute_paths(job) for job in jobs]  # replicas may start in another folder (or node)
+    http = jobs[0].http
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines repeat what raylm prints
     serve.start(
         proxy_location="HeadOnly" if http.proxy == "head" else "EveryNode",
         http_options={"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s},
     )
-    app = _vllm_app(job) if job.engine == "vllm" else _transformers_app(job, digest)
-    serve.run(app, name=job.model_name, route_prefix=http.route_prefix)
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    url = f"http://{host}:{http.port}{http.route_prefix.rstrip('/')}/v1"
-    print(
-        f"[raylm] serving {job.model_name} at {url} (OpenAI API; {'API key required' if digest else 'no API key'})",
-        flush=True,
+    serve.run_many(
+        [
+            serve.RunTarget(
+                target=_vllm_app(job) if job.engine == "vllm" else _transformers_app(job, digest),
+                name=job.model_name,
+                route_prefix=job.http.route_prefix,
+            )
+            for job, digest in zip(jobs, digests, strict=True)
+        ]
     )
-    return {"kind": "serve", "model": job.model_name, "url": url, "adapters": list(job.adapters)}
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    summaries = []
+    for job, digest in zip(jobs, digests, strict=True):
+        url = f"http://{host}:{http.port}{job.http.route_prefix.rstrip('/')}/v1"
+        key = "API key required" if digest else "no API key"
+        print(f"[raylm] serving {job.model_name} at {url} (OpenAI API; {key})", flush=True)
+        summaries.append(
+            {"kind": "serve", "model": job.model_name, "url": url, "adapters": list(job.adapters)}
+        )
+    return summaries
 
 
 def absolute_paths(job):
@@ -156,12 +172,21 @@ def absolute_paths(job):
 
     job = job.model_copy(deep=True)
     job.model.path, job.model.base = absolute(job.model.path), absolute(job.model.base)
-    job.adapters = {name: absolute(folder) for name, folder in job.adapters.items()}
+    # an adapter named by its fine-tuning run folder is the run's adapter/ (as for model.path)
+    job.adapters = {name: absolute(adapter_folder(folder)) for name, folder in job.adapters.items()}
     if job.chat_template and "{" not in job.chat_template:
         job.chat_template = absolute(job.chat_template)
     for strategy in job.strategies:
         strategy.exemplars, strategy.documents = absolute(strategy.exemplars), absolute(strategy.documents)
     return job
+
+
+def adapter_folder(path: str) -> str:
+    """The adapter folder `path` names: itself, or the adapter a raylm fine-tuning run folder produced."""
+    from raylm.infer.loading import resolve
+
+    folder = Path(path).expanduser()
+    return str(resolve(folder)) if folder.exists() else path
 
 
 def _model_problems(job) -> Problems:
