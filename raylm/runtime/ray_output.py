@@ -17,6 +17,14 @@ IMPORTANT = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Error
 
 KEPT_PREFIX = "[raylm] trial "  # a search's trial processes: one line as each starts and ends
 
+# Import-time notices of libraries a job loads that say WARN(ING) yet leave nothing for a raylm user to do.
+LIBRARY_NOTICES = (
+    # torchao, imported by transformers' and PEFT's quantizer integrations, on a CPU build of torch
+    "Detected no triton",
+    # gptqmodel, which PEFT's LoRA imports to check each layer for GPTQ whenever gptqmodel is installed
+    "Python GIL is enabled",
+)
+
 
 def quiet_ray_console() -> None:
     """Keep Ray's INFO lines (its start-up, Ray Data's plans, Ray Train's per-report lines) off the
@@ -42,8 +50,8 @@ def _important_only(handler):
             in_traceback = in_traceback or "Traceback (most recent call last)" in line
             if "RayDeprecationWarning" in line and "/ray/" in line:
                 continue  # Ray calling its own deprecated API: nothing a raylm user can act on
-            if "Detected no triton" in line:
-                continue  # torchao's import-time print on a CPU build of torch (no Triton to have)
+            if any(notice in line for notice in LIBRARY_NOTICES):
+                continue
             if in_traceback or IMPORTANT.search(line) or line.startswith(KEPT_PREFIX):
                 kept.append(line)
         if kept:

@@ -36,6 +36,7 @@ def test_only_what_needs_attention_of_rays_output_reaches_the_console():
                 "INFO Reporting training result 3: TrainingReport(...)",
                 "Running Dataset: dataset_1. Execution plan: InputDataBuffer[Input] -> TaskPoolMapOperator",
                 "Warning: Detected no triton, on systems without Triton certain kernels will not work",
+                "WARN  Python GIL is enabled: Multi-gpu quant acceleration for MoE models is sub-optimal",
                 "WARNING the worker ran out of shared memory",
                 "[raylm] trial 2 started: lora r=8",
                 "Traceback (most recent call last):",

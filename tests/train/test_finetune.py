@@ -195,14 +195,16 @@ def test_qlora_with_a_sharded_4bit_base_trains_like_ddp(qlora_runs, strategy):
         torch.testing.assert_close(mine[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_full_finetune_on_fsdp(ray_local, sft_base, tmp_path):
+def test_full_finetune_on_fsdp_with_cpu_offload(ray_local, sft_base, tmp_path):
+    """Full fine-tuning, sharded by FSDP2 with its CPU offload policy (which moves nothing on CPU workers
+    but drives the offloading code through training, evaluation in lockstep and the export)."""
     from transformers import AutoModelForCausalLM
 
     spec = finetune_spec(
         sft_base,
         tmp_path / "run",
         "full",
-        strategy="fsdp",
+        strategy={"name": "fsdp", "cpu_offload": True},
         train={"lr": 3e-3},
         eval={"during_training": True},
     )
