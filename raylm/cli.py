@@ -19,7 +19,8 @@ import sys
 import click
 
 from raylm.kinds import KINDS, json_schema
-from raylm.spec import SpecError, load_spec
+from raylm.spec.loading import load_spec
+from raylm.spec.reading import SpecError
 
 EXIT_BAD_INPUT = 2
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"

@@ -26,7 +26,7 @@ AGENT_RETRIES = 30
 def run_here(job, verbose: bool = False) -> dict:
     """Run `job` in this process's Ray (embedded or the cluster's) and return its summary."""
     from raylm.kinds import driver, preflight
-    from raylm.spec import SpecError
+    from raylm.spec.reading import SpecError
 
     kind = driver(job)
     problems = preflight(job)

@@ -36,7 +36,7 @@ def ray_local():
 def reference_run(ray_local, tmp_path_factory):
     """The 2-worker DDP pretraining run (tiny_spec) that the pretraining and strategy tests compare
     against, and the trained model the compression tests start from (one fit per session)."""
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.submit import run_here
 
     output = tmp_path_factory.mktemp("reference") / "run"

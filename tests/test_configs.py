@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from raylm.kinds import preflight as check_job
-from raylm.spec import load_spec, validate_dict
+from raylm.spec.loading import load_spec, validate_dict
 
 pytestmark = pytest.mark.quick
 

@@ -259,7 +259,7 @@ def test_wrong_token_is_a_clear_error(two_node_cluster, tmp_path):
 def test_hf_token_travels_in_the_job_environment_only(monkeypatch, tmp_path):
     from pathlib import Path
 
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.submit import job_environment
 
     secret = "hf_" + uuid.uuid4().hex

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from raylm.spec import SpecError
+from raylm.spec.reading import SpecError
 
 
 def check_causal_lm(folder: Path, where: str) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from raylm.compress.inputs import text_data
-from raylm.spec import SpecError
+from raylm.spec.reading import SpecError
 
 
 def work_folder(job) -> Path:
@@ -63,7 +63,7 @@ def retrain(job, start: Path, run: Path, retraining, label: str) -> tuple[Path, 
     (its model, its summary)."""
     import json
 
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.train.pretrain import Pretrain
 
     if (run / "summary.json").exists() and (run / "model" / "config.json").exists():

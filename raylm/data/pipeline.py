@@ -149,7 +149,7 @@ def documents(spec: DataSpec):
     if fmt == "dataset":
         loaded = load_hub_dataset(spec.dataset)
         if spec.text_field not in loaded.column_names:
-            from raylm.spec import SpecError
+            from raylm.spec.reading import SpecError
 
             columns = ", ".join(loaded.column_names)
             raise SpecError(

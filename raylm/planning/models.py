@@ -114,7 +114,7 @@ def count_parameters(model) -> tuple[int, int]:
 def model_config(job):
     """The transformers config of a job's model, without loading weights: from its architecture block
     (vocabulary: the tokenizer it trains, else 256) or the config.json of its folder / hub id."""
-    from raylm.spec import SpecError
+    from raylm.spec.reading import SpecError
 
     if job.model.architecture is not None:
         arch = job.model.architecture

@@ -172,7 +172,7 @@ def teacher_terms(job) -> dict:
     from transformers import AutoConfig
 
     from raylm.planning.memory import shape_from_config, teacher_bytes
-    from raylm.spec import SpecError
+    from raylm.spec.reading import SpecError
 
     folder = Path(job.teacher.path).expanduser()
     if not (folder / "config.json").is_file():  # distillation reads a local teacher folder

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from raylm.spec import SpecError
+from raylm.spec.reading import SpecError
 
 
 def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float], one_per_node: bool) -> int:

@@ -1,6 +1,6 @@
 """A mapping -> the validated job spec of its kind, with errors written for people.
 
-from raylm.spec import load_spec, validate_dict
+from raylm.spec.loading import load_spec, validate_dict
 job = load_spec("jobs/quickstart.yaml", ["train.lr=3e-4"])
 """
 

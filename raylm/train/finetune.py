@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from raylm.runtime import storage
-from raylm.spec import SpecError
 from raylm.spec.jobs import FinetuneJob
+from raylm.spec.reading import SpecError
 from raylm.train.runs import (
     announce,
     base_summary,

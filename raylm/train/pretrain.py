@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from raylm.runtime import storage
-from raylm.spec import SpecError
 from raylm.spec.jobs import PretrainJob
+from raylm.spec.reading import SpecError
 from raylm.spec.sections import TokenizerTraining
 from raylm.train.runs import (
     announce,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from raylm.spec import SpecError
+from raylm.spec.reading import SpecError
 
 # Fields that may change between a run and its resumption; any other change makes a different run
 # (resources.num_workers too: each worker's share of the data, and so the batches, would change;

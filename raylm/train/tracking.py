@@ -55,7 +55,7 @@ def open_runs(job, local_output: Path | None) -> dict:
         try:
             ids["mlflow"] = _open_mlflow(job, local_output, saved.get("mlflow"))
         except Exception as err:  # unreachable server, refused credentials, a bad URI ...
-            from raylm.spec import SpecError
+            from raylm.spec.reading import SpecError
 
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise SpecError([("logging.mlflow", f"cannot open an MLflow run: {first}")]) from None

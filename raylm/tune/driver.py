@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from raylm.spec import SpecError
+from raylm.spec.reading import SpecError
 from raylm.spec.tune import TuneJob, trial_base
 
 TRIAL_DRIVER_CPUS = 0.5  # a trial's own process mostly waits on its workers
@@ -47,7 +47,7 @@ def run_search(job: TuneJob) -> dict:
     from ray import tune
 
     from raylm.runtime.capacity import check_capacity
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.spec.space import has_grid, parse
     from raylm.train.finetune import prepare_data
     from raylm.train.runs import check_same_run, planned_steps

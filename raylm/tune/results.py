@@ -160,7 +160,7 @@ def print_table(rows: list[dict], metric: str) -> None:
 
 def write_best(job, output: Path, best: dict) -> None:
     """best.yaml: the base spec with the best trial's values (validated), and best/: its artifact."""
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.spec.tune import trial_spec
 
     record = json.loads((Path(best["artifact"]).parent / "trial.json").read_text())

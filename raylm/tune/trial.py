@@ -42,7 +42,7 @@ def run_trial(config: dict, search: dict) -> None:
     import ray.tune
 
     from raylm.planning.plan import unfit_reason
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.spec.tune import trial_spec
     from raylm.train.finetune import Finetune, run_finetune
 

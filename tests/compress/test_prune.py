@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from tests.compress.conftest import validate_fails
 
@@ -171,7 +171,7 @@ def test_bad_pruning_inputs_are_refused(tmp_path, trained):
 
 
 def test_too_little_calibration_text_stops_before_pruning(tmp_path, trained, ray_local):
-    from raylm.spec import SpecError
+    from raylm.spec.reading import SpecError
 
     output = tmp_path / "out"
     spec = prune_spec(trained, output, {"name": "wanda", "calibration_blocks": 100000})

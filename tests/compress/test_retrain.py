@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from tests.compress.conftest import validate_fails
 from tests.compress.test_prune import decoder_weights, generates, prune_spec

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raylm.serve.driver import Serve, deploy
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 
 KEY = "test-key-not-a-secret"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # the tiny model's context is 32

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from raylm import cli, submit
 from raylm.kinds import KINDS
 from raylm.methods import METHODS
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 
 pytestmark = pytest.mark.quick
 

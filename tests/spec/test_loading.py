@@ -4,8 +4,9 @@ import pytest
 import yaml
 
 from raylm.kinds import json_schema
-from raylm.spec import SpecError, load_spec, validate_dict
 from raylm.spec.jobs import PretrainJob
+from raylm.spec.loading import load_spec, validate_dict
+from raylm.spec.reading import SpecError
 
 pytestmark = pytest.mark.quick
 

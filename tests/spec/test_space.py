@@ -6,7 +6,8 @@ import yaml
 from click.testing import CliRunner
 
 from raylm.cli import main
-from raylm.spec import SpecError, validate_dict
+from raylm.spec.loading import validate_dict
+from raylm.spec.reading import SpecError
 from raylm.spec.space import SpaceError, parse
 
 pytestmark = pytest.mark.quick

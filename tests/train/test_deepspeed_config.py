@@ -5,7 +5,7 @@ import json
 import pytest
 
 from raylm.runtime.preflight import check_strategy_files
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.train.strategies.deepspeed import config
 from tests.conftest import tiny_spec
 

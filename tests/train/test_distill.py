@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from raylm import cli
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 
 STUDENT = {"family": "llama", "layers": 1, "heads": 2, "hidden": 32, "context": 32}

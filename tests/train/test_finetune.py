@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from raylm.train.metrics import read_metrics
 from tests.conftest import SFT_BASE

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from raylm.train.metrics import read_metrics
 from tests.conftest import run_cli_then_kill, tiny_spec
@@ -100,7 +100,7 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
 
 
 def test_rerun_with_a_different_spec_is_refused(reference_run):
-    from raylm.spec import SpecError
+    from raylm.spec.reading import SpecError
 
     run_dir, _ = reference_run
     changed = tiny_spec(run_dir, train={"lr": 1e-2})

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from raylm.spec import SpecError, validate_dict
+from raylm.spec.loading import validate_dict
+from raylm.spec.reading import SpecError
 from raylm.train.runs import check_same_run, resolve_strategy
 from tests.conftest import tiny_spec
 

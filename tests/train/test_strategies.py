@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from raylm.planning import memory
 from raylm.planning.memory import GiB
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from raylm.train.metrics import read_metrics
 from tests.conftest import tiny_spec

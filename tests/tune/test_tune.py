@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from raylm.spec import validate_dict
+from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from tests.conftest import run_cli_then_kill
 
