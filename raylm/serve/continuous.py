@@ -152,7 +152,9 @@ class DecodeLoop:
         return out.logits[:, -1, :].float(), cache if cache is not None else out.get("past_key_values")
 
     def _adapters(self, rows) -> list[str] | None:
-        if not hasattr(self.engine.model, "peft_config") or not any(r.adapter for r in self.rows + rows):
+        """Each row's adapter, the base's rows included: once an adapter is loaded the model is a PEFT
+        model whose active adapter would otherwise answer a request for the base."""
+        if not hasattr(self.engine.model, "peft_config"):
             return None
         return [r.adapter or BASE for r in rows]
 

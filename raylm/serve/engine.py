@@ -126,7 +126,9 @@ class Engine:
         beams = controls.num_beams > 1
         if not beams:  # transformers streams greedy and sampled decoding only; beams are replayed after
             kwargs.update(streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]))
-        if hasattr(self.model, "peft_config") and any(r.adapter for r in group):
+        if hasattr(
+            self.model, "peft_config"
+        ):  # every row names its adapter or the base (never the active one)
             kwargs["adapter_names"] = [r.adapter or BASE for r in group for _ in range(controls.n)]
         device = next(self.model.parameters()).device
         if controls.seed is not None:

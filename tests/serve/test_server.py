@@ -146,6 +146,28 @@ def test_greedy_through_the_server_equals_generate_batched_or_not(served):
         assert got.choices[0].text == want and want != expected[1], name
     assert [m.id for m in api.models.list().data] == ["tiny", "poet", "critic"]
 
+    # after the adapters were used the replica's model is a PEFT model with an active adapter: the base's
+    # requests, alone and in one batch with an adapter's, still decode without any adapter
+    again = api.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0)
+    assert again.choices[0].text == expected[1]
+    last = list(served["adapters"])[-1]  # the one loaded now (one adapter per replica)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), served["adapters"][last]
+    )
+
+    async def mixed():
+        api = openai.AsyncOpenAI(base_url=f"{served['url']}/v1", api_key=KEY, max_retries=0)
+        return await asyncio.gather(
+            *[
+                api.completions.create(model=m, prompt=PROMPTS[2], max_tokens=16)
+                for m in ("tiny", last, "tiny")
+            ]
+        )
+
+    base_text, adapted, base_again = (a.choices[0].text for a in asyncio.run(mixed()))
+    assert base_text == base_again == expected[2]
+    assert adapted == reference_greedy(peft_model, tokenizer, PROMPTS[2], 16)
+
 
 def test_chat_streaming_n_and_stop(served):
     api = client(served)
