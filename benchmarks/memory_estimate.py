@@ -63,7 +63,7 @@ def main() -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # before Ray starts: its workers inherit it
 
     from raylm.planning.memory import estimate, shape_of_job
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.submit import run_here
 
     scratch = Path(tempfile.mkdtemp(prefix="raylm-memory-"))

@@ -64,7 +64,7 @@ def plain(spec_file: str) -> dict:
     from raylm.data.pipeline import pack_batch
     from raylm.data.tokenizer import train_tokenizer
     from raylm.planning.models import build_model
-    from raylm.spec import load_spec
+    from raylm.spec.loading import load_spec
     from raylm.train import optim
 
     job = load_spec(spec_file)
@@ -109,7 +109,7 @@ def in_ray_train(spec_file: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     from raylm.runtime.cluster import ensure_ray
-    from raylm.spec import load_spec
+    from raylm.spec.loading import load_spec
 
     job = load_spec(spec_file)
     ensure_ray(job)  # the embedded Ray raylm runs its jobs on

@@ -119,8 +119,8 @@ def main() -> None:
     from raylm.compress import bnb
     from raylm.runtime.cluster import start_local_ray
     from raylm.serve.driver import deploy
-    from raylm.spec import validate_dict
     from raylm.spec.compress import QuantizeJob
+    from raylm.spec.loading import validate_dict
 
     model = Path(args.model)
     work = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))

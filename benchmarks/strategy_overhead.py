@@ -58,7 +58,7 @@ def bare_worker(rank, world, port, job_dict, tokenizer, blocks, steps, results):
     import torch.distributed as dist
 
     from raylm.planning.models import build_model
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.train import optim
 
     os.environ.update(
@@ -144,7 +144,7 @@ def bare_loop(job_dict, tokenizer, blocks, steps: int) -> list[float]:
 
 
 def raylm_loop(job_dict) -> list[float]:
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
     from raylm.submit import run_here
 
     job = validate_dict(job_dict)
@@ -170,7 +170,7 @@ def main() -> None:
     from raylm.data.pipeline import configure_ray_data, documents, packed_blocks
     from raylm.data.tokenizer import train_tokenizer
     from raylm.runtime.cluster import start_local_ray
-    from raylm.spec import validate_dict
+    from raylm.spec.loading import validate_dict
 
     start_local_ray(num_cpus=4)  # as `raylm run` starts it on this machine
     configure_ray_data()
