@@ -13,10 +13,6 @@ generation config is kept as it was (gptqmodel's save writes its own sampling de
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -24,14 +20,12 @@ INSTALL = "pip install 'raylm[gptq]'"
 
 
 def import_gptqmodel():
-    """gptqmodel, imported with its worker pools sized for this process and its banner kept off the
-    console. On a 2-core machine its CPU loader asks for 2 workers: GPTQMODEL_CPU_WORKERS grants them.
-    (torchao, which it imports, registers enums that this torch already supports: torch warns.)"""
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import gptqmodel
-        from gptqmodel.models.auto import MODEL_MAP
+    """gptqmodel (quiet, its environment kept: raylm.methods.gptqmodel_import) and its model map."""
+    from raylm.methods.gptqmodel_import import import_gptqmodel as quiet_import
+
+    gptqmodel = quiet_import()
+    from gptqmodel.models.auto import MODEL_MAP
+
     return gptqmodel, MODEL_MAP
 
 

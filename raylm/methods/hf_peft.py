@@ -16,9 +16,18 @@ def refuses_sharded_blocks(strategy, method, train) -> str | None:
 
 
 def wrap(model, config):
+    import importlib.util
+    import warnings
+
     from peft import get_peft_model
 
-    return get_peft_model(model, config)
+    if str(config.peft_type.value) == "LORA" and importlib.util.find_spec("gptqmodel") is not None:
+        from raylm.methods.gptqmodel_import import import_gptqmodel
+
+        import_gptqmodel()  # PEFT's LoRA imports it to look for GPTQ layers: quietly, here, first
+    with warnings.catch_warnings():  # PEFT reading a property transformers 5 deprecated: nothing to do
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def save(model, folder: Path) -> None:

@@ -2,6 +2,10 @@
 parameter count equals the method's analytic count, and the artifact round-trips through its loader
 (PEFT's own for PEFT methods) and, where the method merges, through the merge, to the same logits."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -166,3 +170,24 @@ def test_saved_artifact_reloads_and_merges_to_the_same_logits(case, base_dir, tm
         with torch.no_grad():
             folded = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(folded, logits, atol=1e-4, rtol=0)
+
+
+def test_lora_wraps_quietly_and_leaves_the_environment_alone(tmp_path):
+    """PEFT's LoRA imports gptqmodel (installed with the gptq extra), which prints a banner and sets
+    PYTORCH_ALLOC_CONF / CUDA_DEVICE_ORDER on import: wrapping a model prints nothing and sets nothing."""
+    program = (
+        "import os\n"
+        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "from raylm.methods.lora import LoraMethod, apply\n"
+        "config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,"
+        " vocab_size=64)\n"
+        "model = apply(AutoModelForCausalLM.from_config(config), LoraMethod(name='lora', r=4))\n"
+        "print('gptqmodel' in __import__('sys').modules, os.environ.get('PYTORCH_ALLOC_CONF'),"
+        " os.environ.get('CUDA_DEVICE_ORDER'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "CUDA_DEVICE_ORDER")}
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip().splitlines() == ["True None None"]  # imported, and the environment as it was
+    printed = [line for line in out.stderr.splitlines() if line.strip()]
+    # torchao's own import-time lines (a CPU build: no CUDA kernels, no Triton) are all that may remain
+    assert [line for line in printed if "torchao" not in line and "_pytree" not in line] == [], printed

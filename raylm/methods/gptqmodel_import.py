@@ -1,0 +1,43 @@
+"""gptqmodel, imported quietly and without touching the job's environment.
+
+PEFT's LoRA imports gptqmodel (whenever it is installed) to check every target layer for GPTQ kernels,
+and raylm's GPTQ quantization and GPTQ models use it. On import it prints a banner and notices (the GIL
+one as a warning) into the job's console, and sets PYTORCH_ALLOC_CONF and CUDA_DEVICE_ORDER for the
+whole process where they are unset, which would change the CUDA allocator of a GPU LoRA run. Imported
+here first, its output goes nowhere and those variables stay as the job had them.
+
+    from raylm.methods.gptqmodel_import import import_gptqmodel
+    gptqmodel = import_gptqmodel()
+"""
+
+from __future__ import annotations
+
+GUARDED = ("PYTORCH_ALLOC_CONF", "CUDA_DEVICE_ORDER")
+
+
+def import_gptqmodel():
+    """The gptqmodel module, with its CPU worker pools sized for this machine (on 2 cores its loader asks
+    for 2 workers: GPTQMODEL_CPU_WORKERS grants them)."""
+    import contextlib
+    import io
+    import logging
+    import os
+    import sys
+
+    if "gptqmodel" in sys.modules:
+        return sys.modules["gptqmodel"]
+    # torchao, which it imports, registers enums this torch already supports: torch warns
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    before = {name: os.environ.get(name) for name in GUARDED}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import gptqmodel
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return gptqmodel
