@@ -2,17 +2,17 @@
 
 PEFT's LoRA imports gptqmodel (whenever it is installed) to check every target layer for GPTQ kernels,
 and raylm's GPTQ quantization and GPTQ models use it. On import it prints a banner and notices (the GIL
-one as a warning) into the job's console, and sets PYTORCH_ALLOC_CONF and CUDA_DEVICE_ORDER for the
-whole process where they are unset, which would change the CUDA allocator of a GPU LoRA run. Imported
-here first, its output goes nowhere and those variables stay as the job had them.
+one as a warning) into the job's console, and rewrites the process's environment: PYTORCH_ALLOC_CONF
+and CUDA_DEVICE_ORDER (a GPU LoRA run's CUDA allocator), and through its tokenizer helper HF_HOME,
+HF_HUB_CACHE, TRANSFORMERS_CACHE and HF_MODULES_CACHE (to a folder under /tmp: the job's own Hugging
+Face cache would be missed), KMP_DUPLICATE_LIB_OK, TORCHINDUCTOR_CACHE_DIR. Imported here first, its
+output goes nowhere and the environment is put back as the job had it.
 
     from raylm.methods.gptqmodel_import import import_gptqmodel
     gptqmodel = import_gptqmodel()
 """
 
 from __future__ import annotations
-
-GUARDED = ("PYTORCH_ALLOC_CONF", "CUDA_DEVICE_ORDER")
 
 
 def import_gptqmodel():
@@ -30,14 +30,12 @@ def import_gptqmodel():
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
-    before = {name: os.environ.get(name) for name in GUARDED}
+    before = dict(os.environ)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             import gptqmodel
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        os.environ.update(before)
     return gptqmodel
