@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raylm.methods.gptqmodel_import import before_lora
+
 
 def refuses_sharded_blocks(strategy, method, train) -> str | None:
     """Prompt learning keeps its virtual-token encoder outside the transformer blocks."""
@@ -16,15 +18,12 @@ def refuses_sharded_blocks(strategy, method, train) -> str | None:
 
 
 def wrap(model, config):
-    import importlib.util
     import warnings
 
     from peft import get_peft_model
 
-    if str(config.peft_type.value) == "LORA" and importlib.util.find_spec("gptqmodel") is not None:
-        from raylm.methods.gptqmodel_import import import_gptqmodel
-
-        import_gptqmodel()  # PEFT's LoRA imports it to look for GPTQ layers: quietly, here, first
+    if str(config.peft_type.value) == "LORA":
+        before_lora()
     with warnings.catch_warnings():  # PEFT reading a property transformers 5 deprecated: nothing to do
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         return get_peft_model(model, config)
@@ -39,6 +38,7 @@ def load(base, folder):
     """The base with the adapter of `folder`, as PEFT's own loader puts it."""
     from peft import PeftModel
 
+    before_lora()
     return PeftModel.from_pretrained(base, str(folder))
 
 

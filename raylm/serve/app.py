@@ -232,6 +232,8 @@ class Server:
         """In the model thread: load (or keep) adapter `name` into the PEFT model."""
         from peft import PeftModel
 
+        from raylm.methods.gptqmodel_import import before_lora
+
         self.retired.discard(name)
         busy = {row.adapter for row in self.decoder.rows} | {r.adapter for r in self.decoder.waiting}
         for old in sorted(self.retired - busy):
@@ -240,6 +242,7 @@ class Server:
                 del self.loaded[old]
             self.retired.discard(old)
         if name not in self.loaded:
+            before_lora()  # PEFT imports gptqmodel as it injects LoRA layers: quietly, first
             path = self.job.adapters[name]
             if hasattr(self.engine.model, "peft_config"):
                 self.engine.model.load_adapter(path, adapter_name=name)

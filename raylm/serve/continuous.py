@@ -22,7 +22,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from raylm.serve.engine import BASE, Choice, Engine, Request
+from raylm.serve.engine import Choice, Engine, Request
 
 
 def decodes_here(request: Request, model) -> bool:
@@ -152,11 +152,9 @@ class DecodeLoop:
         return out.logits[:, -1, :].float(), cache if cache is not None else out.get("past_key_values")
 
     def _adapters(self, rows) -> list[str] | None:
-        """Each row's adapter, the base's rows included: once an adapter is loaded the model is a PEFT
-        model whose active adapter would otherwise answer a request for the base."""
-        if not hasattr(self.engine.model, "peft_config"):
-            return None
-        return [r.adapter or BASE for r in rows]
+        """Each row's adapter, the served model's rows included: once an adapter is loaded the model is
+        a PEFT model whose active adapter would otherwise answer a request for the base."""
+        return self.engine.adapter_names([r.adapter for r in rows])
 
     def _prefill(self, requests: list[Request]) -> None:
         import torch

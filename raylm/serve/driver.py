@@ -132,6 +132,15 @@ def deploy(*jobs) -> list[dict]:
     every one answers, with their summaries."""
     from ray import serve
 
+    proxies = {(job.http.host, job.http.port, job.http.proxy, job.http.request_timeout_s) for job in jobs}
+    if len(proxies) != 1:  # one proxy: a spec's host (and with it the API-key rule) must hold for all
+        raise ValueError(
+            "applications deployed together share one HTTP proxy: give them the same http section"
+        )
+    for field in ("model_name", "http.route_prefix"):
+        values = [job.model_name if field == "model_name" else job.http.route_prefix for job in jobs]
+        if len(set(values)) != len(values):
+            raise ValueError(f"applications deployed together need distinct {field}s: {values}")
     digests = [key_hash(job) for job in jobs]
     jobs = [absolute_paths(job) for job in jobs]  # replicas may start in another folder (or node)
     http = jobs[0].http

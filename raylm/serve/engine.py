@@ -102,6 +102,18 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.model.eval()
+        # What a request for the served model (not one of the server's adapters) decodes with: the base,
+        # or the adapter itself where the served model is a LoRA adapter (a PEFT model as loaded).
+        self.own_adapter = model.active_adapter if hasattr(model, "peft_config") else BASE
+
+    def adapter_names(self, adapters: list[str | None]) -> list[str] | None:
+        """PEFT's adapter name for each row (None: the served model's own), so that no row decodes with
+        whichever adapter PEFT has active; None where the model holds no LoRA adapters to choose from
+        (a plain model, or prompt learning and IA3 served as the model, which run as loaded)."""
+        configs = getattr(self.model, "peft_config", {})
+        if not configs or any(str(c.peft_type.value) != "LORA" for c in configs.values()):
+            return None
+        return [name or self.own_adapter for name in adapters]
 
     def generate(self, group: list[Request]) -> None:
         """One `generate` call for requests with the same controls (but max_new_tokens and stop)."""
@@ -126,10 +138,9 @@ class Engine:
         beams = controls.num_beams > 1
         if not beams:  # transformers streams greedy and sampled decoding only; beams are replayed after
             kwargs.update(streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]))
-        if hasattr(
-            self.model, "peft_config"
-        ):  # every row names its adapter or the base (never the active one)
-            kwargs["adapter_names"] = [r.adapter or BASE for r in group for _ in range(controls.n)]
+        names = self.adapter_names([r.adapter for r in group for _ in range(controls.n)])
+        if names is not None:
+            kwargs["adapter_names"] = names
         device = next(self.model.parameters()).device
         if controls.seed is not None:
             torch.manual_seed(controls.seed)

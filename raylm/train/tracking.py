@@ -96,7 +96,7 @@ def _artifact_location(uri: str) -> str | None:
     """Beside a SQLite database, its runs' artifacts (MLflow would put them under the current folder)."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def _open_mlflow(job, local_output: Path | None, saved: dict | None) -> dict:

@@ -73,7 +73,8 @@ def llama(layers, hidden, inter, vocab, seq):
 def test_estimate_matches_measured_peak(layers, hidden, inter, vocab, batch, seq, ckpt, precision, dtype):
     """The unadjusted estimate of what the run allocates, against the measured peak."""
     args = [str(a) for a in (layers, hidden, inter, vocab, batch, seq, ckpt, precision, dtype)]
-    env = {**os.environ, **MEASURE_ENV}
+    # a fresh environment: nothing the test session set (Ray, libraries imported in it) reaches the measurement
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH") if k in os.environ} | MEASURE_ENV
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, check=True, env=env
     )

@@ -84,9 +84,18 @@ def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
             "http": {"port": port, "route_prefix": "/nf4"},
         }
     )
-    for job in (main, tight, nf4):
+    # a LoRA adapter folder served as the model itself: it answers with the adapter
+    poet = validate_dict(
+        {
+            **common,
+            "name": "poet-alone",
+            "model": adapters["poet"],
+            "http": {"port": port, "route_prefix": "/poet"},
+        }
+    )
+    for job in (main, tight, nf4, poet):
         assert Serve().preflight(job) == []
-    deploy(main, tight, nf4)  # at once: the replicas load side by side
+    deploy(main, tight, nf4, poet)  # at once: the replicas load side by side
     yield {"url": f"http://127.0.0.1:{port}", "base": base, "adapters": adapters, "nf4": nf4.model.path}
     serve.shutdown()
 
@@ -167,6 +176,34 @@ def test_greedy_through_the_server_equals_generate_batched_or_not(served):
     base_text, adapted, base_again = (a.choices[0].text for a in asyncio.run(mixed()))
     assert base_text == base_again == expected[2]
     assert adapted == reference_greedy(peft_model, tokenizer, PROMPTS[2], 16)
+
+
+def test_an_adapter_served_as_the_model_answers_with_the_adapter(served):
+    tokenizer = AutoTokenizer.from_pretrained(served["base"])
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(served["base"]), served["adapters"]["poet"]
+    )
+    got = client(served, prefix="/poet").completions.create(
+        model="poet-alone", prompt=PROMPTS[0], max_tokens=16
+    )
+    assert got.choices[0].text == reference_greedy(peft_model, tokenizer, PROMPTS[0], 16)
+
+
+def test_applications_deployed_together_share_one_proxy(tmp_path):
+    """One HTTP proxy serves them all: a second spec's host (and with it the API-key rule), port or
+    limits cannot differ, and names and route prefixes must be distinct; refused before anything starts."""
+    model = str(tmp_path)
+    first = validate_dict({"kind": "serve", "name": "a", "model": model, "http": {"route_prefix": "/a"}})
+    other_host = validate_dict(
+        {"kind": "serve", "name": "b", "model": model, "http": {"host": "0.0.0.0", "route_prefix": "/b"}}
+    )
+    same_prefix = validate_dict(
+        {"kind": "serve", "name": "c", "model": model, "http": {"route_prefix": "/a"}}
+    )
+    with pytest.raises(ValueError, match="share one HTTP proxy"):
+        deploy(first, other_host)
+    with pytest.raises(ValueError, match="distinct http.route_prefixs"):
+        deploy(first, same_prefix)
 
 
 def test_chat_streaming_n_and_stop(served):
