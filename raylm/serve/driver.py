@@ -129,13 +129,14 @@ class Serve:
 def deploy(*jobs) -> list[dict]:
     """Start Serve's HTTP proxy (if it is not up) and deploy one application per spec, all at once (they
     share the proxy: the first spec's host and port, each under its own route prefix); returns once
-    every one answers, with their summaries."""
+    every one answers, with their summaries. The proxy's options (request_timeout_s too) are the first
+    spec's, as when a proxy is already up."""
     from ray import serve
 
-    proxies = {(job.http.host, job.http.port, job.http.proxy, job.http.request_timeout_s) for job in jobs}
+    proxies = {(job.http.host, job.http.port, job.http.proxy) for job in jobs}
     if len(proxies) != 1:  # one proxy: a spec's host (and with it the API-key rule) must hold for all
         raise ValueError(
-            "applications deployed together share one HTTP proxy: give them the same http section"
+            "applications deployed together share one HTTP proxy: give them the same http.host, http.port and http.proxy"
         )
     for field in ("model_name", "http.route_prefix"):
         values = [job.model_name if field == "model_name" else job.http.route_prefix for job in jobs]

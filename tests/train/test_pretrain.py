@@ -76,13 +76,13 @@ def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
         "mlflow": {"experiment": "kill"},
         "wandb": {"mode": "offline"},
     }
-    # Evaluations every 5 steps: each is a report that waits for the controller to take the previous
-    # one, so once step 10 is registered the run still has 4 reports (4 controller polls) to go and
-    # cannot finish before the kill lands, whatever the poll interval. Evaluating moves no weight.
+    # Evaluations every 5 steps (evaluating moves no weight) and the controller's default 2 s poll: Ray
+    # Train registers checkpoints at its polls, and the killed attempt must not reach its end first.
     spec = tiny_spec(output, logging=tracked, train={"eval_every": 5})
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
-    run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10))
+    default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
+    run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10), env=default_poll)
     assert not (output / "model").exists()
 
     summary = run_here(validate_dict(spec))
