@@ -138,8 +138,11 @@ def deploy(*jobs) -> list[dict]:
         raise ValueError(
             "applications deployed together share one HTTP proxy: give them the same http.host, http.port and http.proxy"
         )
-    for field in ("model_name", "http.route_prefix"):
-        values = [job.model_name if field == "model_name" else job.http.route_prefix for job in jobs]
+    named = {
+        "model_name": [job.model_name for job in jobs],
+        "http.route_prefix": [j.http.route_prefix for j in jobs],
+    }
+    for field, values in named.items():
         if len(set(values)) != len(values):
             raise ValueError(f"applications deployed together need distinct {field}s: {values}")
     digests = [key_hash(job) for job in jobs]
