@@ -1,80 +1,50 @@
-"""Running model-written Python (PAL) without trusting it.
+"""Running model-written Python (PAL) in a process the kernel confines.
 
     from raylm.infer.sandbox import run_program
     result = run_program("print(6 * 7)", timeout_s=5, memory_mb=256)
     result.ok, result.stdout, result.error          # True, "42\\n", None
 
-The program runs in a separate Python process (isolated mode, no site-packages: the standard
-library only) in a fresh temporary folder, with
-- a wall-clock limit (the whole process group is killed) and a CPU-time limit,
-- an address-space limit (an unbounded allocation ends in MemoryError), a file-size limit,
-- an audit hook installed before the program runs that refuses sockets, new processes, ctypes, and
-  any file access outside the temporary folder except reading the standard library,
-- and, where the kernel allows unprivileged user namespaces, its own empty network namespace.
+A PAL program is hostile input: a request can make the model write anything. It runs in a
+separate Python (standard library only, empty environment) in a fresh temporary folder, started
+through `sandbox_launcher.py`, which confines itself before the program's first line:
+- files: Landlock — the standard library is readable, the folder readable and writable, nothing
+  else exists for it (no /proc, /etc, home, the server's files);
+- processes and network: seccomp — fork/clone/exec, sockets, ptrace, kill, namespaces, mounts and
+  other kernel interfaces return EPERM; and, where unprivileged user namespaces work, an empty
+  network namespace (`unshare -rn`) around it;
+- resources: CPU seconds, address space, file size and open files as rlimits; a wall-clock limit
+  that kills the process group; stdout and stderr read up to OUTPUT_LIMIT bytes, past which the
+  process is killed (nothing unbounded enters the server's memory).
+The launcher applies its limits to itself (no `preexec_fn`, which can deadlock a threaded server).
+Where the kernel lacks Landlock or seccomp the program is not run: the result says why, unless
+`confine=False` (the spec's `sandbox: unconfined`, which keeps only the rlimits and bounds).
 A program that fails, loops or breaks a rule returns ok=False with the reason; nothing raises.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
-import resource
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-OUTPUT_LIMIT = 20_000  # characters of stdout / stderr kept
+OUTPUT_LIMIT = 64_000  # bytes of stdout and of stderr read from the program; more kills it
+FILE_MB = 16  # largest file the program may write
+OPEN_FILES = 32
+LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
+CONFINEMENT_FAILED = 86  # sandbox_launcher.CONFINEMENT_FAILED
 
-# Runs first in the child: reads the program from stdin, then locks the process down and runs it.
-_BOOT = r"""
-import os, sys
-program = sys.stdin.read()
-sys.stdin.close()
-ROOT = os.path.realpath(os.getcwd())
-READABLE = tuple(os.path.realpath(p) for p in sys.path if p) + (ROOT,)
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-PATH_EVENTS = {"os.remove", "os.rename", "os.replace", "os.mkdir", "os.rmdir", "os.chmod", "os.chown",
-               "os.link", "os.symlink", "os.truncate", "os.utime", "os.chdir",
-               "os.chflags", "os.setxattr", "os.removexattr", "shutil.rmtree", "shutil.copyfile",
-               "shutil.move", "shutil.copytree", "os.mkfifo", "os.mknod"}
-FORBIDDEN = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
-             "os.system", "os.kill", "os.killpg", "ctypes.", "_ctypes.", "os.startfile", "pty.", "mmap.",
-             "sys._current_frames", "sys.setprofile", "sys.settrace", "os.putenv", "resource.setrlimit",
-             "sys.addaudithook", "urllib.", "http.", "ftplib.", "smtplib.", "webbrowser.", "import")
 
-def inside(path, roots):
-    path = os.path.realpath(os.fsdecode(path))
-    return any(path == r or path.startswith(r + os.sep) for r in roots)
-
-def hook(event, args):
-    if event == "open":
-        path, mode, flags = args
-        if path is None or isinstance(path, int):
-            return
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
-        if not inside(path, (ROOT,) if writing else READABLE):
-            raise PermissionError(f"file access outside the sandbox folder is not allowed: {path}")
-    elif event in ("os.listdir", "os.scandir"):
-        if args[0] is not None and not isinstance(args[0], int) and not inside(args[0], READABLE):
-            raise PermissionError(f"{event} outside the sandbox folder is not allowed: {args[0]}")
-    elif event in PATH_EVENTS:
-        for path in args[:2]:
-            if isinstance(path, (str, bytes, os.PathLike)) and not inside(path, (ROOT,)):
-                raise PermissionError(f"{event} outside the sandbox folder is not allowed: {path}")
-    elif event == "import":
-        if args[0].split(".")[0] in ("ctypes", "_ctypes", "socket", "_socket", "ssl", "_ssl", "subprocess",
-                                      "_posixsubprocess", "multiprocessing", "mmap", "pty"):
-            raise PermissionError(f"importing {args[0]} is not allowed in the sandbox")
-    elif event.startswith(FORBIDDEN):
-        raise PermissionError(f"{event} is not allowed in the sandbox")
-
-sys.addaudithook(hook)
-del hook
-exec(compile(program, "<program>", "exec"), {"__name__": "__main__"})
-"""
+class SandboxUnavailable(RuntimeError):
+    """The kernel cannot confine PAL programs here; the message says what is missing."""
 
 
 @dataclass
@@ -93,7 +63,9 @@ class SandboxResult:
 @functools.cache
 def _network_namespace_prefix() -> tuple[str, ...]:
     """`unshare -rn` where unprivileged user namespaces work (an empty network namespace), else ()."""
-    unshare = shutil.which("unshare")
+    unshare = shutil.which("unshare") or next(
+        (p for p in ("/usr/bin/unshare", "/bin/unshare") if os.path.exists(p)), None
+    )
     if unshare is None:
         return ()
     try:
@@ -103,62 +75,134 @@ def _network_namespace_prefix() -> tuple[str, ...]:
     return (unshare, "-rn") if probe.returncode == 0 else ()
 
 
-def _limits(timeout_s: float, memory_mb: int):
-    def apply() -> None:
-        cpu = int(timeout_s) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        memory = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+@functools.cache
+def _library_paths() -> tuple[str, ...]:
+    """Where the launcher imports `landlock` and `pyseccomp` from (before it locks itself in)."""
+    try:
+        import landlock
+        import pyseccomp
+    except (ImportError, OSError) as err:  # pyseccomp loads libseccomp.so.2 at import
+        raise SandboxUnavailable(
+            f"the PAL sandbox needs the landlock and pyseccomp packages and libseccomp ({err}); "
+            "install raylm's dependencies (and Debian's libseccomp2), or set "
+            "strategy.sandbox: unconfined only for trusted models"
+        ) from None
+    paths = (Path(landlock.__file__).parent.parent, Path(pyseccomp.__file__).parent)
+    return tuple(dict.fromkeys(str(p) for p in paths))
 
-    return apply
+
+def check() -> None:
+    """Raise SandboxUnavailable unless a program here runs confined (a server calls this at start)."""
+    probe = run_program("print('confined')", timeout_s=20)
+    if not probe.ok:
+        raise SandboxUnavailable(probe.error)
 
 
-def run_program(program: str, timeout_s: float = 5.0, memory_mb: int = 256) -> SandboxResult:
-    """Run `program` under the limits above; its stdout is the result."""
-    with tempfile.TemporaryDirectory(prefix="raylm-pal-") as folder:
-        command = [*_network_namespace_prefix(), sys.executable, "-I", "-S", "-c", _BOOT]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": folder}
+def run_program(
+    program: str, timeout_s: float = 5.0, memory_mb: int = 256, confine: bool = True
+) -> SandboxResult:
+    """Run `program` under the confinement above; its stdout is the result."""
+    try:
+        settings = {
+            "cpu_s": int(timeout_s) + 1,
+            "memory_mb": memory_mb,
+            "file_mb": FILE_MB,
+            "open_files": OPEN_FILES,
+            "confine": confine,
+            "library_paths": list(_library_paths()) if confine else [],
+        }
+    except SandboxUnavailable as err:
+        return SandboxResult(False, "", str(err))
+    with tempfile.TemporaryDirectory(prefix="raylm-pal-", ignore_cleanup_errors=True) as folder:
+        Path(folder, "program.py").write_text(program, encoding="utf-8", errors="replace")
+        command = [
+            *(_network_namespace_prefix() if confine else ()),
+            sys.executable, "-I", "-S", "-X", "utf8", str(LAUNCHER), json.dumps(settings),
+        ]  # fmt: skip
         try:
             proc = subprocess.Popen(
                 command,
                 cwd=folder,
-                env=env,
-                stdin=subprocess.PIPE,
+                env={},
+                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=_limits(timeout_s, memory_mb),
             )
         except OSError as err:
             return SandboxResult(False, "", f"could not start the sandbox: {err}")
         try:
-            out, err = proc.communicate(program.encode("utf-8", "replace"), timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+            out, err, overflow, timed_out = _read_bounded(proc, timeout_s)
+        finally:
             _kill(proc)
-            out, err = proc.communicate()
-            return SandboxResult(False, _text(out), f"time limit: the program ran past {timeout_s:g} s")
+            proc.wait()
         stdout, stderr = _text(out), _text(err)
+        if timed_out:
+            return SandboxResult(False, stdout, f"time limit: the program ran past {timeout_s:g} s")
+        if overflow:
+            return SandboxResult(
+                False, stdout, f"output limit: the program printed more than {OUTPUT_LIMIT} bytes"
+            )
         if proc.returncode == 0:
             return SandboxResult(True, stdout, None)
+        if proc.returncode == CONFINEMENT_FAILED and stderr.startswith("sandbox unavailable"):
+            return SandboxResult(False, "", _unavailable(stderr))
         return SandboxResult(False, stdout, _failure(proc.returncode, stderr, timeout_s, memory_mb))
 
 
+def _read_bounded(proc: subprocess.Popen, timeout_s: float) -> tuple[bytes, bytes, bool, bool]:
+    """Read stdout and stderr until both close, the deadline passes or one exceeds OUTPUT_LIMIT."""
+    chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        for stream in chunks:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), False, True
+            for key, _ in selector.select(left):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                    continue
+                chunks[key.fileobj] += data
+                if len(chunks[key.fileobj]) > OUTPUT_LIMIT:
+                    return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), True, False
+    try:  # both pipes closed: the process is exiting
+        proc.wait(max(deadline - time.monotonic(), 0.05))
+    except subprocess.TimeoutExpired:
+        return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), False, True
+    return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), False, False
+
+
 def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), proc.kill):
+        try:
+            kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
 
 
 def _text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")[:OUTPUT_LIMIT]
+    return data[:OUTPUT_LIMIT].decode("utf-8", "replace")
+
+
+def _unavailable(stderr: str) -> str:
+    return (
+        f"{' '.join(stderr.split())} — this kernel cannot confine PAL programs (the sandbox needs "
+        "Landlock, Linux >= 5.13 with landlock in the LSM list, and seccomp); the program was not run. "
+        "strategy.sandbox: unconfined runs it without confinement: only for trusted models"
+    )
 
 
 def _failure(code: int, stderr: str, timeout_s: float, memory_mb: int) -> str:
     if code in (-signal.SIGXCPU, -signal.SIGKILL) and not stderr.strip():
         return f"time limit: the program used more than {int(timeout_s) + 1} s of CPU"
+    if code == -signal.SIGSYS:
+        return "the program made a system call of another architecture and was killed"
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else f"exited with status {code}"
     if last.startswith("MemoryError"):

@@ -102,7 +102,8 @@ def pal(spec, question: str, complete: Complete, exemplars: list[dict], tools=No
         f"Question: {e['question']}\n```python\n{e['program'].rstrip()}\n```\n\n" for e in exemplars
     )
     program = complete(f"{PAL_INSTRUCTION}{shots}Question: {question}\n```python\n", ["```"])
-    result = run_program(program, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb)
+    confine = spec.sandbox == "kernel"
+    result = run_program(program, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb, confine=confine)
     step = {"program": program, "stdout": result.stdout, "error": result.error}
     if not result.ok:
         return Outcome(None, program, f"the program failed: {result.error}", [step])
@@ -157,6 +158,8 @@ def _observe(tools: dict, name: str, argument: str) -> str:
         return tools[name].run(argument)
     except ToolError as err:
         return f"error: {err}"
+    except Exception as err:  # noqa: BLE001 - a tool's own failure is an observation, not a failed request
+        return f"error: {name} failed ({type(err).__name__}: {err})"
 
 
 STRATEGIES = {"fewshot": fewshot, "cot": cot, "pal": pal, "react": react}
@@ -167,6 +170,13 @@ def prepare(spec) -> tuple[list[dict], dict]:
     from raylm.infer.tools import default_tools
 
     exemplars = load_exemplars(spec.exemplars, spec.name)
+    if spec.name == "pal" and spec.sandbox == "kernel":
+        from raylm.infer import sandbox
+
+        try:
+            sandbox.check()
+        except sandbox.SandboxUnavailable as err:
+            raise StrategyError(f"sandbox: {err}") from None
     tools = {}
     if spec.name == "react":
         if spec.documents is not None and not Path(spec.documents).is_dir():

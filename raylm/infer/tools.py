@@ -44,15 +44,28 @@ _BINARY = {
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS = {"sqrt": math.sqrt, "log": math.log, "exp": math.exp, "abs": abs, "round": round}
 _CONSTANTS = {"pi": math.pi, "e": math.e}
+# Bounds that keep one call to microseconds and kilobytes whatever the model writes: an integer
+# result of at most MAX_BITS (about 1200 digits), checked before a power is computed.
+MAX_LENGTH = 1000  # characters of expression
+MAX_BITS = 4000
 
 
 def calculate(expression: str) -> str:
     text = expression.strip().replace("^", "**").replace(",", "")
+    if len(text) > MAX_LENGTH:
+        raise ToolError(f"expression too long (at most {MAX_LENGTH} characters)")
     try:
         tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        raise ToolError(f"not an arithmetic expression: {expression!r}") from None
-    value = _evaluate(tree.body)
+    except SyntaxError as err:
+        raise ToolError(f"not an arithmetic expression ({err.msg}): {expression[:80]!r}") from None
+    except ValueError:  # e.g. a null byte
+        raise ToolError(f"not an arithmetic expression: {expression[:80]!r}") from None
+    except (RecursionError, MemoryError):
+        raise ToolError("expression nested too deeply") from None
+    try:
+        value = _evaluate(tree.body)
+    except RecursionError:
+        raise ToolError("expression nested too deeply") from None
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         value = int(value)
     return str(value)
@@ -67,10 +80,10 @@ def _evaluate(node):
         return _UNARY[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > 1000:
-            raise ToolError("exponent too large (at most 1000)")
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right)
         try:
-            return _BINARY[type(node.op)](left, right)
+            return _bounded(_BINARY[type(node.op)](left, right))
         except (ZeroDivisionError, OverflowError, ValueError) as err:
             raise ToolError(str(err)) from None
     if (
@@ -79,14 +92,28 @@ def _evaluate(node):
         and node.func.id in _FUNCTIONS
         and not node.keywords
     ):
-        try:
-            return _FUNCTIONS[node.func.id](*[_evaluate(a) for a in node.args])
+        try:  # one argument each: commas were removed above (thousands separators)
+            return _bounded(_FUNCTIONS[node.func.id](*[_evaluate(a) for a in node.args]))
         except (TypeError, ValueError, OverflowError) as err:
             raise ToolError(f"{node.func.id}: {err}") from None
     raise ToolError(
         "only numbers, + - * / // % ** and sqrt, log, exp, abs, round, pi, e are allowed; "
         f"got {ast.unparse(node)!r}"
     )
+
+
+def _check_power(base, exponent) -> None:
+    if abs(exponent) > 1000:
+        raise ToolError("exponent too large (at most 1000)")
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
+        if (abs(base).bit_length() - 1) * exponent > MAX_BITS:  # a lower bound of the result's size
+            raise ToolError(f"result too large (more than {MAX_BITS} bits)")
+
+
+def _bounded(value):
+    if isinstance(value, int) and value.bit_length() > MAX_BITS:
+        raise ToolError(f"result too large (more than {MAX_BITS} bits)")
+    return value
 
 
 # ---- search over a local folder of documents ---------------------------------------------------

@@ -100,11 +100,19 @@ class StrategySpec(Section):
     max_steps: int = Field(8, ge=1, le=64, description="react: Thought/Action rounds at most.")
     timeout_s: float = Field(5.0, gt=0, le=600, description="pal: wall-clock limit of the program.")
     memory_mb: int = Field(256, ge=32, le=65536, description="pal: address-space limit of the program.")
+    sandbox: Literal["kernel", "unconfined"] = Field(
+        "kernel",
+        description="pal: kernel (Landlock + seccomp confine the program; refused where the kernel has "
+        "neither) or unconfined (rlimits and bounded output only: any file, socket or process the "
+        "server's user can reach is reachable; for trusted models on trusted input only).",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> StrategySpec:
         if self.name == "fewshot" and self.exemplars is None:
             raise ValueError("strategy fewshot needs exemplars: a JSON-lines file of {question, answer}")
+        if self.sandbox != "kernel" and self.name != "pal":
+            raise ValueError("sandbox confines PAL programs: use name: pal, or leave sandbox out")
         if self.documents is not None and self.name != "react":
             raise ValueError("documents feed react's search tool: use name: react, or leave documents out")
         return self

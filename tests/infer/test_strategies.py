@@ -1,82 +1,19 @@
-"""Prompting strategies: PAL's sandbox stops programs that loop, allocate without bound, write outside
-their folder or open sockets; the loops of fewshot / cot / pal / react driven by scripted model text
-(the loop logic only); the ReAct tools; and `raylm generate --strategy` on a real tiny model, whose
-answers may be wrong but never crash the command."""
+"""Prompting strategies: the loops of fewshot / cot / pal / react driven by scripted model text (the
+loop logic only; PAL's sandbox has its own tests in test_sandbox.py); the ReAct tools, bounded
+against hostile input; and `raylm generate --strategy` on a real tiny model, whose answers may be
+wrong but never crash the command."""
 
 import json
-import socket
-import threading
 
 import pytest
 from click.testing import CliRunner
 
 from raylm import cli
 from raylm.infer import strategies
-from raylm.infer.sandbox import run_program
 from raylm.infer.tools import DocumentSearch, ToolError, calculate, default_tools
 from raylm.spec.generation import StrategySpec
 
 EXEMPLARS = "jobs/exemplars"
-
-
-# ---- the sandbox ------------------------------------------------------------------------------
-
-
-@pytest.mark.quick
-def test_sandbox_runs_a_program_and_returns_what_it_printed():
-    result = run_program(
-        "import math\nopen('scratch.txt', 'w').write('12')\nprint(math.factorial(int(open('scratch.txt').read())) % 1000)"
-    )
-    assert result.ok and result.answer == str(479001600 % 1000)
-
-
-@pytest.mark.quick
-def test_sandbox_stops_a_program_that_loops_forever():
-    result = run_program("while True:\n    pass", timeout_s=1.0)
-    assert not result.ok and result.error.startswith("time limit")
-
-
-@pytest.mark.quick
-def test_sandbox_stops_unbounded_allocation():
-    result = run_program("blocks = []\nwhile True:\n    blocks.append(bytearray(10**7))", memory_mb=128)
-    assert not result.ok and result.error.startswith("memory limit")
-
-
-@pytest.mark.quick
-def test_sandbox_refuses_files_outside_its_folder(tmp_path):
-    target = tmp_path / "escaped.txt"
-    for program in (
-        f"open({str(target)!r}, 'w').write('x')",
-        f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)",
-        f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
-        "print(open('/etc/hostname').read())",
-        f"import os\nos.rename('.', {str(tmp_path / 'moved')!r})",
-    ):
-        result = run_program(program)
-        assert not result.ok and "PermissionError" in result.error, (program, result)
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.quick
-def test_sandbox_refuses_sockets_and_processes():
-    # A listener here: the program must not reach it (and must fail, not hang).
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    accepted = []
-    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
-    for program in (
-        f"import socket\nsocket.create_connection(('127.0.0.1', {port}))",
-        f"s = __import__('_socket').socket()\ns.connect(('127.0.0.1', {port}))",
-        "import os\nos.system('true')",
-        "import subprocess\nsubprocess.run(['true'])",
-        "import ctypes",
-    ):
-        result = run_program(program)
-        assert not result.ok and "not allowed" in result.error, (program, result)
-    server.close()
-    assert accepted == []
 
 
 # ---- the loops, driven by scripted text ---------------------------------------------------------
@@ -168,21 +105,38 @@ def test_react_calls_tools_and_keeps_the_trace(tmp_path):
 
 @pytest.mark.quick
 def test_react_stops_at_the_step_limit_and_reports_bad_actions():
-    script = Script("Action: weather[Paris]", "I wonder.", "Action: calculator[1/0]")
-    outcome = run("react", script, max_steps=3)
+    script = Script(
+        "Action: weather[Paris]",
+        "I wonder.",
+        "Action: calculator[1/0]",
+        "Action: calculator[((10**1000)**1000)**1000]",
+    )
+    outcome = run("react", script, max_steps=4)
     assert outcome.answer is None and "step limit" in outcome.error
     assert [s["observation"] for s in outcome.steps] == [
         "unknown tool 'weather'; the tools are: calculator",
         "no Action found: write 'Action: tool[input]' or 'Final Answer: ...'",
         "error: division by zero",
+        "error: result too large (more than 4000 bits)",
     ]
 
 
 @pytest.mark.quick
 def test_tools():
     assert calculate("2 ^ 10 + sqrt(16)") == "1028" and calculate("7 / 2") == "3.5"
-    for bad in ("__import__('os')", "2 ** 100000", "open('x')"):
-        with pytest.raises(ToolError):
+    assert calculate("2 ** 1000") == str(2**1000) and calculate("-(10 ** 300) * 10 ** 300") == str(-(10**600))
+    for bad, reason in [
+        ("__import__('os')", "only numbers"),
+        ("open('x')", "only numbers"),
+        ("2 ** 100000", "exponent too large"),
+        ("(10**1000)**5", "result too large"),  # each power is small; the result is not
+        ("((10**1000)**1000)**1000", "result too large"),
+        ("10**1000 * 10**1000 * 10**1000 * 10**1000", "result too large"),
+        ("(10**1000) / 3", "too large for a float"),
+        ("(" * 400 + "1" + ")" * 400, "nested"),
+        ("1 + " * 2000 + "1", "too long"),
+    ]:
+        with pytest.raises(ToolError, match=reason):
             calculate(bad)
     assert set(default_tools()) == {"calculator"}
     with pytest.raises(strategies.StrategyError, match="line 1"):
