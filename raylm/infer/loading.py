@@ -35,8 +35,9 @@ def resolve(path: Path) -> Path:
     return path
 
 
-def load_for_generation(path: str, base: str | None = None, device: str = "cpu"):
-    """(model, tokenizer, a description of what was loaded)."""
+def load_for_generation(path: str, base: str | None = None, device: str = "cpu", dtype: str = "auto"):
+    """(model, tokenizer, a description of what was loaded); weights in the checkpoint's own dtype
+    unless `dtype` names another."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -49,6 +50,7 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu")
             target = ggufs[0]
     if target.is_file() and target.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(str(target.parent), gguf_file=target.name)
+        model = _cast(model, dtype)
         return model.to(device), gguf_tokenizer(target), f"GGUF {target} (de-quantized by transformers)"
     if (target / "adapter_config.json").exists() or (target / "raylm_method.json").exists():
         from raylm.methods.merging import MergeError, load_adapter
@@ -57,6 +59,7 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu")
             model, method, base_folder = load_adapter(target, base, device)
         except MergeError as err:
             raise LoadError(str(err)) from None
+        model = _cast(model, dtype)
         source = target if (target / "tokenizer_config.json").exists() else Path(base_folder)
         return (
             model,
@@ -74,9 +77,20 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu")
         from raylm.compress.gptq import import_gptqmodel
 
         import_gptqmodel()  # gptqmodel's CPU worker pools sized before transformers loads it
-    model = AutoModelForCausalLM.from_pretrained(str(target), use_safetensors=True, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(
+        str(target), use_safetensors=True, device_map={"": device}, dtype="auto" if quantized else dtype
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     return model, tokenizer, f"{target}" + (f" ({quantized})" if quantized else "")
+
+
+def _cast(model, dtype: str):
+    """A model in `dtype` (auto: as loaded); quantized weights keep their own storage."""
+    if dtype == "auto" or getattr(model, "is_quantized", False):
+        return model
+    import torch
+
+    return model.to(getattr(torch, dtype))
 
 
 def gguf_tokenizer(file: Path):

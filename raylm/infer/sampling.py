@@ -79,23 +79,35 @@ def complete(model, tokenizer, prompt: str | list[int], controls) -> dict:
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             **generate_kwargs(controls, tokenizer),
         )
-    choices = [_choice(i, row[len(ids) :].tolist(), tokenizer, controls) for i, row in enumerate(out)]
+    choices = [
+        _choice(i, row[len(ids) :].tolist(), tokenizer, controls, eos_ids(model, tokenizer))
+        for i, row in enumerate(out)
+    ]
     return {
         "choices": choices,
         "usage": {"prompt_tokens": len(ids), "completion_tokens": sum(c["tokens"] for c in choices)},
     }
 
 
-def _choice(index: int, generated: list[int], tokenizer, controls) -> dict:
-    """One continuation: cut at EOS (padding after it is not the model's) and at the first stop
-    sequence (not included, as in OpenAI's API)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """Every end-of-sequence id: the generation config's (Llama-3-style models list several, and
+    `generate` stops on each) and the tokenizer's."""
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = config if isinstance(config, (list, tuple)) else [config]
+    return frozenset(i for i in [*listed, tokenizer.eos_token_id] if i is not None)
+
+
+def _choice(index: int, generated: list[int], tokenizer, controls, eos: frozenset[int]) -> dict:
+    """One continuation: cut at the first end-of-sequence id (padding after it is not the model's) and
+    at the first stop sequence (not included, as in OpenAI's API)."""
+    pad = tokenizer.pad_token_id
     finish = "length"
-    while pad is not None and pad != eos and generated and generated[-1] == pad:
+    while pad is not None and pad not in eos and generated and generated[-1] == pad:
         generated = generated[:-1]  # a choice that stopped (at a stop sequence) before the others
         finish = "stop"
-    if eos is not None and eos in generated:
-        generated = generated[: generated.index(eos) + 1]
+    ends = [i for i, token in enumerate(generated) if token in eos]
+    if ends:
+        generated = generated[: ends[0] + 1]
         finish = "stop"
     text = tokenizer.decode(generated, skip_special_tokens=True)
     cuts = [text.find(s) for s in controls.stop if s in text]

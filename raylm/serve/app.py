@@ -79,6 +79,12 @@ class Outbox:
             queue.put_nowait(event)
 
 
+def _error_event(err: ApiError) -> str:
+    """An error inside a stream: OpenAI's error body as an event, then [DONE] (the client sees an
+    APIError rather than a cut connection)."""
+    return f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
+
+
 def _template(value: str | None) -> str | None:
     if value is None:
         return None
@@ -110,7 +116,9 @@ class Server:
 
         self.job = ServeJob.model_validate(spec)
         device = "cuda" if self.job.scaling.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        model, self.tokenizer, _ = load_for_generation(self.job.model.path, self.job.model.base, device)
+        model, self.tokenizer, _ = load_for_generation(
+            self.job.model.path, self.job.model.base, device, self.job.model.dtype
+        )
         self.engine = Engine(model, self.tokenizer)
         self.key_hash = key_hash
         self.decoder = DecodeLoop(self.engine, max_rows=self.job.batching.max_batch_size)
@@ -123,6 +131,7 @@ class Server:
         self._submit.set_max_batch_size(self.job.batching.max_batch_size)
         self._submit.set_batch_wait_timeout_s(self.job.batching.batch_wait_timeout_s)
         self.context = context_length(model)
+        self.vocabulary = model.get_input_embeddings().num_embeddings
 
     # ---- routes ------------------------------------------------------------------------
     @api.get("/health")
@@ -193,6 +202,8 @@ class Server:
                     f"no answer within {self.job.http.request_timeout_s:g} s (http.request_timeout_s)",
                 )
             )
+        except Exception as err:  # noqa: BLE001 - a caller gets an OpenAI error body, never a cut connection
+            return failure(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
 
     def _authorize(self, request) -> None:
         if self.key_hash is None:
@@ -329,6 +340,13 @@ class Server:
             return [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            bad = [p for p in prompt if not 0 <= p < self.vocabulary]
+            if bad:  # on a GPU an out-of-range id is a device-side assert that takes the replica down
+                raise ApiError(
+                    400,
+                    f"prompt: token id {bad[0]} is outside this model's vocabulary [0, {self.vocabulary})",
+                    "prompt",
+                )
             return [list(prompt)]
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not texts:
@@ -370,6 +388,8 @@ class Server:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
         def chunk(choices, usage=None) -> str:
             data = {
                 "id": ident,
@@ -378,9 +398,14 @@ class Server:
                 "model": body.model,
                 "choices": choices,
             }
-            if usage is not None:
+            if include_usage:  # OpenAI's shape: null on every chunk before the usage chunk
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
+
+        def piece(index, delta, reason) -> dict:
+            if chat:
+                return {"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": reason}
+            return {"index": index, "text": delta, "finish_reason": reason, "logprobs": None}
 
         if chat:
             yield chunk(
@@ -401,23 +426,25 @@ class Server:
                     break
                 pieces = []
                 for index, delta, reason, count in batch:
-                    if not delta and reason is None:
-                        continue
-                    if chat:
-                        content = {"content": delta} if delta else {}
-                        piece = {"index": index, "delta": content, "finish_reason": reason}
-                    else:
-                        piece = {"index": index, "text": delta, "finish_reason": reason, "logprobs": None}
-                    completion += count if reason is not None else 0
-                    pieces.append(chunk([piece]))
+                    if delta:
+                        pieces.append(chunk([piece(index, delta, None)]))
+                    if reason is not None:  # the finish reason in its own chunk, with an empty delta
+                        completion += count
+                        pieces.append(chunk([piece(index, "", reason)]))
                 if pieces:
                     yield "".join(pieces)  # one HTTP message per flush
         except asyncio.TimeoutError:
-            yield f"data: {json.dumps(ApiError(408, f'no answer within {deadline:g} s').body())}\n\n"
+            yield _error_event(ApiError(408, f"no answer within {deadline:g} s (http.request_timeout_s)"))
+            return
+        except ApiError as err:
+            yield _error_event(err)
+            return
+        except Exception as err:  # noqa: BLE001 - an error event and [DONE], never a cut connection
+            yield _error_event(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
             return
         finally:
             await events.aclose()
-        if (body.stream_options or {}).get("include_usage"):
+        if include_usage:
             usage = {
                 "prompt_tokens": len(ids),
                 "completion_tokens": completion,

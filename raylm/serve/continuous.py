@@ -162,18 +162,26 @@ class DecodeLoop:
         tokenizer, device = self.engine.tokenizer, next(self.engine.model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = [
-            _Row(Choice(r, i, tokenizer), _processors(r.controls), r.adapter)
+            _Row(Choice(r, i, tokenizer, self.engine.eos), _processors(r.controls), r.adapter)
             for r in requests
             for i in range(r.controls.n)
         ]
-        width = max(len(r.history) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r.history)) + r.history for r in rows], device=device)
-        mask = torch.tensor(
-            [[0] * (width - len(r.history)) + [1] * len(r.history) for r in rows], device=device
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None, self._adapters(rows))
-        self._merge(rows, cache, mask)
+        try:  # a prefill that fails fails its own requests; the running batch goes on untouched
+            width = max(len(r.history) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r.history)) + r.history for r in rows], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(r.history)) + [1] * len(r.history) for r in rows], device=device
+            )
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, cache = self._forward(ids, mask, positions, None, self._adapters(rows))
+            self._merge(rows, cache, mask)
+        except Exception as err:
+            if len(requests) == 1:
+                _fail([row.choice for row in rows], err)
+            else:  # find the one(s) that failed: the others are prefilled alone
+                for request in requests:
+                    self._prefill([request])
+            return
         self._choose(rows, logits)
 
     def _merge(self, rows, cache, mask) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from raylm.infer.sampling import eos_ids
+
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -33,8 +35,9 @@ class Request:
 class Choice:
     """One output row: its tokens, the text already emitted, whether and why it finished."""
 
-    def __init__(self, request: Request, index: int, tokenizer):
+    def __init__(self, request: Request, index: int, tokenizer, eos: frozenset[int] | None = None):
         self.request, self.index, self.tokenizer = request, index, tokenizer
+        self.eos = eos if eos is not None else frozenset({tokenizer.eos_token_id}) - {None}
         self.tokens: list[int] = []
         self.sent = 0
         self.finish: str | None = None
@@ -42,13 +45,13 @@ class Choice:
     def add(self, token: int) -> None:
         if self.finish is not None:
             return
-        controls, eos = self.request.controls, self.tokenizer.eos_token_id
+        controls = self.request.controls
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         cuts = [text.find(s) for s in controls.stop if s in text]
         if cuts:
             text, self.finish = text[: min(cuts)], "stop"
-        elif token == eos:
+        elif token in self.eos:
             self.finish = "stop"
         elif len(self.tokens) >= controls.max_new_tokens or self.request.cancelled:
             self.finish = "length"
@@ -105,6 +108,7 @@ class Engine:
         # What a request for the served model (not one of the server's adapters) decodes with: the base,
         # or the adapter itself where the served model is a LoRA adapter (a PEFT model as loaded).
         self.own_adapter = model.active_adapter if hasattr(model, "peft_config") else BASE
+        self.eos = eos_ids(model, tokenizer)
 
     def adapter_names(self, adapters: list[str | None]) -> list[str] | None:
         """PEFT's adapter name for each row (None: the served model's own), so that no row decodes with
@@ -131,7 +135,7 @@ class Engine:
         width = max(len(r.prompt_ids) for r in group)
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group])
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in group])
-        rows = [Choice(r, i, self.tokenizer) for r in group for i in range(controls.n)]
+        rows = [Choice(r, i, self.tokenizer, self.eos) for r in group for i in range(controls.n)]
         tracker = _Tracker(rows)
         kwargs = generate_kwargs(controls.model_copy(update={"stop": []}), self.tokenizer)
         kwargs["max_new_tokens"] = max(r.controls.max_new_tokens for r in group)

@@ -102,9 +102,22 @@ class Controls(BaseModel):
 
 class CompletionRequest(Controls):
     prompt: str | list[str] | list[int]
+    # OpenAI fields this server does not implement: refused unless neutral, never silently ignored
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    def generation(self, defaults: GenerationSpec, max_tokens_limit: int) -> GenerationSpec:
+        if self.suffix:
+            raise ApiError(400, "suffix (insertion) is not supported by this server", "suffix")
+        if self.echo:
+            raise ApiError(400, "echo is not supported by this server", "echo")
+        controls = super().generation(defaults, max_tokens_limit)
+        if self.best_of is not None and self.best_of != controls.n:
+            raise ApiError(
+                400, f"best_of {self.best_of} is not supported (only best_of = n); use num_beams", "best_of"
+            )
+        return controls
 
 
 class Message(BaseModel):
@@ -123,6 +136,14 @@ class ChatRequest(Controls):
     messages: list[Message] = Field(min_length=1)
 
 
+# OpenAI request fields this server does not implement (refused by name, never silently ignored).
+OPENAI_UNSUPPORTED = {
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "logit_bias", "top_logprobs", "modalities", "audio", "prediction", "store", "metadata",
+    "service_tier", "reasoning_effort", "web_search_options",
+}  # fmt: skip
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """FastAPI's validation errors -> (message, param) naming the first bad field."""
     first = errors[0]
@@ -133,5 +154,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if first.get("type") == "missing":
         return f"{param}: required field is missing", param
     if first.get("type") == "extra_forbidden":
+        if param in OPENAI_UNSUPPORTED:
+            return f"{param}: OpenAI's {param} is not supported by this server", param
         return f"{param}: unknown field", param
     return f"{param or 'body'}: {first.get('msg')}", param

@@ -26,6 +26,11 @@ class ServedModel(Section):
     base: str | None = Field(
         None, description="Base model folder of an adapter (default: the one it was trained on)."
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights' dtype in the replica: auto keeps the checkpoint's own (a bf16 checkpoint "
+        "stays bf16; a GGUF file is de-quantized to float32).",
+    )
 
 
 class HttpSpec(Section):

@@ -168,3 +168,21 @@ def test_raylm_generate_loads_runs_adapters_and_gguf(trained, tmp_path):
 def test_bad_generation_flags_are_refused(trained, flags, message):
     result = CliRunner().invoke(cli.main, ["generate", str(trained[0]), "--prompt", PROMPT, *flags])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_weights_load_in_the_checkpoints_dtype_or_the_one_asked(trained, tmp_path):
+    import shutil
+
+    from raylm.infer.loading import load_for_generation
+
+    folder = trained[0]
+    as_bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(as_bf16)
+    for file in folder.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, as_bf16 / file.name)
+    # a bf16 checkpoint stays bf16 (on a GPU, fp32 would take twice the memory); dtype overrides either way
+    assert load_for_generation(str(as_bf16))[0].dtype == torch.bfloat16
+    assert load_for_generation(str(as_bf16), dtype="float32")[0].dtype == torch.float32
+    assert load_for_generation(str(folder), dtype="bfloat16")[0].dtype == torch.bfloat16
+    assert load_for_generation(str(folder))[0].dtype == torch.float32

@@ -92,3 +92,68 @@ def test_requests_joining_a_running_batch_decode_as_if_alone(model):
     for key, (prompt, controls, _) in enumerate(requests):
         got = [results[key][i] for i in range(controls.n)]
         assert got == alone(model, tokenizer, prompt, controls), (prompt, controls)
+
+
+class Collect:
+    """emit for one request: text per choice, finish reasons, token counts; `done` once all finished."""
+
+    def __init__(self, n=1):
+        self.texts, self.finish, self.tokens, self.done = [""] * n, [None] * n, [0] * n, threading.Event()
+
+    def __call__(self, index, delta, reason, count):
+        self.texts[index] += delta
+        if reason is not None:
+            self.finish[index], self.tokens[index] = reason, count
+            if all(self.finish):
+                self.done.set()
+
+
+def test_a_failing_prefill_fails_only_its_own_request(model):
+    model, tokenizer = model
+    loop = DecodeLoop(Engine(model, tokenizer), max_rows=16)
+    long, good = GenerationSpec(max_new_tokens=40), GenerationSpec(max_new_tokens=9)
+    running = Collect()
+    loop.submit([Request(tokenizer("the cat")["input_ids"], long, running)])
+    time.sleep(0.05)  # it is decoding when the next two arrive together (one prefill)
+    bad_out, good_out = Collect(), Collect()
+    vocabulary = model.get_input_embeddings().num_embeddings
+    bad = Request(tokenizer("a")["input_ids"] + [vocabulary + 5], good, bad_out)  # an embedding lookup fails
+    loop.submit([bad, Request(tokenizer("once upon")["input_ids"], good, good_out)])
+    for out in (running, bad_out, good_out):
+        assert out.done.wait(60)
+    assert bad_out.finish == ["error"] and isinstance(bad.error, IndexError)
+    assert [(running.texts[0], running.finish[0])] == alone(model, tokenizer, "the cat", long)
+    assert [(good_out.texts[0], good_out.finish[0])] == alone(model, tokenizer, "once upon", good)
+
+
+def test_every_end_of_sequence_id_of_the_generation_config_stops_a_row(model):
+    import copy
+
+    model, tokenizer = model
+    ids = tokenizer("to be or not")["input_ids"]
+    with torch.no_grad():
+        free = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+    second_eos = free[
+        4
+    ]  # a token greedy decoding reaches: made an end-of-sequence id (Llama-3 lists several)
+    stopping = copy.deepcopy(model)
+    stopping.generation_config.eos_token_id = [tokenizer.eos_token_id, second_eos]
+    with torch.no_grad():
+        reference = stopping.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :]
+    reference = reference.tolist()[: free.index(second_eos) + 1]  # generate pads after the stop
+    assert reference[-1] == second_eos and len(reference) < 12
+    engine = Engine(stopping, tokenizer)
+    loop = DecodeLoop(engine, max_rows=4)
+    out = Collect()
+    loop.submit([Request(ids, GenerationSpec(max_new_tokens=12), out)])
+    assert out.done.wait(60)
+    assert out.finish == ["stop"] and out.tokens == [len(reference)]
+    assert out.texts[0] == tokenizer.decode(reference, skip_special_tokens=True)
+    from raylm.infer.sampling import complete
+
+    alone_ = complete(stopping, tokenizer, ids, GenerationSpec(max_new_tokens=12))["choices"][0]
+    assert (alone_["text"], alone_["finish_reason"], alone_["tokens"]) == (
+        out.texts[0],
+        "stop",
+        len(reference),
+    )

@@ -4,6 +4,7 @@ transformers' `generate` (batched or not); bad requests, overload (503 at once, 
 timeouts (408); an NF4 model serves."""
 
 import asyncio
+import json
 import socket
 import time
 from pathlib import Path
@@ -225,6 +226,22 @@ def test_chat_streaming_n_and_stop(served):
         if chunk.usage:
             usage = chunk.usage
     assert "".join(pieces) == whole.choices[0].text and pieces  # pieces arrive per flush (FLUSH_S)
+    raw = httpx.post(
+        f"{served['url']}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "tiny", "prompt": "the cat", "max_tokens": 20, "stream": True,
+              "stream_options": {"include_usage": True}},
+    ).text  # fmt: skip
+    events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert raw.rstrip().endswith("data: [DONE]")
+    assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["completion_tokens"] > 0
+    assert events[-1]["choices"] == []  # OpenAI's shape: usage in a chunk of its own, after the last
+    last = events[-2]["choices"][0]  # the finish reason in a chunk of its own, with empty text
+    assert (
+        last["finish_reason"]
+        and last["text"] == ""
+        and all(e["choices"][0]["finish_reason"] is None for e in events[:-2])
+    )
     assert (
         finish == whole.choices[0].finish_reason and usage.completion_tokens == whole.usage.completion_tokens
     )
@@ -286,9 +303,22 @@ def test_bad_requests_get_openai_errors(served):
         ({"model": "tiny", "prompt": "a", "top_p": 1.5, "temperature": 1}, 400, "top_p"),
         ({"model": "tiny", "prompt": "a", "bogus": 1}, 400, "bogus"),
         ({"model": "gpt-4", "prompt": "a"}, 404, "gpt-4"),
+        # OpenAI fields this server cannot honour are refused by name, never ignored
+        ({"model": "tiny", "prompt": "a", "suffix": "b"}, 400, "suffix"),
+        ({"model": "tiny", "prompt": "a", "echo": True}, 400, "echo"),
+        ({"model": "tiny", "prompt": "a", "best_of": 3}, 400, "best_of"),
+        ({"model": "tiny", "prompt": [1, 2, 10**6]}, 400, "outside this model's vocabulary"),
+        ({"model": "tiny", "prompt": [1, -1]}, 400, "token id -1"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "a"}], "tools": []}, 400, "tools"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "response_format": {}},
+            400,
+            "response_format",
+        ),
     ]
     for body, status, word in cases:
-        answer = httpx.post(url, json=body, headers=headers)
+        route = url.replace("/completions", "/chat/completions") if "messages" in body else url
+        answer = httpx.post(route, json=body, headers=headers)
         assert answer.status_code == status, (body, answer.text)
         error = answer.json()["error"]
         assert word in error["message"] and error["type"], (body, error)
@@ -318,6 +348,14 @@ def test_overload_is_refused_at_once_and_slow_requests_time_out(served):
     assert all(seconds < 1.5 for code, seconds in results if code == 503), results
     late = httpx.post(url, json={"model": "tight", "prompt": "a", "max_tokens": 4}, timeout=30)
     assert late.status_code == 408 and late.json()["error"]["type"] == "timeout_error"
+    # a stream that times out ends with an error event and [DONE], which the client raises
+    stream = httpx.post(
+        url, json={"model": "tight", "prompt": "a", "max_tokens": 4, "stream": True}, timeout=30
+    )
+    assert '"type": "timeout_error"' in stream.text and stream.text.rstrip().endswith("data: [DONE]")
+    tight = openai.OpenAI(base_url=f"{served['url']}/tight/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError, match="no answer within"):
+        list(tight.completions.create(model="tight", prompt="a", max_tokens=4, stream=True))
 
 
 def nf4_folder(base: str, root: Path) -> Path:
