@@ -16,6 +16,7 @@ import json
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -47,7 +48,6 @@ def build_app(job, key_hash: str | None):
 
 api = FastAPI(docs_url=None, redoc_url=None)
 FLUSH_S = 0.05  # new text reaches callers at most this often (20 messages/s per stream)
-ADAPTER_SLOTS = 1024  # the decorator's limit until the first load sets the spec's
 
 
 def failure(err: ApiError) -> JSONResponse:
@@ -125,6 +125,16 @@ class Server:
         self.outbox = None  # made on the replica's event loop by the first request
         self.loaded: dict[str, int] = {}  # adapter -> load token
         self.retired: set[str] = set()
+        self.in_use: Counter[str] = Counter()  # adapter -> requests admitted and not yet answered
+        self.in_use_lock = threading.Lock()  # read by the model thread, written by the event loop
+
+        # Serve's public pattern for a per-instance limit: multiplex a function made here (Serve finds
+        # multiplexed functions among instance attributes too).
+        async def load_adapter(name: str):
+            return await self._load_adapter_now(name)
+
+        limit = self.job.max_adapters_per_replica
+        self._load_adapter = serve.multiplexed(max_num_models_per_replica=limit)(load_adapter)
         self.tokens = 0
         self.strategies = {s.name: (s, *prepare(s)) for s in self.job.strategies}
         self.chat_template = _template(self.job.chat_template)
@@ -160,6 +170,7 @@ class Server:
 
     # ---- request handling -------------------------------------------------------------
     async def _answer(self, request, model_type, chat: bool):
+        adapter, streaming = None, False
         try:
             self._authorize(request)
             try:
@@ -185,6 +196,7 @@ class Server:
             if body.stream:
                 if len(prompts) > 1:
                     raise ApiError(400, "stream one prompt per request", "prompt")
+                streaming = True  # the stream releases the adapter when it ends
                 return StreamingResponse(
                     self._events(body, prompts[0], controls, adapter, chat, deadline),
                     media_type="text/event-stream",
@@ -204,6 +216,9 @@ class Server:
             )
         except Exception as err:  # noqa: BLE001 - a caller gets an OpenAI error body, never a cut connection
             return failure(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
+        finally:
+            if not streaming:
+                self._release(adapter)
 
     def _authorize(self, request) -> None:
         if self.key_hash is None:
@@ -225,16 +240,26 @@ class Server:
                 "model",
                 "model_not_found",
             )
-        await self._load_adapter(name)
+        self._hold(name)  # in use from now until the answer ends: never unloaded under a request
+        try:
+            await self._load_adapter(name)
+        except BaseException:
+            self._release(name)
+            raise
         return name
 
-    @serve.multiplexed(max_num_models_per_replica=ADAPTER_SLOTS)
-    async def _load_adapter(self, name: str):
-        # Serve builds the multiplexer on the first call with the decorator's limit; the spec's applies from
-        # then on (before a second adapter could evict the first).
-        getattr(
-            self, "__serve_multiplex_wrapper"
-        ).max_num_models_per_replica = self.job.max_adapters_per_replica
+    def _hold(self, adapter: str | None) -> None:
+        if adapter is not None:
+            with self.in_use_lock:
+                self.in_use[adapter] += 1
+
+    def _release(self, adapter: str | None) -> None:
+        if adapter is not None:
+            with self.in_use_lock:
+                self.in_use[adapter] -= 1
+
+    async def _load_adapter_now(self, name: str):
+        """What Serve's multiplexer calls (self._load_adapter, made in __init__ with the spec's limit)."""
         loop = asyncio.get_running_loop()
         token = await asyncio.wrap_future(self.decoder.call(lambda: self._attach(name)), loop=loop)
         return Adapter(self, name, token)
@@ -246,7 +271,8 @@ class Server:
         from raylm.methods.gptqmodel_import import before_lora
 
         self.retired.discard(name)
-        busy = {row.adapter for row in self.decoder.rows} | {r.adapter for r in self.decoder.waiting}
+        with self.in_use_lock:
+            busy = {adapter for adapter, count in self.in_use.items() if count}
         for old in sorted(self.retired - busy):
             if len(self.loaded) > 1:  # PEFT keeps at least one adapter in the model
                 self.engine.model.delete_adapter(old)
@@ -384,6 +410,14 @@ class Server:
         }
 
     async def _events(self, body, ids, controls, adapter, chat: bool, deadline: float):
+        """The stream of one request; the adapter it holds is released however the stream ends."""
+        try:
+            async for event in self._server_sent_events(body, ids, controls, adapter, chat, deadline):
+                yield event
+        finally:
+            self._release(adapter)
+
+    async def _server_sent_events(self, body, ids, controls, adapter, chat: bool, deadline: float):
         """Server-sent events: a chunk per piece of text, the finish reasons, usage if asked, [DONE]."""
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"

@@ -178,6 +178,23 @@ def test_greedy_through_the_server_equals_generate_batched_or_not(served):
     assert base_text == base_again == expected[2]
     assert adapted == reference_greedy(peft_model, tokenizer, PROMPTS[2], 16)
 
+    # both adapters and the base at once on a replica that keeps one adapter: loading the second evicts
+    # the first from Serve's multiplexer while requests for it are admitted, waiting or decoding; it
+    # stays loaded until its last request ends, and every answer equals PEFT's for its adapter alone
+    want = {"tiny": expected[3]}
+    for name, folder in served["adapters"].items():
+        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+        want[name] = reference_greedy(alone, tokenizer, PROMPTS[3], 16)
+    names = ["poet", "critic", "tiny", "critic", "poet", "tiny", "poet", "critic"]
+
+    async def crowd():
+        api = openai.AsyncOpenAI(base_url=f"{served['url']}/v1", api_key=KEY, max_retries=0)
+        return await asyncio.gather(
+            *[api.completions.create(model=m, prompt=PROMPTS[3], max_tokens=16) for m in names]
+        )
+
+    assert [a.choices[0].text for a in asyncio.run(crowd())] == [want[m] for m in names]
+
 
 def test_an_adapter_served_as_the_model_answers_with_the_adapter(served):
     tokenizer = AutoTokenizer.from_pretrained(served["base"])
