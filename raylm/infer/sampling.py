@@ -79,9 +79,9 @@ def complete(model, tokenizer, prompt: str | list[int], controls) -> dict:
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             **generate_kwargs(controls, tokenizer),
         )
+    eos = eos_ids(model, tokenizer)
     choices = [
-        _choice(i, row[len(ids) :].tolist(), tokenizer, controls, eos_ids(model, tokenizer))
-        for i, row in enumerate(out)
+        _choice(i, ids, row[len(ids) :].tolist(), tokenizer, controls, eos) for i, row in enumerate(out)
     ]
     return {
         "choices": choices,
@@ -97,7 +97,19 @@ def eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(i for i in [*listed, tokenizer.eos_token_id] if i is not None)
 
 
-def _choice(index: int, generated: list[int], tokenizer, controls, eos: frozenset[int]) -> dict:
+def completion_text(tokenizer, prompt_ids: list[int], generated: list[int], context: int = 5) -> str:
+    """The text `generated` adds after the prompt, decoded in the context of the prompt's last tokens:
+    a completion that starts a new word keeps its leading space (SentencePiece drops it when the
+    completion is decoded alone)."""
+    tail = list(prompt_ids[-context:])
+    before = tokenizer.decode(tail, skip_special_tokens=True)
+    after = tokenizer.decode(tail + generated, skip_special_tokens=True)
+    if after.startswith(before):
+        return after[len(before) :]
+    return tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def _choice(index: int, prompt_ids, generated: list[int], tokenizer, controls, eos: frozenset[int]) -> dict:
     """One continuation: cut at the first end-of-sequence id (padding after it is not the model's) and
     at the first stop sequence (not included, as in OpenAI's API)."""
     pad = tokenizer.pad_token_id
@@ -109,7 +121,7 @@ def _choice(index: int, generated: list[int], tokenizer, controls, eos: frozense
     if ends:
         generated = generated[: ends[0] + 1]
         finish = "stop"
-    text = tokenizer.decode(generated, skip_special_tokens=True)
+    text = completion_text(tokenizer, prompt_ids, generated)
     cuts = [text.find(s) for s in controls.stop if s in text]
     if cuts:
         text, finish = text[: min(cuts)], "stop"

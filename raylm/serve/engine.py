@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from raylm.infer.sampling import eos_ids
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+CONTEXT_TOKENS = 5  # prompt tokens the first decoding window starts with
 
 
 @dataclass
@@ -33,12 +34,23 @@ class Request:
 
 
 class Choice:
-    """One output row: its tokens, the text already emitted, whether and why it finished."""
+    """One output row: its tokens, its text, what was emitted, whether and why it finished.
+
+    Text is decoded incrementally (the technique of vLLM's and TGI's detokenizers): each step decodes
+    a window of the last few tokens twice, without and with the new token, and appends the
+    difference once it ends in a whole character. Decoding the window, not the new token alone, keeps
+    what a token means in context (SentencePiece's leading space, multi-byte characters split over
+    byte-fallback tokens); a step costs the window, not the whole completion. The first window starts
+    in the prompt's last tokens, so a completion that begins a new word keeps its leading space
+    (" Paris" after "The capital is", as OpenAI's API and vLLM give it)."""
 
     def __init__(self, request: Request, index: int, tokenizer, eos: frozenset[int] | None = None):
         self.request, self.index, self.tokenizer = request, index, tokenizer
         self.eos = eos if eos is not None else frozenset({tokenizer.eos_token_id}) - {None}
         self.tokens: list[int] = []
+        self.ids = list(request.prompt_ids[-CONTEXT_TOKENS:])  # the prompt's tail, then the tokens
+        self.text = ""  # the text of ids[:read] after the prompt's tail
+        self.prefix, self.read = 0, len(self.ids)  # the decoding window's start; ids decoded so far
         self.sent = 0
         self.finish: str | None = None
 
@@ -47,24 +59,40 @@ class Choice:
             return
         controls = self.request.controls
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cuts = [text.find(s) for s in controls.stop if s in text]
+        self.ids.append(token)
+        searched = max(len(self.text) - max((len(s) for s in controls.stop), default=0), 0)
+        self._decode()
+        text = self.text
+        cuts = [text.find(s, searched) for s in controls.stop if s in text[searched:]]
         if cuts:
             text, self.finish = text[: min(cuts)], "stop"
         elif token in self.eos:
             self.finish = "stop"
         elif len(self.tokens) >= controls.max_new_tokens or self.request.cancelled:
             self.finish = "length"
+        if self.finish and not cuts:
+            text = self.text = self.text + self._pending()  # an unfinished character ends as U+FFFD
         end = len(text) if self.finish else self._safe_end(text)
         if end > self.sent or self.finish:
             self.request.emit(self.index, text[self.sent : end], self.finish, len(self.tokens))
             self.sent = max(self.sent, end)
 
+    def _decode(self) -> None:
+        new = self._pending()
+        if new and not new.endswith("\ufffd"):  # else wait: the character continues in the next token
+            self.text += new
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def _pending(self) -> str:
+        """Text the tokens after `read` add, decoded in the context of the window before them."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        return after[len(before) :] if len(after) > len(before) else ""
+
     def _safe_end(self, text: str) -> int:
-        """Hold back a tail that may be the start of a stop sequence or half a UTF-8 character."""
+        """Hold back a tail that may be the start of a stop sequence."""
         end = len(text)
-        while end > self.sent and text[end - 1] == "\ufffd":
-            end -= 1
         for stop in self.request.controls.stop:
             for k in range(min(len(stop) - 1, end - self.sent), 0, -1):
                 if text[:end].endswith(stop[:k]):

@@ -157,3 +157,67 @@ def test_every_end_of_sequence_id_of_the_generation_config_stops_a_row(model):
         "stop",
         len(reference),
     )
+
+
+def sentencepiece_model(folder):
+    """A tiny Llama with a SentencePiece-style tokenizer (Llama 2's: Metaspace pieces with byte
+    fallback, whose decoder strips the leading space of what it decodes) trained here on text with
+    accents, CJK and emoji; random weights, so sampling reaches byte-fallback pieces of split characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = ["the café serves crème brûlée", "東京 と 大阪 の 天気", "naïve señor 🙂 über straße"] * 20
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    core.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=special))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=2, bos_token_id=1, pad_token_id=0)  # fmt: skip
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_streamed_text_is_the_text_of_the_tokens_with_sentencepiece_and_split_characters(tmp_path):
+    from raylm.infer.sampling import complete
+
+    model, tokenizer = sentencepiece_model(tmp_path)
+    loop = DecodeLoop(Engine(model, tokenizer), max_rows=8)
+    controls = GenerationSpec(max_new_tokens=40, repetition_penalty=1.5)  # greedy, without loops
+    prompts = ["the café", "東京 と", "naïve", "über straße 🙂", "crème", "大阪 の 天気", "señor"]
+    runs = []
+    for prompt in prompts:
+        deltas, done = [], Collect()
+
+        def emit(index, delta, reason, count, deltas=deltas, done=done):
+            deltas.append(delta)
+            done(index, delta, reason, count)
+
+        ids = tokenizer(prompt)["input_ids"]
+        runs.append((ids, deltas, done))
+        loop.submit([Request(ids, controls, emit)])
+    split_characters = leading_spaces = 0
+    for ids, deltas, done in runs:
+        assert done.done.wait(60)
+        with torch.no_grad():  # the reference: transformers' tokens, decoded whole with the prompt
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, repetition_penalty=1.5, max_new_tokens=40,
+                                 pad_token_id=0)[0].tolist()  # fmt: skip
+        generated = out[len(ids) :]
+        if 2 in generated:
+            generated = generated[: generated.index(2) + 1]
+        whole = tokenizer.decode(ids + generated, skip_special_tokens=True)
+        before = tokenizer.decode(ids, skip_special_tokens=True)
+        expected = whole[len(before) :]
+        assert "".join(deltas) == expected, (tokenizer.decode(ids), deltas, expected)
+        assert len([d for d in deltas if d]) > 1  # it did stream
+        assert complete(model, tokenizer, ids, controls)["choices"][0]["text"] == expected  # raylm generate
+        split_characters += any(3 <= t < 3 + 256 for t in generated)  # byte-fallback pieces
+        leading_spaces += expected.startswith(" ")
+    assert split_characters and leading_spaces, (split_characters, leading_spaces)  # the cases occurred
