@@ -28,6 +28,7 @@ from ray import serve
 from raylm.infer.sampling import GenerationError, check_fits, context_length
 from raylm.serve.continuous import DecodeLoop
 from raylm.serve.engine import Engine, Request
+from raylm.serve.metrics import ServerMetrics
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
 
 
@@ -79,6 +80,35 @@ class Outbox:
             queue.put_nowait(event)
 
 
+def _nothing_generated(ids: list[int], n: int) -> dict:
+    """The result of a request that only scores its prompt (max_tokens 0 with echo)."""
+    return {"texts": [""] * n, "finish": ["length"] * n, "prompt_tokens": len(ids), "completion_tokens": 0,
+            "token_ids": [[] for _ in range(n)]}  # fmt: skip
+
+
+def _completion_logprobs(entries) -> dict:
+    """OpenAI's completions shape: parallel lists, top alternatives as {token: logprob}."""
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [None if e.logprob is None else dict(e.top) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(entries) -> list[dict]:
+    """OpenAI's chat shape: one object per token with its bytes and its top alternatives."""
+
+    def item(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return [{**item(e.token, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]
+
+
 def _error_event(err: ApiError) -> str:
     """An error inside a stream: OpenAI's error body as an event, then [DONE] (the client sees an
     APIError rather than a cut connection)."""
@@ -121,7 +151,13 @@ class Server:
         )
         self.engine = Engine(model, self.tokenizer)
         self.key_hash = key_hash
-        self.decoder = DecodeLoop(self.engine, max_rows=self.job.batching.max_batch_size)
+        self.metrics = ServerMetrics()
+        model_name = self.job.model_name
+        self.decoder = DecodeLoop(
+            self.engine,
+            max_rows=self.job.batching.max_batch_size,
+            observe=lambda waiting, running: self.metrics.load(model_name, waiting, running),
+        )
         self.outbox = None  # made on the replica's event loop by the first request
         self.loaded: dict[str, int] = {}  # adapter -> load token
         self.retired: set[str] = set()
@@ -170,6 +206,18 @@ class Server:
 
     # ---- request handling -------------------------------------------------------------
     async def _answer(self, request, model_type, chat: bool):
+        """The route's answer, counted in the metrics (streams count themselves when they end)."""
+        answer = await self._answer_request(request, model_type, chat)
+        if not isinstance(answer, StreamingResponse):
+            usage = answer.get("usage", {}) if isinstance(answer, dict) else {}
+            status = answer.status_code if isinstance(answer, JSONResponse) else 200
+            model = getattr(request.state, "served_model", self.job.model_name)
+            self.metrics.answered(
+                model, status, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            )
+        return answer
+
+    async def _answer_request(self, request, model_type, chat: bool):
         adapter, streaming = None, False
         try:
             self._authorize(request)
@@ -184,6 +232,7 @@ class Server:
                 message, param = validation_message(errors)
                 raise ApiError(400, message, param) from None
             adapter = await self._adapter_for(body.model)
+            request.state.served_model = body.model  # one of this server's names (else 404 above)
             controls = body.generation(self.job.defaults, self.job.max_tokens_limit)
             prompts = self._prompts(body, chat)
             for ids in prompts:
@@ -201,10 +250,16 @@ class Server:
                     self._events(body, prompts[0], controls, adapter, chat, deadline),
                     media_type="text/event-stream",
                 )
-            results = await asyncio.wait_for(
-                asyncio.gather(*[self._collect(ids, controls, adapter) for ids in prompts]), deadline
-            )
-            return self._response(body, results, controls, chat)
+            top, echo = body.logprob_settings()
+            if getattr(body, "scores_only", False):
+                results = [_nothing_generated(ids, controls.n) for ids in prompts]
+            else:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*[self._collect(ids, controls, adapter) for ids in prompts]), deadline
+                )
+            if top is not None or echo:
+                await asyncio.wait_for(self._logprobs(results, prompts, top, echo, adapter), deadline)
+            return self._response(body, results, controls, chat, prompts if echo else None)
         except ApiError as err:
             return failure(err)
         except asyncio.TimeoutError:
@@ -307,21 +362,25 @@ class Server:
         self.decoder.submit(jobs)
         return queues
 
-    async def _stream(self, ids, controls, adapter):
-        """Lists of (choice, delta, finish, tokens) for one prompt, merged per choice, one list per
+    async def _stream(self, job_: Request):
+        """Lists of (choice, delta, finish, tokens) for one request, merged per choice, one list per
         flush: the first text at once, then every FLUSH_S rather than every token, which keeps the
         per-message cost of streaming through Serve's proxy off the decoding path."""
-        job_ = Request(ids, controls, emit=None, adapter=adapter)
+        controls = job_.controls
+        arrived, first_token = time.monotonic(), {}
         try:
             events = await self._submit(job_)
             remaining, first = controls.n, True
             while remaining:
                 pending = [await events.get()]
+                self._time(job_, pending, arrived, first_token)
+                timed = 1
                 if not first and (remaining > 1 or pending[0][2] is None):
                     await asyncio.sleep(FLUSH_S)  # the first text goes out at once (time to first token)
                 first = False
                 while not events.empty():
                     pending.append(events.get_nowait())
+                self._time(job_, pending[timed:], arrived, first_token)
                 merged: dict[int, tuple] = {}
                 for index, delta, reason, count in pending:
                     text = merged.get(index, (index, "", None, 0))[1]
@@ -334,10 +393,24 @@ class Server:
         finally:
             job_.cancelled = True  # the caller left (timeout, disconnect): its rows stop at the next step
 
+    def _time(self, job_: Request, events, arrived: float, first_token: dict) -> None:
+        """Time to first token (per request) and per output token (per choice, at its end)."""
+        now, model = time.monotonic(), job_.adapter or self.job.model_name
+        for index, _, reason, count in events:
+            if count and index not in first_token:
+                first_token[index] = now
+                if len(first_token) == 1:
+                    self.metrics.timings(model, now - arrived, None)
+            if reason is not None and count > 1 and index in first_token:
+                self.metrics.per_token.observe(
+                    (now - first_token[index]) / (count - 1), tags={"model": model}
+                )
+
     async def _collect(self, ids, controls, adapter) -> dict:
         texts = [""] * controls.n
         finish, tokens = [None] * controls.n, [0] * controls.n
-        async for events in self._stream(ids, controls, adapter):
+        job_ = Request(ids, controls, emit=None, adapter=adapter)
+        async for events in self._stream(job_):
             for index, delta, reason, count in events:
                 texts[index] += delta
                 if reason is not None:
@@ -347,7 +420,25 @@ class Server:
             "finish": finish,
             "prompt_tokens": len(ids),
             "completion_tokens": sum(tokens),
+            "token_ids": [job_.token_ids.get(i, []) for i in range(controls.n)],
         }
+
+    async def _logprobs(self, results: list[dict], prompts, top: int | None, echo: bool, adapter) -> None:
+        """Each choice's token logprobs (and the prompt's, with echo): one forward pass per choice over
+        prompt + completion on the model's thread, under the choice's own adapter."""
+        from raylm.infer.scoring import token_logprobs
+
+        (name,) = self.engine.adapter_names([adapter]) or [None]
+        loop = asyncio.get_running_loop()
+        for result, ids in zip(results, prompts, strict=True):
+            result["logprobs"] = []
+            for completion in result["token_ids"]:
+                start = 0 if echo else len(ids)
+
+                def score(tokens=ids + completion, start=start):
+                    return token_logprobs(self.engine.model, self.tokenizer, tokens, start, top or 0, name)
+
+                result["logprobs"].append(await asyncio.wrap_future(self.decoder.call(score), loop=loop))
 
     def _prompts(self, body, chat: bool) -> list[list[int]]:
         if chat:
@@ -385,16 +476,22 @@ class Server:
         except GenerationError as err:
             raise ApiError(400, str(err), "max_tokens", "context_length_exceeded") from None
 
-    def _response(self, body, results: list[dict], controls, chat: bool) -> dict:
+    def _response(self, body, results: list[dict], controls, chat: bool, echoed=None) -> dict:
         choices = []
-        for result in results:
-            for text, reason in zip(result["texts"], result["finish"], strict=True):
+        for number, result in enumerate(results):
+            scored = result.get("logprobs") or [None] * len(result["texts"])
+            for text, reason, entries in zip(result["texts"], result["finish"], scored, strict=True):
                 index = len(choices)
                 if chat:
                     message = {"role": "assistant", "content": text}
-                    choices.append({"index": index, "message": message, "finish_reason": reason})
+                    choice = {"index": index, "message": message, "finish_reason": reason}
+                    choice["logprobs"] = None if entries is None else {"content": _chat_logprobs(entries)}
                 else:
-                    choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
+                    if echoed is not None:
+                        text = self.tokenizer.decode(echoed[number], skip_special_tokens=True) + text
+                    logprobs = None if entries is None else _completion_logprobs(entries)
+                    choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}
+                choices.append(choice)
         usage = {
             "prompt_tokens": sum(r["prompt_tokens"] for r in results),
             "completion_tokens": sum(r["completion_tokens"] for r in results),
@@ -411,13 +508,17 @@ class Server:
 
     async def _events(self, body, ids, controls, adapter, chat: bool, deadline: float):
         """The stream of one request; the adapter it holds is released however the stream ends."""
+        usage = {"status": 200, "completion": 0}
         try:
-            async for event in self._server_sent_events(body, ids, controls, adapter, chat, deadline):
+            async for event in self._server_sent_events(body, ids, controls, adapter, chat, deadline, usage):
                 yield event
         finally:
             self._release(adapter)
+            self.metrics.answered(body.model, usage["status"], len(ids), usage["completion"])
 
-    async def _server_sent_events(self, body, ids, controls, adapter, chat: bool, deadline: float):
+    async def _server_sent_events(
+        self, body, ids, controls, adapter, chat: bool, deadline: float, usage: dict
+    ):
         """Server-sent events: a chunk per piece of text, the finish reasons, usage if asked, [DONE]."""
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created, kind = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
@@ -449,7 +550,7 @@ class Server:
                 ]
             )
         completion = 0
-        events = self._stream(ids, controls, adapter)
+        events = self._stream(Request(ids, controls, emit=None, adapter=adapter))
         end = asyncio.get_running_loop().time() + deadline
         try:
             while True:
@@ -464,34 +565,40 @@ class Server:
                         pieces.append(chunk([piece(index, delta, None)]))
                     if reason is not None:  # the finish reason in its own chunk, with an empty delta
                         completion += count
+                        usage["completion"] = completion
                         pieces.append(chunk([piece(index, "", reason)]))
                 if pieces:
                     yield "".join(pieces)  # one HTTP message per flush
         except asyncio.TimeoutError:
+            usage["status"] = 408
             yield _error_event(ApiError(408, f"no answer within {deadline:g} s (http.request_timeout_s)"))
             return
         except ApiError as err:
+            usage["status"] = err.status
             yield _error_event(err)
             return
         except Exception as err:  # noqa: BLE001 - an error event and [DONE], never a cut connection
+            usage["status"] = 500
             yield _error_event(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
             return
         finally:
             await events.aclose()
         if include_usage:
-            usage = {
+            totals = {
                 "prompt_tokens": len(ids),
                 "completion_tokens": completion,
                 "total_tokens": len(ids) + completion,
             }
-            yield chunk([], usage)
+            yield chunk([], totals)
         yield "data: [DONE]\n\n"
 
     async def _strategy(self, body, prompts, controls, adapter, chat: bool):
         from raylm.infer import strategies
 
-        if body.stream or len(prompts) > 1 or controls.n > 1:
-            raise ApiError(400, "strategy: one prompt, one choice, no streaming", "strategy")
+        if body.stream or len(prompts) > 1 or controls.n > 1 or body.logprob_settings() != (None, False):
+            raise ApiError(
+                400, "strategy: one prompt, one choice, no streaming, no logprobs or echo", "strategy"
+            )
         if body.strategy not in self.strategies:
             offered = ", ".join(self.strategies) or "none (set strategies: in the serve spec)"
             raise ApiError(

@@ -20,9 +20,12 @@ from __future__ import annotations
 import inspect
 import queue
 import threading
+import time
 from concurrent.futures import Future
 
 from raylm.serve.engine import Choice, Engine, Request
+
+OBSERVE_S = 0.25  # the loop reports its queue and batch size at most this often
 
 
 def decodes_here(request: Request, model) -> bool:
@@ -67,8 +70,11 @@ def _processors(controls):
 
 
 class DecodeLoop:
-    def __init__(self, engine: Engine, max_rows: int):
-        self.engine, self.max_rows = engine, max_rows
+    def __init__(self, engine: Engine, max_rows: int, observe=None):
+        """`observe(waiting, running)`, if given, hears the queue length and batch size (at most
+        every OBSERVE_S)."""
+        self.engine, self.max_rows, self.observe = engine, max_rows, observe
+        self.observed = (0.0, None)
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: list[Request] = []
         self.rows: list[_Row] = []
@@ -93,11 +99,21 @@ class DecodeLoop:
             self._take(block=not self.rows and not self.waiting)
             try:
                 self._admit()
+                self._report()
                 if self.rows:
                     self._step()
             except Exception as err:  # a failed step fails its requests, never the loop
                 _fail([row.choice for row in self.rows], err)
                 self.rows, self.cache, self.mask = [], None, None
+
+    def _report(self) -> None:
+        if self.observe is None:
+            return
+        now, (last, values) = time.monotonic(), self.observed
+        current = (len(self.waiting) + self.inbox.qsize(), len(self.rows))
+        if current != values and now - last >= OBSERVE_S or not self.rows and current != values:
+            self.observed = (now, current)
+            self.observe(*current)
 
     def _take(self, block: bool) -> None:
         try:

@@ -15,7 +15,7 @@ LoRA adapters loaded into a PEFT model serve mixed batches (`adapter_names`, one
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raylm.infer.sampling import eos_ids
 
@@ -31,6 +31,7 @@ class Request:
     adapter: str | None = None
     cancelled: bool = False  # set by the server when the caller gave up (timeout, disconnect)
     error: Exception | None = None  # set with finish reason "error" when generation failed
+    token_ids: dict = field(default_factory=dict)  # choice index -> its tokens, set as it finishes
 
 
 class Choice:
@@ -73,6 +74,8 @@ class Choice:
         if self.finish and not cuts:
             text = self.text = self.text + self._pending()  # an unfinished character ends as U+FFFD
         end = len(text) if self.finish else self._safe_end(text)
+        if self.finish:
+            self.request.token_ids[self.index] = list(self.tokens)
         if end > self.sent or self.finish:
             self.request.emit(self.index, text[self.sent : end], self.finish, len(self.tokens))
             self.sent = max(self.sent, end)
@@ -120,6 +123,7 @@ class _Tracker:
         for row in self.rows:  # generate stopped (its own max_new_tokens): close what is open
             if row.finish is None:
                 row.finish = "length"
+                row.request.token_ids[row.index] = list(row.tokens)
                 row.request.emit(row.index, "", "length", len(row.tokens))
 
     # stopping-criterion protocol: a bool per row, True when that row is done

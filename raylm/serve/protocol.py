@@ -39,7 +39,7 @@ class Controls(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (completions with echo)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
@@ -52,7 +52,6 @@ class Controls(BaseModel):
     # OpenAI fields raylm does not implement: accepted only at their neutral value
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logprobs: bool | int | None = None
     # raylm's extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -67,10 +66,8 @@ class Controls(BaseModel):
                 raise ApiError(
                     400, f"{name} is not supported; use repetition_penalty (raylm's extension)", name
                 )
-        if self.logprobs not in (None, False, 0):
-            raise ApiError(400, "logprobs are not supported by this server", "logprobs")
         given = {
-            "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+            "max_new_tokens": self.max_completion_tokens or self.max_tokens or None,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "n": self.n,
@@ -99,19 +96,43 @@ class Controls(BaseModel):
             where = {"max_new_tokens": "max_tokens"}.get(where, where)
             raise ApiError(400, f"{where}: {first['msg'].removeprefix('Value error, ')}", where) from None
 
+    @property
+    def scores_only(self) -> bool:
+        """max_tokens 0: the prompt's logprobs, no generation (evaluation clients' log-likelihood)."""
+        return self.max_tokens == 0
+
+    def logprob_settings(self) -> tuple[int | None, bool]:
+        """(how many top alternatives per token, or None for no logprobs; whether the prompt is echoed)."""
+        return None, False
+
+    def check_logprobs(self) -> None:
+        top, echo = self.logprob_settings()
+        if self.stream and (top is not None or echo):
+            raise ApiError(400, "logprobs and echo are not supported with stream: true", "stream")
+        if self.scores_only and not echo:
+            raise ApiError(400, "max_tokens: 0 scores the prompt: send echo: true with it", "max_tokens")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"logprobs: between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
+
+
+MAX_TOP_LOGPROBS = 20
+
 
 class CompletionRequest(Controls):
     prompt: str | list[str] | list[int]
+    logprobs: int | None = None  # top alternatives per token (OpenAI's completions: an integer)
+    echo: bool = False  # the prompt before the completion, with its tokens' logprobs
     # OpenAI fields this server does not implement: refused unless neutral, never silently ignored
-    echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    def logprob_settings(self) -> tuple[int | None, bool]:
+        return self.logprobs, self.echo
 
     def generation(self, defaults: GenerationSpec, max_tokens_limit: int) -> GenerationSpec:
         if self.suffix:
             raise ApiError(400, "suffix (insertion) is not supported by this server", "suffix")
-        if self.echo:
-            raise ApiError(400, "echo is not supported by this server", "echo")
+        self.check_logprobs()
         controls = super().generation(defaults, max_tokens_limit)
         if self.best_of is not None and self.best_of != controls.n:
             raise ApiError(
@@ -134,12 +155,25 @@ class Message(BaseModel):
 
 class ChatRequest(Controls):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def logprob_settings(self) -> tuple[int | None, bool]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None, False
+
+    def generation(self, defaults: GenerationSpec, max_tokens_limit: int) -> GenerationSpec:
+        if self.max_tokens == 0:
+            raise ApiError(400, "max_tokens: at least 1 for chat", "max_tokens")
+        self.check_logprobs()
+        return super().generation(defaults, max_tokens_limit)
 
 
 # OpenAI request fields this server does not implement (refused by name, never silently ignored).
 OPENAI_UNSUPPORTED = {
     "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
-    "logit_bias", "top_logprobs", "modalities", "audio", "prediction", "store", "metadata",
+    "logit_bias", "modalities", "audio", "prediction", "store", "metadata",
     "service_tier", "reasoning_effort", "web_search_options",
 }  # fmt: skip
 

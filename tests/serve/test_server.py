@@ -397,3 +397,121 @@ def test_nf4_model_serves(served):
         model="tiny-nf4", prompt="the cat", max_tokens=12
     )
     assert answer.choices[0].text == reference_greedy(model, tokenizer, "the cat", 12)
+
+
+def forward_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """The reference: log_softmax of one forward pass; row t predicts ids[t + 1]."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_logprobs_and_echo_equal_a_forward_pass(served):
+    base = served["base"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    api = client(served)
+    ids = tokenizer("the cat")["input_ids"]
+    got = api.completions.create(model="tiny", prompt="the cat", max_tokens=6, logprobs=3, temperature=0)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    generated = out[0, len(ids) :].tolist()
+    if tokenizer.eos_token_id in generated:
+        generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+    table = forward_logprobs(model, ids + generated)
+    logprobs = got.choices[0].logprobs
+    assert logprobs.tokens == [tokenizer.decode([t]) for t in generated]
+    want = [float(table[len(ids) + i - 1, t]) for i, t in enumerate(generated)]
+    assert logprobs.token_logprobs == pytest.approx(want, abs=1e-4)
+    for i, alternatives in enumerate(logprobs.top_logprobs):
+        best = torch.topk(table[len(ids) + i - 1], 3).values.tolist()
+        assert sorted(alternatives.values(), reverse=True) == pytest.approx(best, abs=1e-4)
+    assert logprobs.text_offset[0] == 0 and len(logprobs.text_offset) == len(generated)
+
+    # lm-evaluation-harness's log-likelihood request: the prompt scored, nothing generated
+    text = "the cat sat on"
+    scored_ids = tokenizer(text)["input_ids"]
+    table = forward_logprobs(model, scored_ids)
+    scored = api.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert (
+        choice.text == tokenizer.decode(scored_ids, skip_special_tokens=True)
+        and scored.usage.completion_tokens == 0
+    )
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    want = [float(table[i - 1, scored_ids[i]]) for i in range(1, len(scored_ids))]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+
+    # under an adapter: PEFT's forward pass over the base with that adapter
+    poet = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), served["adapters"]["poet"])
+    table = forward_logprobs(poet, scored_ids)
+    adapted = api.completions.create(model="poet", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    want = [float(table[i - 1, scored_ids[i]]) for i in range(1, len(scored_ids))]
+    assert adapted.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+
+    # chat: logprobs + top_logprobs, OpenAI's per-token objects
+    messages = [{"role": "user", "content": "the cat"}]
+    chat = api.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, logprobs=True, top_logprobs=2
+    )
+    prompt_ids = tokenizer(
+        tokenizer.apply_chat_template(
+            messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
+    content = chat.choices[0].logprobs.content
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    completion = out[0, len(prompt_ids) :].tolist()
+    if tokenizer.eos_token_id in completion:
+        completion = completion[: completion.index(tokenizer.eos_token_id) + 1]
+    table = forward_logprobs(model, prompt_ids + completion)
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in completion]
+    want = [float(table[len(prompt_ids) + i - 1, t]) for i, t in enumerate(completion)]
+    assert [c.logprob for c in content] == pytest.approx(want, abs=1e-4)
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+
+    url, headers = f"{served['url']}/v1/completions", {"Authorization": f"Bearer {KEY}"}
+    for body, word in [
+        ({"model": "tiny", "prompt": "a", "max_tokens": 0}, "echo"),
+        ({"model": "tiny", "prompt": "a", "logprobs": 50}, "logprobs"),
+        ({"model": "tiny", "prompt": "a", "logprobs": 1, "stream": True}, "stream"),
+    ]:
+        answer = httpx.post(url, json=body, headers=headers)
+        assert answer.status_code == 400 and word in answer.json()["error"]["message"], answer.text
+
+
+def test_metrics_reach_rays_prometheus_endpoint(served):
+    import re
+
+    import ray
+
+    api = client(served)
+    for _ in range(3):
+        api.completions.create(model="tiny", prompt="the cat", max_tokens=6)
+    list(api.completions.create(model="tiny", prompt="a dog", max_tokens=6, stream=True))
+    httpx.post(
+        f"{served['url']}/v1/completions", json={"model": "tiny"}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = {
+        "requests_ok": r'ray_raylm_requests_total\{[^}]*model="tiny"[^}]*status="200"[^}]*\} (\d+(?:\.\d+)?)',
+        "requests_400": r'ray_raylm_requests_total\{[^}]*model="tiny"[^}]*status="400"',
+        "completion_tokens": r'ray_raylm_completion_tokens_total\{[^}]*model="tiny"',
+        "prompt_tokens": r'ray_raylm_prompt_tokens_total\{[^}]*model="tiny"',
+        "first_token": r'ray_raylm_time_to_first_token_seconds_bucket\{[^}]*model="tiny"',
+        "per_token": r'ray_raylm_time_per_output_token_seconds_count\{[^}]*model="tiny"',
+        "queue": r'ray_raylm_queue_length\{[^}]*model="tiny"',
+        "batch": r'ray_raylm_running_batch_size\{[^}]*model="tiny"',
+    }
+    deadline, found = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:  # Ray's agent exports what replicas record every few seconds
+        page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {name: re.search(pattern, page) for name, pattern in wanted.items()}
+        if all(found.values()) and float(found["requests_ok"].group(1)) >= 4:
+            break
+        time.sleep(2)
+    assert all(found.values()), [name for name, match in found.items() if not match]
+    assert float(found["requests_ok"].group(1)) >= 4  # three answers and one stream at least
+    assert 'application="tiny"' in found["requests_ok"].group(0)  # Serve's own tags come with them
