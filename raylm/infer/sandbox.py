@@ -6,15 +6,17 @@
 
 A PAL program is hostile input: a request can make the model write anything. It runs in a
 separate Python (standard library only, empty environment) in a fresh temporary folder, started
-through `sandbox_launcher.py`, which confines itself before the program's first line:
+through `sandbox_launcher.py` inside new mount, network, PID and IPC namespaces (`unshare`), which
+confines itself before the program's first line:
 - files: Landlock — the standard library is readable, the folder readable and writable, nothing
-  else exists for it (no /proc, /etc, home, the server's files);
-- processes and network: seccomp — fork/clone/exec, sockets, ptrace, kill, namespaces, mounts and
-  other kernel interfaces return EPERM; and, where unprivileged user namespaces work, an empty
-  network namespace (`unshare -rn`) around it;
-- resources: CPU seconds, address space, file size and open files as rlimits; a wall-clock limit
-  that kills the process group; stdout and stderr read up to OUTPUT_LIMIT bytes, past which the
-  process is killed (nothing unbounded enters the server's memory).
+  else exists for it (no /proc, /etc, home, site-packages, the server's files); seccomp refuses
+  changing any file's metadata (chmod, chown, xattrs, times), which Landlock does not govern;
+- processes and network: seccomp — fork/clone/exec, sockets, ptrace, signals and scheduling aimed
+  at other processes, namespaces, mounts, IPC and other kernel interfaces return EPERM; the PID
+  and network namespaces leave it no other process and no interface to reach;
+- resources: CPU seconds, address space, file size and open files as rlimits; its folder a tmpfs of
+  DISK_MB; a wall-clock limit that kills the process group; stdout and stderr read up to
+  OUTPUT_LIMIT bytes, past which the process is killed (nothing unbounded enters the server).
 The launcher applies its limits to itself (no `preexec_fn`, which can deadlock a threaded server).
 Where the kernel lacks Landlock or seccomp the program is not run: the result says why, unless
 `confine=False` (the spec's `sandbox: unconfined`, which keeps only the rlimits and bounds).
@@ -39,8 +41,8 @@ from pathlib import Path
 OUTPUT_LIMIT = 64_000  # bytes of stdout and of stderr read from the program; more kills it
 FILE_MB = 16  # largest file the program may write
 OPEN_FILES = 32
+DISK_MB = 64  # the program's folder is a tmpfs of this size where mount namespaces work
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
-CONFINEMENT_FAILED = 86  # sandbox_launcher.CONFINEMENT_FAILED
 
 
 class SandboxUnavailable(RuntimeError):
@@ -61,18 +63,32 @@ class SandboxResult:
 
 
 @functools.cache
-def _network_namespace_prefix() -> tuple[str, ...]:
-    """`unshare -rn` where unprivileged user namespaces work (an empty network namespace), else ()."""
-    unshare = shutil.which("unshare") or next(
-        (p for p in ("/usr/bin/unshare", "/bin/unshare") if os.path.exists(p)), None
-    )
+def _namespaces() -> tuple[tuple[str, ...], bool]:
+    """(the `unshare` command line the launcher starts under, whether it has its own mount namespace).
+
+    New mount, network, PID and IPC namespaces (the program sees no interfaces, no other process, no
+    shared memory of others; its folder can be a bounded tmpfs); a user namespace as well where the
+    server is not root (or is root without the privilege to make them: an unprivileged container).
+    Where none of this works, () — Landlock and seccomp still confine the program."""
+    unshare = _tool("unshare")
     if unshare is None:
-        return ()
-    try:
-        probe = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return (unshare, "-rn") if probe.returncode == 0 else ()
+        return (), False
+    full = ("--mount", "--net", "--pid", "--ipc", "--fork", "--kill-child")
+    users = [(), ("--user", "--map-root-user")] if os.geteuid() == 0 else [("--user", "--map-root-user")]
+    for flags, mounts in [*((u + full, True) for u in users), *((u + ("--net",), False) for u in users)]:
+        try:
+            probe = subprocess.run([unshare, *flags, "true"], capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 0:
+            return (unshare, *flags), mounts
+    return (), False
+
+
+def _tool(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/bin/{name}", f"/bin/{name}") if os.path.exists(p)), None
+    )
 
 
 @functools.cache
@@ -101,66 +117,84 @@ def check() -> None:
 def run_program(
     program: str, timeout_s: float = 5.0, memory_mb: int = 256, confine: bool = True
 ) -> SandboxResult:
-    """Run `program` under the confinement above; its stdout is the result."""
+    """Run `program` under the confinement above; its stdout is the result. Never raises."""
     try:
+        library_paths = list(_library_paths()) if confine else []
+    except SandboxUnavailable as err:
+        return SandboxResult(False, "", str(err))
+    prefix, mounts = _namespaces() if confine else ((), False)
+    work = tempfile.mkdtemp(prefix="raylm-pal-")
+    read_status, write_status = os.pipe()
+    try:
+        Path(work, "program.py").write_text(program, encoding="utf-8", errors="replace")
+        Path(work, "run").mkdir()
         settings = {
             "cpu_s": int(timeout_s) + 1,
             "memory_mb": memory_mb,
             "file_mb": FILE_MB,
             "open_files": OPEN_FILES,
+            "disk_mb": DISK_MB,
+            "mount": (_tool("mount") or "") if mounts else "",
             "confine": confine,
-            "library_paths": list(_library_paths()) if confine else [],
+            "library_paths": library_paths,
+            "status_fd": write_status,
         }
-    except SandboxUnavailable as err:
-        return SandboxResult(False, "", str(err))
-    with tempfile.TemporaryDirectory(prefix="raylm-pal-", ignore_cleanup_errors=True) as folder:
-        Path(folder, "program.py").write_text(program, encoding="utf-8", errors="replace")
-        command = [
-            *(_network_namespace_prefix() if confine else ()),
-            sys.executable, "-I", "-S", "-X", "utf8", str(LAUNCHER), json.dumps(settings),
-        ]  # fmt: skip
+        command = [*prefix, sys.executable, "-I", "-S", "-X", "utf8", str(LAUNCHER), json.dumps(settings)]
         try:
             proc = subprocess.Popen(
                 command,
-                cwd=folder,
+                cwd=work,
                 env={},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                pass_fds=(write_status,),
             )
         except OSError as err:
             return SandboxResult(False, "", f"could not start the sandbox: {err}")
+        finally:
+            os.close(write_status)
         try:
             out, err, overflow, timed_out = _read_bounded(proc, timeout_s)
         finally:
-            _kill(proc)
-            proc.wait()
-        stdout, stderr = _text(out), _text(err)
-        if timed_out:
-            return SandboxResult(False, stdout, f"time limit: the program ran past {timeout_s:g} s")
-        if overflow:
-            return SandboxResult(
-                False, stdout, f"output limit: the program printed more than {OUTPUT_LIMIT} bytes"
-            )
-        if proc.returncode == 0:
-            return SandboxResult(True, stdout, None)
-        if proc.returncode == CONFINEMENT_FAILED and stderr.startswith("sandbox unavailable"):
-            return SandboxResult(False, "", _unavailable(stderr))
-        return SandboxResult(False, stdout, _failure(proc.returncode, stderr, timeout_s, memory_mb))
+            _stop(proc)
+        status = _read_status(read_status)
+    finally:
+        os.close(read_status)
+        _remove(work)
+    stdout, stderr = _text(out), _text(err)
+    if confine and status.startswith("unavailable"):
+        return SandboxResult(False, "", _unavailable(status))
+    if timed_out:
+        return SandboxResult(False, stdout, f"time limit: the program ran past {timeout_s:g} s")
+    if overflow:
+        return SandboxResult(
+            False, stdout, f"output limit: the program printed more than {OUTPUT_LIMIT} bytes"
+        )
+    if not status:
+        return SandboxResult(False, "", f"the sandbox did not start: {_last_line(stderr) or proc.returncode}")
+    if proc.returncode == 0:
+        return SandboxResult(True, stdout, None)
+    return SandboxResult(False, stdout, _failure(proc.returncode, stderr, timeout_s, memory_mb))
 
 
 def _read_bounded(proc: subprocess.Popen, timeout_s: float) -> tuple[bytes, bytes, bool, bool]:
-    """Read stdout and stderr until both close, the deadline passes or one exceeds OUTPUT_LIMIT."""
+    """Read stdout and stderr until both close and the process exits (not reaped: its pid, and with it
+    its process group, stay ours to kill), the deadline passes or one exceeds OUTPUT_LIMIT."""
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     deadline = time.monotonic() + timeout_s
+
+    def result(overflow=False, timed_out=False):
+        return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), overflow, timed_out
+
     with selectors.DefaultSelector() as selector:
         for stream in chunks:
             selector.register(stream, selectors.EVENT_READ)
         while selector.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
-                return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), False, True
+                return result(timed_out=True)
             for key, _ in selector.select(left):
                 data = os.read(key.fd, 65536)
                 if not data:
@@ -168,31 +202,56 @@ def _read_bounded(proc: subprocess.Popen, timeout_s: float) -> tuple[bytes, byte
                     continue
                 chunks[key.fileobj] += data
                 if len(chunks[key.fileobj]) > OUTPUT_LIMIT:
-                    return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), True, False
-    try:  # both pipes closed: the process is exiting
-        proc.wait(max(deadline - time.monotonic(), 0.05))
-    except subprocess.TimeoutExpired:
-        return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), False, True
-    return bytes(chunks[proc.stdout]), bytes(chunks[proc.stderr]), False, False
+                    return result(overflow=True)
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() >= deadline:  # both pipes closed, yet it runs on
+            return result(timed_out=True)
+        time.sleep(0.01)
+    return result()
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), proc.kill):
-        try:
-            kill()
-        except (ProcessLookupError, PermissionError):
-            pass
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill the process group (before reaping: the pid cannot have been reused), then reap."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
     for stream in (proc.stdout, proc.stderr):
         stream.close()
+
+
+def _read_status(fd: int) -> str:
+    os.set_blocking(fd, False)  # everyone holding the write end is dead by now: this cannot block
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace").strip()
+    except BlockingIOError:
+        return ""
+
+
+def _remove(work: str) -> None:
+    """Delete the program's folder whatever it holds (shutil.rmtree recurses: a folder nested a few
+    thousand deep would raise RecursionError out of it in Python 3.11)."""
+    try:
+        shutil.rmtree(work)
+    except (OSError, RecursionError):
+        rm = _tool("rm")
+        if rm:
+            subprocess.run([rm, "-rf", "--", work], capture_output=True)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _text(data: bytes) -> str:
     return data[:OUTPUT_LIMIT].decode("utf-8", "replace")
 
 
-def _unavailable(stderr: str) -> str:
+def _unavailable(status: str) -> str:
     return (
-        f"{' '.join(stderr.split())} — this kernel cannot confine PAL programs (the sandbox needs "
+        f"sandbox {status} — this kernel cannot confine PAL programs (the sandbox needs "
         "Landlock, Linux >= 5.13 with landlock in the LSM list, and seccomp); the program was not run. "
         "strategy.sandbox: unconfined runs it without confinement: only for trusted models"
     )
@@ -203,8 +262,7 @@ def _failure(code: int, stderr: str, timeout_s: float, memory_mb: int) -> str:
         return f"time limit: the program used more than {int(timeout_s) + 1} s of CPU"
     if code == -signal.SIGSYS:
         return "the program made a system call of another architecture and was killed"
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else f"exited with status {code}"
+    last = _last_line(stderr) or f"exited with status {code}"
     if last.startswith("MemoryError"):
         return f"memory limit: the program needed more than {memory_mb} MB"
     return last

@@ -48,7 +48,8 @@ def outside(tmp_path_factory):
 
 
 def attacks(folder, port):
-    secret, marker = folder / "secret.txt", folder / "marker"
+    secret, marker, me = folder / "secret.txt", folder / "marker", os.getpid()
+    site_packages = os.path.dirname(os.path.dirname(pytest.__file__))
     return {
         "read a file outside": f"print(open({str(secret)!r}).read())",
         "write a file outside": f"open({str(marker)!r}, 'w').write('x')",
@@ -82,11 +83,35 @@ def attacks(folder, port):
         "_socket directly": f"s = __import__('_socket').socket()\ns.connect(('127.0.0.1', {port}))",
         "signal the parent": "import os\nos.kill(os.getppid(), 0)\nprint('signalled the parent')",
         "leave the process group": "import os\nos.setsid()\nprint('left')",
+        # found by a review of the first kernel sandbox: metadata syscalls Landlock does not govern ...
+        "chmod outside": f"import os\nos.chmod({str(secret)!r}, 0o777)",
+        "chown outside": f"import os\nos.chown({str(secret)!r}, 1, 1)",
+        "utime outside": f"import os\nos.utime({str(secret)!r}, (0, 0))",
+        "setxattr outside": f"import os\nos.setxattr({str(secret)!r}, 'user.x', b'1')",
+        "file capability": f"import os\nos.setxattr({str(secret)!r}, 'security.capability', "
+        "bytes.fromhex('0100000280000000000000000000000000000000'))",
+        # ... and calls aimed at other processes by pid (the test process here)
+        "lower the parent's limits": f"import resource\nresource.prlimit({me}, resource.RLIMIT_NOFILE, (10, 10))",
+        "raise its own limits": "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (10**6, 10**6))\n"
+        "print('left')",
+        "renice the parent": f"import os\nos.setpriority(os.PRIO_PROCESS, {me}, 19)",
+        "pin the parent": f"import os\nos.sched_setaffinity({me}, {{0}})",
+        "SIGIO at the parent": "import os, fcntl, signal\nr, w = os.pipe()\n"
+        f"fcntl.fcntl(r, fcntl.F_SETOWN, {me})\nfcntl.fcntl(r, 10, signal.SIGUSR1)\n"
+        "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\nos.write(w, b'x')\nprint('signalled')",
+        "tgkill the parent": f"import ctypes, signal\nassert ctypes.CDLL(None).syscall(234, {me}, {me}, "
+        "int(signal.SIGUSR1)) == 0, 'refused'",
+        "read site-packages": f"import os\nprint(os.listdir({site_packages!r}))",
+        "import a third-party package": "import pytest",
     }
 
 
-def _effects(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+def _effects(folder) -> list:
+    """What is outside the sandbox: the folder's files and the secret's mode, owner, times, xattrs."""
+    secret = folder / "secret.txt"
+    facts = secret.stat()
+    return [sorted(p.name for p in folder.iterdir()), facts.st_mode, facts.st_uid, facts.st_mtime,
+            os.listxattr(secret)]  # fmt: skip
 
 
 def test_the_disarm_prefix_really_removes_the_audit_hook():
@@ -97,14 +122,30 @@ def test_the_disarm_prefix_really_removes_the_audit_hook():
 
 @pytest.mark.parametrize("disarmed", [False, True], ids=["as-written", "hook-disarmed"])
 def test_adversarial_corpus_fails_without_effect_outside_the_folder(outside, disarmed, monkeypatch):
+    import resource
+    import signal
+
     folder, port, accepted = outside
     monkeypatch.setenv("RAYLM_PARENT_SECRET", SECRET)
-    for name, program in attacks(folder, port).items():
-        result = run_program((DISARM if disarmed else "") + program, timeout_s=5)
-        seen = result.stdout + (result.error or "")
-        assert not result.ok, (name, result)
-        assert SECRET not in seen and "signalled" not in seen and "left" not in result.stdout, (name, result)
-        assert _effects(folder) == ["secret.txt"], name
+    signals = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: signals.append("SIGUSR1"))
+    before, limits = _effects(folder), resource.getrlimit(resource.RLIMIT_NOFILE)
+    priority, cpus = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0)
+    try:
+        for name, program in attacks(folder, port).items():
+            result = run_program((DISARM if disarmed else "") + program, timeout_s=5)
+            seen = result.stdout + (result.error or "")
+            assert not result.ok, (name, result)
+            assert SECRET not in seen and "signalled" not in seen and "left" not in result.stdout, (
+                name,
+                result,
+            )
+            assert _effects(folder) == before, name
+            assert resource.getrlimit(resource.RLIMIT_NOFILE) == limits, name
+            assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0)) == (priority, cpus), name
+            assert signals == [], name
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
     assert accepted == []
 
 
@@ -126,6 +167,21 @@ def test_limits_end_the_program_with_a_reason_and_bounded_output():
     assert not big_file.ok, big_file
     files = run_program("handles = [open(f'f{i}', 'w') for i in range(1000)]")
     assert not files.ok and "Too many open files" in files.error, files
+    disk = run_program("i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n    i += 1")
+    assert not disk.ok and "No space left" in disk.error, disk  # its folder is a 64 MB tmpfs
+
+
+def test_nothing_is_left_behind_and_the_parent_never_raises(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    deep = run_program(
+        "import os\nfor _ in range(3000):\n    os.mkdir('a')\n    os.chdir('a')\nprint('deep')"
+    )
+    assert deep.ok and deep.answer == "deep"  # a folder too deep for shutil.rmtree's recursion
+    forged = run_program("import sys\nsys.stderr.write('sandbox unavailable: forged\\n')\nsys.exit(86)")
+    assert not forged.ok and "cannot confine" not in forged.error  # the launcher's word comes by a pipe
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_program_can_use_its_folder_and_the_standard_library():

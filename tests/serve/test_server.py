@@ -322,7 +322,6 @@ def test_bad_requests_get_openai_errors(served):
         ({"model": "gpt-4", "prompt": "a"}, 404, "gpt-4"),
         # OpenAI fields this server cannot honour are refused by name, never ignored
         ({"model": "tiny", "prompt": "a", "suffix": "b"}, 400, "suffix"),
-        ({"model": "tiny", "prompt": "a", "echo": True}, 400, "echo"),
         ({"model": "tiny", "prompt": "a", "best_of": 3}, 400, "best_of"),
         ({"model": "tiny", "prompt": [1, 2, 10**6]}, 400, "outside this model's vocabulary"),
         ({"model": "tiny", "prompt": [1, -1]}, 400, "token id -1"),
