@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from raylm.infer.sampling import GenerationError, check_fits, context_length
-from raylm.serve.continuous import DecodeLoop
+from raylm.serve.continuous import CacheBudgetError, DecodeLoop, cache_cost, default_cache_budget
 from raylm.serve.engine import Engine, Request
 from raylm.serve.metrics import ServerMetrics
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
@@ -153,10 +153,12 @@ class Server:
         self.key_hash = key_hash
         self.metrics = ServerMetrics()
         model_name = self.job.model_name
+        self.cache_budget = self.job.batching.max_cached_tokens or default_cache_budget(model)
         self.decoder = DecodeLoop(
             self.engine,
             max_rows=self.job.batching.max_batch_size,
             observe=lambda waiting, running: self.metrics.load(model_name, waiting, running),
+            max_cached_tokens=self.cache_budget,
         )
         self.outbox = None  # made on the replica's event loop by the first request
         self.loaded: dict[str, int] = {}  # adapter -> load token
@@ -475,6 +477,9 @@ class Server:
             check_fits(len(ids), controls, self.context, field="max_tokens")
         except GenerationError as err:
             raise ApiError(400, str(err), "max_tokens", "context_length_exceeded") from None
+        needed = cache_cost([Request(ids, controls, emit=None)])
+        if needed > self.cache_budget:  # could never be admitted: say so now rather than time out
+            raise ApiError(400, str(CacheBudgetError(needed, self.cache_budget)), "max_tokens")
 
     def _response(self, body, results: list[dict], controls, chat: bool, echoed=None) -> dict:
         choices = []

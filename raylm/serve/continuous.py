@@ -70,10 +70,11 @@ def _processors(controls):
 
 
 class DecodeLoop:
-    def __init__(self, engine: Engine, max_rows: int, observe=None):
+    def __init__(self, engine: Engine, max_rows: int, observe=None, max_cached_tokens: int | None = None):
         """`observe(waiting, running)`, if given, hears the queue length and batch size (at most
-        every OBSERVE_S)."""
+        every OBSERVE_S); `max_cached_tokens` bounds the key/value cache (see `cache_cost`)."""
         self.engine, self.max_rows, self.observe = engine, max_rows, observe
+        self.max_cached_tokens = max_cached_tokens
         self.observed = (0.0, None)
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: list[Request] = []
@@ -140,6 +141,8 @@ class DecodeLoop:
         while self.waiting:
             request = self.waiting[0]
             if not decodes_here(request, model):
+                if not self._fits([request]) and self.rows:
+                    break  # generate's beams need room beside the running rows: wait for them
                 self.waiting.pop(0)
                 try:
                     self.engine.generate([request])  # beams, seeds, prompt learning: generate itself
@@ -150,9 +153,24 @@ class DecodeLoop:
                 self.rows or fresh
             ):
                 break
+            if not self._fits([*fresh, request]):
+                if self.rows or fresh:
+                    break  # waits for running rows to finish
+                self.waiting.pop(0)  # cannot fit even alone (the server refuses these before): fail it
+                _fail([Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)],
+                      CacheBudgetError(cache_cost([request]), self.max_cached_tokens))  # fmt: skip
+                continue
             fresh.append(self.waiting.pop(0))
         if fresh:
             self._prefill(fresh)
+
+    def _fits(self, fresh: list[Request]) -> bool:
+        """Whether the running rows and `fresh` stay within the key/value-cache budget."""
+        if self.max_cached_tokens is None:
+            return True
+        return cache_cost([row.choice.request for row in self.rows] + fresh, rows_given=len(self.rows)) <= (
+            self.max_cached_tokens
+        )
 
     def _forward(self, ids, mask, positions, cache, adapters):
         import torch
@@ -270,6 +288,49 @@ class DecodeLoop:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+class CacheBudgetError(RuntimeError):
+    def __init__(self, needed: int, budget: int | None):
+        super().__init__(
+            f"needs a key/value cache of {needed} tokens (n x (prompt + max_tokens)); this replica holds "
+            f"at most {budget} (batching.max_cached_tokens): lower max_tokens or n, or shorten the prompt"
+        )
+
+
+def cache_cost(requests: list[Request], rows_given: int | None = None) -> int:
+    """Worst-case tokens the key/value cache holds for these requests decoding together: rows times
+    the longest row's prompt + max_tokens (rows are left-padded to one length); beams count as rows.
+    `rows_given`: that many of the requests' rows are running rows (one per entry), not requests."""
+    rows, longest = 0, 0
+    for position, request in enumerate(requests):
+        controls = request.controls
+        count = 1 if rows_given is not None and position < rows_given else controls.n * controls.num_beams
+        rows += count
+        longest = max(longest, len(request.prompt_ids) + controls.max_new_tokens)
+    return rows * longest
+
+
+def default_cache_budget(model) -> int:
+    """Tokens of key/value cache that fit in 80% of the GPU memory free after loading the model (on
+    CPU: half the available RAM): 2 (keys, values) x layers x key/value heads x head size x bytes."""
+    import psutil
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 64)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    parameter = next(model.parameters())
+    element = torch.finfo(parameter.dtype).bits // 8 if parameter.dtype.is_floating_point else 2
+    per_token = 2 * layers * kv_heads * head_dim * element
+    if parameter.device.type == "cuda":
+        free = torch.cuda.mem_get_info(parameter.device)[0] * 0.8
+    else:
+        free = psutil.virtual_memory().available * 0.5
+    return max(int(free // per_token), 1)
 
 
 def _fail(choices, err: Exception) -> None:

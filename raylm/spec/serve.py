@@ -66,6 +66,14 @@ class BatchingSpec(Section):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, le=10, description="How long a batch waits for more requests before it starts."
     )
+    max_cached_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Key/value-cache budget of a replica, in tokens (rows x padded length, each row "
+        "counted at its prompt + max_tokens): requests past it wait for rows to finish; one that could "
+        "never fit gets 400. Default: what fits in 80% of the GPU memory free after loading (on CPU, "
+        "half the available RAM).",
+    )
 
 
 class AutoscalingSpec(Section):

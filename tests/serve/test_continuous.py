@@ -221,3 +221,31 @@ def test_streamed_text_is_the_text_of_the_tokens_with_sentencepiece_and_split_ch
         split_characters += any(3 <= t < 3 + 256 for t in generated)  # byte-fallback pieces
         leading_spaces += expected.startswith(" ")
     assert split_characters and leading_spaces, (split_characters, leading_spaces)  # the cases occurred
+
+
+def test_the_cache_budget_makes_requests_wait_never_overflow(model):
+    model, tokenizer = model
+    controls = GenerationSpec(max_new_tokens=10)
+    prompts = ["the cat", "a", "to be or not", "once upon", "we", "the end"]
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + 10
+    loop = DecodeLoop(Engine(model, tokenizer), max_rows=16, max_cached_tokens=2 * longest)
+    widest, step = [0], loop._step
+
+    def watched_step():  # what the loop really holds at each step
+        widest[0] = max(widest[0], len(loop.rows))
+        step()
+
+    loop._step = watched_step
+    outs = [Collect() for _ in prompts]
+    for prompt, out in zip(prompts, outs, strict=True):
+        loop.submit([Request(tokenizer(prompt)["input_ids"], controls, out)])
+    too_big = Collect(3)  # 3 rows as long as the longest never fit where 2 do
+    refused = GenerationSpec(max_new_tokens=longest, n=3, temperature=1.0)
+    refused_request = Request(tokenizer("a")["input_ids"], refused, too_big)
+    loop.submit([refused_request])
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.done.wait(60)
+        assert [(out.texts[0], out.finish[0])] == alone(model, tokenizer, prompt, controls)
+    assert too_big.done.wait(60) and too_big.finish == ["error"] * 3
+    assert "batching.max_cached_tokens" in str(refused_request.error)
+    assert widest[0] == 2  # requests waited for rows to finish instead of growing the cache

@@ -73,7 +73,7 @@ def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
             **common,
             "name": "tight",
             "http": {"port": port, "route_prefix": "/tight", "request_timeout_s": 0.5},
-            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 2.0},
+            "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 2.0, "max_cached_tokens": 200},
             "scaling": {"cpus_per_replica": 0.5, "max_ongoing_requests": 8, "max_queued_requests": 2},
         }
     )
@@ -364,6 +364,11 @@ def test_overload_is_refused_at_once_and_slow_requests_time_out(served):
     assert all(seconds < 1.5 for code, seconds in results if code == 503), results
     late = httpx.post(url, json={"model": "tight", "prompt": "a", "max_tokens": 4}, timeout=30)
     assert late.status_code == 408 and late.json()["error"]["type"] == "timeout_error"
+    # a request that could never fit in the key/value-cache budget is refused at once, naming it
+    huge = httpx.post(
+        url, json={"model": "tight", "prompt": "a", "max_tokens": 30, "n": 8, "temperature": 1}, timeout=30
+    )
+    assert huge.status_code == 400 and "max_cached_tokens" in huge.json()["error"]["message"]
     # a stream that times out ends with an error event and [DONE], which the client raises
     stream = httpx.post(
         url, json={"model": "tight", "prompt": "a", "max_tokens": 4, "stream": True}, timeout=30
