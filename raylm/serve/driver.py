@@ -81,7 +81,7 @@ class Serve:
                 problems.append(
                     ("engine", "vllm is not installed here: pip install vllm (a CUDA build, GPU nodes)")
                 )
-            return problems
+            return problems + vllm_problems(job)
         problems += _model_problems(job)
         for name, folder in job.adapters.items():
             config = Path(adapter_folder(folder)) / "adapter_config.json"
@@ -221,12 +221,21 @@ def _transformers_app(job, key_hash: str | None):
     return build_app(job, key_hash)
 
 
-def _vllm_app(job):
-    """Ray Serve's LLM support (vLLM engines) with the same scaling settings; GPU clusters only."""
-    from ray.serve.llm import LLMConfig, build_openai_app
+# defaults vLLM applies through override_generation_config (its names), the others refused at validate
+VLLM_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens"}  # fmt: skip
+
+
+def vllm_config(job) -> dict:
+    """The keyword arguments of ray.serve.llm.LLMConfig for a ServeJob with engine: vllm: the model
+    resolved as the transformers engine resolves it (a raylm run folder means what it produced),
+    whole GPUs per replica as tensor parallelism, the spec's dtype, chat template and defaults."""
+    from raylm.infer.loading import resolve
 
     scaling = job.scaling
     deployment = {"max_ongoing_requests": scaling.max_ongoing_requests}
+    if scaling.max_queued_requests != -1:
+        deployment["max_queued_requests"] = scaling.max_queued_requests
     if scaling.autoscaling:
         deployment["autoscaling_config"] = scaling.autoscaling.model_dump()
     else:
@@ -234,8 +243,68 @@ def _vllm_app(job):
             "min_replicas": scaling.replicas,
             "max_replicas": scaling.replicas,
         }
-    config = LLMConfig(
-        model_loading_config={"model_id": job.model_name, "model_source": job.model.path},
-        deployment_config=deployment,
-    )
-    return build_openai_app({"llm_configs": [config]})
+    engine = {"tensor_parallel_size": max(int(scaling.gpus_per_replica), 1)}
+    if job.model.dtype != "auto":
+        engine["dtype"] = job.model.dtype
+    if job.chat_template:
+        engine["chat_template"] = _template_text(job.chat_template)
+    given = job.defaults.model_dump(exclude_unset=True)
+    overrides = {VLLM_DEFAULTS[k]: v for k, v in given.items() if k in VLLM_DEFAULTS and v is not None}
+    if overrides:
+        engine["override_generation_config"] = overrides
+    return {
+        "model_loading_config": {
+            "model_id": job.model_name,
+            "model_source": str(resolve(Path(job.model.path))),
+        },
+        "engine_kwargs": engine,
+        "deployment_config": deployment,
+    }
+
+
+def vllm_problems(job) -> list[tuple[str, str]]:
+    """What engine: vllm cannot honour, refused at validate rather than ignored."""
+    from raylm.infer.loading import resolve
+
+    problems = []
+    target = resolve(Path(job.model.path))
+    if (target / "adapter_config.json").exists() or (target / "raylm_method.json").exists():
+        problems.append(
+            ("model.path", f"{target} is an adapter: engine vllm serves full models (merge it first)")
+        )
+    if job.scaling.gpus_per_replica < 1 or job.scaling.gpus_per_replica != int(job.scaling.gpus_per_replica):
+        problems.append(
+            ("scaling.gpus_per_replica", "engine vllm takes whole GPUs per replica (tensor parallel)")
+        )
+    if "max_tokens_limit" in job.model_fields_set:
+        problems.append(
+            (
+                "max_tokens_limit",
+                "engine vllm has no per-request cap: leave it out (vLLM's limit is the context)",
+            )
+        )
+    unsupported = sorted(set(job.defaults.model_dump(exclude_unset=True)) - set(VLLM_DEFAULTS))
+    if unsupported:
+        problems.append(
+            (
+                "defaults",
+                f"engine vllm takes {', '.join(VLLM_DEFAULTS)} as defaults, not {', '.join(unsupported)}",
+            )
+        )
+    if job.batching.max_cached_tokens is not None:
+        problems.append(
+            ("batching.max_cached_tokens", "engine vllm sizes its own cache (gpu_memory_utilization)")
+        )
+    return problems
+
+
+def _template_text(value: str) -> str:
+    path = Path(value).expanduser()
+    return path.read_text(encoding="utf-8") if "{" not in value and path.is_file() else value
+
+
+def _vllm_app(job):
+    """Ray Serve's LLM support (vLLM engines) with the same scaling settings; GPU clusters only."""
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    return build_openai_app({"llm_configs": [LLMConfig(**vllm_config(job))]})
