@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -42,6 +43,7 @@ OUTPUT_LIMIT = 64_000  # bytes of stdout and of stderr read from the program; mo
 FILE_MB = 16  # largest file the program may write
 OPEN_FILES = 32
 DISK_MB = 64  # the program's folder is a tmpfs of this size where mount namespaces work
+NOBODY = 65534
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
 
 
@@ -63,26 +65,32 @@ class SandboxResult:
 
 
 @functools.cache
-def _namespaces() -> tuple[tuple[str, ...], bool]:
-    """(the `unshare` command line the launcher starts under, whether it has its own mount namespace).
+def _namespaces() -> tuple[tuple[str, ...], bool, bool]:
+    """(the `unshare` command line the launcher starts under, whether it has its own mount namespace,
+    whether the launcher must drop root itself).
 
-    New mount, network, PID and IPC namespaces (the program sees no interfaces, no other process, no
-    shared memory of others; its folder can be a bounded tmpfs); a user namespace as well where the
-    server is not root (or is root without the privilege to make them: an unprivileged container).
-    Where none of this works, () — Landlock and seccomp still confine the program."""
+    New user, mount, network, PID and IPC namespaces: inside, the program is root of namespaces it
+    owns and holds no capability over anything outside them (also when the server runs as root); it
+    sees no interface, no other process, no shared memory of others, and its folder can be a bounded
+    tmpfs. Where user namespaces are unavailable and the server is root, the namespaces without one,
+    and the launcher switches to nobody (uid 65534) before confining itself. Where none of this
+    works, () — Landlock and seccomp still confine the program."""
     unshare = _tool("unshare")
     if unshare is None:
-        return (), False
+        return (), False, os.geteuid() == 0
     full = ("--mount", "--net", "--pid", "--ipc", "--fork", "--kill-child")
-    users = [(), ("--user", "--map-root-user")] if os.geteuid() == 0 else [("--user", "--map-root-user")]
-    for flags, mounts in [*((u + full, True) for u in users), *((u + ("--net",), False) for u in users)]:
+    user = ("--user", "--map-root-user")
+    candidates = [(user + full, True, False), (user + ("--net",), False, False)]
+    if os.geteuid() == 0:
+        candidates += [(full, True, True), (("--net",), False, True)]
+    for flags, mounts, drop in candidates:
         try:
             probe = subprocess.run([unshare, *flags, "true"], capture_output=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             continue
         if probe.returncode == 0:
-            return (unshare, *flags), mounts
-    return (), False
+            return (unshare, *flags), mounts, drop
+    return (), False, os.geteuid() == 0
 
 
 def _tool(name: str) -> str | None:
@@ -122,12 +130,19 @@ def run_program(
         library_paths = list(_library_paths()) if confine else []
     except SandboxUnavailable as err:
         return SandboxResult(False, "", str(err))
-    prefix, mounts = _namespaces() if confine else ((), False)
-    work = tempfile.mkdtemp(prefix="raylm-pal-")
+    prefix, mounts, drop = _namespaces() if confine else ((), False, False)
+    try:
+        work = tempfile.mkdtemp(prefix="raylm-pal-")
+    except OSError as err:
+        return SandboxResult(False, "", f"could not make the program's folder: {err}")
     read_status, write_status = os.pipe()
     try:
         Path(work, "program.py").write_text(program, encoding="utf-8", errors="replace")
         Path(work, "run").mkdir()
+        if drop:  # the launcher becomes nobody: its folder must be nobody's
+            os.chown(Path(work, "run"), NOBODY, NOBODY)
+            os.chmod(work, 0o755)
+            os.chmod(Path(work, "program.py"), 0o644)
         settings = {
             "cpu_s": int(timeout_s) + 1,
             "memory_mb": memory_mb,
@@ -138,6 +153,7 @@ def run_program(
             "confine": confine,
             "library_paths": library_paths,
             "status_fd": write_status,
+            "drop_to": NOBODY if drop else None,
         }
         command = [*prefix, sys.executable, "-I", "-S", "-X", "utf8", str(LAUNCHER), json.dumps(settings)]
         try:
@@ -236,8 +252,9 @@ def _remove(work: str) -> None:
         shutil.rmtree(work)
     except (OSError, RecursionError):
         rm = _tool("rm")
-        if rm:
-            subprocess.run([rm, "-rf", "--", work], capture_output=True)
+        done = subprocess.run([rm, "-rf", "--", work], capture_output=True) if rm else None
+        if done is None or done.returncode:
+            logging.getLogger(__name__).warning("could not delete the PAL program's folder %s", work)
 
 
 def _last_line(text: str) -> str:

@@ -13,9 +13,11 @@ undoable by the program:
 4. Landlock (the `landlock` package): the standard library is readable (not the site-packages that
    some installs keep inside it), the folder readable and writable, nothing else on any filesystem
    exists for the process (/proc, /etc, $HOME ...);
-5. seccomp (libseccomp through `pyseccomp`): new processes and threads, exec, sockets, signals and
-   scheduling aimed at other processes, file metadata (chmod, chown, xattrs, times), namespaces,
-   mounts, IPC, modules, io_uring, bpf ... return EPERM; other architectures' syscalls kill it;
+5. seccomp (libseccomp through `pyseccomp`), an allow-list: file I/O, memory, time, signals to
+   itself and facts about itself; everything else returns EPERM — new processes and threads, exec,
+   sockets, anything aimed at another process, file metadata (chmod, chown, xattrs, flags, times),
+   ioctls but a few terminal queries, locks and leases, scheduling, namespaces, mounts, IPC, and
+   every syscall newer than the list; other architectures' syscalls kill it;
 6. the status pipe says "confined" and is closed; an audit hook, a second layer only, turns the
    common refusals into readable errors; the program runs.
 If step 4 or 5 fails the launcher reports why on the status pipe and exits with CONFINEMENT_FAILED
@@ -30,46 +32,46 @@ import sys
 CONFINEMENT_FAILED = 86  # exit status: the kernel refused a confinement step; nothing ran (the status
 # pipe says why: a program could exit with 86 too)
 
-# EPERM for these; everything else a Python program needs stays allowed.
-DENIED_SYSCALLS = (
-    # no new processes or threads, no other programs
-    "fork", "vfork", "clone", "clone3", "execve", "execveat",
-    # no network, no local sockets (the empty network namespace is the other layer)
-    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
-    "sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg",
-    # no touching other processes (the PID namespace hides them too): signals, tracing, priorities
-    "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "process_mrelease", "kill",
-    "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open", "pidfd_send_signal", "pidfd_getfd",
-    "kcmp", "setsid", "setpgid", "prctl", "seccomp", "setpriority", "ioprio_set", "migrate_pages",
-    "move_pages", "setrlimit",
-    # no changing any file's metadata: Landlock governs opening files, not chmod / chown / xattrs /
-    # times, and the program may run with the server's user (root in a container)
-    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
-    "setxattr", "lsetxattr", "fsetxattr", "setxattrat", "removexattr", "lremovexattr", "fremovexattr",
-    "removexattrat", "utime", "utimes", "utimensat", "futimesat", "sync", "syncfs",
-    # no System V / POSIX message queues or shared memory outside files (an IPC namespace as well)
-    "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl", "semget", "semop",
-    "semctl", "semtimedop", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify",
-    "mq_getsetattr",
-    # no namespaces, mounts, keys, kernel interfaces that bypass the filter
-    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
-    "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr", "keyctl", "add_key", "request_key",
-    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "open_by_handle_at", "name_to_handle_at", "personality", "memfd_create", "memfd_secret",
-    "modify_ldt", "uselib", "sysfs", "fanotify_init", "fanotify_mark", "inotify_init",
-    "inotify_init1", "quotactl", "quotactl_fd", "lookup_dcookie", "nfsservctl",
-    # what only root could do (the server may run as root in a container)
-    "iopl", "ioperm", "init_module", "finit_module", "delete_module", "kexec_load",
-    "kexec_file_load", "reboot", "swapon", "swapoff", "sethostname", "setdomainname",
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "acct", "syslog",
-    "vhangup", "capset", "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid",
-    "setgroups", "setfsuid", "setfsgid", "mknod", "mknodat",
+# An allow-list: every system call not named here returns EPERM — those of kernels newer than this
+# list included (a deny-list missed file_setattr, listmount, ioctls on read-only files). These are
+# what CPython and its standard library need to compute, read the standard library, use the folder,
+# allocate, sleep and exit; none reaches another process, the network or anything's metadata.
+ALLOWED_SYSCALLS = (
+    # files and folders (Landlock decides which paths)
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2",
+    "pwritev2", "lseek", "open", "openat", "openat2", "creat", "close", "close_range", "dup", "dup2",
+    "dup3", "fstat", "stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2",
+    "getdents", "getdents64", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat", "rmdir", "unlink",
+    "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat",
+    "readlink", "readlinkat", "umask", "truncate", "ftruncate", "fallocate", "fsync", "fdatasync",
+    "statfs", "fstatfs", "sendfile", "copy_file_range", "splice", "tee", "pipe", "pipe2",
+    # memory
+    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync",
+    # signals to itself, time, waiting
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigtimedwait",
+    "rt_sigsuspend", "sigaltstack", "restart_syscall", "alarm", "setitimer", "getitimer",
+    "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun", "timer_delete",
+    "timerfd_create", "timerfd_settime", "timerfd_gettime", "clock_gettime", "clock_getres",
+    "gettimeofday", "time", "nanosleep", "clock_nanosleep", "poll", "ppoll", "select", "pselect6",
+    "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2",
+    "eventfd", "eventfd2", "futex", "futex_waitv", "sched_yield",
+    # reading facts about itself
+    "getpid", "getppid", "gettid", "getpgrp", "getpgid", "getsid", "getuid", "geteuid", "getgid",
+    "getegid", "getgroups", "getresuid", "getresgid", "getrlimit", "getrusage", "times", "uname",
+    "sysinfo", "getrandom", "getcpu", "getpriority", "sched_getaffinity", "sched_getparam",
+    "sched_getscheduler", "sched_get_priority_max", "sched_get_priority_min",
+    # the C runtime
+    "exit", "exit_group", "set_robust_list", "set_tid_address", "rseq", "arch_prctl",
 )  # fmt: skip
-# Allowed only on the process itself (argument 0 names a process; 0 means the caller).
-SELF_ONLY = ("sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr", "prlimit64")
-F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15  # fcntls that aim SIGIO (any signal) at another process
-TIOCSTI, TIOCLINUX = 0x5412, 0x541C  # ioctls that type into a terminal
-
+IOCTLS = (
+    0x5401,
+    0x5413,
+    0x541B,
+    0x5421,
+    0x5450,
+    0x5451,
+)  # TCGETS TIOCGWINSZ FIONREAD FIONBIO FIONCLEX FIOCLEX
+FCNTLS = (0, 1, 2, 3, 4, 1030, 1032)  # F_DUPFD F_GETFD F_SETFD F_GETFL F_SETFL F_DUPFD_CLOEXEC F_GETPIPE_SZ
 # Imported before Landlock: their extension modules may need shared libraries outside the stdlib.
 PRELOAD = (
     "math", "cmath", "decimal", "fractions", "statistics", "random", "itertools", "functools",
@@ -111,12 +113,14 @@ def standard_library(paths: list[str]) -> list[str]:
     return readable
 
 
-def mount_folder(mount: str, folder: str, disk_mb: int) -> bool:
+def mount_folder(mount: str, folder: str, disk_mb: int, owner: int | None) -> bool:
     """A tmpfs of disk_mb over the folder, in the launcher's own mount namespace: what the program
     writes is bounded and vanishes with the namespace. False where it cannot be mounted."""
     import subprocess
 
     options = f"size={disk_mb}m,mode=0700,nodev,nosuid,noexec"
+    if owner is not None:
+        options += f",uid={owner},gid={owner}"
     done = subprocess.run([mount, "-t", "tmpfs", "-o", options, "raylm-pal", folder], capture_output=True)
     return done.returncode == 0
 
@@ -139,21 +143,20 @@ def confine_syscalls() -> None:
 
     import pyseccomp as seccomp  # imported (libseccomp loaded) in main, before Landlock
 
-    refuse = seccomp.ERRNO(errno.EPERM)
-    syscalls = seccomp.SyscallFilter(seccomp.ALLOW)
-    for name in DENIED_SYSCALLS:
+    allow = seccomp.ALLOW
+    syscalls = seccomp.SyscallFilter(seccomp.ERRNO(errno.EPERM))
+    for name in ALLOWED_SYSCALLS:
         try:
-            syscalls.add_rule(refuse, name)
-        except OSError:  # a syscall this architecture does not have (e.g. vfork on arm64)
+            syscalls.add_rule(allow, name)
+        except OSError:  # a syscall this architecture does not have (e.g. open on arm64)
             continue
-    for request in (TIOCSTI, TIOCLINUX):
-        syscalls.add_rule(refuse, "ioctl", seccomp.Arg(1, seccomp.EQ, request))
-    for command in (F_SETOWN, F_SETSIG, F_SETOWN_EX):
-        syscalls.add_rule(refuse, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
-    for name in SELF_ONLY:
-        syscalls.add_rule(refuse, name, seccomp.Arg(0, seccomp.NE, 0))
-    syscalls.add_rule(refuse, "prlimit64", seccomp.Arg(2, seccomp.NE, 0))  # reading its limits only
-    syscalls.add_rule(refuse, "tgkill", seccomp.Arg(0, seccomp.NE, os.getpid()))  # signals to itself only
+    for request in IOCTLS:
+        syscalls.add_rule(allow, "ioctl", seccomp.Arg(1, seccomp.EQ, request))
+    for command in FCNTLS:
+        syscalls.add_rule(allow, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
+    # its own limits, read only; signals to itself only (abort, raise)
+    syscalls.add_rule(allow, "prlimit64", seccomp.Arg(0, seccomp.EQ, 0), seccomp.Arg(2, seccomp.EQ, 0))
+    syscalls.add_rule(allow, "tgkill", seccomp.Arg(0, seccomp.EQ, os.getpid()))
     syscalls.load()  # syscalls of other architectures (int 0x80, x32) kill the process
 
 
@@ -181,7 +184,12 @@ def main() -> None:
     )
     for name in PRELOAD:
         __import__(name)
-    bounded = bool(settings["mount"]) and mount_folder(settings["mount"], folder, settings["disk_mb"])
+    owner = settings["drop_to"]
+    bounded = bool(settings["mount"]) and mount_folder(settings["mount"], folder, settings["disk_mb"], owner)
+    if owner is not None:  # root without a user namespace: no capability may reach the program
+        os.setgroups([])
+        os.setresgid(owner, owner, owner)
+        os.setresuid(owner, owner, owner)
     os.chdir(folder)
     limit_resources(settings)
     if settings["confine"]:

@@ -30,6 +30,10 @@ def outside(tmp_path_factory):
     """A folder outside the sandbox holding a secret file, and a TCP listener that records connections."""
     folder = tmp_path_factory.mktemp("outside")
     (folder / "secret.txt").write_text(SECRET)
+    try:
+        os.setxattr(folder / "secret.txt", "user.secret", SECRET.encode())
+    except OSError:  # a filesystem without user xattrs: the attack then proves less
+        pass
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -103,6 +107,18 @@ def attacks(folder, port):
         "int(signal.SIGUSR1)) == 0, 'refused'",
         "read site-packages": f"import os\nprint(os.listdir({site_packages!r}))",
         "import a third-party package": "import pytest",
+        # found by the second review: a deny-list misses new syscalls and ioctls on read-only files
+        # FITHAW: harmless, but an answer other than EPERM means FIFREEZE would reach the host's disk
+        "ioctl on a stdlib file": "import errno, fcntl, os\ntry:\n    fcntl.ioctl(os.open(os.__file__, os.O_RDONLY), "
+        "0xC0045878, 0)\nexcept OSError as err:\n    if err.errno != errno.EPERM:\n        print('left')\n    raise",
+        "file_setattr (Linux 6.17)": f"import ctypes, struct\nattr = ctypes.create_string_buffer(struct.pack("
+        f"'<IIIIQ', 0x80, 0, 0, 0, 0), 24)\nassert ctypes.CDLL(None).syscall(469, -100, {str(secret).encode()!r}, "
+        "attr, 24, 0) == 0, 'refused'",
+        "listmount (Linux 6.8)": "import ctypes\nassert ctypes.CDLL(None).syscall(457, 0, 0, 0, 0) >= 0, 'refused'",
+        "real-time priority": "import os\nos.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))\nprint('left')",
+        "lock a stdlib file": "import fcntl, os\nfcntl.flock(open(os.__file__), fcntl.LOCK_EX)\nprint('left')",
+        "grow a pipe": "import fcntl, os\nr, w = os.pipe()\nfcntl.fcntl(w, 1031, 1 << 20)\nprint('left')",
+        "read an xattr outside": f"import os\nprint(os.getxattr({str(secret)!r}, 'user.secret'))",
     }
 
 
