@@ -18,6 +18,7 @@ give `raylm generate`'s text) and prompt-learning adapters run through `generate
 from __future__ import annotations
 
 import inspect
+import logging
 import queue
 import threading
 import time
@@ -114,7 +115,11 @@ class DecodeLoop:
         current = (len(self.waiting) + self.inbox.qsize(), len(self.rows))
         if current != values and now - last >= OBSERVE_S or not self.rows and current != values:
             self.observed = (now, current)
-            self.observe(*current)
+            try:
+                self.observe(*current)
+            except Exception:  # noqa: BLE001 - metrics must never fail the requests decoding
+                logging.getLogger(__name__).exception("reporting the decoding loop's load failed; stopped")
+                self.observe = None
 
     def _take(self, block: bool) -> None:
         try:
