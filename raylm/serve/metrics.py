@@ -15,13 +15,32 @@ deployment and replica, plus `model`):
 
 from __future__ import annotations
 
+import functools
+import logging
+
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+def _never_fails(method):
+    """Recording a metric must never fail a request: a failure is logged once, then ignored."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            method(self, *args, **kwargs)
+        except Exception:  # noqa: BLE001
+            if not self.failed:
+                logging.getLogger(__name__).exception("recording a server metric failed")
+            self.failed = True
+
+    return guarded
 
 
 class ServerMetrics:
     def __init__(self):
         from ray.serve import metrics
 
+        self.failed = False
         self.requests = metrics.Counter(
             "raylm_requests", description="Requests answered, by HTTP status.", tag_keys=("model", "status")
         )
@@ -50,6 +69,7 @@ class ServerMetrics:
             "raylm_running_batch_size", description="Sequences decoding together.", tag_keys=("model",)
         )
 
+    @_never_fails
     def answered(self, model: str, status: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         self.requests.inc(tags={"model": model, "status": str(status)})
         if prompt_tokens:
@@ -57,11 +77,14 @@ class ServerMetrics:
         if completion_tokens:
             self.completion_tokens.inc(completion_tokens, tags={"model": model})
 
-    def timings(self, model: str, first_token_s: float, per_token_s: float | None) -> None:
-        self.first_token.observe(first_token_s, tags={"model": model})
+    @_never_fails
+    def timings(self, model: str, first_token_s: float | None, per_token_s: float | None) -> None:
+        if first_token_s is not None:
+            self.first_token.observe(first_token_s, tags={"model": model})
         if per_token_s is not None:
             self.per_token.observe(per_token_s, tags={"model": model})
 
+    @_never_fails
     def load(self, model: str, waiting: int, running: int) -> None:
         self.queue.set(waiting, tags={"model": model})
         self.batch.set(running, tags={"model": model})
