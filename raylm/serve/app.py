@@ -404,9 +404,7 @@ class Server:
                 if len(first_token) == 1:
                     self.metrics.timings(model, now - arrived, None)
             if reason is not None and count > 1 and index in first_token:
-                self.metrics.per_token.observe(
-                    (now - first_token[index]) / (count - 1), tags={"model": model}
-                )
+                self.metrics.timings(model, None, (now - first_token[index]) / (count - 1))
 
     async def _collect(self, ids, controls, adapter) -> dict:
         texts = [""] * controls.n
