@@ -86,10 +86,15 @@ def choose(
             return Choice(strategy, needed, budget, reason)
         tried.append((key, needed))
     smallest, needed = min(tried, key=lambda t: t[1])
+    offload = (
+        "{name: deepspeed, stage: 3, offload_optimizer: true}"
+        if "fsdp" in exclude
+        else "{name: fsdp, cpu_offload: true}"
+    )
     raise NothingFits(
         f"no strategy fits: the smallest, {smallest}, needs {size(needed)} per worker of "
         f"{size(budget)}: add workers, turn on train.gradient_checkpointing, lower "
-        "train.batch_size, or offload (strategy: {name: fsdp, cpu_offload: true})"
+        f"train.batch_size, or offload (strategy: {offload})"
     )
 
 
@@ -150,7 +155,7 @@ def _job_terms(job) -> dict:
     from raylm.planning.memory import shape_of_job
 
     workers = job.resources.num_workers
-    return {
+    terms = {
         "shape": shape_of_job(job),
         "workers": workers if isinstance(workers, int) else workers[0],
         "precision": job.train.precision,
@@ -163,6 +168,9 @@ def _job_terms(job) -> dict:
         **method_terms(job),
         **teacher_terms(job),
     }
+    if job.train.precision == "fp16":  # fsdp has no fp16 loss scaling here (an explicit fsdp is refused)
+        terms["exclude"] = tuple(dict.fromkeys((*terms.get("exclude", ()), "fsdp")))
+    return terms
 
 
 def teacher_terms(job) -> dict:

@@ -326,7 +326,23 @@ class ResourcesSpec(Section):
     cpus_per_worker: float = Field(
         1, gt=0, description="CPUs reserved per worker; also its torch thread count."
     )
-    gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu is true.")
+    gpus_per_worker: float = Field(
+        1,
+        description="GPUs per worker when use_gpu is true: one (each worker is one NCCL rank on one "
+        "whole GPU; a fraction would put two ranks on one device, more would leave GPUs idle).",
+    )
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _one_gpu_per_rank(cls, value: float) -> float:
+        if value != 1:
+            raise ValueError(
+                f"{value:g}: each worker is one NCCL rank and needs exactly one whole GPU (a fraction puts "
+                "two ranks on one device, which NCCL refuses; more leaves GPUs idle): leave it at 1 and set "
+                "num_workers to the number of GPUs"
+            )
+        return value
+
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         "pack",
         description="Worker placement across nodes: pack (fewest nodes), spread (best effort), strict_spread (one per node).",

@@ -52,3 +52,26 @@ def test_elastic_runs_skip_zero_stages():
         shape, 8, 80 * GiB, precision="bf16", gradient_checkpointing=True, flash_attention=True, elastic=True
     )
     assert choice.strategy == {"name": "fsdp"}
+
+
+def test_auto_never_picks_fsdp_for_fp16_and_workers_take_one_whole_gpu():
+    from raylm.spec.loading import validate_dict
+    from raylm.spec.reading import SpecError
+
+    def job(precision, **resources):
+        return validate_dict({
+            "kind": "pretrain",
+            "model": {"architecture": {"layers": 32, "heads": 32, "hidden": 4096, "context": 2048}},
+            "data": {"generate": {"documents": 50}, "seq_len": 2048},
+            "train": {"precision": precision, "gradient_checkpointing": True},
+            "resources": {"num_workers": 8, "use_gpu": True, **resources},
+            "strategy": {"name": "auto", "memory_per_worker_gb": 24},
+            "output": "runs/x",
+        })  # fmt: skip
+
+    assert plan.resolve(job("bf16"))[0]["name"] == "fsdp"  # 7B on 24 GB cards: only fsdp fits
+    with pytest.raises(plan.NothingFits, match="deepspeed, stage: 3, offload"):  # fsdp has no fp16 scaling
+        plan.resolve(job("fp16"))
+    for bad in (0.5, 2):
+        with pytest.raises(SpecError, match="one whole GPU"):
+            job("bf16", gpus_per_worker=bad)
