@@ -7,7 +7,9 @@ and worker r trains on j = r, r + W, r + 2W, ...: the workers' rows are disjoint
 the epoch. A position is just j, so a resumed run starts reading at its micro-batch without touching
 what came before, and an elastic run continues at the same global position with a new W.
 With `group_by_length`, rows are sorted by length within runs of 64 micro-batches of that order (as
-transformers' length-grouped sampler does), so a micro-batch holds examples of similar length.
+transformers' length-grouped sampler does), so a micro-batch holds examples of similar length; the
+micro-batches of a run are then visited in a seeded order (the same on every worker), so that no
+rank always gets the longest.
 """
 
 from __future__ import annotations
@@ -150,7 +152,11 @@ class TrainShard:
             size = (min(self.batches, first + GROUP_RUN) - first) * self.batch_size
             rows = self._rows(order, first, size)
             longest_first = np.argsort(-rows["attention_mask"].reshape(size, -1).sum(1), kind="stable")
-            self._run = ((epoch, run), {k: v[longest_first] for k, v in rows.items()})
+            # whole micro-batches in a seeded order: sorted ones would hand rank 0 the longest every time
+            batches = longest_first.reshape(-1, self.batch_size)
+            mixed = np.random.default_rng((self.seed, epoch, run)).permutation(len(batches))
+            order_ = batches[mixed].reshape(-1)
+            self._run = ((epoch, run), {k: v[order_] for k, v in rows.items()})
         offset = (j - run * GROUP_RUN) * self.batch_size
         return {k: v[offset : offset + self.batch_size] for k, v in self._run[1].items()}
 

@@ -129,6 +129,13 @@ def test_group_by_length_batches_similar_lengths_and_keeps_every_row(numbered):
         return np.mean([np.ptp(b["attention_mask"].sum(1)) for _, b in batches])
 
     assert spread(grouped) < 2 < 15 < spread(plain)
+    # two workers: in each round (micro-batches j for rank 0, j + 1 for rank 1) rank 0's is not always
+    # the longer one (runs visited longest-first would give it the longer every time)
+    ranks = [list(TrainShard(split, r, 2, 8, 100, seed=0, group_by_length=True).epoch(0, 0)) for r in (0, 1)]
+    longer = [
+        a["attention_mask"].sum() > b["attention_mask"].sum() for (_, a), (_, b) in zip(*ranks, strict=True)
+    ]
+    assert 0.25 < np.mean(longer) < 0.75, np.mean(longer)
 
 
 def test_validation_rows_are_split_evenly(numbered):
