@@ -170,9 +170,10 @@ def train_loop(config: dict) -> dict | None:
                         )
                     continue
                 n = labelled(batch, first_token_labelled)
-                if n:
-                    loss = engine.loss(batch, items=torch.tensor(float(n), device=device))
-                    totals[:2] += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+                # every rank runs the forward, labelled tokens or not: under fsdp and ZeRO-3 it gathers
+                # the weights together with the other ranks, which would otherwise wait forever
+                loss = engine.loss(batch, items=torch.tensor(float(max(n, 1)), device=device))
+                totals[:2] += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
             if answer_during_training:
                 totals[4:] += torch.tensor(answered(), dtype=torch.float64, device=device)
         if world > 1:
