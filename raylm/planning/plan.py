@@ -168,8 +168,13 @@ def _job_terms(job) -> dict:
         **method_terms(job),
         **teacher_terms(job),
     }
+    excluded = list(terms.get("exclude", ()))
     if job.train.precision == "fp16":  # fsdp has no fp16 loss scaling here (an explicit fsdp is refused)
-        terms["exclude"] = tuple(dict.fromkeys((*terms.get("exclude", ()), "fsdp")))
+        excluded.append("fsdp")
+    if job.model.dtype != "float32" and job.trains_base_weights:  # ddp keeps no float32 master copy
+        excluded.append("ddp")
+    if excluded:
+        terms["exclude"] = tuple(dict.fromkeys(excluded))
     return terms
 
 

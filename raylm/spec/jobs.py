@@ -70,6 +70,17 @@ class TrainingJob(Section):
                 "strategy fsdp runs fp32 or bf16 (fp16 needs loss scaling, which raylm does under ddp and "
                 "deepspeed): set train.precision: bf16"
             )
+        if (
+            isinstance(self.strategy, DDPStrategy)
+            and self.model.dtype != "float32"
+            and self.trains_base_weights
+        ):
+            raise ValueError(
+                f"strategy ddp with model.dtype {self.model.dtype}: ddp's optimizer steps the {self.model.dtype} "
+                "weights themselves (no float32 master copy, unlike fsdp and deepspeed), so small updates "
+                "round away and the same spec would train differently by strategy; keep model.dtype "
+                "float32 with train.precision bf16 (autocast), or use fsdp or deepspeed"
+            )
         if self.model.attention == "flash_attention_2" and not self.resources.use_gpu:
             raise ValueError(
                 "model.attention flash_attention_2 runs on GPUs only: set resources.use_gpu: true, or "
@@ -95,6 +106,11 @@ class TrainingJob(Section):
     @property
     def run_name(self) -> str:
         return self.name or PurePosixPath(self.output.path.rstrip("/")).name or "raylm-run"
+
+    @property
+    def trains_base_weights(self) -> bool:
+        """Whether the optimizer steps the model's own weights (in model.dtype), not added ones."""
+        return True
 
     @property
     def path_sections(self) -> tuple:
@@ -133,6 +149,10 @@ class FinetuneJob(TrainingJob):
     output: FinetuneOutput
 
     _method_shorthand = field_validator("method", mode="before")(lambda cls, v: _named(v))
+
+    @property
+    def trains_base_weights(self) -> bool:
+        return self.method.name in ("full", "freeze")
 
     @model_validator(mode="after")
     def _method_runs_here(self) -> FinetuneJob:

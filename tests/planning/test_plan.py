@@ -75,3 +75,24 @@ def test_auto_never_picks_fsdp_for_fp16_and_workers_take_one_whole_gpu():
     for bad in (0.5, 2):
         with pytest.raises(SpecError, match="one whole GPU"):
             job("bf16", gpus_per_worker=bad)
+
+
+def test_sixteen_bit_weights_never_train_under_ddp():
+    from raylm.spec.loading import validate_dict
+    from raylm.spec.reading import SpecError
+
+    spec = {
+        "kind": "pretrain",
+        "model": {
+            "architecture": {"layers": 2, "heads": 2, "hidden": 64, "context": 64},
+            "dtype": "bfloat16",
+        },
+        "data": {"generate": {"documents": 50}, "seq_len": 32},
+        "train": {"precision": "bf16"},
+        "output": "runs/x",
+    }
+    with pytest.raises(SpecError, match="no float32 master copy"):
+        validate_dict(spec)  # ddp is the default strategy
+    auto = validate_dict({**spec, "strategy": {"name": "auto", "memory_per_worker_gb": 80}})
+    assert plan.resolve(auto)[0]["name"] != "ddp"  # the smallest model: ddp would fit first
+    validate_dict({**spec, "model": {**spec["model"], "dtype": "float32"}})  # autocast over float32: fine
