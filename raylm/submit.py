@@ -9,7 +9,6 @@ a Ray cluster through the Ray Jobs API.
 from __future__ import annotations
 
 import itertools
-import os
 import shlex
 import tempfile
 import time
@@ -59,9 +58,10 @@ def job_environment(job) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="raylm-submit-"))
     spec = job.model_dump(mode="json", exclude_none=True)
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    # Secrets (HF_TOKEN, cloud credentials) never travel here: the Jobs API shows a job's runtime
+    # environment to anyone who can list jobs. The cluster's nodes hold their own (KubeRay: from a
+    # Kubernetes secret, see cluster/), read by huggingface_hub's usual lookup.
     env_vars = {"PYTHONUNBUFFERED": "1"}
-    if os.environ.get("HF_TOKEN"):  # gated hub models and datasets; never in the spec record or a log
-        env_vars["HF_TOKEN"] = os.environ["HF_TOKEN"]
     if job.kind == "serve":  # the server's API key travels as its digest only
         from raylm.serve.driver import DIGEST_ENV, key_hash
 

@@ -21,9 +21,8 @@ def is_saved_dataset(path: str | Path) -> bool:
 
 def load_hub_dataset(spec):
     """A `data.dataset` section (raylm.spec.sections.HubDataset) read with `datasets.load_dataset`;
-    a gated hub dataset reads HF_TOKEN from the environment (never from the spec)."""
-    import os
-
+    a gated hub dataset authenticates through huggingface_hub's own lookup (HF_TOKEN in the node's
+    environment, HF_TOKEN_PATH, ~/.cache/huggingface/token), never through the spec."""
     import datasets
 
     return datasets.load_dataset(
@@ -32,7 +31,6 @@ def load_hub_dataset(spec):
         split=spec.split,
         revision=spec.revision,
         data_files=spec.data_files,
-        token=os.environ.get("HF_TOKEN") or None,
     )
 
 
