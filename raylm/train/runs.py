@@ -32,6 +32,10 @@ RESUMABLE_CHANGES = {
 }
 
 
+# The run's length: resumable only under a constant schedule (the others are functions of it).
+LENGTH_FIELDS = {("train", "max_steps"), ("train", "epochs")}
+
+
 def prepare_run(job) -> Path | None:
     """What every training driver does first: absolute local model / tokenizer paths (workers may run
     elsewhere), the run folder's identity check, Ray Data's settings. Returns the local run folder
@@ -219,7 +223,20 @@ def check_same_run(job, output: str) -> None:
     if recorded is not None:
         earlier = yaml.safe_load(recorded)
         resumable = RESUMABLE_CHANGES | ({("resources", "num_workers")} if job.resources.elastic else set())
-        changed = [p for p in _diff(earlier, current) if not any(p[: len(a)] == a for a in resumable)]
+        differences = _diff(earlier, current)
+        changed = [p for p in differences if not any(p[: len(a)] == a for a in resumable)]
+        length = [".".join(p) for p in differences if p in LENGTH_FIELDS]
+        if length and job.train.schedule != "constant":
+            raise SpecError(
+                [
+                    (
+                        length[0],
+                        f"changed on resume: the {job.train.schedule} learning-rate schedule would be rebuilt "
+                        "over the new length and the rate jump at the resume point; keep it, use "
+                        "train.schedule: constant, or start a new run in a new output folder",
+                    )
+                ]
+            )
         if changed:
             fields = ", ".join(".".join(p) for p in changed)
             raise SpecError(

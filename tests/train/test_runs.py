@@ -14,24 +14,34 @@ from tests.conftest import tiny_spec
 @pytest.mark.parametrize("scheme", ["", "file://"])
 def test_a_changed_spec_is_refused_and_auto_keeps_its_strategy(ray_local, tmp_path, scheme):
     output = f"{scheme}{tmp_path / 'run'}"
-    job = validate_dict(tiny_spec(output, strategy="auto"))
+    job = validate_dict(tiny_spec(output, strategy="auto", train={"schedule": "constant"}))
     check_same_run(job, output)
     strategy, why = resolve_strategy(job)
     assert (tmp_path / "run" / "spec.yaml").exists()
     assert json.loads((tmp_path / "run" / "strategy.json").read_text())["strategy"] == strategy
 
-    longer = validate_dict(tiny_spec(output, strategy="auto", train={"max_steps": 60}))
-    check_same_run(longer, output)  # more steps: the same run, resumed
+    longer = validate_dict(
+        tiny_spec(output, strategy="auto", train={"max_steps": 60, "schedule": "constant"})
+    )
+    check_same_run(longer, output)  # more steps at a constant rate: the same run, resumed
     # what `auto` chose at first stays, even if it would now choose otherwise
     record = {"strategy": {"name": "fsdp", "reshard_after_forward": True}, "why": "auto: first attempt"}
     (tmp_path / "run" / "strategy.json").write_text(json.dumps(record))
     kept, why = resolve_strategy(longer)
     assert kept["name"] == "fsdp" and why.startswith("kept from the run's first attempt")
 
-    other = validate_dict(tiny_spec(output, strategy="auto", train={"lr": 1e-2}))
+    other = validate_dict(tiny_spec(output, strategy="auto", train={"lr": 1e-2, "schedule": "constant"}))
     with pytest.raises(SpecError) as refused:
         check_same_run(other, output)
     assert "different spec (changed: train.lr)" in str(refused.value)
+
+    # under a decaying schedule the length is part of the schedule: changing it on resume is refused
+    cosine = f"{scheme}{tmp_path / 'cosine'}"
+    check_same_run(validate_dict(tiny_spec(cosine, train={"schedule": "cosine"})), cosine)
+    with pytest.raises(SpecError, match="train.max_steps: changed on resume: the cosine"):
+        check_same_run(
+            validate_dict(tiny_spec(cosine, train={"schedule": "cosine", "max_steps": 99})), cosine
+        )
 
 
 def test_the_cache_of_a_relative_output_is_named_absolutely(ray_local, tmp_path, monkeypatch):
