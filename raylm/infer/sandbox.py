@@ -182,6 +182,10 @@ def run_program(
     stdout, stderr = _text(out), _text(err)
     if confine and status.startswith("unavailable"):
         return SandboxResult(False, "", _unavailable(status))
+    if confine and mounts and status and "tmpfs" not in status.split():
+        return SandboxResult(
+            False, "", _unavailable("unavailable: could not mount the program's bounded tmpfs")
+        )
     if timed_out:
         return SandboxResult(False, stdout, f"time limit: the program ran past {timeout_s:g} s")
     if overflow:

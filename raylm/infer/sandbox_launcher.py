@@ -38,19 +38,17 @@ CONFINEMENT_FAILED = 86  # exit status: the kernel refused a confinement step; n
 # allocate, sleep and exit; none reaches another process, the network or anything's metadata.
 ALLOWED_SYSCALLS = (
     # files and folders (Landlock decides which paths)
-    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2",
-    "pwritev2", "lseek", "open", "openat", "openat2", "creat", "close", "close_range", "dup", "dup2",
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "lseek", "open", "openat", "openat2", "creat", "close", "close_range", "dup", "dup2",
     "dup3", "fstat", "stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2",
     "getdents", "getdents64", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat", "rmdir", "unlink",
     "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat",
     "readlink", "readlinkat", "umask", "truncate", "ftruncate", "fallocate", "fsync", "fdatasync",
     "statfs", "fstatfs", "sendfile", "copy_file_range", "splice", "tee", "pipe", "pipe2",
     # memory
-    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync",
+    "brk", "mmap", "munmap", "mprotect", "mremap", "msync",
     # signals to itself, time, waiting
     "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigtimedwait",
     "rt_sigsuspend", "sigaltstack", "restart_syscall", "alarm", "setitimer", "getitimer",
-    "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun", "timer_delete",
     "timerfd_create", "timerfd_settime", "timerfd_gettime", "clock_gettime", "clock_getres",
     "gettimeofday", "time", "nanosleep", "clock_nanosleep", "poll", "ppoll", "select", "pselect6",
     "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "epoll_pwait2",
@@ -72,6 +70,10 @@ IOCTLS = (
     0x5451,
 )  # TCGETS TIOCGWINSZ FIONREAD FIONBIO FIONCLEX FIOCLEX
 FCNTLS = (0, 1, 2, 3, 4, 1030, 1032)  # F_DUPFD F_GETFD F_SETFD F_GETFL F_SETFL F_DUPFD_CLOEXEC F_GETPIPE_SZ
+# madvise on its own memory only: NORMAL RANDOM SEQUENTIAL WILLNEED DONTNEED FREE HUGEPAGE NOHUGEPAGE
+# DONTDUMP DODUMP (not PAGEOUT / COLD on shared file mappings: evicting the host's page cache of the
+# standard library, a flush-and-reload channel)
+MADVISE = (0, 1, 2, 3, 4, 8, 14, 15, 16, 17)
 # Imported before Landlock: their extension modules may need shared libraries outside the stdlib.
 PRELOAD = (
     "math", "cmath", "decimal", "fractions", "statistics", "random", "itertools", "functools",
@@ -96,6 +98,9 @@ def limit_resources(settings: dict) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
     resource.setrlimit(resource.RLIMIT_NOFILE, (settings["open_files"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # queued signals are counted per user, and in its user namespace the program may be the server's
+    # user: it must not take the queue that user's other processes need
+    resource.setrlimit(resource.RLIMIT_SIGPENDING, (16, 16))
 
 
 def standard_library(paths: list[str]) -> list[str]:
@@ -118,7 +123,7 @@ def mount_folder(mount: str, folder: str, disk_mb: int, owner: int | None) -> bo
     writes is bounded and vanishes with the namespace. False where it cannot be mounted."""
     import subprocess
 
-    options = f"size={disk_mb}m,mode=0700,nodev,nosuid,noexec"
+    options = f"size={disk_mb}m,nr_inodes=16k,mode=0700,nodev,nosuid,noexec"  # inodes cost kernel memory
     if owner is not None:
         options += f",uid={owner},gid={owner}"
     done = subprocess.run([mount, "-t", "tmpfs", "-o", options, "raylm-pal", folder], capture_output=True)
@@ -154,6 +159,8 @@ def confine_syscalls() -> None:
         syscalls.add_rule(allow, "ioctl", seccomp.Arg(1, seccomp.EQ, request))
     for command in FCNTLS:
         syscalls.add_rule(allow, "fcntl", seccomp.Arg(1, seccomp.EQ, command))
+    for advice in MADVISE:
+        syscalls.add_rule(allow, "madvise", seccomp.Arg(2, seccomp.EQ, advice))
     # its own limits, read only; signals to itself only (abort, raise)
     syscalls.add_rule(allow, "prlimit64", seccomp.Arg(0, seccomp.EQ, 0), seccomp.Arg(2, seccomp.EQ, 0))
     syscalls.add_rule(allow, "tgkill", seccomp.Arg(0, seccomp.EQ, os.getpid()))

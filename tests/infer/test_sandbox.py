@@ -119,6 +119,11 @@ def attacks(folder, port):
         "lock a stdlib file": "import fcntl, os\nfcntl.flock(open(os.__file__), fcntl.LOCK_EX)\nprint('left')",
         "grow a pipe": "import fcntl, os\nr, w = os.pipe()\nfcntl.fcntl(w, 1031, 1 << 20)\nprint('left')",
         "read an xattr outside": f"import os\nprint(os.getxattr({str(secret)!r}, 'user.secret'))",
+        # found by the third: resources counted per user, shared with the server's user
+        "POSIX timers (the user's signal queue)": "import ctypes\ntimer = ctypes.c_int()\n"
+        "assert ctypes.CDLL(None).syscall(222, 1, None, ctypes.byref(timer)) == 0, 'refused'",
+        "evict the host's page cache": "import mmap, os\nm = mmap.mmap(os.open(os.__file__, os.O_RDONLY), 0, "
+        "prot=mmap.PROT_READ)\nm.madvise(mmap.MADV_PAGEOUT)\nprint('left')",
     }
 
 
@@ -185,6 +190,10 @@ def test_limits_end_the_program_with_a_reason_and_bounded_output():
     assert not files.ok and "Too many open files" in files.error, files
     disk = run_program("i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n    i += 1")
     assert not disk.ok and "No space left" in disk.error, disk  # its folder is a 64 MB tmpfs
+    inodes = run_program(
+        "import os\nn = 0\nwhile True:\n    os.close(os.open(f'f{n}', os.O_CREAT | os.O_WRONLY))\n    n += 1"
+    )
+    assert not inodes.ok and "No space left" in inodes.error, inodes  # and of 16k files (kernel memory)
 
 
 def test_nothing_is_left_behind_and_the_parent_never_raises(tmp_path, monkeypatch):
