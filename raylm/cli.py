@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Literal, get_args, get_origin
 
 import click
 
@@ -489,6 +490,8 @@ def _strategy_options(command):
             )
         else:
             kind = {"max_steps": int, "memory_mb": int, "timeout_s": float}.get(name, str)
+            if get_origin(field.annotation) is Literal:  # e.g. --sandbox kernel|unconfined
+                kind = click.Choice(get_args(field.annotation))
             option = click.option(
                 "--" + name.replace("_", "-"),
                 "strategy_" + name,
