@@ -80,6 +80,8 @@ def tiny_spec(output, **sections) -> dict:
             "eval_every": 10,
             "checkpoint_every": 10,
             "log_every": 5,
+            # constant: the strategy tests extend these runs on resume (a decaying schedule refuses that)
+            "schedule": "constant",
         },
         "resources": {"num_workers": 2},
         "output": str(output),

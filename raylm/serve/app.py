@@ -237,8 +237,9 @@ class Server:
             request.state.served_model = body.model  # one of this server's names (else 404 above)
             controls = body.generation(self.job.defaults, self.job.max_tokens_limit)
             prompts = self._prompts(body, chat)
+            scoring = getattr(body, "scores_only", False)
             for ids in prompts:
-                self._check_length(ids, controls)
+                self._check_length(ids, controls, scoring)
             deadline = self.job.http.request_timeout_s
             if body.strategy is not None:
                 return await asyncio.wait_for(
@@ -253,7 +254,7 @@ class Server:
                     media_type="text/event-stream",
                 )
             top, echo = body.logprob_settings()
-            if getattr(body, "scores_only", False):
+            if scoring:
                 results = [_nothing_generated(ids, controls.n) for ids in prompts]
             else:
                 results = await asyncio.wait_for(
@@ -470,7 +471,16 @@ class Server:
             raise ApiError(400, "prompt: empty list", "prompt")
         return [self.tokenizer(t)["input_ids"] for t in texts]
 
-    def _check_length(self, ids: list[int], controls) -> None:
+    def _check_length(self, ids: list[int], controls, scoring: bool = False) -> None:
+        if scoring:  # max_tokens 0: one forward pass over the prompt, no cache kept
+            if self.context is not None and len(ids) > self.context:
+                raise ApiError(
+                    400,
+                    f"the prompt ({len(ids)} tokens) exceeds the model's context of {self.context} tokens",
+                    "prompt",
+                    "context_length_exceeded",
+                )
+            return
         try:
             check_fits(len(ids), controls, self.context, field="max_tokens")
         except GenerationError as err:
