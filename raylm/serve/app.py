@@ -319,7 +319,9 @@ class Server:
     async def _load_adapter_now(self, name: str):
         """What Serve's multiplexer calls (self._load_adapter, made in __init__ with the spec's limit)."""
         loop = asyncio.get_running_loop()
-        token = await asyncio.wrap_future(self.decoder.call(lambda: self._attach(name)), loop=loop)
+        token = await asyncio.wrap_future(
+            self.decoder.call(lambda: self._attach(name), changes_model=True), loop=loop
+        )
         return Adapter(self, name, token)
 
     def _attach(self, name: str) -> int:

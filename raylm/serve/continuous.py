@@ -12,7 +12,10 @@ row leaves as soon as it finishes, so up to `max_rows` sequences decode together
 Greedy and sampled requests decode here with transformers' own logits processors (repetition penalty,
 temperature, top-k, top-p, min-p, in `generate`'s order); beam search, seeded requests (their seed must
 give `raylm generate`'s text) and prompt-learning adapters run through `generate` itself
-(raylm.serve.engine.Engine), between steps.
+(raylm.serve.engine.Engine) on a second thread, one at a time, taking turns with the loop: the two
+threads' forward passes alternate (`Turns`), so a long beam search slows the other streams by its own
+steps instead of freezing them until it ends. The loop samples with its own random generator, so a
+seeded `generate` draws exactly what it would draw alone.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 
 from raylm.serve.engine import Choice, Engine, Request
@@ -35,6 +39,36 @@ def decodes_here(request: Request, model) -> bool:
     if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
         return False  # prefix / prompt tuning feed their own past key values
     return request.controls.num_beams == 1 and request.controls.seed is None
+
+
+class Turns:
+    """A lock granted in the order it was asked for. The decoding loop holds it for each step and
+    `generate` (on its own thread) for each of its steps, handing it over between them (`pass_on`):
+    whoever waited gets the model next, so the two alternate step by step."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._queue: deque = deque()
+        self._held = False
+
+    def __enter__(self):
+        me = object()
+        with self._changed:
+            self._queue.append(me)
+            self._changed.wait_for(lambda: not self._held and self._queue[0] is me)
+            self._queue.popleft()
+            self._held = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+    def pass_on(self) -> None:
+        """Let whoever is waiting take one turn (at once back when nobody waits)."""
+        self.__exit__()
+        self.__enter__()
 
 
 class _Row:
@@ -82,31 +116,62 @@ class DecodeLoop:
         self.rows: list[_Row] = []
         self.cache = None
         self.mask = None  # [rows, length]: 1 where a row has a real token
+        self.random = None  # the loop's own generator (made on the model's device at the first draw)
+        self.turns = Turns()
+        self.beside: Request | None = None  # the request `generate` is running (on the second thread)
+        self.beside_inbox: queue.Queue = queue.Queue()
+        self.deferred: list = []  # calls that change the model, waiting for `generate` to end
         self.thread = threading.Thread(target=self._run, name="raylm-decode", daemon=True)
         self.thread.start()
+        threading.Thread(target=self._run_beside, name="raylm-generate", daemon=True).start()
 
     # ---- from other threads ------------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
         for request in requests:
             self.inbox.put(("request", request, None))
 
-    def call(self, fn) -> Future:
+    def call(self, fn, changes_model: bool = False) -> Future:
+        """Run fn between steps. `changes_model` (loading or deleting an adapter): also not while a
+        `generate` is under way, whose model would change under it."""
         done: Future = Future()
-        self.inbox.put(("call", fn, done))
+        self.inbox.put(("exclusive" if changes_model else "call", fn, done))
         return done
 
     # ---- the model's thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._take(block=not self.rows and not self.waiting)
-            try:
-                self._admit()
-                self._report()
-                if self.rows:
-                    self._step()
-            except Exception as err:  # a failed step fails its requests, never the loop
-                _fail([row.choice for row in self.rows], err)
-                self.rows, self.cache, self.mask = [], None, None
+            self._take(block=self._idle())
+            with self.turns:
+                if self.beside is None and self.deferred:
+                    for fn, done in self.deferred:
+                        _settle(fn, done)
+                    self.deferred = []
+                try:
+                    self._admit()
+                    self._report()
+                    if self.rows:
+                        self._step()
+                except Exception as err:  # a failed step fails its requests, never the loop
+                    _fail([row.choice for row in self.rows], err)
+                    self.rows, self.cache, self.mask = [], None, None
+
+    def _idle(self) -> bool:
+        """Nothing to do until something arrives in the inbox (a request, a call, `generate`'s end):
+        with no rows decoding, what the last pass did not admit waits for `generate` to end."""
+        if self.rows:
+            return False
+        return self.beside is not None or not self.waiting and not self.deferred
+
+    def _run_beside(self) -> None:
+        """The second thread: one `generate` at a time, taking turns with the loop's steps."""
+        while True:
+            request = self.beside_inbox.get()
+            with self.turns:
+                try:
+                    self.engine.generate([request], between_steps=self.turns.pass_on)
+                except Exception as err:
+                    _fail([Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)], err)
+            self.inbox.put(("ended", request, None))
 
     def _report(self) -> None:
         if self.observe is None:
@@ -128,11 +193,13 @@ class DecodeLoop:
             return
         while True:
             kind, payload, done = item
-            if kind == "call":
-                try:
-                    done.set_result(payload())
-                except Exception as err:
-                    done.set_exception(err)
+            if kind == "call" or kind == "exclusive" and self.beside is None:
+                with self.turns:
+                    _settle(payload, done)
+            elif kind == "exclusive":
+                self.deferred.append((payload, done))
+            elif kind == "ended":
+                self.beside = None
             else:
                 self.waiting.append(payload)
             try:
@@ -143,29 +210,29 @@ class DecodeLoop:
     def _admit(self) -> None:
         model = self.engine.model
         fresh: list[Request] = []
-        while self.waiting:
-            request = self.waiting[0]
-            if not decodes_here(request, model):
-                if not self._fits([request]) and self.rows:
+        for request in list(self.waiting):
+            if not decodes_here(request, model):  # beams, seeds, prompt learning: generate itself
+                if self.beside is not None or self.deferred:
+                    continue  # one at a time, and after the adapter loads waiting for the last one
+                if not self._fits([*fresh, request]) and (self.rows or fresh):
                     break  # generate's beams need room beside the running rows: wait for them
-                self.waiting.pop(0)
-                try:
-                    self.engine.generate([request])  # beams, seeds, prompt learning: generate itself
-                except Exception as err:
-                    _fail([Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)], err)
+                self.waiting.remove(request)
+                self.beside = request
+                self.beside_inbox.put(request)
                 continue
             if len(self.rows) + sum(r.controls.n for r in fresh) + request.controls.n > self.max_rows and (
                 self.rows or fresh
             ):
                 break
             if not self._fits([*fresh, request]):
-                if self.rows or fresh:
+                if self.rows or fresh or self.beside is not None:
                     break  # waits for running rows to finish
-                self.waiting.pop(0)  # cannot fit even alone (the server refuses these before): fail it
+                self.waiting.remove(request)  # cannot fit even alone (the server refuses these before)
                 _fail([Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)],
                       CacheBudgetError(cache_cost([request]), self.max_cached_tokens))  # fmt: skip
                 continue
-            fresh.append(self.waiting.pop(0))
+            self.waiting.remove(request)
+            fresh.append(request)
         if fresh:
             self._prefill(fresh)
 
@@ -173,9 +240,9 @@ class DecodeLoop:
         """Whether the running rows and `fresh` stay within the key/value-cache budget."""
         if self.max_cached_tokens is None:
             return True
-        return cache_cost([row.choice.request for row in self.rows] + fresh, rows_given=len(self.rows)) <= (
-            self.max_cached_tokens
-        )
+        beside = [self.beside] if self.beside is not None else []  # generate's rows hold cache too
+        requests = [row.choice.request for row in self.rows] + beside + fresh
+        return cache_cost(requests, rows_given=len(self.rows)) <= self.max_cached_tokens
 
     def _forward(self, ids, mask, positions, cache, adapters):
         import torch
@@ -274,7 +341,10 @@ class DecodeLoop:
                 history = torch.tensor([row.history], device=scores.device)
                 scores = row.processors(history, scores)
             if row.choice.request.controls.sampling:
-                token = int(torch.multinomial(torch.softmax(scores, -1), 1)[0, 0])
+                if self.random is None:  # not torch's global generator, which a seeded generate uses
+                    self.random = torch.Generator(device=scores.device)
+                    self.random.seed()
+                token = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.random)[0, 0])
             else:
                 token = int(scores.argmax(-1)[0])
             row.history.append(token)
@@ -336,6 +406,13 @@ def default_cache_budget(model) -> int:
     else:
         free = psutil.virtual_memory().available * 0.5
     return max(int(free // per_token), 1)
+
+
+def _settle(fn, done: Future) -> None:
+    try:
+        done.set_result(fn())
+    except Exception as err:
+        done.set_exception(err)
 
 
 def _fail(choices, err: Exception) -> None:

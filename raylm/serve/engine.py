@@ -133,6 +133,20 @@ class _Tracker:
         return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
 
 
+class _Pause:
+    """A stopping criterion that stops nothing: `generate` calls it once per step, which is where
+    another thread may take its turn with the model."""
+
+    def __init__(self, between_steps: Callable[[], None]):
+        self.between_steps = between_steps
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.between_steps()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class Engine:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -151,8 +165,9 @@ class Engine:
             return None
         return [name or self.own_adapter for name in adapters]
 
-    def generate(self, group: list[Request]) -> None:
-        """One `generate` call for requests with the same controls (but max_new_tokens and stop)."""
+    def generate(self, group: list[Request], between_steps: Callable[[], None] | None = None) -> None:
+        """One `generate` call for requests with the same controls (but max_new_tokens and stop);
+        `between_steps()` is called after each decoding step (the server's loop takes its turn there)."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -172,8 +187,12 @@ class Engine:
         kwargs = generate_kwargs(controls.model_copy(update={"stop": []}), self.tokenizer)
         kwargs["max_new_tokens"] = max(r.controls.max_new_tokens for r in group)
         beams = controls.num_beams > 1
+        criteria = StoppingCriteriaList([_Pause(between_steps)] if between_steps else [])
         if not beams:  # transformers streams greedy and sampled decoding only; beams are replayed after
-            kwargs.update(streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]))
+            kwargs["streamer"] = tracker
+            criteria.append(tracker)
+        if criteria:
+            kwargs["stopping_criteria"] = criteria
         names = self.adapter_names([r.adapter for r in group for _ in range(controls.n)])
         if names is not None:
             kwargs["adapter_names"] = names

@@ -233,6 +233,7 @@ def train_loop(config: dict) -> dict | None:
     # waits included, evaluation and checkpointing not (the progress windows also leave out logging).
     run_start, paused, tokens_at_start = time.perf_counter(), 0.0, loop["tokens"]
     last_row: dict = {}
+    evaluation_keys: set[str] = set()  # what evaluate() measures (val_loss, val_ppl, accuracy ...)
     for group in steps() if loop["step"] < total_steps else ():
         batches = [on_device(rows) for rows in group]
         # The loss is the mean over every labelled token of the global batch (all micro-batches, all
@@ -265,7 +266,9 @@ def train_loop(config: dict) -> dict | None:
         evaluated = step % spec.eval_every == 0 or done
         if evaluated:
             started = time.perf_counter()
-            row.update(evaluate())
+            evaluation = evaluate()
+            evaluation_keys.update(evaluation)
+            row.update(evaluation)
             paused += time.perf_counter() - started
         if row:
             row["step"] = step
@@ -275,7 +278,10 @@ def train_loop(config: dict) -> dict | None:
                 metrics.progress(row, total_steps)
         if step % spec.checkpoint_every == 0 or done:
             started = time.perf_counter()
-            save_and_report({**last_row, "step": step, "epoch": loop["epoch"]})
+            # an evaluation's values go to Ray Train (Tune's schedulers) at its own step only, never
+            # again with a later checkpoint as if they were measured there
+            fresh = {k: v for k, v in last_row.items() if evaluated or k not in evaluation_keys}
+            save_and_report({**fresh, "step": step, "epoch": loop["epoch"]})
             paused += time.perf_counter() - started
         elif evaluated:
             # Only evaluations go to Ray Train (Tune's schedulers read them): a report is a barrier

@@ -249,3 +249,50 @@ def test_the_cache_budget_makes_requests_wait_never_overflow(model):
     assert too_big.done.wait(60) and too_big.finish == ["error"] * 3
     assert "batching.max_cached_tokens" in str(refused_request.error)
     assert widest[0] == 2  # requests waited for rows to finish instead of growing the cache
+
+
+def test_a_beam_search_takes_turns_with_the_streams_and_seeds_stay_exact(model):
+    """A request that runs through `generate` (beams, a seed) runs beside the loop, whose steps go on
+    between its steps: a short greedy stream submitted after a long beam search started ends before
+    it, and a seeded request keeps its text while an unseeded one samples in the loop meanwhile."""
+    import copy
+
+    model, tokenizer = model
+    endless = copy.deepcopy(model)  # no end-of-sequence id for generate: the beams run all 20 steps
+    endless.generation_config.eos_token_id = None
+    engine = Engine(endless, tokenizer)
+    loop = DecodeLoop(engine, max_rows=8)
+    window, generate = {}, engine.generate
+
+    def watched(group, between_steps=None):  # when generate really runs, on its own thread
+        window.setdefault("start", time.monotonic())
+        generate(group, between_steps)
+        window["end"] = time.monotonic()
+
+    engine.generate = watched
+    beams = GenerationSpec(max_new_tokens=20, num_beams=4)
+    beam_out = Collect()
+    loop.submit([Request(tokenizer("the cat")["input_ids"], beams, beam_out)])
+    while "start" not in window:
+        time.sleep(0.001)
+    greedy, greedy_out = GenerationSpec(max_new_tokens=3), Collect()
+    loop.submit([Request(tokenizer("once upon")["input_ids"], greedy, greedy_out)])
+    assert greedy_out.done.wait(60)
+    greedy_ended = time.monotonic()
+    assert beam_out.done.wait(60)
+    assert greedy_ended < window["end"], "the greedy stream waited for the whole beam search"
+    assert [(beam_out.texts[0], beam_out.finish[0])] == alone(endless, tokenizer, "the cat", beams)
+    assert [(greedy_out.texts[0], greedy_out.finish[0])] == alone(endless, tokenizer, "once upon", greedy)
+
+    # a seeded request in generate while unseeded rows sample in the loop (with the loop's own generator)
+    seeded, seeded_out = GenerationSpec(max_new_tokens=20, temperature=0.9, seed=11, n=2), Collect(2)
+    free = [Collect() for _ in range(3)]
+    for out in free:
+        loop.submit(
+            [Request(tokenizer("a")["input_ids"], GenerationSpec(max_new_tokens=20, temperature=1.0), out)]
+        )
+    loop.submit([Request(tokenizer("to be")["input_ids"], seeded, seeded_out)])
+    assert seeded_out.done.wait(60) and all(out.done.wait(60) for out in free)
+    assert list(zip(seeded_out.texts, seeded_out.finish, strict=True)) == alone(
+        endless, tokenizer, "to be", seeded
+    )

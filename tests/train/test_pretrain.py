@@ -114,6 +114,7 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
     worker group from it, and the run ends with the uninterrupted run's weights."""
     import threading
 
+    import ray.train
     from ray.util.state import list_actors
 
     reference_dir, _ = reference_run
@@ -135,16 +136,28 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
 
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
     killer.start()
-    # reports every 5 steps keep the run going for several controller polls after the step-10 checkpoint
-    spec = tiny_spec(output, failure={"max_failures": 1}, train={"eval_every": 5})
+    # checkpoints every 5 steps keep the run going for several controller polls after the step-10 one;
+    # evaluations stay at every 10 steps, so steps 15 and 25 are checkpoints without an evaluation
+    spec = tiny_spec(output, failure={"max_failures": 1}, train={"checkpoint_every": 5})
     summary = run_here(validate_dict(spec))
     killer.join(timeout=5)
     assert killed, "no worker was killed"
-    assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)  # the last attempt restarted
+    assert summary["steps"] == 30 and summary["resumed_from"] in (
+        10,
+        15,
+        20,
+        25,
+    )  # the last attempt restarted
     resumed = load_file(output / "model" / "model.safetensors")
     reference = load_file(reference_dir / "model" / "model.safetensors")
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
+    # what Ray Train (and Tune's schedulers) got with each kept checkpoint: an evaluation's values only
+    # at the step it was measured, never carried to a later checkpoint's step
+    reported = {m["step"]: m for _, m in ray.train.Result.from_path(output / "checkpoints").best_checkpoints}
+    assert sorted(reported) == [25, 30]
+    assert "val_loss" not in reported[25] and "loss" in reported[25]
+    assert reported[30]["val_loss"] == summary["metrics"]["val_loss"]
 
 
 def check_tracking(output: Path, summary: dict) -> None:

@@ -212,6 +212,26 @@ def test_deepspeed_export_equals_zero_to_fp32(deepspeed_run):
     assert all(torch.equal(consolidated[k], mine[k]) for k in mine)
 
 
+def test_deepspeed_bf16_exports_the_fp32_master_weights(ray_local, tmp_path):
+    """Under bf16 DeepSpeed computes with bf16 copies of the weights and steps fp32 master weights:
+    the export is the master weights, equal to `zero_to_fp32`'s consolidation of the last checkpoint,
+    not the bf16 copies (which would equal their own rounding to bf16)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    output = tmp_path / "run"
+    spec = tiny_spec(
+        output, strategy={"name": "deepspeed", "stage": 2}, train={"precision": "bf16", "max_steps": 10}
+    )
+    run_here(validate_dict(spec))
+    last = output / "checkpoints" / "checkpoint_00000010"
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(last), tag="deepspeed")
+    mine = exported(output)
+    assert set(consolidated) == set(mine)
+    assert all(torch.equal(consolidated[k], mine[k]) for k in mine)
+    weight = mine["model.layers.0.mlp.up_proj.weight"]
+    assert weight.dtype == torch.float32 and not torch.equal(weight, weight.bfloat16().float())
+
+
 def _partition_rank(rank: int, port: int, out: str) -> None:
     """One of two gloo ranks: build BIG (rank 0 whole, rank 1 on the meta device), partition it from
     rank 0 for ZeRO-3, and write what that did to this rank's host memory and what the gathered

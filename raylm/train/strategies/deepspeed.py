@@ -88,13 +88,27 @@ class DeepSpeedEngine(Engine):
     def consolidated(self, rank: int):
         """The full model on rank 0. Under ZeRO-3 the trained parameters are gathered one module at a
         time and copied to rank 0's host, so no rank holds more than its partition plus one module; a
-        frozen base is not gathered at all (the export rebuilds it from its source)."""
+        frozen base is not gathered at all (the export rebuilds it from its source). A bf16 / fp16 run
+        exports the optimizer's fp32 master weights (what `zero_to_fp32` consolidates from the
+        checkpoint), not the 16-bit copies the module computes with."""
         import deepspeed
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param
 
         stage3 = self.model.zero_optimization_stage() == 3
+        low_precision = any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in self.module.parameters() if p.requires_grad
+        )
         state = {}
         for prefix, module in self.module.named_modules():
             trained = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if low_precision:  # collective: every rank assembles the partitions of the master weights
+                masters = [(n, safe_get_full_fp32_param(p)) for n, p in trained]
+                if rank == 0:
+                    for name, tensor in [*masters, *module.named_buffers(recurse=False)]:
+                        key = f"{prefix}.{name}" if prefix else name
+                        state.setdefault(key, tensor.detach().float().cpu().clone())
+                continue
             with deepspeed.zero.GatheredParameters(
                 [p for _, p in trained], modifier_rank=None, enabled=stage3 and bool(trained)
             ):
