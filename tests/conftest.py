@@ -18,7 +18,39 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def object_store():
+    """An S3-compatible server (moto's standalone server) on loopback for the whole session, reached the
+    standard way: AWS_ENDPOINT_URL and the AWS_* credentials in the environment, set before the session's
+    Ray starts so that its workers inherit them (as a cluster's nodes would have them). Yields a
+    function that creates a bucket and returns its s3:// URI."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="raylm-test",
+        AWS_SECRET_ACCESS_KEY="raylm-test-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+
+    def bucket(name: str) -> str:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    yield bucket
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(object_store):
     import ray
 
     from raylm.runtime.cluster import start_local_ray

@@ -95,41 +95,49 @@ def ensure(where: str, make_rows: Callable, val_limit: int | None = None) -> tup
 
 def write(where: str, rows, val_limit: int | None = None) -> dict:
     """Stream the Ray Dataset `rows` (array columns and a boolean `val`) into Parquet shards: the
-    train and val splits, val cut to `val_limit` rows. Written beside the target and moved into
-    place, so concurrent runs of the same data each finish with one complete copy."""
+    train and val splits, val cut to `val_limit` rows. On a filesystem the cache is written beside the
+    target and moved into place; an object store has no folder to move, so the shards go to their
+    place under names of this write's own and `manifest.json`, which readers look for, is written
+    last. Either way concurrent runs of the same data each finish with one complete copy."""
+    import pyarrow.fs as pafs
+
     fs, root = filesystem(where)
-    scratch = f"{root}.incoming-{uuid.uuid4().hex[:8]}"
-    writers = {"train": _SplitWriter(fs, f"{scratch}/train"), "val": _SplitWriter(fs, f"{scratch}/val")}
+    attempt = uuid.uuid4().hex[:8]
+    in_place = not isinstance(fs, pafs.LocalFileSystem)
+    target = root if in_place else f"{root}.incoming-{attempt}"
+    prefix = f"{attempt}-" if in_place else ""
+    writers = {split: _SplitWriter(fs, f"{target}/{split}", prefix) for split in ("train", "val")}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
         is_val = batch.pop("val").astype(bool)
         writers["train"].add({k: v[~is_val] for k, v in batch.items()})
         room = None if val_limit is None else max(0, val_limit - writers["val"].rows)
         writers["val"].add({k: v[is_val][:room] for k, v in batch.items()})
     manifest = {"version": VERSION, "splits": {name: w.close() for name, w in writers.items()}}
-    with fs.open_output_stream(f"{scratch}/manifest.json") as out:
-        out.write(json.dumps(manifest, indent=1).encode())
     finished = load_manifest(where)
     if finished is not None:  # another run finished the same cache first
-        fs.delete_dir(scratch)
+        if not in_place:
+            fs.delete_dir(target)
         return finished
-    import pyarrow.fs as pafs
-
+    with fs.open_output_stream(f"{target}/manifest.json") as out:
+        out.write(json.dumps(manifest, indent=1).encode())
+    if in_place:
+        return manifest
     if fs.get_file_info(root).type != pafs.FileType.NotFound:  # an unfinished earlier write
         fs.delete_dir(root)
     try:
-        fs.move(scratch, root)
+        fs.move(target, root)
     except OSError:  # another run moved its copy in meanwhile
         if load_manifest(where) is None:
             raise
-        fs.delete_dir(scratch)
+        fs.delete_dir(target)
     return manifest
 
 
 class _SplitWriter:
     """Rows of one split into numbered Parquet files of fixed-size int32 list columns."""
 
-    def __init__(self, fs, folder: str):
-        self.fs, self.folder = fs, folder
+    def __init__(self, fs, folder: str, prefix: str = ""):
+        self.fs, self.folder, self.prefix = fs, folder, prefix
         self.rows, self.files, self.columns = 0, [], None
         self.pending: list[dict] = []
         self.pending_rows = 0
@@ -170,7 +178,7 @@ class _SplitWriter:
 
         if self.writer is not None:
             self.writer.close()
-        name = f"part-{len(self.files):05d}.parquet"
+        name = f"{self.prefix}part-{len(self.files):05d}.parquet"
         self.fs.create_dir(self.folder, recursive=True)
         self.writer = pq.ParquetWriter(f"{self.folder}/{name}", _schema(self.columns), filesystem=self.fs)
         self.files.append({"name": name, "rows": 0})

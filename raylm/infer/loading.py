@@ -41,8 +41,11 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu",
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from raylm.runtime.storage import localize
+
     hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar says nothing here
 
+    path, base = localize(path), localize(base) if base else base  # a storage URI: this node's copy
     target = resolve(Path(path).expanduser())
     if target.is_dir() and not (target / "config.json").exists():
         ggufs = sorted(target.glob("*.gguf"))
@@ -55,6 +58,9 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu",
     if (target / "adapter_config.json").exists() or (target / "raylm_method.json").exists():
         from raylm.methods.merging import MergeError, load_adapter
 
+        record = target / "raylm_method.json"
+        if base is None and record.exists():  # a base recorded as a storage URI: this node's copy
+            base = localize(json.loads(record.read_text()).get("base") or "") or None
         try:
             model, method, base_folder = load_adapter(target, base, device)
         except MergeError as err:

@@ -117,3 +117,77 @@ def export_model(model, tokenizer, stage: Path, publish_to: str | None) -> None:
         tokenizer.save_pretrained(folder)
 
     export_dir(stage, "model", write, publish_to)
+
+
+def cache_root() -> Path:
+    """raylm's local cache on this node ($RAYLM_CACHE, else ~/.cache/raylm)."""
+    import os
+
+    return Path(os.environ.get("RAYLM_CACHE", "~/.cache/raylm")).expanduser()
+
+
+def localize(path: str) -> str:
+    """A model, tokenizer or adapter folder (or one file) at a storage URI as a path on this node:
+    downloaded once into raylm's cache under a key of the objects' identity (the URI and every
+    object's path, size and modification time), so that a changed object is fetched again and an
+    unchanged one never twice. Written to a scratch folder and renamed into place, so a reader never
+    sees a partial copy. A local path comes back as it is."""
+    import hashlib
+    import json
+
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return path
+    fs, root = pafs.FileSystem.from_uri(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        entries, base = [info], root.rsplit("/", 1)[0]
+    elif info.type == pafs.FileType.Directory:
+        entries = [
+            i
+            for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            if i.type == pafs.FileType.File
+        ]
+        base = root
+    else:
+        raise FileNotFoundError(f"{path}: no such object or folder in the store")
+    identity = [(i.path[len(base) + 1 :], i.size, i.mtime_ns) for i in entries]
+    key = hashlib.sha256(json.dumps([path, identity]).encode()).hexdigest()[:24]
+    target = cache_root() / "objects" / key
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        for entry, (relative, _, _) in zip(entries, identity, strict=True):
+            destination = scratch / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(entry.path) as source, open(destination, "wb") as out:
+                shutil.copyfileobj(source, out)
+        try:
+            scratch.rename(target)
+        except OSError:  # another process of this node fetched it first
+            shutil.rmtree(scratch, ignore_errors=True)
+    return str(target / identity[0][0]) if info.type == pafs.FileType.File else str(target)
+
+
+def localize_inputs(job) -> list[tuple[str, str]]:
+    """Point the job's model / tokenizer / teacher sections that name a storage URI at their copies
+    on this node (see `localize`), remembering the URI: a worker on another node calls this again and
+    fetches its own copy, and the run's spec record keeps the URI. Returns (field, problem) pairs for
+    inputs that cannot be fetched."""
+    wanted = [id(section) for section in getattr(job, "path_sections", ())]
+    problems = []
+    for name in type(job).model_fields:
+        section = getattr(job, name)
+        if id(section) not in wanted:
+            continue
+        source = section._source or section.path
+        if not source or not is_uri(source):
+            continue
+        section._source = source
+        if is_uri(section.path) or not Path(section.path).exists():  # not fetched on this node yet
+            try:
+                section.path = localize(source)
+            except (OSError, ValueError) as err:  # pyarrow: no such bucket or object, no credentials
+                problems.append((f"{name}.path", f"cannot fetch {source}: {err}"))
+    return problems

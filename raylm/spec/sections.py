@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class Section(BaseModel):
     """Base of every spec block: unknown keys are errors (a typo must not silently do nothing)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # the storage URI a `path` was fetched from (raylm.runtime.storage.localize_inputs), not a field
+    _source: str | None = PrivateAttr(default=None)
 
 
 class Architecture(Section):

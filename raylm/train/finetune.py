@@ -206,7 +206,9 @@ def export(final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dic
         method.save(final, folder)
         tokenizer.save_pretrained(folder)
         (folder / "raylm_method.json").write_text(
-            json.dumps({"method": job.method.model_dump(), "base": job.model.path}, indent=2)
+            json.dumps(
+                {"method": job.method.model_dump(), "base": job.model._source or job.model.path}, indent=2
+            )
         )
 
     storage.export_dir(stage, name, write, config["publish_to"])

@@ -32,6 +32,9 @@ def train_loop(config: dict) -> dict | None:
 
     # ---- setup -------------------------------------------------------------------------------
     job, kind = config["job"], config["kind"]
+    problems = storage.localize_inputs(job)  # inputs named by a storage URI: this node's copies
+    if problems:
+        raise RuntimeError("; ".join(f"{field}: {message}" for field, message in problems))
     spec, tokenizer = job.train, config["tokenizer"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -307,9 +310,11 @@ def train_loop(config: dict) -> dict | None:
     # ---- export ------------------------------------------------------------------------------
     final = engine.consolidated(rank)  # collective: gathers shards of fsdp / ZeRO-3
     if rank != 0:
+        drop_stage(stage, config)
         return None
     log.close()
     exported = kind.worker_export(final, tokenizer, stage, config, job)
+    drop_stage(stage, config)  # a bucket run's files are in the bucket now: none stay on this disk
     return {
         "metrics": last_row,
         "worker_nodes": nodes,
@@ -320,6 +325,14 @@ def train_loop(config: dict) -> dict | None:
         **before,
         **exported,
     }
+
+
+def drop_stage(stage: Path, config: dict) -> None:
+    """Remove the local folder a run with a storage URI as its output wrote through (published)."""
+    import shutil
+
+    if not config["stage_dir"]:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def to_longest(batch: dict) -> dict:

@@ -1,0 +1,155 @@
+"""Runs whose output is a bucket on an S3-compatible server (moto's standalone server on loopback,
+reached through AWS_ENDPOINT_URL like any S3 endpoint): checkpoints, the tokenized data, the logs and
+the final artifacts live in the bucket, a killed run resumes from the bucket's checkpoints, and
+nothing of the run stays on the local disk."""
+
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+import yaml
+from safetensors.torch import load, load_file
+
+from raylm.runtime import storage
+from raylm.spec.loading import validate_dict
+from raylm.submit import run_here
+from tests.conftest import run_cli_then_kill, tiny_spec
+
+
+def bucket_files(uri: str) -> dict[str, int]:
+    """Every object under `uri`: its path relative to `uri`, and its size."""
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def read_bytes(uri: str, name: str) -> bytes:
+    fs, root = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(f"{root}/{name}") as source:
+        return source.read()
+
+
+def registered(uri: str, step: int) -> bool:
+    snapshot = storage.read_text(f"{uri}/checkpoints", "checkpoint_manager_snapshot.json")
+    return snapshot is not None and f"checkpoint_{step:08d}" in snapshot
+
+
+def stages() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("raylm-stage-*")}
+
+
+def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
+    object_store, reference_run, tmp_path, monkeypatch
+):
+    """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered in the
+    bucket; run the spec again: it resumes from the bucket and ends with the uninterrupted local run's
+    weights, every run file in the bucket, none on this machine."""
+    output = object_store("runs") + "/pretrain"
+    spec = tiny_spec(output, train={"eval_every": 5})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}  # see test_killed_run_resumes_...
+    run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10), env=default_poll)
+    assert "model/model.safetensors" not in bucket_files(output)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a relative path written by mistake would land here
+    before = stages()
+    summary = run_here(validate_dict(spec))
+    assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
+    files = bucket_files(output)
+    assert {"spec.yaml", "strategy.json", "summary.json", "metrics.jsonl", "model/model.safetensors"} <= set(
+        files
+    )
+    assert any(name.startswith("checkpoints/checkpoint_00000030/") for name in files)
+    assert any(name.startswith("data-cache/") for name in files)
+    steps = [
+        yaml.safe_load(line)["step"] for line in read_bytes(output, "metrics.jsonl").decode().splitlines()
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # the killed attempt's log, continued once
+    resumed = load(read_bytes(output, "model/model.safetensors"))
+    reference = load_file(reference_run[0] / "model" / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    assert list(work.iterdir()) == [] and stages() == before
+
+
+def upload(folder: Path, uri: str) -> None:
+    fs, root = pafs.FileSystem.from_uri(uri)
+    fs.create_dir(root, recursive=True)
+    pafs.copy_files(str(folder), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def test_an_input_in_the_bucket_is_fetched_once_per_node_and_again_when_it_changes(
+    object_store, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "sub").mkdir()
+    (folder / "sub" / "weights.bin").write_bytes(b"\0" * 70_000)
+    uri = object_store("inputs") + "/model"
+    upload(folder, uri)
+    first = Path(storage.localize(uri))
+    assert (first / "config.json").read_text() == '{"a": 1}' and (
+        first / "sub" / "weights.bin"
+    ).stat().st_size == 70_000
+    (first / "marker").write_text("same copy")  # a second call must not fetch again
+    assert storage.localize(uri) == str(first) and (first / "marker").exists()
+    assert storage.localize(uri + "/config.json") != str(first / "config.json")  # one file, its own copy
+    assert Path(storage.localize(uri + "/config.json")).read_text() == '{"a": 1}'
+    fs, root = pafs.FileSystem.from_uri(uri)
+    # the object changes (its size and time: the identity pyarrow's listing gives): fetched again
+    with fs.open_output_stream(f"{root}/config.json") as out:
+        out.write(b'{"a": 22}')
+    second = Path(storage.localize(uri))
+    assert second != first and (second / "config.json").read_text() == '{"a": 22}'
+    assert [p.name for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")] == []
+    missing = storage.localize_inputs(
+        validate_dict({**tiny_spec(tmp_path / "run"), "model": {"path": uri + "-gone"}, "tokenizer": {"path": uri}})
+    )
+    assert missing and missing[0][0] == "model.path" and "gone" in missing[0][1]
+
+
+def test_a_finetune_reads_its_base_from_the_bucket_and_writes_its_adapter_there(
+    object_store, ray_local, sft_base, tmp_path
+):
+    """The base model comes from the bucket (fetched into the node's cache, by the driver and by each
+    worker), the run's outputs go to the bucket; the adapter records the base's URI, and PEFT loads
+    the adapter fetched back from the bucket over the base fetched from the bucket."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from raylm.infer.loading import load_for_generation
+    from tests.train.test_finetune import finetune_spec
+
+    bucket = object_store("finetune")
+    upload(sft_base, f"{bucket}/base")
+    output = f"{bucket}/lora"
+    spec = finetune_spec(
+        f"{bucket}/base",
+        output,
+        {"name": "lora", "r": 4},
+        train={"max_steps": 10, "eval_every": 5, "checkpoint_every": 10},
+    )
+    summary = run_here(validate_dict(spec))
+    assert summary["steps"] == 10
+    files = bucket_files(output)
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "summary.json"} <= set(files)
+    recorded = yaml.safe_load(read_bytes(output, "spec.yaml"))
+    assert recorded["model"]["path"] == f"{bucket}/base"
+    method = yaml.safe_load(read_bytes(output, "adapter/raylm_method.json"))
+    assert method["base"] == f"{bucket}/base"
+    base = AutoModelForCausalLM.from_pretrained(storage.localize(f"{bucket}/base"))
+    adapted = PeftModel.from_pretrained(base, storage.localize(f"{output}/adapter")).eval()
+    served, _, _ = load_for_generation(f"{output}/adapter")  # what `raylm generate` / a server load
+    ids = torch.tensor([[1, 5, 9, 4, 7]])
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        torch.testing.assert_close(served(ids).logits, expected, atol=1e-5, rtol=0)
+        with adapted.disable_adapter():
+            assert not torch.allclose(adapted(ids).logits, expected, atol=1e-3)  # the adapter trained
