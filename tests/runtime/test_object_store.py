@@ -110,7 +110,9 @@ def test_an_input_in_the_bucket_is_fetched_once_per_node_and_again_when_it_chang
     assert second != first and (second / "config.json").read_text() == '{"a": 22}'
     assert [p.name for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")] == []
     missing = storage.localize_inputs(
-        validate_dict({**tiny_spec(tmp_path / "run"), "model": {"path": uri + "-gone"}, "tokenizer": {"path": uri}})
+        validate_dict(
+            {**tiny_spec(tmp_path / "run"), "model": {"path": uri + "-gone"}, "tokenizer": {"path": uri}}
+        )
     )
     assert missing and missing[0][0] == "model.path" and "gone" in missing[0][1]
 
