@@ -218,6 +218,7 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(two_node_cluste
                 "checkpoint_every": 10,
             },
             "eval": {"exact_match_examples": 0},
+            "resources": {"shared_filesystem": True},  # the two test nodes share this machine's disk
         },
         "search": {"train.lr": {"grid": [1e-2, 3e-3]}},
         "scheduler": {"name": "none"},
@@ -234,7 +235,8 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(two_node_cluste
 
 @pytest.mark.cluster
 def test_workers_the_cluster_cannot_hold_stop_the_job_with_what_to_change(two_node_cluster, tmp_path):
-    """3 workers of 2 CPUs on two 2-CPU nodes would wait forever: the job stops before it starts."""
+    """3 workers of 2 CPUs on two 2-CPU nodes would wait forever: the job stops before it starts. So
+    does a job whose output is a local path on this 2-node cluster."""
     address, env = two_node_cluster
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(
@@ -245,6 +247,13 @@ def test_workers_the_cluster_cannot_hold_stop_the_job_with_what_to_change(two_no
     assert "hold 2 of the 3 training workers of 2 CPU each" in done.stdout
     assert "lower resources.num_workers" in done.stdout and "Traceback" not in done.stdout
     assert not (tmp_path / "run" / "data-cache").exists()  # stopped before any work
+    # workers that fit, writing to a local path: each node has a disk of its own (unless the spec says
+    # they share one), so the job stops before any work and names the fix
+    spec_file.write_text(yaml.safe_dump(tiny_spec(tmp_path / "local")))
+    done = raylm("run", str(spec_file), "--address", address, env=env)
+    assert done.returncode == 1 and "is a local path, and this cluster has 2 nodes" in done.stdout
+    assert "use a storage URI" in done.stdout and "resources.shared_filesystem: true" in done.stdout
+    assert "Traceback" not in done.stdout and not (tmp_path / "local" / "data-cache").exists()
 
 
 @pytest.mark.cluster

@@ -52,3 +52,27 @@ def check_capacity(resources, what: str = "training workers") -> None:
             )
         ]
     )
+
+
+def check_output_reachable(output: str, resources, resources_field: str = "resources") -> None:
+    """Raise SpecError when `output` is a local path and the connected cluster has more than one alive
+    node: workers on the other nodes would write their files where no one reads them (unless the
+    spec says the nodes share a filesystem)."""
+    import ray
+
+    from raylm.runtime.storage import is_uri
+
+    if is_uri(output) or resources.shared_filesystem:
+        return
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        raise SpecError(
+            [
+                (
+                    "output",
+                    f"{output} is a local path, and this cluster has {len(alive)} nodes with disks of their "
+                    f"own: use a storage URI (s3://bucket/prefix, gs://...), or set "
+                    f"{resources_field}.shared_filesystem: true if every node sees this path",
+                )
+            ]
+        )

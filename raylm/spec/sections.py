@@ -354,6 +354,11 @@ class ResourcesSpec(Section):
         description="The cluster adds nodes on demand (an autoscaler): start even when its present nodes "
         "cannot hold the workers, and wait for new ones. Otherwise such a job stops before it starts.",
     )
+    shared_filesystem: bool = Field(
+        False,
+        description="Every node of the cluster sees the same filesystem (NFS, a shared volume): a local "
+        "output path is then allowed on a multi-node cluster. Otherwise use a storage URI (s3://, gs://).",
+    )
 
     @field_validator("num_workers")
     @classmethod

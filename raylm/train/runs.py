@@ -22,6 +22,7 @@ RESUMABLE_CHANGES = {
     ("resources", "cpus_per_worker"),
     ("resources", "gpus_per_worker"),
     ("resources", "placement"),
+    ("resources", "shared_filesystem"),
     ("train", "max_steps"),
     ("train", "epochs"),
     ("train", "log_every"),
@@ -42,9 +43,10 @@ def prepare_run(job) -> Path | None:
     (None for a storage URI)."""
     from raylm.data.pipeline import configure_ray_data
     from raylm.runtime import storage
-    from raylm.runtime.capacity import check_capacity
+    from raylm.runtime.capacity import check_capacity, check_output_reachable
 
     check_capacity(job.resources)
+    check_output_reachable(job.output.path, job.resources)
     for section in job.path_sections:
         if section.path and Path(section.path).expanduser().exists():
             section.path = str(Path(section.path).expanduser().resolve())

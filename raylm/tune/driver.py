@@ -46,7 +46,7 @@ def run_search(job: TuneJob) -> dict:
 
     from ray import tune
 
-    from raylm.runtime.capacity import check_capacity
+    from raylm.runtime.capacity import check_capacity, check_output_reachable
     from raylm.spec.loading import validate_dict
     from raylm.spec.space import has_grid, parse
     from raylm.train.finetune import prepare_data
@@ -58,6 +58,9 @@ def run_search(job: TuneJob) -> dict:
     output = Path(job.output.path).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
     check_capacity(job.base.resources, "training workers of one trial")
+    check_output_reachable(
+        str(output), job.base.resources, "base.resources"
+    )  # trials write under <output>/trials
     check_same_run(job, str(output))
     space = parse(job.search, job.algorithm)
     base = trial_base(job)
