@@ -35,17 +35,30 @@ def resolve(path: Path) -> Path:
     return path
 
 
+def fetch(path: str | None) -> str | None:
+    """A model, adapter or GGUF file, or a raylm run folder, named by a storage URI -> this node's copy
+    of what it holds (a run folder's artifact, not its checkpoints); a local path as it is."""
+    from raylm.runtime import storage
+
+    if path is None or not storage.is_uri(path):
+        return path
+    if storage.read_text(path, "config.json") is None and storage.read_text(path, "adapter_config.json") is None:
+        summary = storage.read_text(path, "summary.json")
+        if summary is not None:  # a run folder: its artifact (or model/), by name inside the run
+            found = json.loads(summary).get("artifact") or json.loads(summary).get("model") or "model"
+            path = f"{path.rstrip('/')}/{Path(str(found)).name}"
+    return storage.localize(path)
+
+
 def load_for_generation(path: str, base: str | None = None, device: str = "cpu", dtype: str = "auto"):
     """(model, tokenizer, a description of what was loaded); weights in the checkpoint's own dtype
     unless `dtype` names another."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from raylm.runtime.storage import localize
-
     hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar says nothing here
 
-    path, base = localize(path), localize(base) if base else base  # a storage URI: this node's copy
+    path, base = fetch(path), fetch(base)  # a storage URI: this node's copy
     target = resolve(Path(path).expanduser())
     if target.is_dir() and not (target / "config.json").exists():
         ggufs = sorted(target.glob("*.gguf"))
@@ -60,7 +73,7 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu",
 
         record = target / "raylm_method.json"
         if base is None and record.exists():  # a base recorded as a storage URI: this node's copy
-            base = localize(json.loads(record.read_text()).get("base") or "") or None
+            base = fetch(json.loads(record.read_text()).get("base")) or None
         try:
             model, method, base_folder = load_adapter(target, base, device)
         except MergeError as err:

@@ -318,14 +318,18 @@ class Server:
 
     async def _load_adapter_now(self, name: str):
         """What Serve's multiplexer calls (self._load_adapter, made in __init__ with the spec's limit)."""
+        from raylm.infer.loading import fetch
+
         loop = asyncio.get_running_loop()
+        # an adapter named by a storage URI is fetched here, off the model's thread (streams go on)
+        folder = await asyncio.to_thread(fetch, self.job.adapters[name])
         token = await asyncio.wrap_future(
-            self.decoder.call(lambda: self._attach(name), changes_model=True), loop=loop
+            self.decoder.call(lambda: self._attach(name, folder), changes_model=True), loop=loop
         )
         return Adapter(self, name, token)
 
-    def _attach(self, name: str) -> int:
-        """In the model thread: load (or keep) adapter `name` into the PEFT model."""
+    def _attach(self, name: str, path: str) -> int:
+        """In the model thread: load (or keep) adapter `name` (from folder `path`) into the PEFT model."""
         from peft import PeftModel
 
         from raylm.methods.gptqmodel_import import before_lora
@@ -340,7 +344,6 @@ class Server:
             self.retired.discard(old)
         if name not in self.loaded:
             before_lora()  # PEFT imports gptqmodel as it injects LoRA layers: quietly, first
-            path = self.job.adapters[name]
             if hasattr(self.engine.model, "peft_config"):
                 self.engine.model.load_adapter(path, adapter_name=name)
             else:

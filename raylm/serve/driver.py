@@ -82,6 +82,10 @@ class Serve:
                     ("engine", "vllm is not installed here: pip install vllm (a CUDA build, GPU nodes)")
                 )
             return problems + vllm_problems(job)
+        try:  # what a storage URI names, fetched into this node's cache (the replicas fetch their own)
+            job = fetched(job)
+        except (OSError, ValueError) as err:
+            return [*problems, ("model.path", f"cannot fetch from the object store: {err}")]
         problems += _model_problems(job)
         for name, folder in job.adapters.items():
             config = Path(adapter_folder(folder)) / "adapter_config.json"
@@ -191,6 +195,17 @@ def absolute_paths(job):
         job.chat_template = absolute(job.chat_template)
     for strategy in job.strategies:
         strategy.exemplars, strategy.documents = absolute(strategy.exemplars), absolute(strategy.documents)
+    return job
+
+
+def fetched(job):
+    """A copy of the serve spec whose model, base and adapters named by storage URIs are this node's
+    copies (for the checks; the replicas fetch from the URIs on their own nodes)."""
+    from raylm.infer.loading import fetch
+
+    job = job.model_copy(deep=True)
+    job.model.path, job.model.base = fetch(job.model.path), fetch(job.model.base)
+    job.adapters = {name: fetch(folder) for name, folder in job.adapters.items()}
     return job
 
 

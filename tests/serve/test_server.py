@@ -41,8 +41,10 @@ def make_adapter(base: str, folder, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
+def served(object_store, ray_local, reference_run, tmp_path_factory, monkeypatch_module):
     from ray import serve
+
+    from tests.runtime.test_object_store import upload
 
     base = str(reference_run[0] / "model")
     root = tmp_path_factory.mktemp("serve")
@@ -50,6 +52,12 @@ def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
     for seed, name in ((1, "poet"), (2, "critic")):
         make_adapter(base, root / name, seed)
         adapters[name] = str(root / name)
+    # the critic adapter and the adapter served as a model are read from a bucket (fetched by the
+    # replica into its node's cache): every test below that compares them with PEFT covers that path
+    bucket = object_store("serve")
+    for name in adapters:
+        upload(root / name, f"{bucket}/{name}")
+    named = {"poet": adapters["poet"], "critic": f"{bucket}/critic"}
     monkeypatch_module.setenv("RAYLM_TEST_KEY", KEY)
     port = free_port()
     common = {"kind": "serve", "model": base, "scaling": {"cpus_per_replica": 0.5}}
@@ -57,7 +65,7 @@ def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
         {
             **common,
             "name": "tiny",
-            "adapters": adapters,
+            "adapters": named,
             "max_adapters_per_replica": 1,  # two adapters take turns: loading and unloading are exercised
             "chat_template": CHAT_TEMPLATE,
             "strategies": [{"name": "pal", "timeout_s": 2}],
@@ -90,7 +98,7 @@ def served(ray_local, reference_run, tmp_path_factory, monkeypatch_module):
         {
             **common,
             "name": "poet-alone",
-            "model": adapters["poet"],
+            "model": f"{bucket}/poet",
             "http": {"port": port, "route_prefix": "/poet"},
         }
     )
