@@ -42,7 +42,10 @@ def fetch(path: str | None) -> str | None:
 
     if path is None or not storage.is_uri(path):
         return path
-    if storage.read_text(path, "config.json") is None and storage.read_text(path, "adapter_config.json") is None:
+    if (
+        storage.read_text(path, "config.json") is None
+        and storage.read_text(path, "adapter_config.json") is None
+    ):
         summary = storage.read_text(path, "summary.json")
         if summary is not None:  # a run folder: its artifact (or model/), by name inside the run
             found = json.loads(summary).get("artifact") or json.loads(summary).get("model") or "model"
