@@ -179,7 +179,7 @@ def prune_task(spec: dict, blocks, prompts, calibration, retrained: dict) -> dic
     summary = {
         "kind": "prune",
         "method": method.model_dump(mode="json"),
-        "model": str(source),
+        "model": job.model._source or str(source),  # a fetched model: the URI it came from
         "artifact": str(output),
         "weights_bytes": {**size, "ratio": round(size["pruned"] / size["original"], 4)},
         "parameters": {"original": parameters_before, "pruned": count_parameters(pruned)[1]},

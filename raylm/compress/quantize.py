@@ -116,7 +116,7 @@ def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]],
     summary = {
         "kind": "quantize",
         "method": job.method.model_dump(mode="json"),
-        "model": str(source),
+        "model": job.model._source or str(source),  # a fetched model: the URI it came from
         "artifact": str(output / artifact.name) if artifact != stage else str(output),
         "weights_bytes": {**size, "ratio": round(size["quantized"] / size["original"], 4)},
         "bits_per_parameter": bits,

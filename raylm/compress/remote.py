@@ -19,7 +19,10 @@ def run(job, task, *args) -> dict:
     options = {"num_cpus": job.resources.cpus, "num_gpus": 1 if job.resources.use_gpu else 0}
     if not job.resources.use_gpu:  # DeepSpeed (imported by transformers' integrations) need not guess
         options["runtime_env"] = {"env_vars": {"DS_ACCELERATOR": "cpu"}}
-    return ray.get(ray.remote(task).options(**options).remote(job.model_dump(mode="json"), *args))
+    from raylm.runtime.storage import as_written
+
+    # the model's storage URI, not the driver's copy of it: the task fetches it on its own node
+    return ray.get(ray.remote(task).options(**options).remote(as_written(job), *args))
 
 
 def start(spec_model, spec: dict):
@@ -27,7 +30,12 @@ def start(spec_model, spec: dict):
     task's CPUs."""
     import torch
 
+    from raylm.runtime.storage import localize_inputs
+
     job = spec_model(**spec)
+    problems = localize_inputs(job)  # a model named by a storage URI: this node's copy
+    if problems:
+        raise RuntimeError("; ".join(f"{field}: {message}" for field, message in problems))
     torch.set_num_threads(max(1, int(job.resources.cpus)))
     device = "cuda" if job.resources.use_gpu else "cpu"
     return job, device, staging.start(Path(job.output.path))

@@ -41,7 +41,9 @@ def finished(job) -> dict | None:
         summary = json.loads((output / "summary.json").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    return summary if recorded == job.model_dump(mode="json") else None
+    from raylm.runtime.storage import as_written
+
+    return summary if recorded == as_written(job) else None
 
 
 def start(output: Path) -> Path:

@@ -191,3 +191,14 @@ def localize_inputs(job) -> list[tuple[str, str]]:
             except (OSError, ValueError) as err:  # pyarrow: no such bucket or object, no credentials
                 problems.append((f"{name}.path", f"cannot fetch {source}: {err}"))
     return problems
+
+
+def as_written(job) -> dict:
+    """The job as a JSON-able dict with every fetched input's path back to its storage URI: what a
+    run records in spec.yaml and what a task on another node is handed (it fetches its own copy)."""
+    written = job.model_dump(mode="json")
+    for name in type(job).model_fields:
+        source = getattr(getattr(job, name), "_source", None)
+        if source:
+            written[name]["path"] = source
+    return written

@@ -142,6 +142,11 @@ class CompressionJob(Section):
     def run_name(self) -> str:
         return self.name or PurePosixPath(self.output.path.rstrip("/")).name or f"raylm-{self.kind}"
 
+    @property
+    def path_sections(self) -> tuple:
+        """The sections whose `path` may be a storage URI, fetched on each node that reads it."""
+        return (self.model,)
+
 
 class QuantizeJob(CompressionJob):
     """Post-training quantization of a Hugging Face model folder, measured before and after."""

@@ -220,11 +220,7 @@ def check_same_run(job, output: str) -> None:
     new runs."""
     from raylm.runtime import storage
 
-    current = job.model_dump(mode="json")
-    for name in type(job).model_fields:  # a fetched input is recorded as the URI it came from
-        section = getattr(job, name)
-        if getattr(section, "_source", None):
-            current[name]["path"] = section._source
+    current = storage.as_written(job)  # a fetched input is recorded as the URI it came from
     recorded = storage.read_text(output, "spec.yaml")
     if recorded is not None:
         earlier = yaml.safe_load(recorded)
