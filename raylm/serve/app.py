@@ -27,7 +27,7 @@ from ray import serve
 
 from raylm.infer.sampling import GenerationError, check_fits, context_length
 from raylm.serve.continuous import CacheBudgetError, DecodeLoop, cache_cost, default_cache_budget
-from raylm.serve.engine import Engine, Request
+from raylm.serve.engine import Engine, Request, hooks_dropped_on_failure
 from raylm.serve.metrics import ServerMetrics
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
 
@@ -442,7 +442,10 @@ class Server:
                 start = 0 if echo else len(ids)
 
                 def score(tokens=ids + completion, start=start):
-                    return token_logprobs(self.engine.model, self.tokenizer, tokens, start, top or 0, name)
+                    with hooks_dropped_on_failure(self.engine.model):
+                        return token_logprobs(
+                            self.engine.model, self.tokenizer, tokens, start, top or 0, name
+                        )
 
                 result["logprobs"].append(await asyncio.wrap_future(self.decoder.call(score), loop=loop))
 

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 
-from raylm.serve.engine import Choice, Engine, Request
+from raylm.serve.engine import Choice, Engine, Request, hooks_dropped_on_failure
 
 OBSERVE_S = 0.25  # the loop reports its queue and batch size at most this often
 
@@ -166,12 +166,19 @@ class DecodeLoop:
         """The second thread: one `generate` at a time, taking turns with the loop's steps."""
         while True:
             request = self.beside_inbox.get()
-            with self.turns:
-                try:
-                    self.engine.generate([request], between_steps=self.turns.pass_on)
-                except Exception as err:
-                    _fail([Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)], err)
-            self.inbox.put(("ended", request, None))
+            try:
+                with self.turns:
+                    try:
+                        self.engine.generate([request], between_steps=self.turns.pass_on)
+                    except Exception as err:
+                        choices = [
+                            Choice(request, i, self.engine.tokenizer) for i in range(request.controls.n)
+                        ]
+                        _fail(choices, err)
+            except Exception:  # noqa: BLE001 - even failing to report the failure must free the slot
+                logging.getLogger(__name__).exception("generate beside the decoding loop failed")
+            finally:
+                self.inbox.put(("ended", request, None))
 
     def _report(self) -> None:
         if self.observe is None:
@@ -252,7 +259,7 @@ class DecodeLoop:
         kwargs[_cache_argument(model)] = cache
         if adapters is not None:
             kwargs["adapter_names"] = adapters
-        with torch.no_grad():
+        with torch.no_grad(), hooks_dropped_on_failure(model):
             out = model(**kwargs)
         cache = out.get("cache")
         return out.logits[:, -1, :].float(), cache if cache is not None else out.get("past_key_values")

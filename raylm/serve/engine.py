@@ -15,6 +15,7 @@ LoRA adapters loaded into a PEFT model serve mixed batches (`adapter_names`, one
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from raylm.infer.sampling import eos_ids
@@ -133,18 +134,38 @@ class _Tracker:
         return torch.tensor([row.finish is not None for row in self.rows], device=input_ids.device)
 
 
-class _Pause:
-    """A stopping criterion that stops nothing: `generate` calls it once per step, which is where
-    another thread may take its turn with the model."""
+@contextmanager
+def hooks_dropped_on_failure(model):
+    """PEFT's `adapter_names` registers forward pre-hooks for the length of a call and removes them
+    after it, but not when the call raises. A hook left behind would pass its adapters to every later
+    forward pass, a `generate` running beside the loop included: on failure, remove the hooks the
+    call registered (hook ids only grow, and no other thread registers one during a turn)."""
+    from torch.utils.hooks import RemovableHandle
 
-    def __init__(self, between_steps: Callable[[], None]):
-        self.between_steps = between_steps
+    first = RemovableHandle.next_id
+    try:
+        yield
+    except BaseException:
+        for module in model.modules():
+            for key in [k for k in module._forward_pre_hooks if k >= first]:
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        raise
+
+
+class _Pause:
+    """A stopping criterion called once per step of `generate`, where another thread may take its turn
+    with the model; it stops the rows only once every caller of the group has gone."""
+
+    def __init__(self, between_steps: Callable[[], None], group: list[Request]):
+        self.between_steps, self.group = between_steps, group
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         self.between_steps()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        gone = all(request.cancelled for request in self.group)  # every caller left: stop, free the slot
+        return torch.full((input_ids.shape[0],), gone, dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -187,7 +208,7 @@ class Engine:
         kwargs = generate_kwargs(controls.model_copy(update={"stop": []}), self.tokenizer)
         kwargs["max_new_tokens"] = max(r.controls.max_new_tokens for r in group)
         beams = controls.num_beams > 1
-        criteria = StoppingCriteriaList([_Pause(between_steps)] if between_steps else [])
+        criteria = StoppingCriteriaList([_Pause(between_steps, group)] if between_steps else [])
         if not beams:  # transformers streams greedy and sampled decoding only; beams are replayed after
             kwargs["streamer"] = tracker
             criteria.append(tracker)

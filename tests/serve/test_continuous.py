@@ -253,8 +253,8 @@ def test_the_cache_budget_makes_requests_wait_never_overflow(model):
 
 def test_a_beam_search_takes_turns_with_the_streams_and_seeds_stay_exact(model):
     """A request that runs through `generate` (beams, a seed) runs beside the loop, whose steps go on
-    between its steps: a short greedy stream submitted after a long beam search started ends before
-    it, and a seeded request keeps its text while an unseeded one samples in the loop meanwhile."""
+    between its steps: a short greedy stream that arrives while a 20-step beam search runs ends before
+    it, and a seeded request keeps its text while unseeded rows sample in the loop meanwhile."""
     import copy
 
     model, tokenizer = model
@@ -262,25 +262,35 @@ def test_a_beam_search_takes_turns_with_the_streams_and_seeds_stay_exact(model):
     endless.generation_config.eos_token_id = None
     engine = Engine(endless, tokenizer)
     loop = DecodeLoop(engine, max_rows=8)
-    window, generate = {}, engine.generate
+    started, arrived, generate = threading.Event(), threading.Event(), engine.generate
 
-    def watched(group, between_steps=None):  # when generate really runs, on its own thread
-        window.setdefault("start", time.monotonic())
-        generate(group, between_steps)
-        window["end"] = time.monotonic()
+    def held(group, between_steps=None):  # its first step waits until the greedy request is submitted
+        def first_then_on():
+            arrived.wait(30)
+            between_steps()
 
-    engine.generate = watched
-    beams = GenerationSpec(max_new_tokens=20, num_beams=4)
-    beam_out = Collect()
-    loop.submit([Request(tokenizer("the cat")["input_ids"], beams, beam_out)])
-    while "start" not in window:
-        time.sleep(0.001)
+        started.set()
+        generate(group, first_then_on)
+
+    engine.generate = held
+    finished: list[str] = []  # the order in which the requests' last text arrived
+
+    def recording(name, out):
+        def emit(index, delta, reason, count):
+            out(index, delta, reason, count)
+            if out.done.is_set() and name not in finished:
+                finished.append(name)
+
+        return emit
+
+    beams, beam_out = GenerationSpec(max_new_tokens=20, num_beams=4), Collect()
     greedy, greedy_out = GenerationSpec(max_new_tokens=3), Collect()
-    loop.submit([Request(tokenizer("once upon")["input_ids"], greedy, greedy_out)])
-    assert greedy_out.done.wait(60)
-    greedy_ended = time.monotonic()
-    assert beam_out.done.wait(60)
-    assert greedy_ended < window["end"], "the greedy stream waited for the whole beam search"
+    loop.submit([Request(tokenizer("the cat")["input_ids"], beams, recording("beams", beam_out))])
+    assert started.wait(30)  # generate runs: the greedy request can only decode between its steps
+    loop.submit([Request(tokenizer("once upon")["input_ids"], greedy, recording("greedy", greedy_out))])
+    arrived.set()
+    assert greedy_out.done.wait(60) and beam_out.done.wait(60)
+    assert finished == ["greedy", "beams"], "the greedy stream waited for the whole beam search"
     assert [(beam_out.texts[0], beam_out.finish[0])] == alone(endless, tokenizer, "the cat", beams)
     assert [(greedy_out.texts[0], greedy_out.finish[0])] == alone(endless, tokenizer, "once upon", greedy)
 
@@ -296,3 +306,38 @@ def test_a_beam_search_takes_turns_with_the_streams_and_seeds_stay_exact(model):
     assert list(zip(seeded_out.texts, seeded_out.finish, strict=True)) == alone(
         endless, tokenizer, "to be", seeded
     )
+
+
+def test_a_failed_forward_leaves_no_adapter_hook_behind(model):
+    """PEFT removes its `adapter_names` hooks after a call but not when the call raises; a hook left
+    behind would choose the adapter of every later forward pass (a generate beside the loop included).
+    The loop's forward passes drop what a failed call left."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from raylm.serve.engine import hooks_dropped_on_failure
+
+    model, tokenizer = model
+    lora = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    ).eval()
+    vocabulary = model.get_input_embeddings().num_embeddings
+    bad = torch.tensor([[1, vocabulary + 3]])
+
+    def hooks() -> int:
+        return sum(len(m._forward_pre_hooks) for m in lora.modules())
+
+    with pytest.raises(IndexError), torch.no_grad():
+        lora(input_ids=bad, adapter_names=["default"])
+    assert hooks() > 0  # PEFT's own behaviour: the failed call's hooks stayed
+    for m in lora.modules():
+        m._forward_pre_hooks.clear()
+    with pytest.raises(IndexError), torch.no_grad(), hooks_dropped_on_failure(lora):
+        lora(input_ids=bad, adapter_names=["default"])
+    assert hooks() == 0
+    ids = torch.tensor([tokenizer("the cat")["input_ids"]])
+    with torch.no_grad():
+        base = lora(input_ids=ids, adapter_names=["__base__"]).logits
+        with lora.disable_adapter():
+            torch.testing.assert_close(base, lora(input_ids=ids).logits)
