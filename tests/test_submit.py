@@ -71,8 +71,10 @@ AGENT_PORT_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
-    """A token-authenticated head on loopback and a second node joined to it, each 2 CPUs."""
+def two_node_cluster(tmp_path_factory, object_store):
+    """A token-authenticated head on loopback and a second node joined to it, each 2 CPUs, each with
+    temp and cache folders of its own (as separate machines would have), both reaching the session's
+    S3-compatible server (object_store: AWS_ENDPOINT_URL and credentials in their environment)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
     gcs, dashboard = free_port(), free_port()
@@ -80,7 +82,10 @@ def two_node_cluster(tmp_path_factory):
     temp = [tmp_path_factory.mktemp("ray", numbered=True) for _ in range(2)]
 
     def start_node(*args: str, temp) -> subprocess.Popen:
-        """`ray start --block` in its own session: SIGTERM stops the node's processes with it."""
+        """`ray start --block` in its own session: SIGTERM stops the node's processes with it. The
+        node's processes get its own TMPDIR (raylm's staging folders) and RAYLM_CACHE (fetched inputs)."""
+        (temp / "tmp").mkdir(exist_ok=True)
+        node_env = {**env, "TMPDIR": str(temp / "tmp"), "RAYLM_CACHE": str(temp / "cache")}
         # Every agent port is free-picked: the session's own local Ray may hold the default ones,
         # and a head whose job agent cannot bind answers "No available agent" forever.
         agent_ports = [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS]
@@ -94,7 +99,7 @@ def two_node_cluster(tmp_path_factory):
         ]
         return subprocess.Popen(
             ["ray", "start", *args, *flags, "--disable-usage-stats"],
-            env=env,
+            env=node_env,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -198,16 +203,23 @@ def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
 
 
 @pytest.mark.cluster
-def test_a_search_submitted_to_the_cluster_runs_its_trials_there(two_node_cluster, sft_base, tmp_path):
-    """kind: tune through the Jobs API: the spec (its base inline) is validated on the cluster, two
-    trials run at once on the two 2-CPU nodes (half a CPU for each trial's process, one worker of one
-    CPU), and the job follows to the end with the table."""
+def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
+    two_node_cluster, object_store, sft_base, tmp_path
+):
+    """kind: tune through the Jobs API on two nodes that share no disk, its base model and its output in
+    the bucket: the spec (its base inline) is validated on the cluster, two trials run at once on the
+    two 2-CPU nodes (half a CPU for each trial's process, one worker of one CPU), each node fetches the
+    base into its own cache, and the job follows to the end with the table, all of it in the bucket."""
+    from tests.runtime.test_object_store import bucket_files, read_bytes, upload
+
     address, env = two_node_cluster
-    output = tmp_path / "search"
+    bucket = object_store("cluster-search")
+    upload(sft_base, f"{bucket}/base")
+    output = f"{bucket}/search"
     spec = {
         "kind": "tune",
         "base": {
-            "model": {"path": str(sft_base)},
+            "model": {"path": f"{bucket}/base"},
             "method": "lora",
             "data": {"generate": {"task": "arithmetic", "examples": 200}, "seq_len": 24},
             "train": {
@@ -218,19 +230,25 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(two_node_cluste
                 "checkpoint_every": 10,
             },
             "eval": {"exact_match_examples": 0},
-            "resources": {"shared_filesystem": True},  # the two test nodes share this machine's disk
         },
         "search": {"train.lr": {"grid": [1e-2, 3e-3]}},
         "scheduler": {"name": "none"},
-        "output": str(output),
+        "output": output,
     }
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     done = raylm("run", str(spec_file), "--address", address, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "2 trial(s) at once" in done.stdout and "done: search search (2 completed)" in done.stdout
-    summaries = [json.loads(p.read_text()) for p in output.glob("trials/*/summary.json")]
+    files = bucket_files(output)
+    trials = sorted(
+        name.split("/")[1] for name in files if name.startswith("trials/") and name.endswith("/summary.json")
+    )
+    summaries = [json.loads(read_bytes(f"{output}/trials/{t}", "summary.json")) for t in trials]
     assert len(summaries) == 2 and all(s["steps"] == 10 for s in summaries)
+    # two trials at once need 3 CPUs (2 x (0.5 + 1)): the nodes' 2 + 2 are both in use
+    assert {"summary.json", "trials.parquet", "best/adapter_config.json"} <= set(files)
+    assert not (tmp_path / "search").exists()
 
 
 @pytest.mark.cluster

@@ -26,19 +26,37 @@ def check_training_inputs(job) -> list[tuple[str, str]]:
         problems += check_model_folder(job.model.path, "model.path", "config.json")
     if job.tokenizer.path is not None:
         problems += check_model_folder(job.tokenizer.path, "tokenizer.path", "tokenizer_config.json")
-    return problems + check_strategy_files(job.strategy) + check_logging(job.logging)
+    return problems + check_strategy_files(job.strategy) + check_logging(job.logging, job.output.path)
 
 
-def check_logging(logging) -> list[tuple[str, str]]:
-    """W&B online needs credentials here (its workers would fail at their first step otherwise)."""
+def check_logging(logging, output: str) -> list[tuple[str, str]]:
+    """MLflow's default store is a SQLite file in the run folder, which a bucket is not; W&B online
+    needs credentials here (its workers would fail at their first step otherwise)."""
     import os
 
+    from raylm.runtime.storage import is_uri
+
+    problems = []
+    if (
+        logging.mlflow is not None
+        and logging.mlflow.tracking_uri is None
+        and not os.environ.get("MLFLOW_TRACKING_URI")
+        and is_uri(output)
+    ):
+        problems.append(
+            (
+                "logging.mlflow.tracking_uri",
+                f"the output {output} is a storage URI, which cannot hold MLflow's default SQLite store: "
+                "set tracking_uri to an MLflow server (http://host:5000) or a local .db file, "
+                "or set MLFLOW_TRACKING_URI",
+            )
+        )
     if logging.wandb is None or logging.wandb.mode != "online":
-        return []
+        return problems
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
-        return []
-    return [
+        return problems
+    return problems + [
         (
             "logging.wandb.mode",
             "online needs W&B credentials: set WANDB_API_KEY (or run `wandb login`), or use mode: offline",

@@ -89,6 +89,52 @@ def read_text(output: str, name: str) -> str | None:
         return source.read().decode()
 
 
+def exists(output: str, name: str) -> bool:
+    """Whether the run at `output` (a folder or a URI) has a file or folder `name`."""
+    if not is_uri(output):
+        return Path(output, name).exists()
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(output)
+    return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
+
+
+def subfolders(output: str) -> list[str]:
+    """The names of the folders directly under `output` (a folder or a URI); [] when it is missing."""
+    if not is_uri(output):
+        folder = Path(output)
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(output)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def copy_dir(source: str, target: str) -> None:
+    """Copy the folder `source` to `target` (each a local path or a URI), replacing what `target` held:
+    for a local target atomically (renames); in object storage the caller publishes a marker after it."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(target):
+        scratch = Path(tempfile.mkdtemp(prefix=".incoming-", dir=Path(target).parent))
+        if is_uri(source):
+            source_fs, source_root = pafs.FileSystem.from_uri(source)
+            pafs.copy_files(source_root, str(scratch / "copy"), source_filesystem=source_fs)
+        else:
+            shutil.copytree(source, scratch / "copy")
+        replace_dir(scratch / "copy", Path(target))
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    target_fs, target_root = pafs.FileSystem.from_uri(target)
+    source_fs, source_root = (
+        pafs.FileSystem.from_uri(source) if is_uri(source) else (pafs.LocalFileSystem(), source)
+    )
+    target_fs.delete_dir_contents(target_root, missing_dir_ok=True)
+    target_fs.create_dir(target_root, recursive=True)
+    pafs.copy_files(source_root, target_root, source_filesystem=source_fs, destination_filesystem=target_fs)
+
+
 def fetch_file(output: str, name: str, into: Path) -> None:
     """Copy file `name` of the run at URI `output` into folder `into`, if it exists there."""
     import pyarrow.fs as pafs

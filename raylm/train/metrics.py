@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl, oldest first ([] before the first row is written)."""
-    log = Path(run_dir) / "metrics.jsonl"
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    """The rows of a run's metrics.jsonl (a folder or a storage URI), oldest first ([] before the
+    first row is written)."""
+    from raylm.runtime.storage import read_text
+
+    text = read_text(str(run_dir), "metrics.jsonl") or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class MetricsLog:

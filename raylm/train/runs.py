@@ -127,7 +127,7 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, callbacks: tupl
     from raylm.train.tracking import finish_runs, open_runs
 
     output = job.output.path
-    tracking = open_runs(job, local_output)
+    tracking = open_runs(job, str(local_output) if local_output else output)
     workers = job.resources.num_workers
     console = Console(loop_config["total_steps"])
     try:

@@ -44,16 +44,18 @@ def numeric(row: dict) -> dict[str, float]:
 # ---- driver ----------------------------------------------------------------------------------------
 
 
-def open_runs(job, local_output: Path | None) -> dict:
-    """Start (or, for a resumed run, reopen) the job's tracking runs; returns their ids for the workers."""
+def open_runs(job, output: str) -> dict:
+    """Start (or, for a resumed run, reopen) the job's tracking runs; returns their ids for the workers.
+    `output`: the run's folder or storage URI, where `tracking.json` records the ids."""
+    from raylm.runtime import storage
+
     if job.logging.mlflow is None and job.logging.wandb is None:
         return {}
-    record = local_output / RECORD if local_output else None
-    saved = json.loads(record.read_text()) if record is not None and record.exists() else {}
+    saved = json.loads(storage.read_text(output, RECORD) or "{}")
     ids: dict = {}
     if job.logging.mlflow is not None:
         try:
-            ids["mlflow"] = _open_mlflow(job, local_output, saved.get("mlflow"))
+            ids["mlflow"] = _open_mlflow(job, output, saved.get("mlflow"))
         except Exception as err:  # unreachable server, refused credentials, a bad URI ...
             from raylm.spec.reading import SpecError
 
@@ -61,19 +63,32 @@ def open_runs(job, local_output: Path | None) -> dict:
             raise SpecError([("logging.mlflow", f"cannot open an MLflow run: {first}")]) from None
     if job.logging.wandb is not None:
         ids["wandb"] = saved.get("wandb") or {"id": uuid.uuid4().hex[:12]}
-        ids["wandb"]["dir"] = str(local_output or Path.cwd())
-    if record is not None:
-        record.write_text(json.dumps(ids, indent=2))
+        ids["wandb"]["dir"] = wandb_dir(output)
+    storage.write_text(output, RECORD, json.dumps(ids, indent=2))
     return ids
 
 
-def mlflow_uri(configured: str | None, local_output: Path | None) -> str:
+def wandb_dir(output: str) -> str:
+    """W&B's own files (the offline run, or the online run's local copy): the run folder, or for a
+    run in object storage a folder of raylm's cache on the node that logs (keyed by the output)."""
+    import hashlib
+
+    from raylm.runtime import storage
+
+    if not storage.is_uri(output):
+        return str(Path(output).expanduser().resolve())
+    key = hashlib.sha256(output.rstrip("/").encode()).hexdigest()[:16]
+    return str(storage.cache_root() / "wandb" / key)
+
+
+def mlflow_uri(configured: str | None, output: str) -> str:
     """The spec's tracking URI, else $MLFLOW_TRACKING_URI, else MLflow's recommended local backend: a
-    SQLite database in the run's folder (<output>/mlflow.db). A local path in the spec names a SQLite
-    database when it ends in .db, else a folder store (which MLflow 3 keeps in maintenance mode)."""
+    SQLite database in the run's folder (<output>/mlflow.db; preflight refuses this default for a run
+    in object storage). A local path in the spec names a SQLite database when it ends in .db, else a
+    folder store (which MLflow 3 keeps in maintenance mode)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
-        return f"sqlite:///{(local_output or Path.cwd()).resolve() / 'mlflow.db'}"
+        return f"sqlite:///{Path(output).expanduser().resolve() / 'mlflow.db'}"
     if "://" not in uri and uri != "databricks":
         path = Path(uri).expanduser().resolve()
         return f"sqlite:///{path}" if path.suffix == ".db" else path.as_uri()
@@ -99,10 +114,10 @@ def _artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
-def _open_mlflow(job, local_output: Path | None, saved: dict | None) -> dict:
+def _open_mlflow(job, output: str, saved: dict | None) -> dict:
     from mlflow.entities import Param
 
-    uri = mlflow_uri(job.logging.mlflow.tracking_uri, local_output)
+    uri = mlflow_uri(job.logging.mlflow.tracking_uri, output)
     client = _mlflow_client(uri)
     if saved and saved.get("tracking_uri") == uri:
         client.update_run(saved["run_id"], status="RUNNING")
@@ -151,6 +166,7 @@ def _wandb_run(ids: dict, job, config: dict | None = None):
     import wandb
 
     settings = job.logging.wandb
+    Path(ids["dir"]).mkdir(parents=True, exist_ok=True)
     return wandb.init(
         project=settings.project,
         entity=settings.entity,

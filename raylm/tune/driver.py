@@ -3,9 +3,10 @@
     raylm run jobs/tune-methods.yaml
     raylm run jobs/tune-methods.yaml --set num_samples=4 --set max_concurrent_trials=1
 
-The output folder gets `search/` (Tune's experiment state), `trials/<id>/` (each trial's fine-tuning
-run), `trials.parquet` and `trials.csv`, `best.yaml` (a finetune spec that runs as is), `best/` (the
-best trial's artifact), `curves.png` and `summary.json`. Running the same spec again after an
+The output (a folder, or a storage URI such as s3://bucket/searches/lora) gets `search/` (Tune's
+experiment state), `trials/<id>/` (each trial's fine-tuning run), `trials.parquet` and `trials.csv`,
+`best.yaml` (a finetune spec that runs as is), `best/` (the best trial's artifact), `curves.png` and,
+last, `summary.json` (a search without it is unfinished). Running the same spec again after an
 interruption resumes the search: finished trials are kept, unfinished ones continue from their
 checkpoints.
 """
@@ -27,15 +28,9 @@ class Tune:
     """kind: tune (a raylm.kinds.JobKind)."""
 
     def preflight(self, job: TuneJob) -> list[tuple[str, str]]:
-        from raylm.runtime import storage
         from raylm.train.finetune import Finetune
 
-        problems = [(f"base.{where}", what) for where, what in Finetune().preflight(job.base)]
-        if storage.is_uri(job.output.path):
-            problems.append(
-                ("output", "a search writes its folder on a local or shared filesystem, not a storage URI")
-            )
-        return problems
+        return [(f"base.{where}", what) for where, what in Finetune().preflight(job.base)]
 
     def run(self, job: TuneJob) -> dict:
         return run_search(job)
@@ -46,6 +41,7 @@ def run_search(job: TuneJob) -> dict:
 
     from ray import tune
 
+    from raylm.runtime import storage
     from raylm.runtime.capacity import check_capacity, check_output_reachable
     from raylm.spec.loading import validate_dict
     from raylm.spec.space import has_grid, parse
@@ -55,17 +51,17 @@ def run_search(job: TuneJob) -> dict:
     from raylm.tune.trial import run_trial
 
     started = time.time()
-    output = Path(job.output.path).expanduser().resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    output = job.output.path.rstrip("/")  # a folder, or a storage URI (Tune's state and the trials there)
+    if not storage.is_uri(output):
+        output = str(Path(output).expanduser().resolve())
+        Path(output).mkdir(parents=True, exist_ok=True)
     check_capacity(job.base.resources, "training workers of one trial")
-    check_output_reachable(
-        str(output), job.base.resources, "base.resources"
-    )  # trials write under <output>/trials
-    check_same_run(job, str(output))
+    check_output_reachable(output, job.base.resources, "base.resources")  # trials write under it
+    check_same_run(job, output)
     space = parse(job.search, job.algorithm)
     base = trial_base(job)
-    base["output"]["path"] = str(output / "trials")
-    base["data"].setdefault("cache", str(output / "data-cache"))  # one tokenized copy for every trial
+    base["output"]["path"] = f"{output}/trials"
+    base["data"].setdefault("cache", f"{output}/data-cache")  # one tokenized copy for every trial
     base["failure"] = {"max_failures": 0}  # Tune retries a failed trial (failure.max_failures)
     if job.metric == "exact_match":
         base["eval"] = {**base.get("eval", {}), "during_training": True}
@@ -80,7 +76,7 @@ def run_search(job: TuneJob) -> dict:
         "base": base,
         "space": space,
         "metric": job.metric,
-        "output": str(output),
+        "output": output,
         "name": job.run_name,
         "cwd": os.getcwd(),
         "worker_memory": per_worker_memory(job, concurrent),
@@ -99,11 +95,11 @@ def run_search(job: TuneJob) -> dict:
         tune.with_parameters(run_trial, search=payload), {"CPU": TRIAL_DRIVER_CPUS}
     )
     param_space = space.tune_params() if job.algorithm != "optuna" else {}
-    experiment = output / "search"
-    if tune.Tuner.can_restore(str(experiment)):
+    experiment = f"{output}/search"
+    if tune.Tuner.can_restore(experiment):
         print(f"[raylm] resuming the search in {experiment}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(
-            str(experiment),
+            experiment,
             trainable,
             resume_unfinished=True,
             resume_errored=False,
@@ -125,7 +121,7 @@ def run_search(job: TuneJob) -> dict:
             ),
             run_config=tune.RunConfig(
                 name="search",
-                storage_path=str(output),
+                storage_path=output,
                 failure_config=tune.FailureConfig(max_failures=job.failure.max_failures),
                 verbose=0,  # raylm prints a line per trial and the table at the end
             ),

@@ -9,22 +9,27 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
+from raylm.runtime import storage
 from raylm.train.metrics import read_metrics
 
 
-def trial_rows(grid, output: Path, space, metric: str, mode: str, steps: int | None) -> list[dict]:
-    """One row per trial of Tune's ResultGrid, read from the trial's run folder."""
+def trial_rows(grid, output: str, space, metric: str, mode: str, steps: int | None) -> list[dict]:
+    """One row per trial of Tune's ResultGrid, read from the trial's run folder (or URI) under
+    `output`."""
     by_tune_dir = {}
-    for record_file in (output / "trials").glob("*/trial.json"):
-        record = json.loads(record_file.read_text())
-        by_tune_dir[Path(str(record.get("tune_dir"))).name] = (record_file.parent, record)
+    for trial_id in storage.subfolders(f"{output}/trials"):
+        folder = f"{output}/trials/{trial_id}"
+        text = storage.read_text(folder, "trial.json")
+        if text is not None:
+            record = json.loads(text)
+            by_tune_dir[PurePosixPath(str(record.get("tune_dir"))).name] = (folder, record)
     rows = []
     for result in grid:
-        folder, record = by_tune_dir.get(Path(str(result.path)).name, (None, None))
+        folder, record = by_tune_dir.get(PurePosixPath(str(result.path)).name, (None, None))
         config = result.config or {}
         overrides = record["overrides"] if record else space.overrides(config)
         row = {"trial_id": record["trial_id"] if record else result.metrics.get("trial_id")}
@@ -46,9 +51,9 @@ def trial_rows(grid, output: Path, space, metric: str, mode: str, steps: int | N
             reason=None,
         )
         if row["status"] == "completed":
-            row["artifact"] = json.loads((folder / "summary.json").read_text()).get("artifact")
+            row["artifact"] = json.loads(storage.read_text(folder, "summary.json")).get("artifact")
         elif row["status"] == "rejected":
-            row["reason"] = json.loads((folder / "rejected.json").read_text())["reason"]
+            row["reason"] = json.loads(storage.read_text(folder, "rejected.json"))["reason"]
         elif row["status"] == "failed":
             row["reason"] = str(result.error).strip().splitlines()[0][:300] if result.error else None
         row["curve"] = curve
@@ -74,30 +79,32 @@ def parameters(space, config: dict, overrides: dict) -> dict:
     return out
 
 
-def status(folder: Path | None, result) -> str:
+def status(folder: str | None, result) -> str:
     if result.error is not None:
         return "failed"
     if folder is None:
         return "not started"
-    if (folder / "rejected.json").exists():
+    if storage.exists(folder, "rejected.json"):
         return "rejected"
-    if (folder / "summary.json").exists():
+    if storage.exists(folder, "summary.json"):
         return "completed"
     return "stopped"
 
 
-def evaluations(folder: Path, metric: str) -> list[tuple[int, float]]:
+def evaluations(folder: str, metric: str) -> list[tuple[int, float]]:
     return [(r["step"], r[metric]) for r in read_metrics(folder) if r.get(metric) is not None]
 
 
-def last_step(folder: Path) -> int:
+def last_step(folder: str) -> int:
     return max((r.get("step", 0) for r in read_metrics(folder)), default=0)
 
 
-def write(job, output: Path, rows: list[dict], space, steps: int, seconds: float) -> dict:
-    """trials.parquet / .csv, the printed table, best.yaml and best/, curves.png, summary.json."""
+def write(job, output: str, rows: list[dict], space, steps: int, seconds: float) -> dict:
+    """trials.parquet / .csv, the printed table, best.yaml and best/, curves.png, and summary.json
+    last (in object storage, the mark of a finished search)."""
+    stage = storage.stage_dir(output)  # the folder itself, or a local one published to the URI
     table_rows = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-    write_table(table_rows, output)
+    write_table(table_rows, stage)
     print_table(table_rows, job.metric)
     completed = [r for r in rows if r["status"] == "completed" and r[f"last_{job.metric}"] is not None]
     pick = min if job.better == "min" else max
@@ -113,8 +120,8 @@ def write(job, output: Path, rows: list[dict], space, steps: int, seconds: float
             "all_to_the_end": (steps * sum(r["status"] != "rejected" for r in rows)) if steps else None,
         },
         "seconds": seconds,
-        "table": str(output / "trials.parquet"),
-        "curves": str(output / "curves.png"),
+        "table": f"{output}/trials.parquet",
+        "curves": f"{output}/curves.png",
         "best": None,
     }
     if best is not None:
@@ -124,12 +131,15 @@ def write(job, output: Path, rows: list[dict], space, steps: int, seconds: float
             "values": {
                 k: v for k, v in best.items() if k == "method" or k in job.search or k.startswith("method.")
             },
-            "spec": str(output / "best.yaml"),
-            "artifact": str(output / "best"),
+            "spec": f"{output}/best.yaml",
+            "artifact": f"{output}/best",
         }
         write_best(job, output, best)
-    draw_curves(rows, output / "curves.png", job.metric)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    draw_curves(rows, stage / "curves.png", job.metric)
+    if storage.is_uri(output):
+        storage.publish_files(stage, output, ["trials.parquet", "trials.csv", "curves.png"])
+        shutil.rmtree(stage, ignore_errors=True)
+    storage.write_text(output, "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -158,28 +168,24 @@ def print_table(rows: list[dict], metric: str) -> None:
             print(f"[raylm] trial {r['trial_id']} {r['status']}: {r['reason']}")
 
 
-def write_best(job, output: Path, best: dict) -> None:
+def write_best(job, output: str, best: dict) -> None:
     """best.yaml: the base spec with the best trial's values (validated), and best/: its artifact."""
     from raylm.spec.loading import validate_dict
     from raylm.spec.tune import trial_spec
 
-    record = json.loads((Path(best["artifact"]).parent / "trial.json").read_text())
+    record = json.loads(storage.read_text(f"{output}/trials/{best['trial_id']}", "trial.json"))
     base = job.base.model_dump(mode="json", exclude_unset=True)  # as the user wrote it
     spec = trial_spec(base, record["overrides"])
-    spec["data"].setdefault("cache", str(output / "data-cache"))  # the trials' tokenized data
-    spec["output"] = {**spec.get("output", {}), "path": str(output / "best-run")}
+    spec["data"].setdefault("cache", f"{output}/data-cache")  # the trials' tokenized data
+    spec["output"] = {**spec.get("output", {}), "path": f"{output}/best-run"}
     spec.pop("name", None)
     validate_dict(spec, source="best.yaml")
     header = (
         f"# The best trial ({best['trial_id']}) of the search in {output}: "
-        f"{job.metric} {best[f'last_{job.metric}']:.4g}\n# raylm run {output / 'best.yaml'}\n"
+        f"{job.metric} {best[f'last_{job.metric}']:.4g}\n# raylm run {output}/best.yaml\n"
     )
-    (output / "best.yaml").write_text(header + yaml.safe_dump(spec, sort_keys=False))
-    staging = output / "best.incoming"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(best["artifact"], staging)
-    shutil.rmtree(output / "best", ignore_errors=True)
-    staging.rename(output / "best")
+    storage.write_text(output, "best.yaml", header + yaml.safe_dump(spec, sort_keys=False))
+    storage.copy_dir(best["artifact"], f"{output}/best")
 
 
 def draw_curves(rows: list[dict], path: Path, metric: str) -> None:

@@ -2,7 +2,7 @@
 checked against the memory estimate, then a full raylm fine-tuning run (its own TorchTrainer, any
 strategy and worker count) whose evaluations reach Tune as the workers report them.
 
-The trial's run folder is `<search output>/trials/<trial id>`: a retried or resumed trial continues
+The trial's run folder (or URI) is `<search output>/trials/<trial id>`: a retried or resumed trial continues
 its run from the last checkpoint there (Ray Train resumes a run whose storage path and name are
 unchanged), and a trial whose run finished is not trained again.
 """
@@ -42,6 +42,7 @@ def run_trial(config: dict, search: dict) -> None:
     import ray.tune
 
     from raylm.planning.plan import unfit_reason
+    from raylm.runtime import storage
     from raylm.spec.loading import validate_dict
     from raylm.spec.tune import trial_spec
     from raylm.train.finetune import Finetune, run_finetune
@@ -52,19 +53,17 @@ def run_trial(config: dict, search: dict) -> None:
         os.chdir(search["cwd"])
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
-    folder = Path(search["output"]) / "trials" / trial_id
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = f"{search['output']}/trials/{trial_id}"  # a folder or a URI
     overrides = search["space"].overrides(config)
     spec = trial_spec(search["base"], overrides)
-    spec["output"]["path"] = str(folder)
+    spec["output"]["path"] = folder
     spec["name"] = f"{search['name']}-{trial_id}"
     job = validate_dict(spec, source=f"trial {trial_id}")
 
-    if (folder / "rejected.json").exists():
+    if storage.exists(folder, "rejected.json"):
         return  # rejected when the search first reached it
-    if not (folder / "summary.json").exists():  # else it finished before the search was interrupted
-        record_file = folder / "trial.json"
-        record = json.loads(record_file.read_text()) if record_file.exists() else {"attempts": 0}
+    if not storage.exists(folder, "summary.json"):  # else it finished before the search was interrupted
+        record = json.loads(storage.read_text(folder, "trial.json") or '{"attempts": 0}')
         record.update(
             trial_id=trial_id,
             tune_dir=context.get_trial_dir(),
@@ -72,12 +71,12 @@ def run_trial(config: dict, search: dict) -> None:
             attempts=record["attempts"] + 1,
             started=record.get("started", time.time()),
         )
-        record_file.write_text(json.dumps(record, indent=2, default=str))
+        storage.write_text(folder, "trial.json", json.dumps(record, indent=2, default=str))
         own = getattr(job.strategy, "memory_per_worker_gb", None)  # auto's figure, when given
         memory = own * 1024**3 if own is not None else search["worker_memory"]
         reason = unfit_reason(job, memory)
         if reason:
-            (folder / "rejected.json").write_text(json.dumps({"reason": reason}, indent=2))
+            storage.write_text(folder, "rejected.json", json.dumps({"reason": reason}, indent=2))
             print(f"[raylm] trial {trial_id} rejected before it started: {reason}", flush=True)
             return
         values = ", ".join(f"{k}={v}" for k, v in _flat(overrides).items())
@@ -93,7 +92,7 @@ def run_trial(config: dict, search: dict) -> None:
         ray.tune.report(last)
 
 
-def last_evaluation(folder: Path, metric: str) -> dict | None:
+def last_evaluation(folder: str, metric: str) -> dict | None:
     """The run's last logged row that holds `metric` (with its step)."""
     rows = [r for r in read_metrics(folder) if metric in r]
     return rows[-1] if rows else None

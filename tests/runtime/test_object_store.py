@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pytest
 import torch
 import yaml
 from safetensors.torch import load, load_file
@@ -44,30 +45,46 @@ def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
 ):
     """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered in the
     bucket; run the spec again: it resumes from the bucket and ends with the uninterrupted local run's
-    weights, every run file in the bucket, none on this machine."""
+    weights, every run file in the bucket, none on this machine outside raylm's cache. The run tracks to
+    MLflow (a SQLite store named in the spec: its default store would be a file in the run folder) and
+    W&B (offline, in raylm's cache): the resumed run reopens both runs from tracking.json in the bucket."""
+    from tests.train.test_pretrain import check_tracking
+
     output = object_store("runs") + "/pretrain"
-    spec = tiny_spec(output, train={"eval_every": 5})
+    mlflow_db = tmp_path / "mlflow.db"
+    cache = {"RAYLM_CACHE": str(tmp_path / "cache")}
+    tracked = {"mlflow": {"experiment": "kill", "tracking_uri": str(mlflow_db)}, "wandb": {"mode": "offline"}}
+    # Evaluations every 5 steps (evaluating moves no weight) and the controller's default 2 s poll: Ray
+    # Train registers checkpoints at its polls, and the killed attempt must not reach its end first.
+    spec = tiny_spec(output, train={"eval_every": 5}, logging=tracked)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
-    default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}  # see test_killed_run_resumes_...
+    default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", **cache}
     run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10), env=default_poll)
     assert "model/model.safetensors" not in bucket_files(output)
 
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # a relative path written by mistake would land here
+    monkeypatch.setenv("RAYLM_CACHE", cache["RAYLM_CACHE"])
     before = stages()
     summary = run_here(validate_dict(spec))
     assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
+    # the resumed attempt read from its position on: rank 0's rows of the remaining steps, no more
+    assert summary["throughput"]["rows_read"] == (30 - summary["resumed_from"]) * 8
     files = bucket_files(output)
-    assert {"spec.yaml", "strategy.json", "summary.json", "metrics.jsonl", "model/model.safetensors"} <= set(
-        files
-    )
+    assert {
+        "spec.yaml",
+        "strategy.json",
+        "summary.json",
+        "metrics.jsonl",
+        "tracking.json",
+        "model/model.safetensors",
+    } <= set(files)
     assert any(name.startswith("checkpoints/checkpoint_00000030/") for name in files)
     assert any(name.startswith("data-cache/") for name in files)
-    steps = [
-        yaml.safe_load(line)["step"] for line in read_bytes(output, "metrics.jsonl").decode().splitlines()
-    ]
+    rows = [yaml.safe_load(line) for line in read_bytes(output, "metrics.jsonl").decode().splitlines()]
+    steps = [row["step"] for row in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # the killed attempt's log, continued once
     resumed = load(read_bytes(output, "model/model.safetensors"))
     reference = load_file(reference_run[0] / "model" / "model.safetensors")
@@ -75,6 +92,22 @@ def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
     assert list(work.iterdir()) == [] and stages() == before
+    record = read_bytes(output, "tracking.json").decode()
+    check_tracking(rows, summary, f"sqlite:///{mlflow_db}", record)
+    assert str(tmp_path / "cache") in record  # W&B's files: in raylm's cache, not beside the run
+
+
+@pytest.mark.quick
+def test_mlflow_default_store_cannot_live_in_a_bucket(monkeypatch):
+    from raylm.runtime.preflight import check_training_inputs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = validate_dict(tiny_spec("s3://runs/x", logging={"mlflow": {}}))
+    problems = check_training_inputs(job)
+    assert [where for where, _ in problems] == ["logging.mlflow.tracking_uri"]
+    assert "set tracking_uri" in problems[0][1]
+    local = validate_dict(tiny_spec("runs/x", logging={"mlflow": {}}))
+    assert check_training_inputs(local) == []
 
 
 def upload(folder: Path, uri: str) -> None:

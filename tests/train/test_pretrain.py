@@ -1,5 +1,5 @@
 """2-worker DDP pretraining on real local Ray: loss falls, the folder reloads and generates, and a
-run killed mid-way resumes to exactly the weights of an uninterrupted run."""
+run whose worker is killed mid-way resumes to exactly the weights of an uninterrupted run."""
 
 import os
 import signal
@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from raylm.train.metrics import read_metrics
-from tests.conftest import run_cli_then_kill, tiny_spec
+from tests.conftest import tiny_spec
 
 
 def registered(run_dir: Path, step: int) -> bool:
@@ -66,39 +65,6 @@ def test_checkpoints_are_complete_and_pruned(reference_run):
     } <= files
 
 
-def test_killed_run_resumes_to_identical_weights(reference_run, tmp_path):
-    """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered, re-run, compare.
-    The run tracks to MLflow (its default local store, <output>/mlflow.db) and W&B (offline): the resumed
-    run continues the same tracking runs."""
-    reference_dir, _ = reference_run
-    output = tmp_path / "run"
-    tracked = {
-        "mlflow": {"experiment": "kill"},
-        "wandb": {"mode": "offline"},
-    }
-    # Evaluations every 5 steps (evaluating moves no weight) and the controller's default 2 s poll: Ray
-    # Train registers checkpoints at its polls, and the killed attempt must not reach its end first.
-    spec = tiny_spec(output, logging=tracked, train={"eval_every": 5})
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec))
-    default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
-    run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10), env=default_poll)
-    assert not (output / "model").exists()
-
-    summary = run_here(validate_dict(spec))
-    assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
-    # the resumed attempt read from its position on: rank 0's rows of the remaining steps, no more
-    assert summary["throughput"]["rows_read"] == (30 - summary["resumed_from"]) * 8
-    check_tracking(output, summary)
-    resumed = load_file(output / "model" / "model.safetensors")
-    reference = load_file(reference_dir / "model" / "model.safetensors")
-    assert resumed.keys() == reference.keys()
-    for name in reference:
-        assert torch.equal(resumed[name], reference[name]), name
-    steps = [row["step"] for row in read_metrics(output)]
-    assert steps == sorted(set(steps))  # replayed steps were not logged twice
-
-
 def test_rerun_with_a_different_spec_is_refused(reference_run):
     from raylm.spec.reading import SpecError
 
@@ -111,7 +77,10 @@ def test_rerun_with_a_different_spec_is_refused(reference_run):
 
 def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
     """SIGKILL a training worker after the step-10 checkpoint: failure.max_failures restarts the
-    worker group from it, and the run ends with the uninterrupted run's weights."""
+    worker group from it, and the run ends with the uninterrupted run's weights. The run tracks to
+    MLflow (its default local store, <output>/mlflow.db) and W&B (offline, <output>/wandb): the
+    restarted workers log to the same tracking runs. (A driver killed and run again reopens them from
+    tracking.json: tests/runtime/test_object_store.py.)"""
     import threading
 
     import ray.train
@@ -138,7 +107,8 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
     killer.start()
     # checkpoints every 5 steps keep the run going for several controller polls after the step-10 one;
     # evaluations stay at every 10 steps, so steps 15 and 25 are checkpoints without an evaluation
-    spec = tiny_spec(output, failure={"max_failures": 1}, train={"checkpoint_every": 5})
+    tracked = {"mlflow": {"experiment": "kill"}, "wandb": {"mode": "offline"}}
+    spec = tiny_spec(output, failure={"max_failures": 1}, train={"checkpoint_every": 5}, logging=tracked)
     summary = run_here(validate_dict(spec))
     killer.join(timeout=5)
     assert killed, "no worker was killed"
@@ -158,20 +128,27 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
     assert sorted(reported) == [25, 30]
     assert "val_loss" not in reported[25] and "loss" in reported[25]
     assert reported[30]["val_loss"] == summary["metrics"]["val_loss"]
+    check_tracking(
+        read_metrics(output),
+        summary,
+        f"sqlite:///{output.resolve() / 'mlflow.db'}",
+        (output / "tracking.json").read_text(),
+    )
 
 
-def check_tracking(output: Path, summary: dict) -> None:
+def check_tracking(logged_rows: list[dict], summary: dict, mlflow_uri: str, record: str) -> None:
     """Read the tracking runs back with the libraries' own readers: one MLflow run holding the spec as
     parameters, every logged step's metrics, summary.json and the artifact path; one W&B run id
     whose offline files hold the metric rows, the spec as config and the final summary."""
     import json
+    import tempfile
 
     from mlflow import MlflowClient
 
     from tests.train.wandb_files import run_contents
 
-    logged = {row["step"]: row for row in read_metrics(output)}
-    client = MlflowClient(tracking_uri=f"sqlite:///{output.resolve() / 'mlflow.db'}")  # MLflow's own reader
+    logged = {row["step"]: row for row in logged_rows}
+    client = MlflowClient(tracking_uri=mlflow_uri)  # MLflow's own reader
     experiment = client.get_experiment_by_name("kill")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, "the resumed run opened a second MLflow run"
@@ -182,16 +159,17 @@ def check_tracking(output: Path, summary: dict) -> None:
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     assert set(history) == {s for s, row in logged.items() if "loss" in row}
     assert history[30] == pytest.approx(logged[30]["loss"])
-    local = client.download_artifacts(run.info.run_id, "summary.json", str(output.parent))
-    assert json.loads(Path(local).read_text())["steps"] == 30
+    with tempfile.TemporaryDirectory() as scratch:
+        local = client.download_artifacts(run.info.run_id, "summary.json", scratch)
+        assert json.loads(Path(local).read_text())["steps"] == 30
 
-    ids = json.loads((output / "tracking.json").read_text())
-    wandb = run_contents(output / "wandb", ids["wandb"]["id"])
+    ids = json.loads(record)
+    wandb = run_contents(Path(ids["wandb"]["dir"]) / "wandb", ids["wandb"]["id"])
     steps = {row["_step"]: row for row in wandb["history"]}
     # the resumed attempt's rows (a SIGKILLed attempt loses what its W&B process had not yet written)
     after = {s for s, row in logged.items() if "loss" in row and s > summary["resumed_from"]}
     assert after <= set(steps) and steps[30]["loss"] == pytest.approx(logged[30]["loss"])
     assert wandb["config"]["train.lr"] == "0.003"
     assert wandb["summary"]["artifact"] == summary["model"] and wandb["summary"]["steps"] == 30
-    attempts = list((output / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}"))
+    attempts = list((Path(ids["wandb"]["dir"]) / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}"))
     assert len(attempts) >= 2  # the killed attempt and the resumed one share the run id

@@ -2,6 +2,7 @@
 function trainable). Two searches: results, early stopping and a failed trial's retry in one;
 resumption after the driver is killed (with trials rejected by the estimate) in the other."""
 
+import io
 import json
 import os
 import signal
@@ -156,12 +157,18 @@ def _started(output: Path, trial_id: str) -> float:
     return json.loads((trial_folder(output, trial_id) / "trial.json").read_text())["started"]
 
 
-def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, sft_base, tmp_path):
-    """SIGKILL the driver (and its embedded Ray) while the second trial trains; run the spec again.
-    The finished trial keeps its id and its run (not trained again); the interrupted one continues
-    from its checkpoint; the two whose batch does not fit the memory estimate are rejected before they
-    start, without counting as failures."""
-    output = tmp_path / "search"
+def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
+    object_store, ray_local, sft_base, tmp_path, monkeypatch
+):
+    """A search whose output is a bucket (Tune's state, the trials' runs, the table, best/ and the
+    summary all in it): SIGKILL the driver (and its embedded Ray) while the second trial trains; run
+    the spec again. The finished trial keeps its id and its run (not trained again); the interrupted
+    one continues from its checkpoint in the bucket; the two whose batch does not fit the memory
+    estimate are rejected before they start, without counting as failures; nothing is left in the
+    working folder."""
+    from tests.runtime.test_object_store import bucket_files, read_bytes
+
+    output = object_store("searches") + "/lora"
     search = {
         "train.batch_size": {"grid": [8, 4096]},
         "method": {"grid": [{"name": "lora", "r": 4}, {"name": "lora", "r": 8}]},
@@ -172,26 +179,40 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, sft_
     spec_file.write_text(yaml.safe_dump(spec))
 
     def second_trial_started():
-        trials = output / "trials"
-        finished = list(trials.glob("*/summary.json")) if trials.exists() else []
-        return finished and len(list(trials.glob("*/trial.json"))) >= 2 and finished[0].parent
+        files = bucket_files(output)
+        finished = [
+            name.split("/")[1] for name in files if name.endswith("/summary.json") and "trials/" in name
+        ]
+        started = [name for name in files if name.startswith("trials/") and name.endswith("/trial.json")]
+        return finished and len(started) >= 2 and finished[0]
 
     # 3 s after the second trial started it is training
     finished = run_cli_then_kill(spec_file, tmp_path / "killed.log", second_trial_started, linger_s=3)
-    before = {
-        name: (finished / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "trial.json")
-    }
+    names = ("summary.json", "metrics.jsonl", "trial.json")
+    before = {name: read_bytes(f"{output}/trials/{finished}", name) for name in names}
+    assert "summary.json" not in bucket_files(output)  # the search itself is unfinished
 
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     summary = run_here(validate_dict(spec))
-    rows = {r["trial_id"]: r for r in table(output)}
+    rows = {
+        r["trial_id"]: r for r in pq.read_table(io.BytesIO(read_bytes(output, "trials.parquet"))).to_pylist()
+    }
     assert summary["trials"] == {"completed": 2, "rejected": 2}
-    assert finished.name in rows and rows[finished.name]["status"] == "completed"
+    assert finished in rows and rows[finished]["status"] == "completed"
     for name, content in before.items():  # not run again: its files are as they were
-        assert (finished / name).read_bytes() == content, name
+        assert read_bytes(f"{output}/trials/{finished}", name) == content, name
+    files = bucket_files(output)
     rejected = [r for r in rows.values() if r["status"] == "rejected"]
     assert {r["method.r"] for r in rejected} == {4, 8} and all("needs" in r["reason"] for r in rejected)
-    assert all(not (trial_folder(output, r["trial_id"]) / "checkpoints").exists() for r in rejected)
-    resumed = next(r for r in rows.values() if r["status"] == "completed" and r["trial_id"] != finished.name)
+    assert not any(
+        name.startswith(f"trials/{r['trial_id']}/checkpoints/") for r in rejected for name in files
+    )
+    resumed = next(r for r in rows.values() if r["status"] == "completed" and r["trial_id"] != finished)
     assert resumed["attempts"] == 2
-    run = json.loads((trial_folder(output, resumed["trial_id"]) / "summary.json").read_text())
+    run = json.loads(read_bytes(f"{output}/trials/{resumed['trial_id']}", "summary.json"))
     assert run["resumed_from"] in (0, 10) and run["steps"] == 20
+    assert {"summary.json", "trials.csv", "curves.png", "best.yaml", "best/adapter_config.json"} <= set(files)
+    assert summary["best"]["artifact"] == f"{output}/best"
+    assert list(work.iterdir()) == []
