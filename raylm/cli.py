@@ -112,6 +112,8 @@ def run(spec_file, overrides, address, no_follow, verbose):
             code=1,
         )
     _print_summary(summary)
+    if summary.get("kind") == "tune" and summary.get("best") is None:
+        sys.exit(1)  # a search without one completed trial has no result: a script must not go on
 
 
 def _print_summary(summary: dict) -> None:

@@ -28,9 +28,14 @@ class Tune:
     """kind: tune (a raylm.kinds.JobKind)."""
 
     def preflight(self, job: TuneJob) -> list[tuple[str, str]]:
+        from raylm.runtime.storage import localize_inputs
         from raylm.train.finetune import Finetune
 
-        return [(f"base.{where}", what) for where, what in Finetune().preflight(job.base)]
+        # Checked on this node's copies of inputs in object storage; the trials keep the URIs (each
+        # trial's workers fetch their own copies on their nodes).
+        base = job.base.model_copy(deep=True)
+        problems = localize_inputs(base) or Finetune().preflight(base)
+        return [(f"base.{where}", what) for where, what in problems]
 
     def run(self, job: TuneJob) -> dict:
         return run_search(job)
@@ -68,6 +73,7 @@ def run_search(job: TuneJob) -> dict:
     # Tokenize once here, so that trials whose data settings are not searched start training at once
     # and no Ray Data task competes with running trials for CPUs.
     base_job = validate_dict(base, source="base")
+    storage.localize_inputs(base_job)  # its tokenizer, from this node's copy (checked at preflight)
     _, _, _, splits = prepare_data(base_job)
     steps = planned_steps(base_job, splits["train"]["rows"])
     searched = list(job.search)

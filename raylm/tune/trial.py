@@ -44,6 +44,7 @@ def run_trial(config: dict, search: dict) -> None:
     from raylm.planning.plan import unfit_reason
     from raylm.runtime import storage
     from raylm.spec.loading import validate_dict
+    from raylm.spec.reading import SpecError
     from raylm.spec.tune import trial_spec
     from raylm.train.finetune import Finetune, run_finetune
 
@@ -59,6 +60,9 @@ def run_trial(config: dict, search: dict) -> None:
     spec["output"]["path"] = folder
     spec["name"] = f"{search['name']}-{trial_id}"
     job = validate_dict(spec, source=f"trial {trial_id}")
+    problems = storage.localize_inputs(job)  # this node's copies of inputs in object storage
+    if problems:
+        raise SpecError(problems)
 
     if storage.exists(folder, "rejected.json"):
         return  # rejected when the search first reached it
