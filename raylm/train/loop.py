@@ -26,7 +26,7 @@ def train_loop(config: dict) -> dict | None:
     import torch
 
     from raylm.runtime import storage
-    from raylm.train import checkpoint, hostmem, metrics, strategies
+    from raylm.train import checkpoint, hostmem, metrics, preemption, strategies
     from raylm.train.metrics import MetricsLog, emit
     from raylm.train.reader import CachedSplit, TrainShard, val_batches
 
@@ -201,6 +201,16 @@ def train_loop(config: dict) -> dict | None:
         if rank == 0 and config["publish_to"]:
             storage.publish_files(stage, config["publish_to"], ["metrics.jsonl", "tensorboard"])
 
+    # SIGTERM reaches one worker (raylm.train.preemption); every rank learns of it from a one-number
+    # all-reduce at each step on a host-side (gloo) group, so a GPU run gains no device sync for it.
+    stop_group = torch.distributed.new_group(backend="gloo") if world > 1 else None
+
+    def told_to_stop() -> bool:
+        flag = torch.tensor([float(preemption.received())])
+        if world > 1:
+            torch.distributed.all_reduce(flag, group=stop_group)
+        return flag.item() > 0
+
     def steps():
         """Each optimizer step's micro-batches, epoch after epoch, from the saved position on."""
         group = []
@@ -245,6 +255,7 @@ def train_loop(config: dict) -> dict | None:
         if world > 1:
             torch.distributed.all_reduce(count)
         items = count.clamp(min=1) / world
+        stopping = told_to_stop()  # a worker got SIGTERM: this step is the attempt's last (checkpointed)
         for i, batch in enumerate(batches):
             window[0] += engine.micro_step(batch, items, boundary=i == len(batches) - 1)
         window[1] += count.double() / world  # a tensor op: no wait for the device
@@ -279,7 +290,7 @@ def train_loop(config: dict) -> dict | None:
             if rank == 0:
                 log.write(row)
                 metrics.progress(row, total_steps)
-        if step % spec.checkpoint_every == 0 or done:
+        if step % spec.checkpoint_every == 0 or done or stopping:
             started = time.perf_counter()
             # an evaluation's values go to Ray Train (Tune's schedulers) at its own step only, never
             # again with a later checkpoint as if they were measured there
@@ -293,6 +304,11 @@ def train_loop(config: dict) -> dict | None:
             ray.train.report(row)
         if row:
             window_start = time.perf_counter()
+        if stopping and not done:
+            raise preemption.Preempted(
+                f"a training worker received SIGTERM: checkpoint saved at step {step}; training resumes "
+                "there (failure.max_failures restarts the workers, or run the spec again)"
+            )
         if done:
             break
 

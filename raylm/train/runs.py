@@ -124,6 +124,7 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, callbacks: tupl
     from raylm.runtime import storage
     from raylm.train.console import Console
     from raylm.train.loop import train_loop
+    from raylm.train.preemption import SigtermNotice
     from raylm.train.tracking import finish_runs, open_runs
 
     output = job.output.path
@@ -153,7 +154,7 @@ def fit(kind, job, local_output: Path | None, loop_config: dict, callbacks: tupl
                 storage_path=str(local_output) if local_output else output,
                 failure_config=FailureConfig(max_failures=job.failure.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
-                callbacks=list(callbacks),
+                callbacks=[SigtermNotice(), *callbacks],
             ),
         )
         result = trainer.fit()

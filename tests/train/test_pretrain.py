@@ -2,6 +2,7 @@
 run whose worker is killed mid-way resumes to exactly the weights of an uninterrupted run."""
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -75,12 +76,20 @@ def test_rerun_with_a_different_spec_is_refused(reference_run):
     assert "train.lr" in str(info.value)
 
 
-def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
-    """SIGKILL a training worker after the step-10 checkpoint: failure.max_failures restarts the
-    worker group from it, and the run ends with the uninterrupted run's weights. The run tracks to
-    MLflow (its default local store, <output>/mlflow.db) and W&B (offline, <output>/wandb): the
-    restarted workers log to the same tracking runs. (A driver killed and run again reopens them from
-    tracking.json: tests/runtime/test_object_store.py.)"""
+def test_a_worker_told_to_stop_checkpoints_and_a_killed_one_restarts_from_its_checkpoint(
+    reference_run, tmp_path
+):
+    """Two interruptions of one run (failure.max_failures 2), and it still ends with the uninterrupted
+    run's weights:
+    - SIGTERM to a training worker (a spot reclaim's or a pod eviction's notice) mid-way between
+      checkpoints: every rank finishes its step, a checkpoint is saved at that step and Ray Train restarts
+      the workers from it, so no finished step is lost;
+    - SIGKILL to a worker of the restarted group after its step-15 checkpoint: restarted from the last
+      registered checkpoint.
+    The run tracks to MLflow (its default local store, <output>/mlflow.db) and W&B (offline,
+    <output>/wandb): the restarted workers log to the same tracking runs. (A driver killed and run
+    again reopens them from tracking.json: tests/runtime/test_object_store.py.)"""
+    import json
     import threading
 
     import ray.train
@@ -88,36 +97,63 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
 
     reference_dir, _ = reference_run
     output = tmp_path / "run"
-    killed: list[int] = []
+    seen: dict = {"checkpoints": set()}
 
-    def kill_a_worker_after_first_checkpoint():
-        pids: list[int] = []
-        while len(pids) < 2:  # find the workers first, so the kill follows the checkpoint closely
-            pids = [
-                w["pid"]
-                for w in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            ]
+    def workers() -> list[int]:
+        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        return sorted(w["pid"] for w in alive)
+
+    def checkpoints() -> set[int]:
+        snapshot = output / "checkpoints" / "checkpoint_manager_snapshot.json"
+        text = snapshot.read_text() if snapshot.exists() else ""
+        return {int(m) for m in re.findall(r"checkpoint_(\d{8})", text)}
+
+    def last_logged() -> int:
+        rows = (
+            (output / "metrics.jsonl").read_text().splitlines() if (output / "metrics.jsonl").exists() else []
+        )
+        return json.loads(rows[-1])["step"] if rows else 0
+
+    def interrupt():
+        first: list[int] = []
+        while len(first) < 2:  # find the workers first, so the signals follow the steps closely
+            first = workers()
             time.sleep(0.5)
-        while not registered(output, 10):
+        while last_logged() < 6:
+            time.sleep(0.02)
+        seen["sigterm_after"] = last_logged()
+        os.kill(first[-1], signal.SIGTERM)  # either rank will do
+        second: list[int] = []
+        while len(second) < 2 or set(second) & set(first):  # the restarted group
+            seen["checkpoints"] |= checkpoints()  # what the first attempt left
+            second = workers()
+            time.sleep(0.1)
+        while 15 not in checkpoints():
             time.sleep(0.05)
-        os.kill(max(pids), signal.SIGKILL)  # either rank will do
-        killed.append(max(pids))
+        os.kill(second[-1], signal.SIGKILL)
+        seen["killed"] = True
 
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
-    killer.start()
-    # checkpoints every 5 steps keep the run going for several controller polls after the step-10 one;
-    # evaluations stay at every 10 steps, so steps 15 and 25 are checkpoints without an evaluation
+    interrupter = threading.Thread(target=interrupt, daemon=True)
+    interrupter.start()
+    # log every step (to know where the SIGTERM landed); checkpoints every 5 steps keep the run going for
+    # several controller polls after the step-15 one; evaluations stay at every 10 steps, so step 25 is a
+    # checkpoint without an evaluation
     tracked = {"mlflow": {"experiment": "kill"}, "wandb": {"mode": "offline"}}
-    spec = tiny_spec(output, failure={"max_failures": 1}, train={"checkpoint_every": 5}, logging=tracked)
+    spec = tiny_spec(
+        output,
+        failure={"max_failures": 2},
+        train={"checkpoint_every": 5, "log_every": 1, "keep_checkpoints": 3},
+        logging=tracked,
+    )
     summary = run_here(validate_dict(spec))
-    killer.join(timeout=5)
-    assert killed, "no worker was killed"
-    assert summary["steps"] == 30 and summary["resumed_from"] in (
-        10,
-        15,
-        20,
-        25,
-    )  # the last attempt restarted
+    interrupter.join(timeout=5)
+    assert seen.get("killed"), seen
+    # the SIGTERM landed during a step after `sigterm_after`: the first attempt saved a checkpoint at the
+    # end of that step or the next (every rank learns of it at the start of a step) before it stopped
+    told = seen["sigterm_after"]
+    forced = [s for s in seen["checkpoints"] if told < s <= told + 3]
+    assert forced, seen
+    assert summary["steps"] == 30 and summary["resumed_from"] in (15, 20, 25)  # the last attempt's start
     resumed = load_file(output / "model" / "model.safetensors")
     reference = load_file(reference_dir / "model" / "model.safetensors")
     for name in reference:
@@ -125,7 +161,7 @@ def test_killed_worker_is_restarted_from_checkpoint(reference_run, tmp_path):
     # what Ray Train (and Tune's schedulers) got with each kept checkpoint: an evaluation's values only
     # at the step it was measured, never carried to a later checkpoint's step
     reported = {m["step"]: m for _, m in ray.train.Result.from_path(output / "checkpoints").best_checkpoints}
-    assert sorted(reported) == [25, 30]
+    assert sorted(reported)[-2:] == [25, 30]
     assert "val_loss" not in reported[25] and "loss" in reported[25]
     assert reported[30]["val_loss"] == summary["metrics"]["val_loss"]
     check_tracking(
