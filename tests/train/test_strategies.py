@@ -156,24 +156,18 @@ def big_finetune(base, output, strategy) -> dict:
     }
 
 
-def test_fsdp_loads_a_full_copy_on_rank_0_only_and_trains_like_ddp(ray_local, big_base, tmp_path):
+def test_fsdp_loads_a_full_copy_on_rank_0_only(ray_local, big_base, tmp_path):
     """Measured: what building, loading and sharding added to each worker's peak host memory (the
     kernel's peak-RSS counter, reset before the model is built). Bound: a non-zero rank stays below
-    70% of one full copy (its half of the shards plus one tensor in flight); every DDP rank, and
-    fsdp's rank 0, hold at least one."""
-    from safetensors.torch import load_file
-
+    70% of one full copy (its half of the shards plus one tensor in flight); fsdp's rank 0 holds at
+    least one. (That a run filled from rank 0 trains like DDP: test_fsdp_matches_ddp_and_reloads, and
+    exactly, one full fine-tuning step under fsdp: tests/train/test_finetune.py's accumulation test.)"""
     base, full_bytes = big_base
     fsdp = run_here(validate_dict(big_finetune(base, tmp_path / "fsdp", "fsdp")))
-    ddp = run_here(validate_dict(big_finetune(base, tmp_path / "ddp", "ddp")))
     rank0, rank1 = fsdp["host_memory"]["load"]
     assert rank1 < 0.7 * full_bytes, (rank1 / full_bytes, rank0 / full_bytes)
     assert rank0 > 0.9 * full_bytes
-    assert all(grown > 0.9 * full_bytes for grown in ddp["host_memory"]["load"])
-    mine, reference = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("fsdp", "ddp"))
-    assert set(mine) == set(reference)
-    for name, tensor in reference.items():
-        torch.testing.assert_close(mine[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    assert fsdp["steps"] > 0 and (tmp_path / "fsdp" / "model" / "model.safetensors").exists()
 
 
 # ---- DeepSpeed ZeRO ------------------------------------------------------------------------------
