@@ -18,7 +18,7 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 
 
 @pytest.fixture(scope="session")
-def object_store():
+def object_store(tmp_path_factory):
     """An S3-compatible server (moto's standalone server) on loopback for the whole session, reached the
     standard way: AWS_ENDPOINT_URL and the AWS_* credentials in the environment, set before the session's
     Ray starts so that its workers inherit them (as a cluster's nodes would have them). Yields a
@@ -38,6 +38,8 @@ def object_store():
         AWS_SECRET_ACCESS_KEY="raylm-test-secret",
         AWS_DEFAULT_REGION="us-east-1",
     )
+    # raylm's node cache (fetched inputs, a bucket run's W&B files) for this session's processes
+    os.environ.setdefault("RAYLM_CACHE", str(tmp_path_factory.mktemp("raylm-cache")))
 
     def bucket(name: str) -> str:
         import boto3

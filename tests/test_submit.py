@@ -3,6 +3,7 @@ cluster (`ray start --head` on loopback plus a second `ray start --address` node
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,6 +71,9 @@ AGENT_PORT_FLAGS = (
 )
 
 
+SECOND_NODE: dict = {}  # the second node's `ray start --block` process (the node-loss test kills it)
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory, object_store):
     """A token-authenticated head on loopback and a second node joined to it, each 2 CPUs, each with
@@ -77,6 +81,7 @@ def two_node_cluster(tmp_path_factory, object_store):
     S3-compatible server (object_store: AWS_ENDPOINT_URL and credentials in their environment)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"  # Ray Train's drain watcher (default 5 s)
     gcs, dashboard = free_port(), free_port()
     # Each node gets its own temp dir: nodes sharing one would garbage-collect each other's job files.
     temp = [tmp_path_factory.mktemp("ray", numbered=True) for _ in range(2)]
@@ -117,11 +122,13 @@ def two_node_cluster(tmp_path_factory, object_store):
     try:
         wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=1), "head node")
         procs.append(start_node(f"--address=127.0.0.1:{gcs}", temp=temp[1]))
+        SECOND_NODE.update(process=procs[1], gcs=f"127.0.0.1:{gcs}")
         wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=2), "second node")
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         for proc in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM
-            os.killpg(proc.pid, signal.SIGTERM)
+            if proc.poll() is None:  # (the node-loss test kills the second node itself)
+                os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             try:  # a graceful stop with a server deployed takes ~30 s; the test needs nothing of it
                 proc.wait(timeout=5)
@@ -142,6 +149,21 @@ def _ready(url: str, env: dict, nodes: int) -> bool:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
 
 
+def worker_node_id(url: str, env: dict) -> str:
+    """The id of the alive node that is not the head."""
+    code = (
+        "import json,urllib.request as u\n"
+        "from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled as h\n"
+        f"r=u.Request('{url}/nodes?view=summary', headers=h({{}}))\n"
+        "d=json.load(u.urlopen(r, timeout=5))\n"
+        "print([n['raylet']['nodeId'] for n in d['data']['summary'] if n['raylet']['state']=='ALIVE' "
+        "and not n['raylet'].get('isHeadNode')][0])\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def wait_for(check, what: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -155,51 +177,6 @@ def raylm(*args, env, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "raylm", *args], env=env, cwd=cwd, capture_output=True, text=True
     )
-
-
-@pytest.mark.cluster
-def test_jobs_api_runs_two_workers_on_two_nodes(two_node_cluster, tmp_path):
-    address, env = two_node_cluster
-    # A storage URI, as a cluster would use (s3://, gs://); file:// reaches this machine's disk,
-    # which both nodes share here. Each worker takes every CPU of its node (2): the data pipeline must
-    # not need a CPU while they train (it used to wait for one forever).
-    output = tmp_path / "run"
-    spec_file = tmp_path / "spec.yaml"
-    spec = tiny_spec(
-        f"file://{output}", resources={"num_workers": 2, "cpus_per_worker": 2, "placement": "strict_spread"}
-    )
-    spec_file.write_text(yaml.safe_dump(spec))
-
-    done = raylm("run", str(spec_file), "--address", address, "--set", "train.max_steps=10", env=env)
-    (tmp_path / "job.log").write_text(done.stdout)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "SUCCEEDED" in done.stdout and "[raylm] done" in done.stdout  # logs were followed
-    summary = json.loads((output / "summary.json").read_text())
-    assert len(summary["worker_nodes"]) == 2 and len(set(summary["worker_nodes"])) == 2
-    assert (output / "model" / "model.safetensors").exists() and (
-        output / "model" / "tokenizer.json"
-    ).exists()
-    assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [
-        5,
-        10,
-    ]
-    assert (output / "spec.yaml").exists() and (output / "strategy.json").exists()  # the run's guards
-    last = output / "checkpoints" / "checkpoint_00000010"
-    assert (last / "MANIFEST.rank0.json").exists() and (
-        last / "MANIFEST.rank1.json"
-    ).exists()  # both nodes' parts
-
-    job_id = done.stdout.split("submitted ", 1)[1].split()[0]
-    listed = raylm("jobs", "list", "--address", address, env=env)
-    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    status = raylm("jobs", "status", job_id, "--address", address, env=env)
-    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
-    logs = raylm("jobs", "logs", job_id, "--address", address, env=env)
-    assert "[raylm] done" in logs.stdout
-    stop = raylm("jobs", "stop", job_id, "--address", address, env=env)
-    assert stop.returncode == 0 and "not running" in stop.stdout
-    unknown = raylm("jobs", "status", "no-such-job", "--address", address, env=env)
-    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
 
 
 @pytest.mark.cluster
@@ -336,3 +313,103 @@ def test_a_server_deployed_through_the_jobs_api_stays_up_and_needs_the_key(
         assert key not in runtime_env.stdout and key not in done.stdout
     finally:
         subprocess.run(["serve", "shutdown", "-y", "-a", address], env=env, capture_output=True)
+
+
+# Last in the module: it takes the second node away.
+@pytest.mark.cluster
+def test_a_node_reclaimed_with_notice_costs_no_step_and_the_run_finishes_on_the_other(
+    two_node_cluster, object_store, tmp_path
+):
+    """A 2-worker run through the Jobs API, one worker per node (each takes a node's 2 CPUs), its
+    output in the bucket, elastic (num_workers: [1, 2]). After its step-50 checkpoint the second node
+    is reclaimed the way a spot fleet does it: first a drain notice with a deadline (`ray drain-node
+    --reason DRAIN_NODE_REASON_PREEMPTION`, what KubeRay and Ray's autoscaler send), on which every rank
+    saves a checkpoint at once (off the 50-step grid) and trains on; then the node is lost (its raylet
+    and workers SIGKILLed). Ray Train restarts the run on the one worker that still fits, from that
+    checkpoint in the bucket, and it finishes. Then the job commands (list, status, logs, stop, an
+    unknown id)."""
+    from raylm.runtime import storage
+    from tests.runtime.test_object_store import bucket_files, read_bytes
+
+    address, env = two_node_cluster
+    output = object_store("node-loss") + "/run"
+    spec = tiny_spec(
+        output,
+        resources={"num_workers": [1, 2], "cpus_per_worker": 2, "placement": "strict_spread"},
+        train={
+            "max_steps": 400,
+            "eval_every": 100,
+            "checkpoint_every": 50,
+            "log_every": 50,
+            "keep_checkpoints": 10,
+        },
+        failure={"max_failures": 1},
+    )
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    job = subprocess.Popen(
+        [sys.executable, "-m", "raylm", "run", str(spec_file), "--address", address],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def checkpoints() -> set[int]:
+        snapshot = storage.read_text(f"{output}/checkpoints", "checkpoint_manager_snapshot.json") or ""
+        return {int(m) for m in re.findall(r"checkpoint_(\d{8})", snapshot)}
+
+    try:
+        wait_for(lambda: 50 in checkpoints() or job.poll() is not None, "the step-50 checkpoint", timeout=300)
+        assert job.poll() is None, job.stdout.read()[-4000:]
+        drain = subprocess.run(
+            [
+                "ray",
+                "drain-node",
+                f"--address={SECOND_NODE['gcs']}",
+                f"--node-id={worker_node_id(address, env)}",
+                "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message=spot reclaim (test)",
+                "--deadline-remaining-seconds=20",  # Ray Train restarts at the deadline at the latest
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        wait_for(
+            lambda: any(s % 50 for s in checkpoints()) or job.poll() is not None, "the drain checkpoint", 120
+        )
+        (notice,) = [s for s in checkpoints() if s % 50]
+        second = SECOND_NODE["process"]
+        os.killpg(second.pid, signal.SIGKILL)  # the node's raylet, its agents and its workers
+        second.wait()
+        out, _ = job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    (tmp_path / "job.log").write_text(out)
+    assert job.returncode == 0 and "SUCCEEDED" in out, out[-4000:]
+    assert "2 worker(s) on 2 node(s)" in out and "1 worker(s) on 1 node(s)" in out  # before and after
+    summary = json.loads(read_bytes(output, "summary.json"))
+    assert summary["steps"] == 400 and summary["resumed_from"] >= notice  # restarted from the bucket
+    assert len(summary["worker_nodes"]) == 1  # the last attempt: the node that was left
+    files = bucket_files(output)
+    assert {"model/model.safetensors", "model/tokenizer.json", "spec.yaml", "strategy.json"} <= set(files)
+    # both nodes wrote their parts of the 2-worker checkpoints; the restarted worker its own alone
+    assert f"checkpoints/checkpoint_{notice:08d}/MANIFEST.rank1.json" in files
+    assert "checkpoints/checkpoint_00000400/MANIFEST.rank1.json" not in files
+    steps = [json.loads(line)["step"] for line in read_bytes(output, "metrics.jsonl").decode().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # replayed steps logged once
+
+    job_id = out.split("submitted ", 1)[1].split()[0]
+    listed = raylm("jobs", "list", "--address", address, env=env)
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    status = raylm("jobs", "status", job_id, "--address", address, env=env)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    logs = raylm("jobs", "logs", job_id, "--address", address, env=env)
+    assert "[raylm] done" in logs.stdout
+    stop = raylm("jobs", "stop", job_id, "--address", address, env=env)
+    assert stop.returncode == 0 and "not running" in stop.stdout
+    unknown = raylm("jobs", "status", "no-such-job", "--address", address, env=env)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr

@@ -47,8 +47,8 @@ def check_logging(logging, output: str) -> list[tuple[str, str]]:
             (
                 "logging.mlflow.tracking_uri",
                 f"the output {output} is a storage URI, which cannot hold MLflow's default SQLite store: "
-                "set tracking_uri to an MLflow server (http://host:5000) or a local .db file, "
-                "or set MLFLOW_TRACKING_URI",
+                "set tracking_uri (or MLFLOW_TRACKING_URI) to an MLflow server, http://host:5000 (a local "
+                ".db file serves one machine only: rank 0 logs from its own node)",
             )
         )
     if logging.wandb is None or logging.wandb.mode != "online":

@@ -99,6 +99,18 @@ def exists(output: str, name: str) -> bool:
     return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
 
 
+def remove(output: str, name: str) -> None:
+    """Delete file `name` of the run at `output` (a folder or a URI), if it is there."""
+    if not is_uri(output):
+        Path(output, name).unlink(missing_ok=True)
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(output)
+    if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
+        fs.delete_file(f"{root}/{name}")
+
+
 def subfolders(output: str) -> list[str]:
     """The names of the folders directly under `output` (a folder or a URI); [] when it is missing."""
     if not is_uri(output):

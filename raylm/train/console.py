@@ -21,9 +21,14 @@ class Console:
     """The driver's end: a queue actor and a thread that prints what arrives."""
 
     def __init__(self, total_steps: int, stream=None):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # on the driver's node: a queue on a worker's node would die with it, and a run that goes on
+        # after losing that node (failure.max_failures, elastic workers) would lose its console
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.total = total_steps
         self.stream = stream or sys.stdout
         self.bar = None

@@ -211,6 +211,12 @@ def train_loop(config: dict) -> dict | None:
             torch.distributed.all_reduce(flag, group=stop_group)
         return flag.item() > 0
 
+    # Ray's own notice: a node of this run is draining (KubeRay / the autoscaler reclaiming it, with a
+    # deadline). One checkpoint at once, then training goes on: Ray Train restarts the run from it when
+    # the node goes (FailureConfig.max_preemption_failures, unlimited by default). Every rank asks at
+    # every step (the call is a barrier).
+    drain_checkpointed = False
+
     def steps():
         """Each optimizer step's micro-batches, epoch after epoch, from the saved position on."""
         group = []
@@ -256,6 +262,8 @@ def train_loop(config: dict) -> dict | None:
             torch.distributed.all_reduce(count)
         items = count.clamp(min=1) / world
         stopping = told_to_stop()  # a worker got SIGTERM: this step is the attempt's last (checkpointed)
+        draining = not drain_checkpointed and ray.train.get_preemption_info() is not None
+        drain_checkpointed |= draining
         for i, batch in enumerate(batches):
             window[0] += engine.micro_step(batch, items, boundary=i == len(batches) - 1)
         window[1] += count.double() / world  # a tensor op: no wait for the device
@@ -290,7 +298,7 @@ def train_loop(config: dict) -> dict | None:
             if rank == 0:
                 log.write(row)
                 metrics.progress(row, total_steps)
-        if step % spec.checkpoint_every == 0 or done or stopping:
+        if step % spec.checkpoint_every == 0 or done or stopping or draining:
             started = time.perf_counter()
             # an evaluation's values go to Ray Train (Tune's schedulers) at its own step only, never
             # again with a later checkpoint as if they were measured there
@@ -305,6 +313,10 @@ def train_loop(config: dict) -> dict | None:
         if row:
             window_start = time.perf_counter()
         if stopping and not done:
+            if rank == 0:  # the rows logged so far reach their files (and the bucket) before the stop
+                log.close()
+                if config["publish_to"]:
+                    storage.publish_files(stage, config["publish_to"], ["metrics.jsonl", "tensorboard"])
             raise preemption.Preempted(
                 f"a training worker received SIGTERM: checkpoint saved at step {step}; training resumes "
                 "there (failure.max_failures restarts the workers, or run the spec again)"

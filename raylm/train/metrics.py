@@ -75,8 +75,7 @@ def connect(queue) -> None:
 def emit(line: str) -> None:
     """A raylm line from a Train worker: to the driver's console, else printed once (Train V2 routes
     `print` through logging, which doubles it)."""
-    if _channel is not None:
-        _channel.put(("line", line))
+    if _send(("line", line)):
         return
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
@@ -84,9 +83,22 @@ def emit(line: str) -> None:
 
 def progress(row: dict, max_steps: int) -> None:
     """A logged step: the driver's console turns it into the progress bar or a line."""
-    if _channel is not None:
-        _channel.put(("row", row))
+    if _send(("row", row)):
         return
     from raylm.train.console import format_progress
 
     emit(format_progress(row, max_steps))
+
+
+def _send(item) -> bool:
+    """To the driver's console; False (and printed here from then on) when there is none or it is gone:
+    a console line never costs a training run."""
+    global _channel
+    if _channel is None:
+        return False
+    try:
+        _channel.put(item)
+        return True
+    except Exception:  # the queue actor died (its node was lost, Ray is shutting down)
+        _channel = None
+        return False

@@ -220,8 +220,10 @@ def check_same_run(job, output: str) -> None:
     """Refuse to resume a run (a folder or a URI) written by a different spec; record the spec for
     new runs."""
     from raylm.runtime import storage
+    from raylm.train.tracking import recordable
 
-    current = storage.as_written(job)  # a fetched input is recorded as the URI it came from
+    # a fetched input is recorded as the URI it came from; a tracking URI without its credentials
+    current = recordable(storage.as_written(job))
     recorded = storage.read_text(output, "spec.yaml")
     if recorded is not None:
         earlier = yaml.safe_load(recorded)

@@ -62,10 +62,47 @@ def open_runs(job, output: str) -> dict:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise SpecError([("logging.mlflow", f"cannot open an MLflow run: {first}")]) from None
     if job.logging.wandb is not None:
-        ids["wandb"] = saved.get("wandb") or {"id": uuid.uuid4().hex[:12]}
-        ids["wandb"]["dir"] = wandb_dir(output)
-    storage.write_text(output, RECORD, json.dumps(ids, indent=2))
+        ids["wandb"] = {"id": (saved.get("wandb") or {}).get("id") or uuid.uuid4().hex[:12], "output": output}
+    recorded = {
+        **ids,
+        **(
+            {"mlflow": {**ids["mlflow"], "tracking_uri": redacted(ids["mlflow"]["tracking_uri"])}}
+            if "mlflow" in ids
+            else {}
+        ),
+    }
+    storage.write_text(output, RECORD, json.dumps(recorded, indent=2))
     return ids
+
+
+def recordable(spec: dict) -> dict:
+    """A dumped spec as a run's records keep it (spec.yaml, tracking parameters): the MLflow tracking
+    URI without its credentials."""
+    if isinstance(spec.get("base"), dict):  # a search: its base spec's logging
+        spec = {**spec, "base": recordable(spec["base"])}
+    mlflow = (spec.get("logging") or {}).get("mlflow") or {}
+    if mlflow.get("tracking_uri"):
+        spec = {
+            **spec,
+            "logging": {
+                **spec["logging"],
+                "mlflow": {**mlflow, "tracking_uri": redacted(mlflow["tracking_uri"])},
+            },
+        }
+    return spec
+
+
+def redacted(uri: str) -> str:
+    """`uri` without the user and password a database or server URI may carry (scheme://user:pw@host):
+    what a run's files keep of it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def wandb_dir(output: str) -> str:
@@ -86,8 +123,12 @@ def mlflow_uri(configured: str | None, output: str) -> str:
     SQLite database in the run's folder (<output>/mlflow.db; preflight refuses this default for a run
     in object storage). A local path in the spec names a SQLite database when it ends in .db, else a
     folder store (which MLflow 3 keeps in maintenance mode)."""
+    from raylm.runtime.storage import is_uri
+
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
+        if is_uri(output):  # preflight says so first; this guards callers that skip it
+            raise ValueError(f"no MLflow tracking_uri for a run in object storage ({output})")
         return f"sqlite:///{Path(output).expanduser().resolve() / 'mlflow.db'}"
     if "://" not in uri and uri != "databricks":
         path = Path(uri).expanduser().resolve()
@@ -119,7 +160,7 @@ def _open_mlflow(job, output: str, saved: dict | None) -> dict:
 
     uri = mlflow_uri(job.logging.mlflow.tracking_uri, output)
     client = _mlflow_client(uri)
-    if saved and saved.get("tracking_uri") == uri:
+    if saved and saved.get("tracking_uri") == redacted(uri):
         client.update_run(saved["run_id"], status="RUNNING")
         return saved
     name = job.logging.mlflow.experiment
@@ -134,7 +175,7 @@ def _open_mlflow(job, output: str, saved: dict | None) -> dict:
             f"[raylm] MLflow run {run.info.run_id}; to see it: mlflow ui --backend-store-uri {uri}",
             flush=True,
         )
-    params = [Param(k, v[:500]) for k, v in flat(job.model_dump(mode="json")).items()]
+    params = [Param(k, v[:500]) for k, v in flat(recordable(job.model_dump(mode="json"))).items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
         client.log_batch(run.info.run_id, params=params[start : start + 100])
     return {"tracking_uri": uri, "run_id": run.info.run_id}
@@ -166,7 +207,8 @@ def _wandb_run(ids: dict, job, config: dict | None = None):
     import wandb
 
     settings = job.logging.wandb
-    Path(ids["dir"]).mkdir(parents=True, exist_ok=True)
+    folder = Path(wandb_dir(ids["output"]))  # on the node that logs (a bucket run: its own cache)
+    folder.mkdir(parents=True, exist_ok=True)
     return wandb.init(
         project=settings.project,
         entity=settings.entity,
@@ -174,7 +216,7 @@ def _wandb_run(ids: dict, job, config: dict | None = None):
         id=ids["id"],
         resume="allow",
         name=job.run_name,
-        dir=ids["dir"],
+        dir=str(folder),
         config=config,
         settings=wandb.Settings(silent=True, console="off"),
     )
@@ -201,7 +243,7 @@ class MLflowSink:
 
 class WandbSink:
     def __init__(self, ids: dict, job):
-        self.run = _wandb_run(ids, job, config=flat(job.model_dump(mode="json")))
+        self.run = _wandb_run(ids, job, config=flat(recordable(job.model_dump(mode="json"))))
 
     def log(self, row: dict) -> None:
         self.run.log(numeric(row), step=row["step"])

@@ -34,6 +34,7 @@ class Tune:
         # Checked on this node's copies of inputs in object storage; the trials keep the URIs (each
         # trial's workers fetch their own copies on their nodes).
         base = job.base.model_copy(deep=True)
+        base.output.path = f"{job.output.path.rstrip('/')}/trials"  # where the trials write
         problems = localize_inputs(base) or Finetune().preflight(base)
         return [(f"base.{where}", what) for where, what in problems]
 
@@ -63,6 +64,9 @@ def run_search(job: TuneJob) -> dict:
     check_capacity(job.base.resources, "training workers of one trial")
     check_output_reachable(output, job.base.resources, "base.resources")  # trials write under it
     check_same_run(job, output)
+    # the search is unfinished from here on (its results are rewritten): a reader of the output must
+    # not take the last run's summary for this one's, nor its best/ while it is replaced
+    storage.remove(output, "summary.json")
     space = parse(job.search, job.algorithm)
     base = trial_base(job)
     base["output"]["path"] = f"{output}/trials"

@@ -60,13 +60,13 @@ def run_trial(config: dict, search: dict) -> None:
     spec["output"]["path"] = folder
     spec["name"] = f"{search['name']}-{trial_id}"
     job = validate_dict(spec, source=f"trial {trial_id}")
-    problems = storage.localize_inputs(job)  # this node's copies of inputs in object storage
-    if problems:
-        raise SpecError(problems)
 
     if storage.exists(folder, "rejected.json"):
         return  # rejected when the search first reached it
     if not storage.exists(folder, "summary.json"):  # else it finished before the search was interrupted
+        problems = storage.localize_inputs(job)  # this node's copies of inputs in object storage
+        if problems:
+            raise SpecError(problems)
         record = json.loads(storage.read_text(folder, "trial.json") or '{"attempts": 0}')
         record.update(
             trial_id=trial_id,

@@ -3,6 +3,7 @@ reached through AWS_ENDPOINT_URL like any S3 endpoint): checkpoints, the tokeniz
 the final artifacts live in the bucket, a killed run resumes from the bucket's checkpoints, and
 nothing of the run stays on the local disk."""
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -48,25 +49,24 @@ def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
     weights, every run file in the bucket, none on this machine outside raylm's cache. The run tracks to
     MLflow (a SQLite store named in the spec: its default store would be a file in the run folder) and
     W&B (offline, in raylm's cache): the resumed run reopens both runs from tracking.json in the bucket."""
+    from raylm.train.tracking import wandb_dir
     from tests.train.test_pretrain import check_tracking
 
     output = object_store("runs") + "/pretrain"
     mlflow_db = tmp_path / "mlflow.db"
-    cache = {"RAYLM_CACHE": str(tmp_path / "cache")}
     tracked = {"mlflow": {"experiment": "kill", "tracking_uri": str(mlflow_db)}, "wandb": {"mode": "offline"}}
     # Evaluations every 5 steps (evaluating moves no weight) and the controller's default 2 s poll: Ray
     # Train registers checkpoints at its polls, and the killed attempt must not reach its end first.
     spec = tiny_spec(output, train={"eval_every": 5}, logging=tracked)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
-    default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", **cache}
+    default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
     run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10), env=default_poll)
     assert "model/model.safetensors" not in bucket_files(output)
 
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # a relative path written by mistake would land here
-    monkeypatch.setenv("RAYLM_CACHE", cache["RAYLM_CACHE"])
     before = stages()
     summary = run_here(validate_dict(spec))
     assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
@@ -94,7 +94,8 @@ def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
     assert list(work.iterdir()) == [] and stages() == before
     record = read_bytes(output, "tracking.json").decode()
     check_tracking(rows, summary, f"sqlite:///{mlflow_db}", record)
-    assert str(tmp_path / "cache") in record  # W&B's files: in raylm's cache, not beside the run
+    # W&B's files: in raylm's cache on this node, not beside the run
+    assert wandb_dir(output).startswith(os.environ["RAYLM_CACHE"])
 
 
 @pytest.mark.quick

@@ -199,13 +199,16 @@ def check_tracking(logged_rows: list[dict], summary: dict, mlflow_uri: str, reco
         local = client.download_artifacts(run.info.run_id, "summary.json", scratch)
         assert json.loads(Path(local).read_text())["steps"] == 30
 
+    from raylm.train.tracking import wandb_dir
+
     ids = json.loads(record)
-    wandb = run_contents(Path(ids["wandb"]["dir"]) / "wandb", ids["wandb"]["id"])
+    files = Path(wandb_dir(ids["wandb"]["output"])) / "wandb"
+    wandb = run_contents(files, ids["wandb"]["id"])
     steps = {row["_step"]: row for row in wandb["history"]}
     # the resumed attempt's rows (a SIGKILLed attempt loses what its W&B process had not yet written)
     after = {s for s, row in logged.items() if "loss" in row and s > summary["resumed_from"]}
     assert after <= set(steps) and steps[30]["loss"] == pytest.approx(logged[30]["loss"])
     assert wandb["config"]["train.lr"] == "0.003"
     assert wandb["summary"]["artifact"] == summary["model"] and wandb["summary"]["steps"] == 30
-    attempts = list((Path(ids["wandb"]["dir"]) / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}"))
+    attempts = list(files.glob(f"offline-run-*-{ids['wandb']['id']}"))
     assert len(attempts) >= 2  # the killed attempt and the resumed one share the run id

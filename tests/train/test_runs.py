@@ -62,3 +62,25 @@ def test_the_cache_of_a_relative_output_is_named_absolutely(ray_local, tmp_path,
     assert Path(where).is_absolute() and Path(where).is_relative_to(tmp_path / "runs" / "relative")
     monkeypatch.chdir("/")
     assert CachedSplit(where, "train", manifest["splits"]["train"]).read(0, 2)["input_ids"].shape == (2, 32)
+
+
+@pytest.mark.quick
+def test_records_keep_no_tracking_credentials(tmp_path):
+    """spec.yaml (and tracking.json, the MLflow parameters) keep a tracking URI without the user and
+    password it carries; the run itself uses the full URI."""
+    from raylm.train.tracking import recordable, redacted
+
+    secret = "postgresql://mlflow:s3cr3t@db.internal:5432/mlflow"
+    output = tmp_path / "run"
+    job = validate_dict(tiny_spec(output, logging={"mlflow": {"tracking_uri": secret}}))
+    check_same_run(job, str(output))
+    record = (output / "spec.yaml").read_text()
+    assert "s3cr3t" not in record and "db.internal:5432/mlflow" in record
+    check_same_run(job, str(output))  # the same spec again: the same run
+    assert job.logging.mlflow.tracking_uri == secret
+    assert (
+        redacted("https://user:token@host/x") == "https://host/x"
+        and redacted("http://host:5000") == "http://host:5000"
+    )
+    search = {"base": {"logging": {"mlflow": {"tracking_uri": secret}}}}
+    assert "s3cr3t" not in json.dumps(recordable(search))
