@@ -26,6 +26,8 @@ class Prune:
     """kind: prune (a raylm.kinds.JobKind)."""
 
     def preflight(self, job: PruneJob) -> list[tuple[str, str]]:
+        from raylm.runtime import storage
+
         problems = inputs.check_inputs(job)
         if problems:
             return problems
@@ -33,6 +35,15 @@ class Prune:
             problems += iterative.problems(job)
         if job.recover is not None:
             problems += retrain.problems(job, job.recover, "recover")
+        if storage.is_uri(job.output.path) and (job.method.name == "iterative" or job.recover is not None):
+            problems.append(
+                (
+                    "output",
+                    "pruning with retraining (iterative rounds, recover) keeps its training runs in a work "
+                    "folder beside the output: give a local or shared output path (a bucket takes the "
+                    "one-shot methods)",
+                )
+            )
         return problems + method_problems(job) + staging.check_output(job)
 
     def run(self, job: PruneJob) -> dict:
@@ -153,7 +164,7 @@ def prune_task(spec: dict, blocks, prompts, calibration, retrained: dict) -> dic
     from raylm.planning.models import build_model, count_parameters
 
     job, device, stage = remote.start(PruneJob, spec)
-    source, output = Path(job.model.path).expanduser(), Path(job.output.path)
+    source, output = Path(job.model.path).expanduser(), job.output.path.rstrip("/")  # a folder or a URI
 
     model = build_model(job.model, vocab_size=0).to(device)
     before = measure.model_measures(model, blocks, prompts, job.measure.new_tokens)
@@ -180,7 +191,7 @@ def prune_task(spec: dict, blocks, prompts, calibration, retrained: dict) -> dic
         "kind": "prune",
         "method": method.model_dump(mode="json"),
         "model": job.model._source or str(source),  # a fetched model: the URI it came from
-        "artifact": str(output),
+        "artifact": output,
         "weights_bytes": {**size, "ratio": round(size["pruned"] / size["original"], 4)},
         "parameters": {"original": parameters_before, "pruned": count_parameters(pruned)[1]},
         "perplexity": {

@@ -50,7 +50,7 @@ class Quantize:
         return problems + staging.check_output(job)
 
     def run(self, job: QuantizeJob) -> dict:
-        output = Path(job.output.path)
+        output = job.output.path
         recorded = staging.finished(job)
         if recorded is not None:
             print(f"[raylm] {output} already holds this quantization; its summary:", flush=True)
@@ -84,7 +84,7 @@ def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]],
     from raylm.planning.models import build_model
 
     job, device, stage = remote.start(QuantizeJob, spec)
-    source, output = Path(job.model.path).expanduser(), Path(job.output.path)
+    source, output = Path(job.model.path).expanduser(), job.output.path.rstrip("/")  # a folder or a URI
 
     original = build_model(job.model, vocab_size=0).to(device)
     before = measure.model_measures(original, blocks, prompts, job.measure.new_tokens)
@@ -117,7 +117,7 @@ def quantize_task(spec: dict, blocks: list[list[int]], prompts: list[list[int]],
         "kind": "quantize",
         "method": job.method.model_dump(mode="json"),
         "model": job.model._source or str(source),  # a fetched model: the URI it came from
-        "artifact": str(output / artifact.name) if artifact != stage else str(output),
+        "artifact": f"{output}/{artifact.name}" if artifact != stage else output,
         "weights_bytes": {**size, "ratio": round(size["quantized"] / size["original"], 4)},
         "bits_per_parameter": bits,
         "kept_full_precision": kept,

@@ -8,8 +8,6 @@ folder its output is written into.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from raylm.compress import staging
 
 
@@ -38,4 +36,4 @@ def start(spec_model, spec: dict):
         raise RuntimeError("; ".join(f"{field}: {message}" for field, message in problems))
     torch.set_num_threads(max(1, int(job.resources.cpus)))
     device = "cuda" if job.resources.use_gpu else "cpu"
-    return job, device, staging.start(Path(job.output.path))
+    return job, device, staging.start(job.output.path.rstrip("/"))

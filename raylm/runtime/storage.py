@@ -111,6 +111,17 @@ def remove(output: str, name: str) -> None:
         fs.delete_file(f"{root}/{name}")
 
 
+def listing(output: str) -> list[str]:
+    """The names of the files and folders directly under `output` (a folder or a URI); [] when missing."""
+    if not is_uri(output):
+        folder = Path(output)
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(output)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
+
+
 def subfolders(output: str) -> list[str]:
     """The names of the folders directly under `output` (a folder or a URI); [] when it is missing."""
     if not is_uri(output):

@@ -182,25 +182,38 @@ def _open_mlflow(job, output: str, saved: dict | None) -> dict:
 
 
 def finish_runs(ids: dict, job, summary: dict | None, summary_file: Path | None) -> None:
-    """Close the tracking runs: summary.json and the artifact path on success, FAILED otherwise."""
+    """Close the tracking runs: summary.json and the artifact path on success, FAILED otherwise. A
+    tracking backend that fails here costs a warning: the run's own files are written already."""
     artifact = (summary or {}).get("artifact") or (summary or {}).get("model")
     if "mlflow" in ids:
-        client = _mlflow_client(ids["mlflow"]["tracking_uri"])
-        run_id = ids["mlflow"]["run_id"]
-        if summary is not None:
-            if summary_file is not None:
-                client.log_artifact(run_id, str(summary_file))
-            if artifact:
-                client.set_tag(run_id, "raylm.artifact", artifact)
-        client.set_terminated(run_id, status="FINISHED" if summary is not None else "FAILED")
+        try:
+            client = _mlflow_client(ids["mlflow"]["tracking_uri"])
+            run_id = ids["mlflow"]["run_id"]
+            if summary is not None:
+                if summary_file is not None:
+                    client.log_artifact(run_id, str(summary_file))
+                if artifact:
+                    client.set_tag(run_id, "raylm.artifact", artifact)
+            client.set_terminated(run_id, status="FINISHED" if summary is not None else "FAILED")
+        except Exception as err:
+            print(f"[raylm] warning: could not close the MLflow run: {err}", flush=True)
     if "wandb" in ids:
-        run = _wandb_run(ids["wandb"], job)
-        if summary is not None:
-            run.summary.update({"artifact": artifact, "steps": summary.get("steps")})
-            run.summary.update(numeric(summary.get("metrics") or {}))
-            if summary_file is not None:
-                run.save(str(summary_file), base_path=str(summary_file.parent), policy="now")
-        run.finish(exit_code=0 if summary is not None else 1)
+        import wandb
+
+        try:
+            run = _wandb_run(ids["wandb"], job)
+            if summary is not None:
+                run.summary.update({"artifact": artifact, "steps": summary.get("steps")})
+                run.summary.update(numeric(summary.get("metrics") or {}))
+                if summary_file is not None:
+                    run.save(str(summary_file), base_path=str(summary_file.parent), policy="now")
+            run.finish(exit_code=0 if summary is not None else 1)
+        except Exception as err:
+            print(f"[raylm] warning: could not close the W&B run: {err}", flush=True)
+        finally:
+            # W&B leaves its service running with its address in WANDB_SERVICE, which processes started
+            # from here later would inherit and share (a killed one leaving its run "in use" there)
+            wandb.teardown()
 
 
 def _wandb_run(ids: dict, job, config: dict | None = None):

@@ -45,25 +45,38 @@ def quantize_spec(model, output, method) -> dict:
 
 @pytest.fixture(scope="module")
 def specs(trained, object_store, tmp_path_factory):
-    """Every method's spec: label -> spec. int8 reads the model from a bucket (moto's S3 server)."""
+    """Every method's spec: label -> spec. int8 reads the model from a bucket (moto's S3 server); q4_0
+    writes its output to the bucket."""
     from tests.runtime.test_object_store import upload
 
     root = tmp_path_factory.mktemp("quantized")
-    uri = object_store("quantize") + "/model"
-    upload(trained, uri)
+    bucket = object_store("quantize")
+    upload(trained, f"{bucket}/model")
     specs = {label: quantize_spec(trained, root / label, method) for label, method in RUNS.items()}
     # a fetched folder is not inside its run: the held-out text is given
-    specs["int8"] |= {"model": {"path": uri}, "data": {"generate": {"documents": 400}, "seq_len": 32}}
+    specs["int8"] |= {
+        "model": {"path": f"{bucket}/model"},
+        "data": {"generate": {"documents": 400}, "seq_len": 32},
+    }
+    specs["q4_0"]["output"] = f"{bucket}/q4_0"
     return specs
 
 
 @pytest.fixture(scope="module")
 def quantized(specs):
     """Every method once: label -> (output folder, summary). For int8 the driver and the task each
-    fetch the model from the bucket on their node; the summary and spec.yaml keep its URI."""
-    runs = {label: (Path(spec["output"]), run_here(validate_dict(spec))) for label, spec in specs.items()}
+    fetch the model from the bucket on their node; the summary and spec.yaml keep its URI. q4_0's output
+    is uploaded to the bucket when complete (summary.json last): the tests read a copy fetched back."""
+    from raylm.runtime import storage
+    from tests.runtime.test_object_store import bucket_files
+
+    runs = {label: (spec["output"], run_here(validate_dict(spec))) for label, spec in specs.items()}
     assert runs["int8"][1]["model"] == specs["int8"]["model"]["path"]
-    return runs
+    uri, summary = runs["q4_0"]
+    assert summary["artifact"].startswith(uri + "/") and summary["artifact"].endswith(".gguf")
+    assert {"spec.yaml", "summary.json", summary["artifact"][len(uri) + 1 :]} == set(bucket_files(uri))
+    runs["q4_0"] = (storage.localize(uri), summary)
+    return {label: (Path(output), summary) for label, (output, summary) in runs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -309,11 +322,16 @@ def test_a_byte_level_bpe_tokenizer_survives_the_gguf_file(tmp_path):
 
 
 def test_the_same_spec_again_returns_the_recorded_summary(quantized, specs):
+    from tests.runtime.test_object_store import bucket_files
+
     output, summary = quantized["int8"]  # its model is a bucket URI, recorded as such
     before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
     again = run_here(validate_dict(specs["int8"]))
     assert again == summary
     assert {p.name: p.stat().st_mtime_ns for p in output.iterdir()} == before
+    in_bucket = bucket_files(specs["q4_0"]["output"])  # an output in the bucket, read from there
+    assert run_here(validate_dict(specs["q4_0"])) == quantized["q4_0"][1]
+    assert bucket_files(specs["q4_0"]["output"]) == in_bucket
 
 
 def test_bad_inputs_are_refused_before_any_work(tmp_path, trained, quantized):
