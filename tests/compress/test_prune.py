@@ -168,6 +168,11 @@ def test_bad_pruning_inputs_are_refused(tmp_path, trained):
         "data": {"generate": {"documents": 50}, "seq_len": 16},
     }
     assert "structured pruning covers Llama-style decoders" in validate_fails(tmp_path, spec)
+    # a bucket output takes the one-shot methods; retraining keeps its runs beside a local output
+    iterative = {"name": "iterative", "sparsity": 0.75, "rounds": 2}
+    assert "give a local or shared output path" in validate_fails(
+        tmp_path, prune_spec(trained, "s3://bucket/pruned", iterative)
+    )
 
 
 def test_too_little_calibration_text_stops_before_pruning(tmp_path, trained, ray_local):
