@@ -56,7 +56,11 @@ def spec(steps: int, every: int, output: str) -> dict:
 
 
 def start_s3() -> str:
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -112,7 +116,7 @@ def main() -> None:
         return sum(r[key] for r in runs if r["output"] == where)
 
     result = {
-        "command": "python benchmarks/object_store.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/object_store.py", *sys.argv[1:]]),
         "steps": args.steps,
         "checkpoint_every": args.every,
         "rounds": args.rounds,
