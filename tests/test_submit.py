@@ -122,7 +122,7 @@ def two_node_cluster(tmp_path_factory, object_store):
     try:
         wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=1), "head node")
         procs.append(start_node(f"--address=127.0.0.1:{gcs}", temp=temp[1]))
-        SECOND_NODE.update(process=procs[1], gcs=f"127.0.0.1:{gcs}")
+        SECOND_NODE.update(process=procs[1], gcs=f"127.0.0.1:{gcs}", caches=[t / "cache" for t in temp])
         wait_for(lambda: _ready(f"http://127.0.0.1:{dashboard}", env, nodes=2), "second node")
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
@@ -225,7 +225,8 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
     assert len(summaries) == 2 and all(s["steps"] == 10 for s in summaries)
     # two trials at once need 3 CPUs (2 x (0.5 + 1)): the nodes' 2 + 2 are both in use
     assert {"summary.json", "trials.parquet", "best/adapter_config.json"} <= set(files)
-    assert not (tmp_path / "search").exists()
+    # each node fetched the base from the bucket into its own cache
+    assert all(any((cache / "objects").iterdir()) for cache in SECOND_NODE["caches"])
 
 
 @pytest.mark.cluster

@@ -169,7 +169,7 @@ def prepare(spec) -> tuple[list[dict], dict]:
     """The exemplars and tools of a StrategySpec, read once (the server keeps them per replica)."""
     from raylm.infer.tools import default_tools
 
-    exemplars = load_exemplars(spec.exemplars, spec.name)
+    exemplars = load_exemplars(_local(spec.exemplars, "exemplars"), spec.name)
     if spec.name == "pal" and spec.sandbox == "kernel":
         from raylm.infer import sandbox
 
@@ -179,10 +179,23 @@ def prepare(spec) -> tuple[list[dict], dict]:
             raise StrategyError(f"sandbox: {err}") from None
     tools = {}
     if spec.name == "react":
-        if spec.documents is not None and not Path(spec.documents).is_dir():
+        documents = _local(spec.documents, "documents")
+        if documents is not None and not Path(documents).is_dir():
             raise StrategyError(f"documents {spec.documents}: not a folder")
-        tools = default_tools(spec.documents)
+        tools = default_tools(documents)
     return exemplars, tools
+
+
+def _local(path: str | None, field: str) -> str | None:
+    """An exemplars file or documents folder named by a storage URI: this node's copy of it."""
+    from raylm.runtime import storage
+
+    if path is None or not storage.is_uri(path):
+        return path
+    try:
+        return storage.localize(path)
+    except (OSError, ValueError) as err:
+        raise StrategyError(f"{field} {path}: cannot fetch it ({err})") from None
 
 
 def run(spec, question: str, complete: Complete, exemplars: list[dict], tools: dict) -> Outcome:

@@ -79,11 +79,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError([("file", f"no such spec file: {path}")], source=str(path))
+    """One spec from a YAML file, a local path or a storage URI (s3://, gs://: e.g. a search's base)."""
+    if "://" in str(path):
+        raw = _read_uri(str(path))
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError([("file", f"no such spec file: {path}")], source=str(path))
+        raw = None
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = (raw if raw is not None else path.read_bytes()).decode("utf-8")
     except UnicodeDecodeError as err:
         raise SpecError(
             [("file", f"not UTF-8 text (byte {err.start}): a spec is a YAML text file; save it as UTF-8")],
@@ -104,3 +109,16 @@ def read_yaml(path: str | Path) -> dict:
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise SpecError([("file", "expected one YAML mapping with a `kind:` key")], source=str(path))
     return documents[0]
+
+
+def _read_uri(uri: str) -> bytes:
+    import pyarrow.fs as pafs
+
+    try:
+        fs, where = pafs.FileSystem.from_uri(uri)
+        if fs.get_file_info(where).type != pafs.FileType.File:
+            raise SpecError([("file", f"no such spec file: {uri}")], source=uri)
+        with fs.open_input_stream(where) as source:
+            return source.read()
+    except (OSError, ValueError) as err:  # no such bucket, no credentials, an unknown scheme
+        raise SpecError([("file", f"cannot read {uri}: {err}")], source=uri) from None

@@ -3,6 +3,7 @@ reached through AWS_ENDPOINT_URL like any S3 endpoint): checkpoints, the tokeniz
 the final artifacts live in the bucket, a killed run resumes from the bucket's checkpoints, and
 nothing of the run stays on the local disk."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -189,3 +190,46 @@ def test_a_finetune_reads_its_base_from_the_bucket_and_writes_its_adapter_there(
         torch.testing.assert_close(served(ids).logits, expected, atol=1e-5, rtol=0)
         with adapted.disable_adapter():
             assert not torch.allclose(adapted(ids).logits, expected, atol=1e-3)  # the adapter trained
+
+
+@pytest.mark.quick
+def test_a_search_base_exemplars_and_documents_may_live_in_the_bucket(object_store, tmp_path):
+    """The other inputs a spec names by path: a search's `base:` spec file, a prompt strategy's
+    exemplars file and ReAct's documents folder (each fetched on the node that reads it)."""
+    from raylm.infer.strategies import prepare
+    from raylm.spec.generation import StrategySpec
+    from raylm.spec.reading import SpecError, read_yaml
+
+    bucket = object_store("inputs-misc")
+    fs, root = pafs.FileSystem.from_uri(bucket)
+    base = {
+        "kind": "finetune",
+        "model": {"path": "runs/sft/model"},
+        "method": "lora",
+        "data": {"path": "sft.jsonl"},
+    }
+    with fs.open_output_stream(f"{root}/specs/lora.yaml") as out:
+        out.write(yaml.safe_dump(base).encode())
+    search = validate_dict(
+        {
+            "kind": "tune",
+            "base": f"{bucket}/specs/lora.yaml",
+            "search": {"train.lr": {"grid": [1e-3]}},
+            "output": str(tmp_path / "s"),
+        }
+    )
+    assert search.base.method.name == "lora" and search.base.data.path == "sft.jsonl"
+    with pytest.raises(SpecError, match="no such spec file"):
+        read_yaml(f"{bucket}/specs/missing.yaml")
+
+    exemplars = Path(__file__).parents[2] / "jobs" / "exemplars" / "arithmetic-cot.jsonl"
+    with fs.open_output_stream(f"{root}/exemplars/cot.jsonl") as out:
+        out.write(exemplars.read_bytes())
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "paris.md").write_text("Paris is the capital of France.")
+    upload(docs, f"{bucket}/docs")
+    loaded, _ = prepare(StrategySpec(name="cot", exemplars=f"{bucket}/exemplars/cot.jsonl"))
+    assert loaded and loaded[0] == json.loads(exemplars.read_text().splitlines()[0])
+    _, tools = prepare(StrategySpec(name="react", documents=f"{bucket}/docs"))
+    assert "Paris is the capital" in tools["search"].run("capital of France")

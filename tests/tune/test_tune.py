@@ -216,3 +216,20 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
     assert {"summary.json", "trials.csv", "curves.png", "best.yaml", "best/adapter_config.json"} <= set(files)
     assert summary["best"]["artifact"] == f"{output}/best"
     assert list(work.iterdir()) == []
+
+
+def test_a_search_without_a_completed_trial_exits_1(ray_local, sft_base, tmp_path):
+    """Every trial rejected by the memory estimate: the table says why, and `raylm run` exits 1 (a script
+    must not go on with no result)."""
+    from click.testing import CliRunner
+
+    from raylm.cli import main
+
+    search = {"train.batch_size": {"grid": [4096]}, "method": {"grid": [{"name": "lora", "r": 4}]}}
+    spec = search_spec(sft_base, tmp_path / "search", search, max_concurrent_trials=1)
+    spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.05}
+    spec_file = tmp_path / "tune.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(main, ["run", str(spec_file)])
+    assert result.exit_code == 1, result.output
+    assert "1 rejected" in result.output and "no trial completed" in result.output
