@@ -230,6 +230,36 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
 
 
 @pytest.mark.cluster
+def test_a_quantize_job_submitted_to_the_cluster_reads_and_writes_the_bucket(
+    two_node_cluster, object_store, sft_base, tmp_path
+):
+    """kind: quantize through the Jobs API: the task fetches the model from the bucket on its node and
+    uploads the GGUF file, spec.yaml and summary.json (last) to the bucket."""
+    from tests.runtime.test_object_store import bucket_files, read_bytes, upload
+
+    address, env = two_node_cluster
+    bucket = object_store("cluster-quantize")
+    upload(sft_base, f"{bucket}/base")
+    spec = {
+        "kind": "quantize",
+        "model": {"path": f"{bucket}/base"},
+        "method": {"name": "gguf", "type": "q8_0"},
+        "data": {"generate": {"documents": 200}, "seq_len": 32},  # held-out text (a fetched model has no run)
+        "measure": {"perplexity_blocks": 8, "prompts": 2},
+        "output": f"{bucket}/q8_0",
+    }
+    spec_file = tmp_path / "quantize.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    done = raylm("run", str(spec_file), "--address", address, env=env)
+    assert done.returncode == 0 and "SUCCEEDED" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = json.loads(read_bytes(f"{bucket}/q8_0", "summary.json"))
+    assert summary["model"] == f"{bucket}/base" and summary["artifact"].startswith(f"{bucket}/q8_0/")
+    artifact = summary["artifact"].rsplit("/", 1)[1]
+    assert set(bucket_files(f"{bucket}/q8_0")) == {"spec.yaml", "summary.json", artifact}
+    assert read_bytes(f"{bucket}/q8_0", artifact)[:4] == b"GGUF"
+
+
+@pytest.mark.cluster
 def test_workers_the_cluster_cannot_hold_stop_the_job_with_what_to_change(two_node_cluster, tmp_path):
     """3 workers of 2 CPUs on two 2-CPU nodes would wait forever: the job stops before it starts. So
     does a job whose output is a local path on this 2-node cluster."""
