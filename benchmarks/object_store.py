@@ -20,13 +20,12 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).parent))
+from tune_search import run  # noqa: E402 - `raylm run` in its own process: (summary, wall seconds)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -78,20 +77,6 @@ def start_s3() -> str:
     return "s3://bench"
 
 
-def raylm_run(job: dict, folder: Path) -> tuple[float, dict]:
-    from raylm.runtime import storage
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "spec.yaml"
-    path.write_text(yaml.safe_dump(job))
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "raylm", "run", str(path)], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{path} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds, json.loads(storage.read_text(job["output"], "summary.json"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -105,9 +90,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for where in ("local", "bucket"):
             output = str(scratch / f"{where}-{round_}") if where == "local" else f"{bucket}/run-{round_}"
-            wall, summary = raylm_run(
-                spec(args.steps, args.every, output), scratch / f"spec-{where}-{round_}"
-            )
+            summary, wall = run(spec(args.steps, args.every, output), scratch / f"spec-{where}-{round_}")
             train = summary["throughput"]["seconds"]
             runs.append({"round": round_, "output": where, "wall_s": wall, "train_s": train})
             print(f"round {round_} {where:6s}: {wall:6.1f} s in all, {train:6.1f} s training", flush=True)

@@ -46,8 +46,10 @@ def run(job: dict, folder: Path) -> tuple[dict, float]:
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{path} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    output = Path(job["output"] if isinstance(job["output"], str) else job["output"]["path"])
-    return json.loads((output / "summary.json").read_text()), seconds
+    from raylm.runtime.storage import read_text
+
+    output = job["output"] if isinstance(job["output"], str) else job["output"]["path"]
+    return json.loads(read_text(output, "summary.json")), seconds  # a folder or a storage URI
 
 
 def method_search(base: Path, scratch: Path, name: str, steps: int, trials: int) -> dict:
