@@ -33,12 +33,7 @@ def check_output(job) -> list[tuple[str, str]]:
                 f"{output} holds the result of a different spec: choose a new output folder, or remove it",
             )
         ]
-    if storage.is_uri(output):
-        if storage.listing(output):
-            return [("output", f"{output} already holds other files: choose a new output prefix")]
-        return []
-    folder = Path(output)
-    if folder.is_file() or (folder.exists() and any(folder.iterdir())):
+    if storage.listing(output) or (not storage.is_uri(output) and Path(output).is_file()):
         return [("output", f"{output} already holds other files: choose a new output folder")]
     return []
 

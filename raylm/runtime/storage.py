@@ -111,27 +111,26 @@ def remove(output: str, name: str) -> None:
         fs.delete_file(f"{root}/{name}")
 
 
-def listing(output: str) -> list[str]:
-    """The names of the files and folders directly under `output` (a folder or a URI); [] when missing."""
+def _entries(output: str) -> list[tuple[str, bool]]:
+    """(name, is a folder) of what lies directly under `output` (a folder or a URI); [] when missing."""
     if not is_uri(output):
         folder = Path(output)
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(output)
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
-
-
-def subfolders(output: str) -> list[str]:
-    """The names of the folders directly under `output` (a folder or a URI); [] when it is missing."""
-    if not is_uri(output):
-        folder = Path(output)
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        return [(p.name, p.is_dir()) for p in folder.iterdir()] if folder.is_dir() else []
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(output)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return [(i.base_name, i.type == pafs.FileType.Directory) for i in infos]
+
+
+def listing(output: str) -> list[str]:
+    """The names of the files and folders directly under `output` (a folder or a URI); [] when missing."""
+    return sorted(name for name, _ in _entries(output))
+
+
+def subfolders(output: str) -> list[str]:
+    """The names of the folders directly under `output` (a folder or a URI); [] when it is missing."""
+    return sorted(name for name, folder in _entries(output) if folder)
 
 
 def copy_dir(source: str, target: str) -> None:

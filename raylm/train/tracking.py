@@ -63,14 +63,12 @@ def open_runs(job, output: str) -> dict:
             raise SpecError([("logging.mlflow", f"cannot open an MLflow run: {first}")]) from None
     if job.logging.wandb is not None:
         ids["wandb"] = {"id": (saved.get("wandb") or {}).get("id") or uuid.uuid4().hex[:12], "output": output}
-    recorded = {
-        **ids,
-        **(
-            {"mlflow": {**ids["mlflow"], "tracking_uri": redacted(ids["mlflow"]["tracking_uri"])}}
-            if "mlflow" in ids
-            else {}
-        ),
-    }
+    recorded = dict(ids)  # what the run's folder keeps: the tracking URI without its credentials
+    if "mlflow" in recorded:
+        recorded["mlflow"] = {
+            **recorded["mlflow"],
+            "tracking_uri": redacted(recorded["mlflow"]["tracking_uri"]),
+        }
     storage.write_text(output, RECORD, json.dumps(recorded, indent=2))
     return ids
 
