@@ -183,22 +183,26 @@ def raylm(*args, env, cwd=None) -> subprocess.CompletedProcess:
 def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
     two_node_cluster, object_store, sft_base, tmp_path
 ):
-    """kind: tune through the Jobs API on two nodes that share no disk, its base model and its output in
-    the bucket: the spec (its base inline) is validated on the cluster, two trials run at once on the
+    """kind: tune through the Jobs API on two nodes that share no disk, its base model, its data and its
+    output in the bucket: the spec (its base inline) is validated on the cluster, two trials run at once on the
     two 2-CPU nodes (half a CPU for each trial's process, one worker of one CPU), each node fetches the
     base into its own cache, and the job follows to the end with the table, all of it in the bucket."""
+    from raylm.data.tasks import generate
+    from raylm.runtime import storage
     from tests.runtime.test_object_store import bucket_files, read_bytes, upload
 
     address, env = two_node_cluster
     bucket = object_store("cluster-search")
     upload(sft_base, f"{bucket}/base")
+    rows = "".join(json.dumps(row) + "\n" for row in generate("arithmetic", 200, 0))
+    storage.write_text(f"{bucket}/data", "sft.jsonl", rows)
     output = f"{bucket}/search"
     spec = {
         "kind": "tune",
         "base": {
             "model": {"path": f"{bucket}/base"},
             "method": "lora",
-            "data": {"generate": {"task": "arithmetic", "examples": 200}, "seq_len": 24},
+            "data": {"path": f"{bucket}/data/sft.jsonl", "seq_len": 24},
             "train": {
                 "max_steps": 10,
                 "batch_size": 8,

@@ -21,20 +21,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from raylm.data.sources import filesystem
+
 VERSION = 1  # bump when the row layout changes
 FILE_BYTES = 256 * 2**20  # rows per Parquet file, by size
 GROUP_BYTES = 8 * 2**20  # rows per row group (the unit a reader fetches)
 # data settings that change how rows are read, not what they are
 READ_ONLY_FIELDS = {"cache", "shuffle_buffer", "padding", "group_by_length", "path", "paths"}
-
-
-def filesystem(where: str):
-    """(pyarrow filesystem, path in it) for a local folder or a storage URI."""
-    import pyarrow.fs as pafs
-
-    if "://" in where:
-        return pafs.FileSystem.from_uri(where)
-    return pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
 
 
 def cache_key(data_spec, tokenizer, inputs: list[str]) -> str:
@@ -61,8 +54,23 @@ def tokenizer_digest(tokenizer) -> str:
 
 def input_digest(name: str) -> str:
     """A digest of an input's bytes (a file, or every file under a folder, with their relative names);
-    where it lives does not matter."""
+    where it lives does not matter. An input at a storage URI is not read for this: its objects'
+    identity (relative names, sizes and modification times) stands for their bytes."""
     digest = hashlib.sha256()
+    if "://" in name:
+        import pyarrow.fs as pafs
+
+        fs, root = filesystem(name)
+        info = fs.get_file_info(root)
+        found = (
+            [info]
+            if info.type == pafs.FileType.File
+            else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        )
+        for entry in sorted(found, key=lambda e: e.path):
+            if entry.type == pafs.FileType.File:
+                digest.update(json.dumps([entry.path[len(root) :], entry.size, entry.mtime_ns]).encode())
+        return digest.hexdigest()
     root = Path(name).expanduser()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for file in files:

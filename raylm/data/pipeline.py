@@ -19,13 +19,18 @@ import numpy as np
 
 from raylm.data.sources import (
     check_dataset,
+    file_size,
     files_under,
     in_validation,
+    is_folder,
     is_saved_dataset,
     load_hub_dataset,
     load_saved_dataset,
     missing_paths,
+    open_file,
     read_head,
+    saved_dataset_in_store,
+    suffix,
 )
 from raylm.spec.sections import DataSpec
 
@@ -53,19 +58,20 @@ def resolve_format(spec: DataSpec) -> str:
         return "dataset"
     if spec.format != "auto" or spec.generate is not None:
         return spec.format if spec.generate is None else "generated"
-    first = Path(spec.paths[0])
+    first = spec.paths[0]
     if is_saved_dataset(first):
         return "hf"
-    if first.is_dir():
-        files = [p for p in sorted(first.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    if is_folder(first):
+        known = tuple(s for suffixes in EXTENSIONS.values() for s in suffixes)
+        files = [f for f in files_under(first, known) if not Path(f).name.startswith(".")]
         first = files[0] if files else first
     for fmt, suffixes in EXTENSIONS.items():
-        if first.suffix.lower() in suffixes:
+        if suffix(first) in suffixes:
             return fmt
     return "text"
 
 
-def input_files(spec: DataSpec, fmt: str) -> list[Path]:
+def input_files(spec: DataSpec, fmt: str) -> list[str]:
     return [file for raw in spec.paths for file in files_under(raw, EXTENSIONS[fmt])]
 
 
@@ -80,7 +86,11 @@ def check_data(spec: DataSpec) -> list[tuple[str, str]]:
         return problems
     fmt = resolve_format(spec)
     if fmt == "hf":
-        return [p for raw in spec.paths for p in _check_hf_folder(raw, spec.text_field)]
+        return [
+            p
+            for raw in spec.paths
+            for p in saved_dataset_in_store(raw) or _check_hf_folder(raw, spec.text_field)
+        ]
     files = input_files(spec, fmt)
     if not files:
         wanted = ", ".join(EXTENSIONS[fmt])
@@ -92,14 +102,15 @@ def check_data(spec: DataSpec) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_file(file: Path, fmt: str, text_field: str) -> str | None:
+def _check_file(file: str, fmt: str, text_field: str) -> str | None:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        if file.stat().st_size == 0:
+        if file_size(file) == 0:
             return "file is empty"
         try:
-            schema = pq.read_schema(file)
+            with open_file(file) as handle:
+                schema = pq.read_schema(handle)
         except Exception as err:  # pyarrow raises several types for corrupt files
             return f"not a readable Parquet file ({err})"
         if text_field not in schema.names:
@@ -163,7 +174,7 @@ def documents(spec: DataSpec):
         ]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     else:
-        files = [str(f) for f in input_files(spec, fmt)]
+        files = input_files(spec, fmt)  # local paths or URIs: each read task opens its own
         if fmt == "text":
             # One row per line; keep the newlines so packed blocks see the text as written.
             return ray.data.read_text(files, drop_empty_lines=False).map_batches(

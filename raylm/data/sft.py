@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import numpy as np
 
 from raylm.data.sources import (
     check_dataset,
+    file_size,
     files_under,
     in_validation,
     is_saved_dataset,
     load_hub_dataset,
     load_saved_dataset,
     missing_paths,
+    open_file,
     read_head,
+    saved_dataset_in_store,
+    suffix,
 )
 from raylm.spec.sft import SFTDataSpec
 
@@ -205,11 +208,11 @@ def examples(spec: SFTDataSpec):
             parts.append(ray.data.from_huggingface(load_saved_dataset(raw)))
             continue
         files = files_under(raw, tuple(SUFFIXES))
-        kind = SUFFIXES.get(files[0].suffix.lower(), "json")
+        kind = SUFFIXES.get(suffix(files[0]), "json")
         read = (
             ray.data.read_parquet if kind == "parquet" else functools.partial(ray.data.read_json, lines=True)
         )
-        parts.append(read([str(f) for f in files]))
+        parts.append(read(files))  # local paths or URIs: each read task opens its own
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
@@ -239,11 +242,15 @@ def check_sft_data(spec: SFTDataSpec) -> list[tuple[str, str]]:
         return []
     if spec.dataset is not None:
         return check_dataset(spec.dataset)
-    problems = missing_paths(spec.paths)
+    problems = []
     for raw in spec.paths:
-        if not Path(raw).exists():
+        if missing := missing_paths([raw]):
+            problems += missing
             continue
         if is_saved_dataset(raw):
+            if saved_dataset_in_store(raw):
+                problems += saved_dataset_in_store(raw)
+                continue
             try:
                 columns = load_saved_dataset(raw).column_names
             except Exception as err:  # datasets raises several types
@@ -259,14 +266,15 @@ def check_sft_data(spec: SFTDataSpec) -> list[tuple[str, str]]:
     return problems
 
 
-def _check_file(file: Path, spec: SFTDataSpec) -> list[tuple[str, str]]:
-    if file.suffix.lower() == ".parquet":
+def _check_file(file: str, spec: SFTDataSpec) -> list[tuple[str, str]]:
+    if suffix(file) == ".parquet":
         import pyarrow.parquet as pq
 
-        if file.stat().st_size == 0:
+        if file_size(file) == 0:
             return [("data.path", f"{file}: file is empty")]
         try:
-            return _missing_fields(str(file), pq.read_schema(file).names, spec)
+            with open_file(file) as handle:
+                return _missing_fields(file, pq.read_schema(handle).names, spec)
         except Exception as err:  # pyarrow raises several types for corrupt files
             return [("data.path", f"{file}: not a readable Parquet file ({err})")]
     text, problem = read_head(file)

@@ -1,22 +1,55 @@
-"""What the pretraining and supervised data pipelines share about their inputs: finding files,
-`datasets.save_to_disk` folders, the first checks on a file, and the hash split.
+"""What the pretraining and supervised data pipelines share about their inputs: finding files (on
+local disk or at a storage URI), `datasets.save_to_disk` folders, the first checks on a file, and the
+hash split.
 
-    from raylm.data.sources import in_validation, is_saved_dataset, load_saved_dataset
+    from raylm.data.sources import files_under, in_validation, is_saved_dataset, read_head
+
+Files at a storage URI (s3://, gs://) are listed and sniffed through pyarrow's filesystem on the driver
+and handed to Ray Data as URIs, so each read task streams its own file on whatever node it runs (with
+that node's credentials); nothing is copied to the driver's disk.
 """
 
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 SNIFF_BYTES = 1 << 20
 VAL_BUCKETS = 10_000
 
 
-def is_saved_dataset(path: str | Path) -> bool:
+def filesystem(where: str):
+    """(pyarrow filesystem, path in it) for a local path or a storage URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in where:
+        return pafs.FileSystem.from_uri(where)
+    return pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
+
+
+def _type(path: str):
+    fs, inside = filesystem(path)
+    return fs.get_file_info(inside).type
+
+
+def is_folder(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return _type(path) == pafs.FileType.Directory
+
+
+def suffix(name: str) -> str:
+    return PurePosixPath(name).suffix.lower()
+
+
+def is_saved_dataset(path: str) -> bool:
     """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
-    path = Path(path)
-    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+    import pyarrow.fs as pafs
+
+    base = str(path).rstrip("/")
+    return is_folder(base) and any(
+        _type(f"{base}/{name}") == pafs.FileType.File for name in ("dataset_info.json", "dataset_dict.json")
+    )
 
 
 def load_hub_dataset(spec):
@@ -60,27 +93,71 @@ def load_saved_dataset(path: str):
     return loaded
 
 
-def files_under(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """`path` itself if it is a file, else the files below it with one of `suffixes`, sorted."""
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    return [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in suffixes]
+def files_under(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    """`path` itself if it is a file, else the files below it with one of `suffixes`, sorted (named as
+    `path` names them: local paths, or URIs under a URI)."""
+    import pyarrow.fs as pafs
+
+    if not is_folder(path):
+        return [str(path)]
+    fs, inside = filesystem(path)
+    inside, base = inside.rstrip("/"), str(path).rstrip("/")
+    found = fs.get_file_info(pafs.FileSelector(inside, recursive=True))
+    return sorted(
+        base + info.path[len(inside) :]
+        for info in found
+        if info.type == pafs.FileType.File and suffix(info.path) in suffixes
+    )
 
 
 def missing_paths(paths: list[str]) -> list[tuple[str, str]]:
+    """A data path that is not there, or a storage URI that cannot be reached (no such bucket, no
+    credentials)."""
+    import pyarrow.fs as pafs
+
+    problems = []
+    for raw in paths:
+        try:
+            missing = _type(raw) == pafs.FileType.NotFound
+        except (OSError, ValueError) as err:  # pyarrow: unknown scheme, no bucket, no credentials
+            problems.append(("data.path", f"cannot read {raw}: {err}"))
+            continue
+        if missing:
+            where = "in the store" if "://" in raw else "(paths are relative to where raylm runs)"
+            problems.append(("data.path", f"{raw} does not exist {where}"))
+    return problems
+
+
+def saved_dataset_in_store(raw: str) -> list[tuple[str, str]]:
+    """datasets.save_to_disk folders are read from local disk (datasets memory-maps them): one at a
+    storage URI is refused with the fix."""
+    if "://" not in raw:
+        return []
     return [
-        ("data.path", f"{raw} does not exist (paths are relative to where raylm runs)")
-        for raw in paths
-        if not Path(raw).exists()
+        (
+            "data.path",
+            f"{raw}: a datasets.save_to_disk folder is read from local disk; in a bucket, write Parquet "
+            "instead (dataset.to_parquet('.../data.parquet')) and point data.path at it",
+        )
     ]
 
 
-def read_head(file: Path) -> tuple[str, str | None]:
+def file_size(file: str) -> int:
+    fs, inside = filesystem(file)
+    return fs.get_file_info(inside).size
+
+
+def open_file(file: str):
+    """A seekable binary handle on a local file or an object in the store."""
+    fs, inside = filesystem(file)
+    return fs.open_input_file(inside)
+
+
+def read_head(file: str) -> tuple[str, str | None]:
     """The start of a text file and the problem with it (empty, not UTF-8), if any."""
-    if file.stat().st_size == 0:
+    if file_size(file) == 0:
         return "", "file is empty"
-    with open(file, "rb") as handle:
+    with open_file(file) as handle:
         head = handle.read(SNIFF_BYTES)
     try:
         return head.decode("utf-8"), None

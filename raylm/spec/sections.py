@@ -147,7 +147,9 @@ class SourceSpec(Section):
     generates (exactly one)."""
 
     path: str | list[str] | None = Field(
-        None, description="A file, a folder of files, or a list of them; hf://org/name reads a hub dataset."
+        None,
+        description="A file, a folder of files, or a list of them, on disk or at a storage URI (s3://, gs://); "
+        "hf://org/name reads a hub dataset.",
     )
     dataset: HubDataset | None = Field(None, description="A dataset read with datasets.load_dataset.")
     generate: Section | None = None  # each kind's data section says what it generates

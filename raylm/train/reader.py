@@ -24,7 +24,7 @@ class CachedSplit:
     """One split of a cache: contiguous row ranges read from its Parquet files."""
 
     def __init__(self, where: str, split: str, info: dict):
-        from raylm.data.cache import filesystem
+        from raylm.data.sources import filesystem
 
         self.fs, root = filesystem(where)
         self.folder = f"{root}/{split}"

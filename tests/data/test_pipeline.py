@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -130,3 +131,44 @@ def test_a_dataset_reads_through_load_dataset(ray_local, tmp_path, tokenizer):
         assert texts == TEXTS[: len(texts)] and len(texts) in (len(TEXTS), len(TEXTS) // 2)
     assert "does not exist" in check_data(DataSpec(dataset={"name": str(tmp_path / "nope")}))[0][1]
     assert DataSpec(path="hf://org/name").dataset.name == "org/name"
+
+
+def test_inputs_in_the_bucket_are_checked_and_read_where_they_are(
+    ray_local, object_store, tmp_path, tokenizer
+):
+    """data.path may be a storage URI (a file or a folder of files): the driver lists and sniffs the
+    objects through pyarrow (nothing is downloaded), Ray Data's read tasks stream them, the packed rows
+    equal those of the same files on local disk, the cache key follows the objects' identity, and each
+    check names the object and the fix."""
+    from raylm.data.cache import input_digest
+    from tests.runtime.test_object_store import upload
+
+    bucket = object_store("data-inputs")
+    local = write_inputs(tmp_path)
+    upload(tmp_path, f"{bucket}/corpus")
+    for fmt, spec in local.items():
+        name = spec.path[len(str(tmp_path)) :]
+        remote = spec.model_copy(update={"path": f"{bucket}/corpus{name}"})
+        if fmt == "hf":
+            [(where, what)] = check_data(remote)
+            assert where == "data.path" and "save_to_disk" in what and "to_parquet" in what
+            continue
+        assert resolve_format(remote) == fmt and check_data(remote) == [], fmt
+        rows = packed_blocks(documents(remote), tokenizer, remote).take_all()
+        expected = packed_blocks(documents(spec), tokenizer, spec).take_all()
+        assert [r["input_ids"].tolist() for r in rows] == [r["input_ids"].tolist() for r in expected], fmt
+
+    fs, root = pafs.FileSystem.from_uri(bucket)
+    before = input_digest(f"{bucket}/corpus/txt")
+    assert input_digest(f"{bucket}/corpus/txt") == before
+    with fs.open_output_stream(f"{root}/corpus/txt/a.txt") as out:
+        out.write(b"another text\n")
+    assert input_digest(f"{bucket}/corpus/txt") != before
+
+    with fs.open_output_stream(f"{root}/bad/rows.jsonl") as out:
+        out.write(b'{"body": "x"}\n')
+    [(_, what)] = check_data(DataSpec(path=f"{bucket}/bad/rows.jsonl"))
+    assert what.startswith(f"{bucket}/bad/rows.jsonl: ") and "no field 'text'" in what
+    [(_, what)] = check_data(DataSpec(path=f"{bucket}/corpus/none.txt"))
+    assert "does not exist in the store" in what
+    assert check_data(DataSpec(path=f"{bucket}/bad", format="text"))[0][1].startswith("no text files")

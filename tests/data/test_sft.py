@@ -92,6 +92,21 @@ def test_input_checks_name_the_field_and_the_fix(tmp_path):
     )
 
 
+@pytest.mark.quick
+def test_rows_in_the_bucket_get_the_same_checks(object_store, tmp_path):
+    from tests.runtime.test_object_store import upload
+
+    bucket = object_store("sft-inputs")
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "sft.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    upload(tmp_path / "rows", f"{bucket}/rows")
+    [(where, what)] = check_sft_data(SFTDataSpec(path=f"{bucket}/rows"))
+    assert where == "data.path" and what.startswith(f"{bucket}/rows/sft.jsonl: no field 'prompt'")
+    fixed = SFTDataSpec(path=f"{bucket}/rows", prompt_field="question", completion_field="answer")
+    assert check_sft_data(fixed) == []
+    assert "does not exist in the store" in check_sft_data(SFTDataSpec(path=f"{bucket}/gone.jsonl"))[0][1]
+
+
 def test_dynamic_padding_leaves_the_loss_unchanged(tokenizer, sft_base):
     """A right-padded batch cut to its longest example gives the model's loss on the full-width batch
     (transformers' own loss, padding ignored), to float precision."""

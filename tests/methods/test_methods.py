@@ -109,7 +109,9 @@ def test_method_trains_with_its_analytic_trainable_count(case, base_dir):
     optimizer = (
         methods.module("qlora").optimizer(params, 1e-2, (0.9, 0.99), method)
         if method.name == "qlora"
-        else torch.optim.AdamW(params, lr=1e-2 if method.name in ("full", "freeze") else 3e-2)
+        # LoRA's update is B @ A: at 3e-2 both factors grow together and the loss spikes late in the run
+        # (seen on one CPU's rounding and not another's), so LoRA takes the rate full fine-tuning does
+        else torch.optim.AdamW(params, lr=1e-2 if method.name in ("full", "freeze", "lora") else 3e-2)
     )
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     model.train()
@@ -198,5 +200,8 @@ def test_lora_wraps_quietly_and_leaves_the_environment_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().splitlines() == ["True True"]  # imported, and the environment as it was
     printed = [line for line in out.stderr.splitlines() if line.strip()]
-    # torchao's own import-time lines (a CPU build: no CUDA kernels, no Triton) are all that may remain
-    assert [line for line in printed if "torchao" not in line and "_pytree" not in line] == [], printed
+    # torchao's own import-time lines (a CPU build: no CUDA kernels, no Triton) and, on a CPU with
+    # AVX512-BF16, bitsandbytes' notice that its optional hub kernel (kernels-community) is not to be had
+    # offline are all that may remain
+    others = ("torchao", "_pytree", "kernels-community")
+    assert [line for line in printed if not any(o in line for o in others)] == [], printed

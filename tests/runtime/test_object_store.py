@@ -156,16 +156,20 @@ def test_a_finetune_reads_its_base_from_the_bucket_and_writes_its_adapter_there(
     object_store, ray_local, sft_base, tmp_path
 ):
     """The base model comes from the bucket (fetched into the node's cache, by the driver and by each
-    worker), the run's outputs go to the bucket; the adapter records the base's URI, and PEFT loads
-    the adapter fetched back from the bucket over the base fetched from the bucket."""
+    worker), and so do the training rows (JSONL read by Ray Data's tasks from the bucket); the run's
+    outputs go to the bucket; the adapter records the base's URI, and PEFT loads the adapter fetched
+    back from the bucket over the base fetched from the bucket."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from raylm.data.tasks import generate
     from raylm.infer.loading import load_for_generation
     from tests.train.test_finetune import finetune_spec
 
     bucket = object_store("finetune")
     upload(sft_base, f"{bucket}/base")
+    rows = "".join(json.dumps(row) + "\n" for row in generate("arithmetic", 800, 0))
+    storage.write_text(f"{bucket}/data", "sft.jsonl", rows)
     output = f"{bucket}/lora"
     spec = finetune_spec(
         f"{bucket}/base",
@@ -173,12 +177,17 @@ def test_a_finetune_reads_its_base_from_the_bucket_and_writes_its_adapter_there(
         {"name": "lora", "r": 4},
         train={"max_steps": 10, "eval_every": 5, "checkpoint_every": 10},
     )
+    spec["data"] = {"path": f"{bucket}/data/sft.jsonl", "seq_len": 24}
     summary = run_here(validate_dict(spec))
     assert summary["steps"] == 10
     files = bucket_files(output)
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "summary.json"} <= set(files)
     recorded = yaml.safe_load(read_bytes(output, "spec.yaml"))
     assert recorded["model"]["path"] == f"{bucket}/base"
+    assert recorded["data"]["path"] == f"{bucket}/data/sft.jsonl"
+    [manifest] = [name for name in files if name.startswith("data-cache/") and name.endswith("manifest.json")]
+    splits = json.loads(read_bytes(output, manifest))["splits"]
+    assert splits["train"]["rows"] + splits["val"]["rows"] > 700  # the bucket's 800 rows, tokenized
     method = yaml.safe_load(read_bytes(output, "adapter/raylm_method.json"))
     assert method["base"] == f"{bucket}/base"
     base = AutoModelForCausalLM.from_pretrained(storage.localize(f"{bucket}/base"))
