@@ -34,26 +34,30 @@ def architecture_config(arch: Architecture, vocab_size: int, tokenizer=None):
             n_embd=arch.hidden,
             n_layer=arch.layers,
             n_head=arch.heads,
-            n_inner=arch.intermediate or 4 * arch.hidden,
+            n_inner=arch.intermediate,
             tie_word_embeddings=arch.tie_embeddings,
+            resid_pdrop=arch.dropout,
+            embd_pdrop=arch.dropout,
+            attn_pdrop=arch.dropout,
+            layer_norm_epsilon=arch.norm_eps,
+            initializer_range=arch.init_std,
             **ids,
         )
-    intermediate = arch.intermediate or _round_up(int(8 * arch.hidden / 3), 32)
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=arch.hidden,
-        intermediate_size=intermediate,
+        intermediate_size=arch.intermediate,
         num_hidden_layers=arch.layers,
         num_attention_heads=arch.heads,
         num_key_value_heads=arch.kv_heads or arch.heads,
         max_position_embeddings=arch.context,
         tie_word_embeddings=arch.tie_embeddings,
+        attention_dropout=arch.dropout,
+        rms_norm_eps=arch.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
+        initializer_range=arch.init_std,
         **ids,
     )
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
 
 
 def build_model(spec: ModelSpec, vocab_size: int, tokenizer=None, seed: int = 0, empty: bool = False):

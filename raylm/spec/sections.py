@@ -39,7 +39,8 @@ class Architecture(Section):
         None,
         ge=8,
         le=1 << 19,
-        description="Feed-forward size; default 4*hidden (gpt2) or ~8/3*hidden (llama).",
+        description="Feed-forward size; default 4*hidden (gpt2) or 8/3*hidden rounded up to a multiple of 32 "
+        "(llama). The run's spec.yaml records the resolved value.",
     )
     context: int = Field(
         256, ge=8, le=1 << 22, description="Maximum sequence length (position embeddings / RoPE range)."
@@ -48,6 +49,31 @@ class Architecture(Section):
         None, ge=8, le=1 << 22, description="Vocabulary size; default = the tokenizer's."
     )
     tie_embeddings: bool = Field(False, description="Share input embedding and LM head weights.")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout probability. gpt2: on attention weights, residual outputs and embeddings "
+        "(attn_pdrop, resid_pdrop, embd_pdrop); llama: on attention weights (attention_dropout, its only "
+        "one). Default 0, as nanoGPT's and Llama's pretraining recipes use (transformers' GPT-2 default "
+        "would be 0.1).",
+    )
+    norm_eps: float | None = Field(
+        None,
+        gt=0.0,
+        le=0.1,
+        description="Epsilon of the normalisation layers; default the family's: 1e-6 (llama RMSNorm), "
+        "1e-5 (gpt2 LayerNorm).",
+    )
+    rope_theta: float | None = Field(
+        None, gt=0.0, description="RoPE base frequency (llama only); default 10000."
+    )
+    init_std: float = Field(
+        0.02,
+        gt=0.0,
+        le=1.0,
+        description="Standard deviation of the random initialisation (initializer_range).",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> Architecture:
@@ -58,6 +84,21 @@ class Architecture(Section):
                 raise ValueError("kv_heads is only supported by family: llama")
             if self.heads % self.kv_heads:
                 raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        if self.rope_theta is not None and self.family != "llama":
+            raise ValueError("rope_theta is only supported by family: llama (gpt2 learns its positions)")
+        return self
+
+    @model_validator(mode="after")
+    def _family_defaults(self) -> Architecture:
+        """Fill what the family decides, so the spec (and the run's record of it) holds every value the
+        model is built from."""
+        llama = self.family == "llama"
+        if self.intermediate is None:
+            self.intermediate = -(-int(8 * self.hidden / 3) // 32) * 32 if llama else 4 * self.hidden
+        if self.norm_eps is None:
+            self.norm_eps = 1e-6 if llama else 1e-5
+        if self.rope_theta is None and llama:
+            self.rope_theta = 10000.0
         return self
 
 
