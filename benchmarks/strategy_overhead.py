@@ -85,7 +85,7 @@ def bare_worker(rank, world, port, job_dict, tokenizer, blocks, steps, results):
         engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=optim.param_groups(model, train),
-            config=config(job.strategy, train, "fp32"),
+            config=config(job.strategy, train, "fp32", model.config.hidden_size),
             dist_init_required=False,
         )
 

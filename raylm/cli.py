@@ -346,7 +346,8 @@ def estimate(
             if flash_attention is None:
                 flash_attention = job.resources.use_gpu
             teacher = plan.teacher_terms(job).get("teacher", 0.0)
-            terms = plan.method_terms(job)  # what `strategy: auto` counts for a fine-tuning method
+            # what `strategy: auto` counts for a fine-tuning method, and an explicit DeepSpeed's settings
+            terms = {**plan.method_terms(job), **plan.deepspeed_terms(job.strategy)}
         elif params:
             shape = memory.shape_from_params(params)
             flash_attention = True if flash_attention is None else flash_attention

@@ -41,13 +41,15 @@ class Breakdown:
 
     buckets: float = 0.0
     teacher: float = 0.0
+    host: float = 0.0  # offloaded optimizer state in host memory: not in the device's peak
 
     @property
     def total(self) -> float:
-        """Peak bytes. Activations are freed as backward creates gradients, and gradients are freed
-        (zero_grad(set_to_none=True)) before the next forward, so the two peaks do not add; the
-        optimizer step's temporaries come with the gradients. DDP's buckets hold one more copy; a
-        distillation teacher's weights and output distributions come on top."""
+        """Peak bytes on the device. Activations are freed as backward creates gradients, and
+        gradients are freed (zero_grad(set_to_none=True)) before the next forward, so the two peaks do
+        not add; the optimizer step's temporaries come with the gradients. DDP's buckets hold one more
+        copy (DeepSpeed's: its reduce and prefetch buckets); a distillation teacher's weights and output
+        distributions come on top."""
         return (
             self.weights
             + self.optimizer
@@ -127,21 +129,92 @@ def activation_bytes(
 
 
 def bytes_per_parameter(strategy: str, precision: str, dtype: str = "float32") -> tuple[int, int, int]:
-    """(weights, gradients, optimizer) bytes per trained parameter, as raylm's strategies allocate them.
+    """(weights, gradients, optimizer) bytes per trained parameter under ddp or fsdp (the ZeRO stages:
+    zero_estimate).
 
-    - DeepSpeed ZeRO with bf16 / fp16 casts the model to 16 bits and keeps fp32 master weights with
-      the Adam moments: 2, 2, 4 + 8.
     - fsdp with bf16 keeps the sharded weights (the master copy) and the reduced gradients in fp32
       and gathers bf16 copies for compute (model.dtype: bfloat16 loads in 16 bits, then upcasts): 4, 4, 8.
     - Otherwise weights, gradients and AdamW's two moments are in model.dtype; autocast computes in
       16 bits but stores nothing in them: 4, 4, 8 in float32, 2, 2, 4 in bfloat16 / float16.
     """
-    if strategy.startswith("zero") and precision != "fp32":
-        return 2, 2, 12
     if strategy == "fsdp" and precision == "bf16":
         return 4, 4, 8
     element = 4 if dtype == "float32" else 2
     return element, element, 2 * element
+
+
+def zero_sizes(hidden: int) -> dict:
+    """The DeepSpeed bucket sizes raylm writes for a model of `hidden` size, as Hugging Face's DeepSpeed
+    integration fills its `auto` values, so a small and a large model both get a predictable peak
+    (DeepSpeed's own defaults are fixed element counts: 5e8 for the reduce bucket, ~1.9 GiB in fp32)."""
+    return {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+
+
+def zero_estimate(
+    shape: Shape,
+    stage: int,
+    precision: str,
+    workers: int,
+    trained: float,
+    activations: float,
+    weight_bits: float | None,
+    dtype: str,
+    zero: dict | None,
+    offload_optimizer: bool,
+    teacher: float,
+) -> Breakdown:
+    """Per-worker memory of DeepSpeed ZeRO `stage` with the zero_optimization settings `zero` (raylm's
+    generated sizes, zero_sizes, with the spec's overrides; DeepSpeed's defaults for the rest).
+
+    What DeepSpeed 0.19 allocates (stage_1_and_2.py, stage3.py), measured on an H200 for one rank:
+    the module in 16 bits under bf16 / fp16 (else its dtype); an fp32 master partition of the trained
+    weights (a clone, also in fp32 runs) and AdamW's two moments: 12 bytes per trained parameter / N.
+    ZeRO-1 keeps the full gradients until the accumulation boundary, ZeRO-2 copies them into a
+    contiguous partition (module dtype); at the step both add the fp32 gradient partition the optimizer
+    steps on and AdamW's temporary (4 + 4 bytes / N). ZeRO-3 partitions the module too, accumulates its
+    gradient partitions in fp32 (4 bytes / N), and its step holds 8 bytes / N more; each rank gathers
+    the block it computes and the prefetch bucket, and keeps parameters smaller than the persistence
+    threshold whole. Buckets: the reduce bucket (x2 with overlap_comm, ZeRO-3's default). With
+    offload_optimizer the master weights, moments and step temporaries live in host memory (`host`)."""
+    zero = {**zero_sizes(shape.hidden), **(zero or {})}
+    n = workers
+    module = 2 if precision != "fp32" or dtype != "float32" else 4
+    frozen = shape.params - trained
+    frozen_bytes = frozen * (weight_bits / 8 if weight_bits else module)
+    reduce = min(float(zero["reduce_bucket_size"]), trained)
+    overlap = zero.get("overlap_comm", stage == 3)
+    buckets = reduce * 4 * (2 if overlap else 1)
+    step_state = 12 * trained / n
+    if stage < 3:
+        weights = trained * module + frozen_bytes
+        gradients = trained * module / (1 if stage == 1 else n)
+        step_extra, temporary = 4 * trained / n, 4 * trained / n
+    else:
+        block = max(0, shape.params - 2 * shape.vocab * shape.hidden) / max(1, shape.layers)
+        gathered = (block + min(float(zero["stage3_prefetch_bucket_size"]), block)) * module if n > 1 else 0.0
+        # the norms' weights (hidden each) under the persistence threshold stay whole on every rank
+        norms = (2 * shape.layers + 1) * shape.hidden
+        persistent = norms * module if zero["stage3_param_persistence_threshold"] > shape.hidden else 0.0
+        weights = (trained * module + frozen_bytes) / n + gathered + persistent
+        gradients, step_extra, temporary = 4 * trained / n, 0.0, 8 * trained / n
+    host = 0.0
+    if offload_optimizer:
+        host = step_state + step_extra + temporary
+        step_state = step_extra = temporary = 0.0
+    return Breakdown(
+        weights=weights,
+        gradients=gradients + step_extra,
+        optimizer=step_state,
+        activations=activations,
+        temporary=temporary,
+        buckets=buckets,
+        teacher=teacher,
+        host=host,
+    )
 
 
 def estimate(
@@ -157,9 +230,12 @@ def estimate(
     weight_bits: float | None = None,
     dtype: str = "float32",
     teacher: float = 0.0,
+    zero: dict | None = None,
+    offload_optimizer: bool = False,
 ) -> Breakdown:
     """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers,
-    with the weights loaded in `dtype` (model.dtype) and `precision` (train.precision).
+    with the weights loaded in `dtype` (model.dtype) and `precision` (train.precision). The ZeRO
+    stages: zero_estimate, with `zero` (the spec's zero_optimization overrides) and `offload_optimizer`.
 
     `trainable` parameters (default all) carry gradients and AdamW state (bytes_per_parameter); a
     frozen base (LoRA) only weights, in `dtype` (16 bits under DeepSpeed's bf16 / fp16), or
@@ -171,33 +247,43 @@ def estimate(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     trained = shape.params if trainable is None else trainable
+    mixed = precision != "fp32" or dtype != "float32"
+    activations = activation_bytes(
+        shape, batch, seq_len, "bf16" if mixed else "fp32", gradient_checkpointing, flash_attention
+    )
+    if strategy.startswith("zero"):
+        return zero_estimate(
+            shape,
+            int(strategy[-1]),
+            precision,
+            workers,
+            trained,
+            activations,
+            weight_bits,
+            dtype,
+            zero,
+            offload_optimizer,
+            teacher,
+        )
     weight_bytes, gradient_bytes, optimizer_bytes = bytes_per_parameter(strategy, precision, dtype)
-    frozen_bytes = (
-        2 if strategy.startswith("zero") and precision != "fp32" else 4 if dtype == "float32" else 2
-    )
     frozen = shape.params - trained
-    weights = trained * weight_bytes + frozen * (weight_bits / 8 if weight_bits else frozen_bytes)
-    gradients = trained * gradient_bytes
-    optimizer = trained * optimizer_bytes
-    shard = {"ddp": (1, 1, 1), "zero1": (1, 1, workers), "zero2": (1, workers, workers)}.get(
-        strategy, (workers, workers, workers)
+    weights = trained * weight_bytes + frozen * (
+        weight_bits / 8 if weight_bits else 4 if dtype == "float32" else 2
     )
+    shard = workers if strategy == "fsdp" else 1
     gathered = 0.0
-    if shard[0] > 1:
+    if shard > 1:  # fsdp gathers the block computing and the one prefetched
         compute_bytes = 2 if precision != "fp32" else weight_bytes
         block = max(0, shape.params - 2 * shape.vocab * shape.hidden) / max(1, shape.layers)
         gathered = 2 * block * compute_bytes
-    mixed = precision != "fp32" or dtype != "float32"
     return Breakdown(
-        weights=weights / shard[0],
-        gradients=gradients / shard[1],
-        optimizer=optimizer / shard[2],
-        activations=activation_bytes(
-            shape, batch, seq_len, "bf16" if mixed else "fp32", gradient_checkpointing, flash_attention
-        ),
+        weights=weights / shard,
+        gradients=trained * gradient_bytes / shard,
+        optimizer=trained * optimizer_bytes / shard,
+        activations=activations,
         # AdamW's multi-tensor step holds one more moment-sized copy of the (local) trained parameters.
-        temporary=trained * (optimizer_bytes // 2 if optimizer_bytes < 12 else 4) / shard[2] + gathered,
-        buckets=gradients if strategy == "ddp" and workers > 1 else 0.0,
+        temporary=trained * (optimizer_bytes // 2) / shard + gathered,
+        buckets=trained * gradient_bytes if strategy == "ddp" and workers > 1 else 0.0,
         teacher=teacher,
     )
 
@@ -248,6 +334,8 @@ def report(
             method.get("weight_bits"),
             dtype=dtype,
             teacher=teacher,
+            zero=method.get("zero"),
+            offload_optimizer=method.get("offload_optimizer", False),
         )
         for strategy in STRATEGIES
     }
@@ -270,14 +358,29 @@ def report(
             else ""
         ),
         "",
-        f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}{'peak ' + unit:>11}"
-        + ("  fits" if gpu_memory_gb else ""),
+        f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}"
+        f"{'buckets':>9}{'peak ' + unit:>11}" + ("  fits" if gpu_memory_gb else ""),
     ]
     for strategy, b in breakdowns.items():
-        row = f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.total / scale:>11.2f}"
+        row = (
+            f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}"
+            f"{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.buckets / scale:>9.2f}{b.total / scale:>11.2f}"
+        )
         if gpu_memory_gb:
             row += "  yes" if b.total <= gpu_memory_gb * GiB else "  no"
         if strategy in method.get("exclude", ()):
             row += "  (the method cannot run under it)"
+        if b.host:
+            row += f"  (+{b.host / scale:.2f} {unit} of optimizer state in host memory)"
         lines.append(row)
+    lines += [
+        "",
+        "peak = weights + optimizer + the larger of activations and grads + temporary (the step's), + buckets"
+        + (" + teacher" if teacher else "")
+        + ". ZeRO rows: DeepSpeed's fp32 master partition is in optimizer, the fp32 gradient partition "
+        "its step reads in grads, its reduce (and ZeRO-3 prefetch) buckets as raylm sizes them from hidden"
+        + (" with the spec's zero_optimization settings" if method.get("zero") else "")
+        + (", optimizer state offloaded to the host" if method.get("offload_optimizer") else "")
+        + ".",
+    ]
     return "\n".join(lines)

@@ -141,7 +141,7 @@ def unfit_reason(job, memory_bytes: float) -> str | None:
     if key in terms.pop("exclude", ()):
         return f"method {job.method.name} cannot run under {key}"
     budget = memory_bytes * HEADROOM
-    needed = estimate(strategy=key, **terms).total
+    needed = estimate(strategy=key, **terms, **deepspeed_terms(job.strategy)).total
     if needed <= budget:
         return None
     return (
@@ -176,6 +176,26 @@ def _job_terms(job) -> dict:
     if excluded:
         terms["exclude"] = tuple(dict.fromkeys(excluded))
     return terms
+
+
+def deepspeed_terms(strategy) -> dict:
+    """An explicit DeepSpeed strategy's settings the estimate follows: its zero_optimization
+    overrides (inline or in its JSON file) and optimizer offload."""
+    if strategy.name != "deepspeed":
+        return {}
+    import json
+    from pathlib import Path
+
+    override = strategy.config
+    if isinstance(override, str):  # preflight has read it already; an unreadable file is its message
+        try:
+            override = json.loads(Path(override).read_text())
+        except (OSError, ValueError):
+            override = {}
+    return {
+        "zero": (override or {}).get("zero_optimization") or None,
+        "offload_optimizer": strategy.offload_optimizer,
+    }
 
 
 def teacher_terms(job) -> dict:

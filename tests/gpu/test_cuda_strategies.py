@@ -8,6 +8,7 @@ identically, and consolidate into a plain model whose logits match. Then the mem
 compared with the peak memory CUDA's allocator measured for the same training steps.
 """
 
+import gc
 import os
 import socket
 
@@ -156,6 +157,7 @@ MEMORY_CASES = {
     "zero1": {"name": "deepspeed", "stage": 1},
     "zero2": {"name": "deepspeed", "stage": 2},
     "zero3": {"name": "deepspeed", "stage": 3},
+    "zero2-offload": {"name": "deepspeed", "stage": 2, "offload_optimizer": True},
 }
 
 
@@ -177,6 +179,7 @@ def test_memory_estimate_matches_cuda_peak_per_strategy(strategy, precision):
     plan = TypeAdapter(StrategySpec).validate_python(strategy)
     train = TrainSpec(lr=1e-4, precision=precision, batch_size=8, warmup_steps=0)
     batch, seq = 8, 128
+    gc.collect()  # an earlier case's engine (DeepSpeed's hold reference cycles) must not be freed mid-measure
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -189,7 +192,11 @@ def test_memory_estimate_matches_cuda_peak_per_strategy(strategy, precision):
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
     name = "fsdp" if plan.name == "fsdp" else f"zero{plan.stage}"
-    estimate = memory.estimate(shape, name, precision, 1, batch, seq, flash_attention=True, dtype="float32")
+    from raylm.planning.plan import deepspeed_terms
+
+    estimate = memory.estimate(
+        shape, name, precision, 1, batch, seq, flash_attention=True, dtype="float32", **deepspeed_terms(plan)
+    )
     ratio = measured / estimate.total
     print(
         f"\n{name} {precision}: measured {measured / 2**20:.0f} MiB, estimated {estimate.total / 2**20:.0f} MiB "

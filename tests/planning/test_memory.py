@@ -107,17 +107,27 @@ def test_bytes_per_parameter_rules():
     mixed = estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128)
     assert mixed.weights == 4e9 and state(mixed) == 16  # autocast stores nothing in bf16
     assert state(estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128, dtype="bfloat16")) == 8
+    # DeepSpeed bf16: a 2-byte module and gradients, the fp32 master 4 + moments 8, and at the step the
+    # fp32 gradient partition (4) and AdamW's temporary (4)
     zero_bf16 = estimate(shape, "zero1", "bf16", workers=1, batch=1, seq_len=128)
-    assert zero_bf16.weights == 2e9 and state(zero_bf16) == 16  # DeepSpeed: 2 + 2 + fp32 master 4 + 8
+    assert zero_bf16.weights == 2e9 and state(zero_bf16) == 2 + 2 + 4 + 12 and zero_bf16.temporary == 4e9
     fsdp_bf16 = estimate(shape, "fsdp", "bf16", workers=8, batch=1, seq_len=128, dtype="bfloat16")
     assert state(fsdp_bf16) == 16 / 8  # the shards stay fp32: the optimizer's master weights
     n = 8
     z1 = estimate(shape, "zero1", "fp32", workers=n, batch=1, seq_len=128)
     z2 = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128)
     z3 = estimate(shape, "zero3", "fp32", workers=n, batch=1, seq_len=128)
-    assert state(z1) == 4 + 4 + 8 / n and state(z2) == 4 + 12 / n and state(z3) == 16 / n
-    assert estimate(shape, "fsdp", "fp32", workers=n, batch=1, seq_len=128) == z3
-    assert z3.temporary > z2.temporary / n  # fsdp / ZeRO-3 also hold two gathered blocks
+    # fp32 runs keep the master clone too; ZeRO-1 keeps whole gradients until the boundary
+    assert state(z1) == 4 + 4 + 16 / n and state(z2) == 4 + 20 / n
+    p = shape.params
+    assert (z3.gradients, z3.optimizer, z3.temporary) == (4 * p / n, 12 * p / n, 8 * p / n)
+    assert z3.weights > 4 * p / n  # plus the gathered block, the prefetch bucket and the norms
+    # buckets: raylm sizes the reduce bucket hidden^2 elements (fp32), DeepSpeed's default is 5e8
+    assert z2.buckets == shape.hidden**2 * 4 and z3.buckets == 2 * shape.hidden**2 * 4  # overlap_comm
+    big = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, zero={"reduce_bucket_size": 5e8})
+    assert big.buckets == 5e8 * 4 and big.total - z2.total == big.buckets - z2.buckets
+    offloaded = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, offload_optimizer=True)
+    assert offloaded.optimizer == offloaded.temporary == 0 and offloaded.host == (12 + 4 + 4) * p / n
     # A frozen base (LoRA-style): only the trainable part carries gradients and optimizer state.
     lora = estimate(shape, "ddp", "fp32", workers=1, batch=1, seq_len=128, trainable=10_000_000)
     assert lora.gradients == 4e7 and lora.optimizer == 8e7 and lora.weights == 4e9

@@ -14,7 +14,9 @@ TABLE = [
     (1e9, 8, 80, "bf16", True, "ddp"),  # 16 GB of states + checkpointed activations < 72 GB
     (7e9, 8, 80, "bf16", True, "zero1"),  # 112 GB of states: sharding Adam's 84 GB is enough
     (7e9, 8, 24, "bf16", True, "fsdp"),  # 24 GB cards: weights must be sharded too
-    (7e9, 2, 80, "bf16", True, "zero2"),  # two 80 GB cards: Adam and gradients sharded
+    # two 80 GB cards: ZeRO-2's 16-bit module (14 GB), half of the fp32 master and moments (42 GB) and
+    # at the step half of the fp32 gradients and AdamW's temporary (28 GB) do not fit; fsdp shards it all
+    (7e9, 2, 80, "bf16", True, "fsdp"),
     (13e9, 8, 40, "bf16", True, "fsdp"),
     (1e9, 1, 16, "fp32", False, None),  # 16 GB of states alone on one 16 GB card: nothing fits
 ]

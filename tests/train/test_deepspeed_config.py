@@ -25,7 +25,7 @@ def test_generated_config_follows_the_spec():
         precision="bf16",
         lr=2e-4,
     )
-    ds = config(job.strategy, job.train, job.train.precision)
+    ds = config(job.strategy, job.train, job.train.precision, 64)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 8
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 3
@@ -38,17 +38,23 @@ def test_override_merges_deeply_from_a_mapping_or_a_file(tmp_path):
     inline = job_with(
         {"name": "deepspeed", "stage": 2, "config": {"zero_optimization": {"overlap_comm": True}}}
     )
-    ds = config(inline.strategy, inline.train, "fp32")
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    ds = config(inline.strategy, inline.train, "fp32", 64)
+    sized = {
+        "reduce_bucket_size": 64 * 64,
+        "stage3_prefetch_bucket_size": 3686,
+        "stage3_param_persistence_threshold": 640,
+    }
+    assert ds["zero_optimization"] == {"stage": 2, **sized, "overlap_comm": True}
     file = tmp_path / "ds.json"
     file.write_text(
         json.dumps({"zero_optimization": {"contiguous_gradients": False}, "wall_clock_breakdown": True})
     )
     from_file = job_with({"name": "deepspeed", "config": str(file)})
     assert check_strategy_files(from_file.strategy) == []
-    ds = config(from_file.strategy, from_file.train, "fp32")
+    ds = config(from_file.strategy, from_file.train, "fp32", 64)
     assert (
-        ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": False} and ds["wall_clock_breakdown"]
+        ds["zero_optimization"] == {"stage": 2, **sized, "contiguous_gradients": False}
+        and ds["wall_clock_breakdown"]
     )
 
 

@@ -247,7 +247,9 @@ def _partition_rank(rank: int, port: int, out: str) -> None:
     from raylm.train import hostmem
     from raylm.train.strategies.deepspeed import config, partition_from_rank0
 
-    settings = config(DeepSpeedStrategy(name="deepspeed", stage=3), TrainSpec(max_steps=1), "fp32")
+    settings = config(
+        DeepSpeedStrategy(name="deepspeed", stage=3), TrainSpec(max_steps=1), "fp32", BIG["hidden"]
+    )
     arch = architecture_config(Architecture(**BIG), 0)
     import transformers.models.llama.modeling_llama  # noqa: F401 - its code is not the model's memory
 

@@ -17,9 +17,13 @@ from raylm.train.strategies import quant_states_to
 TAG = "deepspeed"  # checkpoint subfolder
 
 
-def config(strategy, train, precision: str) -> dict:
-    """The DeepSpeed config of the spec, with the user's `strategy.config` merged over it."""
-    zero: dict = {"stage": strategy.stage}
+def config(strategy, train, precision: str, hidden: int) -> dict:
+    """The DeepSpeed config of the spec for a model of `hidden` size, with the user's `strategy.config`
+    merged over it. The buckets are sized from the model (raylm.planning.memory.zero_sizes), which the
+    memory estimate counts."""
+    from raylm.planning.memory import zero_sizes
+
+    zero: dict = {"stage": strategy.stage, **zero_sizes(hidden)}
     if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if strategy.offload_params:
@@ -166,7 +170,7 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
 
     from raylm.train import optim
 
-    settings = config(strategy, train, train.precision)
+    settings = config(strategy, train, train.precision, model.config.hidden_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if settings["zero_optimization"]["stage"] == 3:
