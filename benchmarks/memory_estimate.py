@@ -1,6 +1,6 @@
 """`raylm estimate` against the measured peak host memory per worker, for each strategy and precision.
 
-    python benchmarks/memory_estimate.py                          # ddp, zero2, zero3, fsdp x fp32, bf16
+    python benchmarks/memory_estimate.py                # ddp, ZeRO-1/2/3 (2 and 3 also offloaded), fsdp x fp32, bf16
     python benchmarks/memory_estimate.py --strategies fsdp --precisions bf16
 
 Each cell is one `raylm` pretraining job (2 CPU workers, 3 steps) of a 40M-parameter Llama (12
@@ -9,7 +9,8 @@ added from just before it built the model to the end of training (Linux's peak-R
 then; raylm reports it per rank in summary.json's host_memory.train), the larger of the two ranks.
 glibc returns large freed blocks at once (MALLOC_MMAP_THRESHOLD_=65536), so the peak follows live
 memory. Predicted: raylm.planning.memory.estimate for the same strategy, precision, model.dtype, 2 workers,
-batch and sequence, unadjusted. bf16 runs load the weights in bfloat16 (model.dtype).
+batch and sequence, unadjusted (with optimizer offload, its host term too: on a CPU worker the host is
+the device). bf16 runs load the weights in bfloat16 (model.dtype).
 Written to benchmarks/results/memory_estimate.json.
 """
 
@@ -23,8 +24,11 @@ from pathlib import Path
 
 STRATEGIES = {
     "ddp": "ddp",
+    "zero1": {"name": "deepspeed", "stage": 1},
     "zero2": {"name": "deepspeed", "stage": 2},
+    "zero2-offload": {"name": "deepspeed", "stage": 2, "offload_optimizer": True},
     "zero3": {"name": "deepspeed", "stage": 3},
+    "zero3-offload": {"name": "deepspeed", "stage": 3, "offload_optimizer": True},
     "fsdp": "fsdp",
 }
 ARCH = {"family": "llama", "layers": 12, "heads": 8, "hidden": 512, "intermediate": 1408, "context": 128}
@@ -63,7 +67,9 @@ def main() -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # before Ray starts: its workers inherit it
 
     from raylm.planning.memory import estimate, shape_of_job
+    from raylm.planning.plan import deepspeed_terms
     from raylm.spec.loading import validate_dict
+    from raylm.spec.strategies import memory_key
     from raylm.submit import run_here
 
     scratch = Path(tempfile.mkdtemp(prefix="raylm-memory-"))
@@ -73,9 +79,17 @@ def main() -> None:
             job = validate_dict(job_spec(STRATEGIES[name], precision, str(scratch / f"{name}-{precision}")))
             summary = run_here(job)
             measured = max(summary["host_memory"]["train"])
-            predicted = estimate(
-                shape_of_job(job), name, precision, 2, BATCH, SEQ, dtype=job.model.dtype
-            ).total
+            terms = estimate(
+                shape_of_job(job),
+                memory_key(job.strategy),
+                precision,
+                2,
+                BATCH,
+                SEQ,
+                dtype=job.model.dtype,
+                **deepspeed_terms(job.strategy),
+            )
+            predicted = terms.total + terms.host  # a CPU worker's host memory is its device memory
             cells.append(
                 {
                     "strategy": name,
@@ -99,7 +113,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     for cell in cells:
         print(
-            f"{cell['strategy']:<6} {cell['precision']:<5} measured {cell['measured_bytes'] / 2**20:8.0f} MiB"
+            f"{cell['strategy']:<14} {cell['precision']:<5} measured {cell['measured_bytes'] / 2**20:8.0f} MiB"
             f"  estimate {cell['estimate_bytes'] / 2**20:8.0f} MiB  ratio {cell['measured_over_estimate']:.2f}"
         )
 
