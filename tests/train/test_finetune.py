@@ -191,8 +191,13 @@ def test_qlora_with_a_sharded_4bit_base_trains_like_ddp(qlora_runs, strategy):
         load_file(o / "adapter" / "adapter_model.safetensors") for o in (output, qlora_runs["ddp"][0])
     )
     assert set(mine) == set(ddp) and len(mine) == 2 * 7 * 2  # A and B of 7 layers in each of 2 blocks
+    # AdamW divides by the gradient's running RMS, so a reduction-order difference in a near-zero gradient
+    # moves an element by more than it: on an AMD EPYC one element of 256 differed by 3.5e-4 after the
+    # run (1e-4 held on the machine this test was written on); a real fault differs by a step (lr 1e-2)
     for name, tensor in ddp.items():
-        torch.testing.assert_close(mine[name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+        torch.testing.assert_close(
+            mine[name], tensor, atol=1e-3, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_full_finetune_on_fsdp_with_cpu_offload(ray_local, sft_base, tmp_path):
