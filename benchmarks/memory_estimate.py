@@ -10,8 +10,8 @@ then; raylm reports it per rank in summary.json's host_memory.train), the larger
 glibc returns large freed blocks at once (MALLOC_MMAP_THRESHOLD_=65536), so the peak follows live
 memory. Predicted: raylm.planning.memory.estimate for the same strategy, precision, model.dtype, 2 workers,
 batch and sequence, unadjusted (with optimizer offload, its host term too: on a CPU worker the host is
-the device). bf16 runs load the weights in bfloat16 (model.dtype).
-Written to benchmarks/results/memory_estimate.json.
+the device). bf16 runs load the weights in bfloat16 (model.dtype), but ddp's (autocast over float32 weights).
+Written to --out (default benchmarks/results/memory_estimate.json; BENCHMARKS.md's files are per precision).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def job_spec(strategy, precision: str, output: str) -> dict:
         "kind": "pretrain",
         "model": {
             "architecture": {**ARCH, "vocab_size": 2048},
-            "dtype": "bfloat16" if precision == "bf16" else "float32",
+            # ddp keeps no fp32 master copy, so raylm refuses it bf16 weights: autocast over fp32 ones
+            "dtype": "bfloat16" if precision == "bf16" and strategy != "ddp" else "float32",
         },
         "tokenizer": {"train": {"type": "char"}},
         "data": {"generate": {"documents": 2000}, "seq_len": SEQ},
