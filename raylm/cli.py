@@ -343,14 +343,16 @@ def estimate(
             seq_len = seq_len or job.data.seq_len
             if gradient_checkpointing is None:
                 gradient_checkpointing = job.train.gradient_checkpointing
+            gpu = job.resources.use_gpu
             if flash_attention is None:
-                flash_attention = job.resources.use_gpu
+                flash_attention = gpu
             teacher = plan.teacher_terms(job).get("teacher", 0.0)
             # what `strategy: auto` counts for a fine-tuning method, and an explicit DeepSpeed's settings
             terms = {**plan.method_terms(job), **plan.deepspeed_terms(job.strategy)}
         elif params:
             shape = memory.shape_from_params(params)
             flash_attention = True if flash_attention is None else flash_attention
+            gpu = flash_attention  # a size alone: a GPU worker unless --no-flash-attention says otherwise
         else:
             fail("give a SPEC_FILE or --params")
     except SpecError as err:
@@ -372,6 +374,7 @@ def estimate(
             dtype or "float32",
             teacher,
             terms,
+            gpu,
         )
     )
 

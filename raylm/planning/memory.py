@@ -232,10 +232,14 @@ def estimate(
     teacher: float = 0.0,
     zero: dict | None = None,
     offload_optimizer: bool = False,
+    gpu: bool = False,
 ) -> Breakdown:
     """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers,
     with the weights loaded in `dtype` (model.dtype) and `precision` (train.precision). The ZeRO
     stages: zero_estimate, with `zero` (the spec's zero_optimization overrides) and `offload_optimizer`.
+    `gpu`: CUDA workers, where ddp's AdamW runs fused (raylm.train.optim.adamw) and its step allocates no
+    temporaries (DeepSpeed steps torch's unfused AdamW on either; fsdp's temporary term stays, as
+    measured on one H200 rank, where it also covers FSDP2's unsharded root and blocks).
 
     `trainable` parameters (default all) carry gradients and AdamW state (bytes_per_parameter); a
     frozen base (LoRA) only weights, in `dtype` (16 bits under DeepSpeed's bf16 / fp16), or
@@ -281,8 +285,9 @@ def estimate(
         gradients=trained * gradient_bytes / shard,
         optimizer=trained * optimizer_bytes / shard,
         activations=activations,
-        # AdamW's multi-tensor step holds one more moment-sized copy of the (local) trained parameters.
-        temporary=trained * (optimizer_bytes // 2) / shard + gathered,
+        # AdamW's multi-tensor (foreach) step holds one more moment-sized copy of the (local) trained
+        # parameters; ddp's fused CUDA kernel none
+        temporary=(0 if gpu and strategy == "ddp" else trained * (optimizer_bytes // 2) / shard) + gathered,
         buckets=trained * gradient_bytes if strategy == "ddp" and workers > 1 else 0.0,
         teacher=teacher,
     )
@@ -315,6 +320,7 @@ def report(
     dtype: str = "float32",
     teacher: float = 0.0,
     method: dict | None = None,
+    gpu: bool = False,
 ) -> str:
     """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`. `method`:
     a fine-tuning method's terms (raylm.planning.plan.method_terms: trainable parameters, a quantised base's
@@ -336,6 +342,7 @@ def report(
             teacher=teacher,
             zero=method.get("zero"),
             offload_optimizer=method.get("offload_optimizer", False),
+            gpu=gpu,
         )
         for strategy in STRATEGIES
     }
@@ -344,7 +351,8 @@ def report(
         f"model: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
         f"{workers} worker(s), {precision} ({dtype} weights), batch {batch} x {seq_len} tokens"
         + (", gradient checkpointing" if gradient_checkpointing else "")
-        + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)"),
+        + (", flash attention" if flash_attention else ", attention scores kept (no flash kernel)")
+        + (", GPU workers (ddp steps a fused AdamW)" if gpu else ", CPU workers"),
         f"weights alone: {shape.params * (4 if dtype == 'float32' else 2) / scale:.2f} {unit} in {dtype}"
         + (
             f"; the distillation teacher adds {teacher / scale:.2f} {unit} to every worker's peak"

@@ -56,6 +56,7 @@ def choose(
     exclude: tuple[str, ...] = (),
     dtype: str = "float32",
     teacher: float = 0.0,
+    gpu: bool = False,
 ) -> Choice:
     """`exclude`: strategies (ddp, zero1, zero2, fsdp, zero3) the job's method cannot run under."""
     budget = memory_bytes * headroom
@@ -76,6 +77,7 @@ def choose(
             weight_bits,
             dtype=dtype,
             teacher=teacher,
+            gpu=gpu,
         ).total
         if needed <= budget:
             rejected = "; ".join(f"{k} needs {size(n)}" for k, n in tried)
@@ -163,6 +165,7 @@ def _job_terms(job) -> dict:
         "seq_len": job.data.seq_len,
         "gradient_checkpointing": job.train.gradient_checkpointing,
         "flash_attention": job.resources.use_gpu,
+        "gpu": job.resources.use_gpu,
         "elastic": job.resources.elastic,
         "dtype": job.model.dtype,
         **method_terms(job),

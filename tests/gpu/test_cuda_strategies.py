@@ -144,7 +144,9 @@ def test_memory_estimate_matches_cuda_peak(precision):
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
     # the estimate of what raylm's ddp allocates in this mode (autocast over fp32 weights), unadjusted
-    estimate = memory.estimate(shape, "ddp", precision, 1, batch, seq, flash_attention=True, dtype="float32")
+    estimate = memory.estimate(
+        shape, "ddp", precision, 1, batch, seq, flash_attention=True, dtype="float32", gpu=True
+    )
     ratio = measured / estimate.total
     print(
         f"\n{precision}: measured {measured / 2**20:.0f} MiB, estimated {estimate.total / 2**20:.0f} MiB, ratio {ratio:.2f}"
@@ -195,7 +197,16 @@ def test_memory_estimate_matches_cuda_peak_per_strategy(strategy, precision):
     from raylm.planning.plan import deepspeed_terms
 
     estimate = memory.estimate(
-        shape, name, precision, 1, batch, seq, flash_attention=True, dtype="float32", **deepspeed_terms(plan)
+        shape,
+        name,
+        precision,
+        1,
+        batch,
+        seq,
+        flash_attention=True,
+        dtype="float32",
+        gpu=True,
+        **deepspeed_terms(plan),
     )
     ratio = measured / estimate.total
     print(
