@@ -42,6 +42,7 @@ class Breakdown:
     buckets: float = 0.0
     teacher: float = 0.0
     host: float = 0.0  # offloaded optimizer state in host memory: not in the device's peak
+    gradients_persist: bool = False  # DeepSpeed's gradient partitions live through backward too
 
     @property
     def total(self) -> float:
@@ -50,13 +51,11 @@ class Breakdown:
         not add; the optimizer step's temporaries come with the gradients. DDP's buckets hold one more
         copy (DeepSpeed's: its reduce and prefetch buckets); a distillation teacher's weights and output
         distributions come on top."""
-        return (
-            self.weights
-            + self.optimizer
-            + max(self.activations, self.gradients + self.temporary)
-            + self.buckets
-            + self.teacher
-        )
+        if self.gradients_persist:
+            live = self.gradients + max(self.activations, self.temporary)
+        else:
+            live = max(self.activations, self.gradients + self.temporary)
+        return self.weights + self.optimizer + live + self.buckets + self.teacher
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -173,13 +172,13 @@ def zero_estimate(
     What DeepSpeed 0.19 allocates (stage_1_and_2.py, stage3.py), measured on an H200 for one rank:
     the module in 16 bits under bf16 / fp16 (else its dtype); an fp32 master partition of the trained
     weights (a clone, also in fp32 runs) and AdamW's two moments: 12 bytes per trained parameter / N.
-    ZeRO-1 keeps the full gradients until the accumulation boundary, ZeRO-2 copies them into a
-    contiguous partition (module dtype); at the step both add the fp32 gradient partition the optimizer
-    steps on and AdamW's temporary (4 + 4 bytes / N). ZeRO-3 partitions the module too, accumulates its
-    gradient partitions in fp32 (4 bytes / N), and its step holds 8 bytes / N more; each rank gathers
-    the block it computes and the prefetch bucket, and keeps parameters smaller than the persistence
-    threshold whole. Buckets: the reduce bucket (x2 with overlap_comm, ZeRO-3's default). With
-    offload_optimizer the master weights, moments and step temporaries live in host memory (`host`)."""
+    ZeRO-1 and -2 keep a contiguous gradient partition in the module's dtype between steps, ZeRO-3 one
+    in fp32 (these persist through backward, beside the activations); the step adds the fp32 gradient
+    partition the optimizer reads and AdamW's temporary (8 bytes / N). ZeRO-3 partitions the module too;
+    each rank holds what it gathered, up to stage3_max_live_parameters, and the parameters under the
+    persistence threshold whole. Buckets: the reduce bucket (x2 with overlap_comm, ZeRO-3's default).
+    With offload_optimizer the master weights, moments, gradient partitions and the step live in host
+    memory (`host`)."""
     zero = {**zero_sizes(shape.hidden), **(zero or {})}
     n = workers
     module = 2 if precision != "fp32" or dtype != "float32" else 4
@@ -191,29 +190,34 @@ def zero_estimate(
     step_state = 12 * trained / n
     if stage < 3:
         weights = trained * module + frozen_bytes
-        gradients = trained * module / (1 if stage == 1 else n)
-        step_extra, temporary = 4 * trained / n, 4 * trained / n
+        # DeepSpeed 0.19 runs ZeRO-1 and -2 through one optimizer: both keep a contiguous gradient
+        # partition between steps (measured alike on CPU with 2 ranks and on a GPU)
+        gradients = trained * module / n
     else:
-        block = max(0, shape.params - 2 * shape.vocab * shape.hidden) / max(1, shape.layers)
-        gathered = (block + min(float(zero["stage3_prefetch_bucket_size"]), block)) * module if n > 1 else 0.0
+        # every rank holds the full parameters it gathered, up to stage3_max_live_parameters (DeepSpeed's
+        # and Hugging Face's default 1e9: a smaller model stays gathered through the forward pass)
+        live = min(float(zero.get("stage3_max_live_parameters", 1e9)), shape.params)
+        gathered = live * module if n > 1 else 0.0
         # the norms' weights (hidden each) under the persistence threshold stay whole on every rank
         norms = (2 * shape.layers + 1) * shape.hidden
         persistent = norms * module if zero["stage3_param_persistence_threshold"] > shape.hidden else 0.0
         weights = (trained * module + frozen_bytes) / n + gathered + persistent
-        gradients, step_extra, temporary = 4 * trained / n, 0.0, 8 * trained / n
+        gradients = 4 * trained / n  # fp32 gradient partitions, allocated once
+    temporary = 8 * trained / n  # at the step: the fp32 gradient partition it reads, AdamW's temporary
     host = 0.0
-    if offload_optimizer:
-        host = step_state + step_extra + temporary
-        step_state = step_extra = temporary = 0.0
+    if offload_optimizer:  # the master, the moments, the gradient partitions and the step on the host
+        host = step_state + temporary + 4 * trained / n
+        step_state = temporary = gradients = 0.0
     return Breakdown(
         weights=weights,
-        gradients=gradients + step_extra,
+        gradients=gradients,
         optimizer=step_state,
         activations=activations,
         temporary=temporary,
         buckets=buckets,
         teacher=teacher,
         host=host,
+        gradients_persist=True,
     )
 
 

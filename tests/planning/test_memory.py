@@ -107,27 +107,32 @@ def test_bytes_per_parameter_rules():
     mixed = estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128)
     assert mixed.weights == 4e9 and state(mixed) == 16  # autocast stores nothing in bf16
     assert state(estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128, dtype="bfloat16")) == 8
-    # DeepSpeed bf16: a 2-byte module and gradients, the fp32 master 4 + moments 8, and at the step the
-    # fp32 gradient partition (4) and AdamW's temporary (4)
+    # DeepSpeed bf16: a 2-byte module and gradient partition, the fp32 master 4 + moments 8, and at the
+    # step the fp32 gradient partition (4) and AdamW's temporary (4)
     zero_bf16 = estimate(shape, "zero1", "bf16", workers=1, batch=1, seq_len=128)
-    assert zero_bf16.weights == 2e9 and state(zero_bf16) == 2 + 2 + 4 + 12 and zero_bf16.temporary == 4e9
+    assert zero_bf16.weights == 2e9 and state(zero_bf16) == 2 + 2 + 12 and zero_bf16.temporary == 8e9
     fsdp_bf16 = estimate(shape, "fsdp", "bf16", workers=8, batch=1, seq_len=128, dtype="bfloat16")
     assert state(fsdp_bf16) == 16 / 8  # the shards stay fp32: the optimizer's master weights
     n = 8
     z1 = estimate(shape, "zero1", "fp32", workers=n, batch=1, seq_len=128)
     z2 = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128)
     z3 = estimate(shape, "zero3", "fp32", workers=n, batch=1, seq_len=128)
-    # fp32 runs keep the master clone too; ZeRO-1 keeps whole gradients until the boundary
-    assert state(z1) == 4 + 4 + 16 / n and state(z2) == 4 + 20 / n
+    # fp32 runs keep the master clone too; ZeRO-1 and -2 keep one gradient partition (DeepSpeed 0.19)
+    assert state(z1) == state(z2) == 4 + 16 / n and z2.gradients_persist
     p = shape.params
     assert (z3.gradients, z3.optimizer, z3.temporary) == (4 * p / n, 12 * p / n, 8 * p / n)
-    assert z3.weights > 4 * p / n  # plus the gathered block, the prefetch bucket and the norms
+    assert z3.weights > 4 * p / n + 4 * p  # plus what it gathered: up to 1e9 live parameters, and the norms
+    # the gradient partitions persist beside the activations; the step's temporaries do not
+    assert (
+        z2.total == z2.weights + z2.optimizer + z2.gradients + max(z2.activations, z2.temporary) + z2.buckets
+    )
     # buckets: raylm sizes the reduce bucket hidden^2 elements (fp32), DeepSpeed's default is 5e8
     assert z2.buckets == shape.hidden**2 * 4 and z3.buckets == 2 * shape.hidden**2 * 4  # overlap_comm
     big = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, zero={"reduce_bucket_size": 5e8})
     assert big.buckets == 5e8 * 4 and big.total - z2.total == big.buckets - z2.buckets
     offloaded = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, offload_optimizer=True)
-    assert offloaded.optimizer == offloaded.temporary == 0 and offloaded.host == (12 + 4 + 4) * p / n
+    assert offloaded.optimizer == offloaded.temporary == offloaded.gradients == 0
+    assert offloaded.host == (12 + 8 + 4) * p / n
     # A frozen base (LoRA-style): only the trainable part carries gradients and optimizer state.
     lora = estimate(shape, "ddp", "fp32", workers=1, batch=1, seq_len=128, trainable=10_000_000)
     assert lora.gradients == 4e7 and lora.optimizer == 8e7 and lora.weights == 4e9
