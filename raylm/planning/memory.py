@@ -387,10 +387,11 @@ def report(
         lines.append(row)
     lines += [
         "",
-        "peak = weights + optimizer + the larger of activations and grads + temporary (the step's), + buckets"
+        "peak = weights + optimizer + the larger of activations and grads + temporary (the step's) + buckets"
         + (" + teacher" if teacher else "")
-        + ". ZeRO rows: DeepSpeed's fp32 master partition is in optimizer, the fp32 gradient partition "
-        "its step reads in grads, its reduce (and ZeRO-3 prefetch) buckets as raylm sizes them from hidden"
+        + "; ZeRO rows: weights + optimizer + grads + the larger of activations and temporary + buckets "
+        "(DeepSpeed's gradient partitions live through backward; its fp32 master partition is in optimizer, "
+        "the fp32 gradients its step reads in temporary, its reduce bucket as raylm sizes it from hidden)"
         + (" with the spec's zero_optimization settings" if method.get("zero") else "")
         + (", optimizer state offloaded to the host" if method.get("offload_optimizer") else "")
         + ".",
