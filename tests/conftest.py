@@ -78,6 +78,19 @@ def reference_run(ray_local, tmp_path_factory):
     return output, summary
 
 
+def train_worker_pids() -> list[int]:
+    """The PIDs of the alive Ray Train workers, by Ray's state API, sorted; [] while the API does not
+    answer (on a loaded 2-core machine a call can time out: a test thread that raised here would stop
+    watching and never send its signal)."""
+    from ray.util.state import list_actors
+
+    try:
+        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    except Exception:  # the state API raises timeouts and connection errors of several types
+        return []
+    return sorted(w["pid"] for w in alive)
+
+
 def run_cli_then_kill(spec_file: Path, log_file: Path, ready, linger_s: float = 0.0, env: dict | None = None):
     """`raylm run spec_file` in its own process group; once `ready()` returns something truthy (and
     `linger_s` later) SIGKILL the group, driver and embedded Ray together, and return that value."""

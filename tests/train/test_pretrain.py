@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from raylm.train.metrics import read_metrics
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_spec, train_worker_pids
 
 
 def registered(run_dir: Path, step: int) -> bool:
@@ -93,15 +93,10 @@ def test_a_worker_told_to_stop_checkpoints_and_a_killed_one_restarts_from_its_ch
     import threading
 
     import ray.train
-    from ray.util.state import list_actors
 
     reference_dir, _ = reference_run
     output = tmp_path / "run"
     seen: dict = {"checkpoints": set()}
-
-    def workers() -> list[int]:
-        alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        return sorted(w["pid"] for w in alive)
 
     def checkpoints() -> set[int]:
         snapshot = output / "checkpoints" / "checkpoint_manager_snapshot.json"
@@ -117,7 +112,7 @@ def test_a_worker_told_to_stop_checkpoints_and_a_killed_one_restarts_from_its_ch
     def interrupt():
         first: list[int] = []
         while len(first) < 2:  # find the workers first, so the signals follow the steps closely
-            first = workers()
+            first = train_worker_pids()
             time.sleep(0.5)
         while last_logged() < 6:
             time.sleep(0.02)
@@ -126,7 +121,7 @@ def test_a_worker_told_to_stop_checkpoints_and_a_killed_one_restarts_from_its_ch
         second: list[int] = []
         while len(second) < 2 or set(second) & set(first):  # the restarted group
             seen["checkpoints"] |= checkpoints()  # what the first attempt left
-            second = workers()
+            second = train_worker_pids()
             time.sleep(0.1)
         while 15 not in checkpoints():
             time.sleep(0.05)

@@ -15,7 +15,7 @@ import yaml
 
 from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
-from tests.conftest import run_cli_then_kill
+from tests.conftest import run_cli_then_kill, train_worker_pids
 
 
 def search_spec(base_folder, output, search, **fields) -> dict:
@@ -70,7 +70,6 @@ def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ra
     trial's training worker is SIGKILLed after its step-10 checkpoint: with failure.max_failures 1 the
     trial runs again, resumes its run from that checkpoint and completes. The table, best.yaml (the
     best trial's own spec), best/ (a PEFT adapter) and curves.png are written."""
-    from ray.util.state import list_actors
 
     output = tmp_path / "search"
     search = {
@@ -98,8 +97,10 @@ def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ra
             if snapshots and "checkpoint_00000010" in snapshots[0].read_text():
                 break
             time.sleep(0.05)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        os.kill(workers[0]["pid"], signal.SIGKILL)
+        workers: list[int] = []
+        while not workers:  # the state API may not answer at once on a loaded machine
+            workers = train_worker_pids()
+        os.kill(workers[0], signal.SIGKILL)
         killed.append(snapshots[0].parent.parent.name)
 
     killer = threading.Thread(target=kill_the_first_trials_worker_after_its_first_checkpoint, daemon=True)
