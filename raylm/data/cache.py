@@ -54,28 +54,27 @@ def tokenizer_digest(tokenizer) -> str:
 
 def input_digest(name: str) -> str:
     """A digest of an input's bytes (a file, or every file under a folder, with their relative names);
-    where it lives does not matter. An input at a storage URI is not read for this: its objects'
-    identity (relative names, sizes and modification times) stands for their bytes."""
-    digest = hashlib.sha256()
-    if "://" in name:
-        import pyarrow.fs as pafs
+    where it lives does not matter. The files are listed as the readers list them (pyarrow, through
+    symlinked folders too). An input at a storage URI is not read for this: its objects' identity
+    (relative names, sizes and modification times) stands for their bytes."""
+    import pyarrow.fs as pafs
 
-        fs, root = filesystem(name)
-        info = fs.get_file_info(root)
-        found = (
-            [info]
-            if info.type == pafs.FileType.File
-            else fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        )
-        for entry in sorted(found, key=lambda e: e.path):
-            if entry.type == pafs.FileType.File:
-                digest.update(json.dumps([entry.path[len(root) :], entry.size, entry.mtime_ns]).encode())
-        return digest.hexdigest()
-    root = Path(name).expanduser()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
-        with file.open("rb") as handle:
+    digest = hashlib.sha256()
+    fs, root = filesystem(name)
+    root = root.rstrip("/")
+    info = fs.get_file_info(root)
+    found = (
+        [info]
+        if info.type == pafs.FileType.File
+        else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    )
+    for entry in sorted((e for e in found if e.type == pafs.FileType.File), key=lambda e: e.path):
+        relative = entry.base_name if entry.path == root else entry.path[len(root) + 1 :]
+        if "://" in name:
+            digest.update(json.dumps([relative, entry.size, entry.mtime_ns]).encode())
+            continue
+        digest.update(relative.encode())
+        with fs.open_input_stream(entry.path) as handle:
             while chunk := handle.read(8 * 2**20):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -27,6 +27,7 @@ from raylm.data.sources import (
     load_hub_dataset,
     load_saved_dataset,
     missing_paths,
+    one_store,
     open_file,
     read_head,
     saved_dataset_in_store,
@@ -81,22 +82,28 @@ def check_data(spec: DataSpec) -> list[tuple[str, str]]:
         return []
     if spec.dataset is not None:
         return check_dataset(spec.dataset)
-    problems = missing_paths(spec.paths)
+    problems = one_store(spec.paths) or missing_paths(spec.paths)
     if problems:
         return problems
-    fmt = resolve_format(spec)
-    if fmt == "hf":
-        return [
-            p
-            for raw in spec.paths
-            for p in saved_dataset_in_store(raw) or _check_hf_folder(raw, spec.text_field)
-        ]
-    files = input_files(spec, fmt)
+    try:  # a folder that cannot be listed (permissions, a store refusing or dropping the request)
+        fmt = resolve_format(spec)
+        if fmt == "hf":
+            return [
+                p
+                for raw in spec.paths
+                for p in saved_dataset_in_store(raw) or _check_hf_folder(raw, spec.text_field)
+            ]
+        files = input_files(spec, fmt)
+    except (OSError, ValueError) as err:  # pyarrow's errors are OSError / ValueError subclasses
+        return [("data.path", f"cannot list {', '.join(spec.paths)}: {err}")]
     if not files:
         wanted = ", ".join(EXTENSIONS[fmt])
         return [("data.path", f"no {fmt} files ({wanted}) found under {', '.join(spec.paths)}")]
     for file in files:
-        problem = _check_file(file, fmt, spec.text_field)
+        try:
+            problem = _check_file(file, fmt, spec.text_field)
+        except (OSError, ValueError) as err:
+            problem = f"cannot read it ({err})"
         if problem:
             problems.append(("data.path", f"{file}: {problem}"))
     return problems

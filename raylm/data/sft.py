@@ -26,6 +26,7 @@ from raylm.data.sources import (
     load_hub_dataset,
     load_saved_dataset,
     missing_paths,
+    one_store,
     open_file,
     read_head,
     saved_dataset_in_store,
@@ -242,28 +243,33 @@ def check_sft_data(spec: SFTDataSpec) -> list[tuple[str, str]]:
         return []
     if spec.dataset is not None:
         return check_dataset(spec.dataset)
-    problems = []
+    problems = one_store(spec.paths)
+    if problems:
+        return problems
     for raw in spec.paths:
         if missing := missing_paths([raw]):
             problems += missing
             continue
-        if is_saved_dataset(raw):
-            if saved_dataset_in_store(raw):
-                problems += saved_dataset_in_store(raw)
-                continue
-            try:
-                columns = load_saved_dataset(raw).column_names
-            except Exception as err:  # datasets raises several types
-                problems.append(("data.path", f"{raw}: not a datasets.save_to_disk folder ({err})"))
-                continue
-            problems += _missing_fields(raw, columns, spec)
-            continue
-        files = files_under(raw, tuple(SUFFIXES))
-        if not files:
-            problems.append(("data.path", f"no .jsonl / .parquet files under {raw}"))
-        for file in files:
-            problems += _check_file(file, spec)
+        try:  # a folder that cannot be listed, an object that cannot be read: a problem, not a traceback
+            problems += _check_path(raw, spec)
+        except (OSError, ValueError) as err:  # pyarrow's errors are OSError / ValueError subclasses
+            problems.append(("data.path", f"cannot read {raw}: {err}"))
     return problems
+
+
+def _check_path(raw: str, spec: SFTDataSpec) -> list[tuple[str, str]]:
+    if is_saved_dataset(raw):
+        if refused := saved_dataset_in_store(raw):
+            return refused
+        try:
+            columns = load_saved_dataset(raw).column_names
+        except Exception as err:  # datasets raises several types
+            return [("data.path", f"{raw}: not a datasets.save_to_disk folder ({err})")]
+        return _missing_fields(raw, columns, spec)
+    files = files_under(raw, tuple(SUFFIXES))
+    if not files:
+        return [("data.path", f"no .jsonl / .parquet files under {raw}")]
+    return [problem for file in files for problem in _check_file(file, spec)]
 
 
 def _check_file(file: str, spec: SFTDataSpec) -> list[tuple[str, str]]:

@@ -98,10 +98,12 @@ def files_under(path: str, suffixes: tuple[str, ...]) -> list[str]:
     `path` names them: local paths, or URIs under a URI)."""
     import pyarrow.fs as pafs
 
+    local = "://" not in str(path)
     if not is_folder(path):
-        return [str(path)]
+        return [str(Path(path).expanduser()) if local else str(path)]
     fs, inside = filesystem(path)
-    inside, base = inside.rstrip("/"), str(path).rstrip("/")
+    # a local folder by its expanded path (Ray Data's readers do not expand ~), a URI as written
+    inside, base = inside.rstrip("/"), (str(Path(path).expanduser()) if local else str(path)).rstrip("/")
     found = fs.get_file_info(pafs.FileSelector(inside, recursive=True))
     return sorted(
         base + info.path[len(inside) :]
@@ -126,6 +128,21 @@ def missing_paths(paths: list[str]) -> list[tuple[str, str]]:
             where = "in the store" if "://" in raw else "(paths are relative to where raylm runs)"
             problems.append(("data.path", f"{raw} does not exist {where}"))
     return problems
+
+
+def one_store(paths: list[str]) -> list[tuple[str, str]]:
+    """Ray Data reads one list of files through one filesystem: local paths, or URIs of one store."""
+    stores = {raw.split("/", 3)[2] if "://" in raw else "" for raw in paths}
+    schemes = {raw.split("://", 1)[0] if "://" in raw else "" for raw in paths}
+    if len(stores) > 1 or len(schemes) > 1:
+        return [
+            (
+                "data.path",
+                f"the list mixes {', '.join(sorted(f'{s}://' if s else 'local paths' for s in schemes))} "
+                "or several buckets; give files of one place (copy them into one bucket or folder)",
+            )
+        ]
+    return []
 
 
 def saved_dataset_in_store(raw: str) -> list[tuple[str, str]]:

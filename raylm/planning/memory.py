@@ -5,10 +5,10 @@
 
 The rules of thumb it reproduces: fp32 AdamW keeps 16 bytes per trained parameter (4 weights + 4
 gradients + 8 Adam moments), so a 1B model takes 4 GB to store and about 16 GB plus activations to
-train; bf16 autocast over fp32 weights keeps the same 16 (it stores nothing in 16 bits); DeepSpeed's
-bf16 is 2 + 2 + 12 (16-bit weights and gradients, fp32 master and moments); ZeRO-1 shards the
-optimizer states, ZeRO-2 also the gradients, ZeRO-3 / FSDP also the weights (16/N bytes per
-parameter at stage 3). bytes_per_parameter says what each strategy allocates in each mode.
+train; bf16 autocast over fp32 weights keeps the same 16 (it stores nothing in 16 bits); fsdp shards
+all of it (16/N). bytes_per_parameter says what ddp and fsdp allocate in each mode; zero_estimate what
+DeepSpeed's ZeRO stages allocate (measured: its fp32 master clone, gradient partitions, step buffers,
+buckets and ZeRO-3's gathered parameters, beside the 12/N bytes of master weights and moments).
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ class Breakdown:
     def total(self) -> float:
         """Peak bytes on the device. Activations are freed as backward creates gradients, and
         gradients are freed (zero_grad(set_to_none=True)) before the next forward, so the two peaks do
-        not add; the optimizer step's temporaries come with the gradients. DDP's buckets hold one more
-        copy (DeepSpeed's: its reduce and prefetch buckets); a distillation teacher's weights and output
-        distributions come on top."""
+        not add; the optimizer step's temporaries come with the gradients. DeepSpeed's gradient
+        partitions instead persist (`gradients_persist`): they add to the larger of the activations and
+        the step's temporaries. DDP's buckets hold one more copy (DeepSpeed's: its reduce bucket); a
+        distillation teacher's weights and output distributions come on top."""
         if self.gradients_persist:
             live = self.gradients + max(self.activations, self.temporary)
         else:
@@ -165,6 +166,7 @@ def zero_estimate(
     zero: dict | None,
     offload_optimizer: bool,
     teacher: float,
+    gpu: bool = True,
 ) -> Breakdown:
     """Per-worker memory of DeepSpeed ZeRO `stage` with the zero_optimization settings `zero` (raylm's
     generated sizes, zero_sizes, with the spec's overrides; DeepSpeed's defaults for the rest).
@@ -200,7 +202,7 @@ def zero_estimate(
         gathered = live * module if n > 1 else 0.0
         # the norms' weights (hidden each) under the persistence threshold stay whole on every rank
         norms = (2 * shape.layers + 1) * shape.hidden
-        persistent = norms * module if zero["stage3_param_persistence_threshold"] > shape.hidden else 0.0
+        persistent = norms * module if zero["stage3_param_persistence_threshold"] >= shape.hidden else 0.0
         weights = (trained * module + frozen_bytes) / n + gathered + persistent
         gradients = 4 * trained / n  # fp32 gradient partitions, allocated once
     temporary = 8 * trained / n  # at the step: the fp32 gradient partition it reads, AdamW's temporary
@@ -208,6 +210,8 @@ def zero_estimate(
     if offload_optimizer:  # the master, the moments, the gradient partitions and the step on the host
         host = step_state + temporary + 4 * trained / n
         step_state = temporary = gradients = 0.0
+        if not gpu:  # a CPU worker's host memory is its memory: offloading moves nothing out of it
+            step_state, host = host, 0.0
     return Breakdown(
         weights=weights,
         gradients=gradients,
@@ -272,6 +276,7 @@ def estimate(
             zero,
             offload_optimizer,
             teacher,
+            gpu,
         )
     weight_bytes, gradient_bytes, optimizer_bytes = bytes_per_parameter(strategy, precision, dtype)
     frozen = shape.params - trained

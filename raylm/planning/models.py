@@ -54,7 +54,7 @@ def architecture_config(arch: Architecture, vocab_size: int, tokenizer=None):
         tie_word_embeddings=arch.tie_embeddings,
         attention_dropout=arch.dropout,
         rms_norm_eps=arch.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
+        rope_theta=arch.rope_theta,  # transformers 5 files it under rope_parameters
         initializer_range=arch.init_std,
         **ids,
     )

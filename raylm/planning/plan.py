@@ -187,17 +187,22 @@ def deepspeed_terms(strategy) -> dict:
     if strategy.name != "deepspeed":
         return {}
     import json
-    from pathlib import Path
 
     override = strategy.config
-    if isinstance(override, str):  # preflight has read it already; an unreadable file is its message
+    if isinstance(override, str):  # an unreadable file: preflight's message (`raylm run`, `validate`)
         try:
-            override = json.loads(Path(override).read_text())
+            override = json.loads(Path(override).expanduser().read_text())
         except (OSError, ValueError):
             override = {}
+    zero = (override or {}).get("zero_optimization") if isinstance(override, dict) else None
+    zero = zero if isinstance(zero, dict) else {}
+    # DeepSpeed takes ZeRO-3's settings by either name; raylm writes the stage3_ one, which wins
+    for plain in ("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters"):
+        if plain in zero and f"stage3_{plain}" not in zero:
+            zero = {**zero, f"stage3_{plain}": zero[plain]}
     return {
-        "zero": (override or {}).get("zero_optimization") or None,
-        "offload_optimizer": strategy.offload_optimizer,
+        "zero": zero or None,
+        "offload_optimizer": strategy.offload_optimizer or "offload_optimizer" in zero,
     }
 
 

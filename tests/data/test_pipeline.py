@@ -172,3 +172,17 @@ def test_inputs_in_the_bucket_are_checked_and_read_where_they_are(
     [(_, what)] = check_data(DataSpec(path=f"{bucket}/corpus/none.txt"))
     assert "does not exist in the store" in what
     assert check_data(DataSpec(path=f"{bucket}/bad", format="text"))[0][1].startswith("no text files")
+
+
+@pytest.mark.quick
+def test_a_home_path_reaches_the_readers_expanded_and_one_list_takes_one_store(tmp_path, monkeypatch):
+    from raylm.data.pipeline import input_files
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text\n")
+    spec = DataSpec(path="~/corpus")
+    assert check_data(spec) == []
+    assert input_files(spec, "text") == [str(tmp_path / "corpus" / "a.txt")]  # Ray Data does not expand ~
+    [(where, what)] = check_data(DataSpec(path=["~/corpus", "s3://bucket/more.txt"]))
+    assert where == "data.path" and "one place" in what

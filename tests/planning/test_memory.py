@@ -129,10 +129,47 @@ def test_bytes_per_parameter_rules():
     # buckets: raylm sizes the reduce bucket hidden^2 elements (fp32), DeepSpeed's default is 5e8
     assert z2.buckets == shape.hidden**2 * 4 and z3.buckets == 2 * shape.hidden**2 * 4  # overlap_comm
     big = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, zero={"reduce_bucket_size": 5e8})
-    assert big.buckets == 5e8 * 4 and big.total - z2.total == big.buckets - z2.buckets
-    offloaded = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, offload_optimizer=True)
+    assert big.buckets == 5e8 * 4 and big.total - z2.total == pytest.approx(big.buckets - z2.buckets)
+    offloaded = estimate(
+        shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, offload_optimizer=True, gpu=True
+    )
     assert offloaded.optimizer == offloaded.temporary == offloaded.gradients == 0
-    assert offloaded.host == (12 + 8 + 4) * p / n
+    assert offloaded.host == pytest.approx((12 + 8 + 4) * p / n)
+    # on CPU workers the host is the worker's memory: offloading moves nothing out of the peak
+    on_cpu = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, offload_optimizer=True)
+    assert on_cpu.host == 0 and on_cpu.total == pytest.approx(offloaded.total + offloaded.host)
+
+
+@pytest.mark.quick
+def test_an_explicit_deepspeed_strategys_settings_reach_the_estimate(tmp_path):
+    """What a spec sets under strategy.config.zero_optimization (inline or in its JSON file, ZeRO-3's
+    settings by either of DeepSpeed's names, offload there or as the strategy's flag) is what the
+    estimate counts, and what raylm's config hands DeepSpeed."""
+    import json
+
+    from raylm.planning.plan import deepspeed_terms
+    from raylm.spec.sections import TrainSpec
+    from raylm.spec.strategies import DeepSpeedStrategy
+    from raylm.train.strategies.deepspeed import config
+
+    shape = shape_from_params(1e9)
+    asked = {"reduce_bucket_size": 5e8, "max_live_parameters": 1e6, "offload_optimizer": {"device": "cpu"}}
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": asked}))
+    for strategy in (
+        DeepSpeedStrategy(name="deepspeed", stage=3, config={"zero_optimization": asked}),
+        DeepSpeedStrategy(name="deepspeed", stage=3, config=str(tmp_path / "ds.json")),
+    ):
+        terms = deepspeed_terms(strategy)
+        assert terms["offload_optimizer"] and terms["zero"]["stage3_max_live_parameters"] == 1e6
+        b = estimate(shape, "zero3", "bf16", workers=8, batch=1, seq_len=128, gpu=True, **terms)
+        assert b.buckets == 5e8 * 4 * 2 and b.host > 0 and b.optimizer == 0  # overlap_comm: ZeRO-3's default
+        default = estimate(shape, "zero3", "bf16", workers=8, batch=1, seq_len=128, gpu=True)
+        assert default.weights - b.weights == pytest.approx((shape.params - 1e6) * 2)  # fewer live parameters
+    plain = DeepSpeedStrategy(
+        name="deepspeed", stage=3, config={"zero_optimization": {"prefetch_bucket_size": 7}}
+    )
+    written = config(plain, TrainSpec(), "fp32", 64)["zero_optimization"]
+    assert written["prefetch_bucket_size"] == 7 and "stage3_prefetch_bucket_size" not in written
     # A frozen base (LoRA-style): only the trainable part carries gradients and optimizer state.
     lora = estimate(shape, "ddp", "fp32", workers=1, batch=1, seq_len=128, trainable=10_000_000)
     assert lora.gradients == 4e7 and lora.optimizer == 8e7 and lora.weights == 4e9

@@ -98,8 +98,10 @@ def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ra
                 break
             time.sleep(0.05)
         workers: list[int] = []
-        while not workers:  # the state API may not answer at once on a loaded machine
+        deadline = time.monotonic() + 120
+        while not workers and time.monotonic() < deadline:  # the state API may not answer at once
             workers = train_worker_pids()
+            time.sleep(0.2)
         os.kill(workers[0], signal.SIGKILL)
         killed.append(snapshots[0].parent.parent.name)
 

@@ -46,8 +46,15 @@ def config(strategy, train, precision: str, hidden: int) -> dict:
     }
     override = strategy.config
     if isinstance(override, str):
-        override = json.loads(Path(override).read_text())
-    return merge(generated, override or {})
+        override = json.loads(Path(override).expanduser().read_text())
+    override = override or {}
+    # DeepSpeed reads ZeRO-3's settings by either name and prefers the stage3_ one: a user's plain name
+    # replaces raylm's generated stage3_ value rather than losing to it
+    asked = override.get("zero_optimization") or {}
+    for plain in ("prefetch_bucket_size", "param_persistence_threshold"):
+        if plain in asked:
+            zero.pop(f"stage3_{plain}", None)
+    return merge(generated, override)
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -170,7 +177,8 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
 
     from raylm.train import optim
 
-    settings = config(strategy, train, train.precision, model.config.hidden_size)
+    # a composite model (vision-language) keeps its decoder's size in its text config
+    settings = config(strategy, train, train.precision, model.config.get_text_config().hidden_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if settings["zero_optimization"]["stage"] == 3:
