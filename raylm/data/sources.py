@@ -98,12 +98,12 @@ def files_under(path: str, suffixes: tuple[str, ...]) -> list[str]:
     `path` names them: local paths, or URIs under a URI)."""
     import pyarrow.fs as pafs
 
-    local = "://" not in str(path)
+    # a local path by its expanded name (Ray Data's readers do not expand ~), a URI as written
+    name = str(path) if "://" in str(path) else str(Path(path).expanduser())
     if not is_folder(path):
-        return [str(Path(path).expanduser()) if local else str(path)]
+        return [name]
     fs, inside = filesystem(path)
-    # a local folder by its expanded path (Ray Data's readers do not expand ~), a URI as written
-    inside, base = inside.rstrip("/"), (str(Path(path).expanduser()) if local else str(path)).rstrip("/")
+    inside, base = inside.rstrip("/"), name.rstrip("/")
     found = fs.get_file_info(pafs.FileSelector(inside, recursive=True))
     return sorted(
         base + info.path[len(inside) :]

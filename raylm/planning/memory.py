@@ -143,15 +143,23 @@ def bytes_per_parameter(strategy: str, precision: str, dtype: str = "float32") -
     return element, element, 2 * element
 
 
-def zero_sizes(hidden: int) -> dict:
+# ZeRO-3 settings DeepSpeed reads by either name, `<name>` or `stage3_<name>`; the stage3_ one wins
+ZERO3_NAMES = ("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters")
+
+
+def zero_sizes(hidden: int, asked: dict | None = None) -> dict:
     """The DeepSpeed bucket sizes raylm writes for a model of `hidden` size, as Hugging Face's DeepSpeed
     integration fills its `auto` values, so a small and a large model both get a predictable peak
-    (DeepSpeed's own defaults are fixed element counts: 5e8 for the reduce bucket, ~1.9 GiB in fp32)."""
-    return {
+    (DeepSpeed's own defaults are fixed element counts: 5e8 for the reduce bucket, ~1.9 GiB in fp32).
+    A size the user's zero_optimization `asked` sets under DeepSpeed's plain ZeRO-3 name is left out:
+    raylm's stage3_ one would win over it."""
+    sized = {
         "reduce_bucket_size": hidden * hidden,
         "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "stage3_param_persistence_threshold": 10 * hidden,
     }
+    plain = {name for name in ZERO3_NAMES if name in (asked or {})}
+    return {key: value for key, value in sized.items() if key.removeprefix("stage3_") not in plain}
 
 
 def zero_estimate(
@@ -166,7 +174,7 @@ def zero_estimate(
     zero: dict | None,
     offload_optimizer: bool,
     teacher: float,
-    gpu: bool = True,
+    gpu: bool,
 ) -> Breakdown:
     """Per-worker memory of DeepSpeed ZeRO `stage` with the zero_optimization settings `zero` (raylm's
     generated sizes, zero_sizes, with the spec's overrides; DeepSpeed's defaults for the rest).

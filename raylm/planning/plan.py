@@ -186,18 +186,16 @@ def deepspeed_terms(strategy) -> dict:
     overrides (inline or in its JSON file) and optimizer offload."""
     if strategy.name != "deepspeed":
         return {}
-    import json
+    from raylm.planning.memory import ZERO3_NAMES
 
-    override = strategy.config
-    if isinstance(override, str):  # an unreadable file: preflight's message (`raylm run`, `validate`)
-        try:
-            override = json.loads(Path(override).expanduser().read_text())
-        except (OSError, ValueError):
-            override = {}
-    zero = (override or {}).get("zero_optimization") if isinstance(override, dict) else None
+    try:
+        override = strategy.override()
+    except (OSError, ValueError):  # an unreadable file: preflight's message (`raylm run`, `validate`)
+        override = {}
+    zero = override.get("zero_optimization") if isinstance(override, dict) else None
     zero = zero if isinstance(zero, dict) else {}
-    # DeepSpeed takes ZeRO-3's settings by either name; raylm writes the stage3_ one, which wins
-    for plain in ("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters"):
+    # DeepSpeed takes ZeRO-3's settings by either name; the estimate reads the stage3_ one
+    for plain in ZERO3_NAMES:
         if plain in zero and f"stage3_{plain}" not in zero:
             zero = {**zero, f"stage3_{plain}": zero[plain]}
     return {

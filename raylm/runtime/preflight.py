@@ -128,7 +128,7 @@ def check_strategy_files(strategy) -> list[tuple[str, str]]:
     if not isinstance(path, str):
         return []
     try:
-        loaded = json.loads(Path(path).expanduser().read_text())
+        loaded = strategy.override()
     except OSError as err:
         return [("strategy.config", f"cannot read {path}: {err.strerror}")]
     except json.JSONDecodeError as err:

@@ -78,6 +78,16 @@ class DeepSpeedStrategy(Section):
     def memory_key(self) -> str:
         return f"zero{self.stage}"
 
+    def override(self) -> Any:
+        """The keys merged over raylm's DeepSpeed config: the inline mapping, or what the JSON file holds
+        (OSError / json.JSONDecodeError for a file that cannot be read: preflight reports those)."""
+        if isinstance(self.config, str):
+            import json
+            from pathlib import Path
+
+            return json.loads(Path(self.config).expanduser().read_text())
+        return self.config or {}
+
 
 class AutoStrategy(Section):
     """Pick ddp, a ZeRO stage or fsdp from the memory estimate: the least sharding that fits."""

@@ -8,7 +8,6 @@ Runs on CPU workers too: DeepSpeed picks its CPU accelerator by itself; the opti
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from raylm.train.engine import Engine, forward_loss, plain_copy
@@ -23,7 +22,8 @@ def config(strategy, train, precision: str, hidden: int) -> dict:
     memory estimate counts."""
     from raylm.planning.memory import zero_sizes
 
-    zero: dict = {"stage": strategy.stage, **zero_sizes(hidden)}
+    override = strategy.override()
+    zero: dict = {"stage": strategy.stage, **zero_sizes(hidden, override.get("zero_optimization"))}
     if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if strategy.offload_params:
@@ -44,16 +44,6 @@ def config(strategy, train, precision: str, hidden: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    override = strategy.config
-    if isinstance(override, str):
-        override = json.loads(Path(override).expanduser().read_text())
-    override = override or {}
-    # DeepSpeed reads ZeRO-3's settings by either name and prefers the stage3_ one: a user's plain name
-    # replaces raylm's generated stage3_ value rather than losing to it
-    asked = override.get("zero_optimization") or {}
-    for plain in ("prefetch_bucket_size", "param_persistence_threshold"):
-        if plain in asked:
-            zero.pop(f"stage3_{plain}", None)
     return merge(generated, override)
 
 
