@@ -82,6 +82,16 @@ def two_node_cluster(tmp_path_factory, object_store):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
     env["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.5"  # Ray Train's drain watcher (default 5 s)
+    # A lost node is declared dead after ~2 s instead of Ray's ~15 s (health checks every 1 s, 2 misses)
+    # and a worker group that cannot be placed gives up after 15 s instead of 60: when the node-loss
+    # test kills a node, Ray Train retries at once with the 2 workers the dead node still seemed to
+    # offer, waits for them, then settles on 1 (on a real cluster the same happens, slower).
+    env.update(
+        RAY_health_check_period_ms="1000",
+        RAY_health_check_timeout_ms="1000",
+        RAY_health_check_failure_threshold="2",
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
+    )
     gcs, dashboard = free_port(), free_port()
     # Each node gets its own temp dir: nodes sharing one would garbage-collect each other's job files.
     temp = [tmp_path_factory.mktemp("ray", numbered=True) for _ in range(2)]
