@@ -1,6 +1,7 @@
 """Submission: the loopback / token-auth guard, and the Ray Jobs API path against a real two-node
 cluster (`ray start --head` on loopback plus a second `ray start --address` node)."""
 
+import io
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import time
 import uuid
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -196,7 +198,9 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
     """kind: tune through the Jobs API on two nodes that share no disk, its base model, its data and its
     output in the bucket: the spec (its base inline) is validated on the cluster, two trials run at once on the
     two 2-CPU nodes (half a CPU for each trial's process, one worker of one CPU), each node fetches the
-    base into its own cache, and the job follows to the end with the table, all of it in the bucket."""
+    base into its own cache, and the job follows to the end with the table, all of it in the bucket. The
+    search is a grid over methods, each with its own searched field (LoRA's rank, prompt tuning's length):
+    each trial's row holds its method's field and not the other's."""
     from raylm.data.tasks import generate
     from raylm.runtime import storage
     from tests.runtime.test_object_store import bucket_files, read_bytes, upload
@@ -222,7 +226,14 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
             },
             "eval": {"exact_match_examples": 0},
         },
-        "search": {"train.lr": {"grid": [1e-2, 3e-3]}},
+        "search": {
+            "method": {
+                "grid": [
+                    {"name": "lora", "r": {"choice": [4, 8]}},
+                    {"name": "prompt", "num_virtual_tokens": {"choice": [4, 8]}},
+                ]
+            }
+        },
         "scheduler": {"name": "none"},
         "output": output,
     }
@@ -239,6 +250,13 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
     assert len(summaries) == 2 and all(s["steps"] == 10 for s in summaries)
     # two trials at once need 3 CPUs (2 x (0.5 + 1)): the nodes' 2 + 2 are both in use
     assert {"summary.json", "trials.parquet", "best/adapter_config.json"} <= set(files)
+    rows = pq.read_table(io.BytesIO(read_bytes(output, "trials.parquet"))).to_pylist()
+    assert sorted(r["method"] for r in rows) == ["lora", "prompt"]
+    for row in rows:
+        if row["method"] == "lora":
+            assert row["method.r"] in (4, 8) and row["method.num_virtual_tokens"] is None
+        else:
+            assert row["method.num_virtual_tokens"] in (4, 8) and row["method.r"] is None
     # each node fetched the base from the bucket into its own cache
     assert all(any((cache / "objects").iterdir()) for cache in SECOND_NODE["caches"])
 

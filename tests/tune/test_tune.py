@@ -64,23 +64,16 @@ def released(ray) -> bool:
 
 
 def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ray_local, sft_base, tmp_path):
-    """Four trials, one at a time (a grid: two learning rates x LoRA and prompt tuning, each with its
-    own searched field), ASHA on the validation loss. A learning rate of 1e-7 learns nothing: ASHA stops
-    it at its first rung, and the next trial starts after it (its workers were released). The first
+    """Three LoRA trials, one at a time (a grid of learning rates), ASHA on the validation loss. A
+    learning rate of 1e-7 learns nothing: ASHA stops it at its first rung, and the next trial starts
+    after it (its workers were released). (A grid over methods, each with its own searched field: the
+    search submitted to the 2-node cluster, tests/test_submit.py.) The first
     trial's training worker is SIGKILLed after its step-10 checkpoint: with failure.max_failures 1 the
     trial runs again, resumes its run from that checkpoint and completes. The table, best.yaml (the
     best trial's own spec), best/ (a PEFT adapter) and curves.png are written."""
 
     output = tmp_path / "search"
-    search = {
-        "train.lr": {"grid": [3.0e-2, 1.0e-7]},
-        "method": {
-            "grid": [
-                {"name": "lora", "r": {"choice": [4, 8]}},
-                {"name": "prompt", "num_virtual_tokens": {"choice": [4, 8]}},
-            ]
-        },
-    }
+    search = {"train.lr": {"grid": [3.0e-2, 1.0e-7, 1.0e-2]}}
     spec = search_spec(
         sft_base,
         output,
@@ -111,12 +104,7 @@ def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ra
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     rows = table(output)
-    assert len(rows) == 4 and summary["trials"]["completed"] + summary["trials"].get("stopped", 0) == 4
-    for row in rows:
-        if row["method"] == "lora":
-            assert row["method.r"] in (4, 8) and row["method.num_virtual_tokens"] is None
-        else:
-            assert row["method.num_virtual_tokens"] in (4, 8) and row["method.r"] is None
+    assert len(rows) == 3 and summary["trials"]["completed"] + summary["trials"].get("stopped", 0) == 3
     bad = [r for r in rows if r["train.lr"] == 1.0e-7]
     stopped = [r for r in bad if r["status"] == "stopped"]
     assert stopped and all(r["steps"] < 20 for r in stopped)
@@ -136,14 +124,14 @@ def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ra
     good = [r for r in rows if r["status"] == "completed"]
     assert best["val_loss"] == min(r["last_val_loss"] for r in good)
     adapter_config = json.loads((output / "best" / "adapter_config.json").read_text())
-    assert adapter_config["peft_type"] in ("LORA", "PROMPT_TUNING")
+    assert adapter_config["peft_type"] == "LORA"
     assert (output / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert (output / "trials.csv").read_text().count("\n") == 5
+    assert (output / "trials.csv").read_text().count("\n") == 4
     # best.yaml is a valid finetune spec: the best trial's own recorded spec, but for where it writes (a
     # run is a function of its spec: the resume tests show a spec trains to the same weights every time)
     best_spec = yaml.safe_load((output / "best.yaml").read_text())
-    assert best_spec["kind"] == "finetune" and best_spec["train"]["lr"] == 3.0e-2
     best_row = next(r for r in good if r["last_val_loss"] == best["val_loss"])
+    assert best_spec["kind"] == "finetune" and best_spec["train"]["lr"] == best_row["train.lr"] != 1.0e-7
     recorded = yaml.safe_load((trial_folder(output, best_row["trial_id"]) / "spec.yaml").read_text())
     assert training_fields(best_spec) == training_fields(recorded)
 
