@@ -141,9 +141,10 @@ def two_node_cluster(tmp_path_factory, object_store):
         for proc in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM
             if proc.poll() is None:  # (the node-loss test kills the second node itself)
                 os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5  # both nodes stop at once
         for proc in procs:
             try:  # a graceful stop with a server deployed takes ~30 s; the test needs nothing of it
-                proc.wait(timeout=5)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
