@@ -183,8 +183,10 @@ def zero_estimate(
     the module in 16 bits under bf16 / fp16 (else its dtype); an fp32 master partition of the trained
     weights (a clone, also in fp32 runs) and AdamW's two moments: 12 bytes per trained parameter / N.
     ZeRO-1 and -2 keep a contiguous gradient partition in the module's dtype between steps, ZeRO-3 one
-    in fp32 (these persist through backward, beside the activations); the step adds the fp32 gradient
-    partition the optimizer reads and AdamW's temporary (8 bytes / N). ZeRO-3 partitions the module too;
+    in fp32 (these persist through backward, beside the activations); the step adds 8 bytes / N on a
+    GPU; on a CPU worker the optimizer reads an fp32 gradient partition (a 16-bit one is copied to fp32
+    and freed: stage_1_and_2.py `step`) and torch's AdamW makes two partition-sized temporaries, 12
+    bytes / N in place of the gradient partition (measured with 2 ranks). ZeRO-3 partitions the module too;
     each rank holds what it gathered, up to stage3_max_live_parameters, and the parameters under the
     persistence threshold whole. Buckets: the reduce bucket (x2 with overlap_comm, ZeRO-3's default).
     With offload_optimizer the master weights, moments, gradient partitions and the step live in host
@@ -213,10 +215,19 @@ def zero_estimate(
         persistent = norms * module if zero["stage3_param_persistence_threshold"] >= shape.hidden else 0.0
         weights = (trained * module + frozen_bytes) / n + gathered + persistent
         gradients = 4 * trained / n  # fp32 gradient partitions, allocated once
-    temporary = 8 * trained / n  # at the step: the fp32 gradient partition it reads, AdamW's temporary
+    # torch's AdamW on a CPU (single-tensor: the square root, then the division) makes two
+    # partition-sized temporaries
+    cpu_adamw = 8 * trained / n
+    if gpu:  # measured on an H200: 8 bytes / N beside the gradient partition, fp32 and bf16 alike
+        temporary = 8 * trained / n
+    else:
+        # beside AdamW's, the fp32 gradient partition the optimizer reads: in fp32 runs and at ZeRO-3 the
+        # partition itself; of a 16-bit ZeRO-1/2 partition an fp32 copy, after which the 16-bit one is
+        # freed: 12 bytes / N in place of the gradient partition
+        temporary = cpu_adamw + 4 * trained / n - gradients
     host = 0.0
-    if offload_optimizer:  # the master, the moments, the gradient partitions and the step on the host
-        host = step_state + temporary + 4 * trained / n
+    if offload_optimizer:  # the master, the fp32 gradient partitions and the CPU AdamW on the host
+        host = step_state + cpu_adamw + 4 * trained / n
         step_state = temporary = gradients = 0.0
         if not gpu:  # a CPU worker's host memory is its memory: offloading moves nothing out of it
             step_state, host = host, 0.0

@@ -107,10 +107,13 @@ def test_bytes_per_parameter_rules():
     mixed = estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128)
     assert mixed.weights == 4e9 and state(mixed) == 16  # autocast stores nothing in bf16
     assert state(estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128, dtype="bfloat16")) == 8
-    # DeepSpeed bf16: a 2-byte module and gradient partition, the fp32 master 4 + moments 8, and at the
-    # step the fp32 gradient partition (4) and AdamW's temporary (4)
+    # DeepSpeed bf16: a 2-byte module and gradient partition, the fp32 master 4 + moments 8; at the step
+    # an fp32 copy of the gradient partition (4, the 2-byte one freed) and AdamW's two temporaries (8)
     zero_bf16 = estimate(shape, "zero1", "bf16", workers=1, batch=1, seq_len=128)
-    assert zero_bf16.weights == 2e9 and state(zero_bf16) == 2 + 2 + 12 and zero_bf16.temporary == 8e9
+    assert zero_bf16.weights == 2e9 and state(zero_bf16) == 2 + 2 + 12
+    assert zero_bf16.gradients + zero_bf16.temporary == 12e9  # a CPU worker's step
+    on_gpu = estimate(shape, "zero1", "bf16", workers=1, batch=1, seq_len=128, gpu=True)
+    assert on_gpu.temporary == 8e9  # measured on an H200 (foreach AdamW: one temporary)
     fsdp_bf16 = estimate(shape, "fsdp", "bf16", workers=8, batch=1, seq_len=128, dtype="bfloat16")
     assert state(fsdp_bf16) == 16 / 8  # the shards stay fp32: the optimizer's master weights
     n = 8
