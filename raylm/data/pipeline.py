@@ -32,6 +32,7 @@ from raylm.data.sources import (
     read_head,
     saved_dataset_in_store,
     suffix,
+    to_ray,
 )
 from raylm.spec.sections import DataSpec
 
@@ -173,12 +174,9 @@ def documents(spec: DataSpec):
             raise SpecError(
                 [("data.text_field", f"the dataset has no column {spec.text_field!r} ({columns})")]
             )
-        ds = ray.data.from_huggingface(loaded.select_columns([spec.text_field]))
+        ds = to_ray(loaded.select_columns([spec.text_field]))
     elif fmt == "hf":
-        parts = [
-            ray.data.from_huggingface(load_saved_dataset(p).select_columns([spec.text_field]))
-            for p in spec.paths
-        ]
+        parts = [to_ray(load_saved_dataset(p).select_columns([spec.text_field])) for p in spec.paths]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     else:
         files = input_files(spec, fmt)  # local paths or URIs: each read task opens its own

@@ -31,6 +31,7 @@ from raylm.data.sources import (
     read_head,
     saved_dataset_in_store,
     suffix,
+    to_ray,
 )
 from raylm.spec.sft import SFTDataSpec
 
@@ -202,11 +203,11 @@ def examples(spec: SFTDataSpec):
         choices = spec.num_choices if spec.format == "choices" else 0
         return ray.data.from_items(generate(task.task, task.examples, task.seed, choices))
     if spec.dataset is not None:
-        return ray.data.from_huggingface(load_hub_dataset(spec.dataset))
+        return to_ray(load_hub_dataset(spec.dataset))
     parts = []
     for raw in spec.paths:
         if is_saved_dataset(raw):
-            parts.append(ray.data.from_huggingface(load_saved_dataset(raw)))
+            parts.append(to_ray(load_saved_dataset(raw)))
             continue
         files = files_under(raw, tuple(SUFFIXES))
         kind = SUFFIXES.get(suffix(files[0]), "json")

@@ -67,6 +67,16 @@ def load_hub_dataset(spec):
     )
 
 
+def to_ray(dataset):
+    """A Ray Dataset of a `datasets.Dataset` that raylm loaded. Not `ray.data.from_huggingface`: that
+    first calls `load_dataset` again with the dataset's recorded name (a local folder's name too) to
+    look for the hub's Parquet copy, which without a network waits ~20 s and with one may download an
+    unrelated public dataset of that name."""
+    import ray.data
+
+    return ray.data.from_arrow(dataset.with_format("arrow")[:])
+
+
 def dataset_inputs(spec) -> list[str]:
     """The local files a `data.dataset` section reads (its folder, its data_files), for the cache key;
     a hub dataset is keyed by its name and revision alone."""
