@@ -74,6 +74,7 @@ KINDS: dict[str, Kind] = {
     "quantize": Kind(JOB_SPECS["quantize"], "raylm.compress.quantize:Quantize"),
     "prune": Kind(JOB_SPECS["prune"], "raylm.compress.prune:Prune"),
     "serve": Kind(JOB_SPECS["serve"], "raylm.serve.driver:Serve"),
+    "evaluate": Kind(JOB_SPECS["evaluate"], "raylm.evaluate.driver:Evaluate"),
 }
 
 

@@ -40,9 +40,17 @@ def _data_paths(job) -> list[str]:
     return data.paths if data is not None else []
 
 
+def _model_paths(job) -> list[str]:
+    """The models an example reads: its model (a distillation's teacher too), an evaluation's models."""
+    job = _trained(job)
+    if job.kind == "evaluate":
+        return [m.path for m in job.models]
+    return [job.model.path or "", *([job.teacher.path] if job.kind == "distill" else [])]
+
+
 def _cluster_path(job) -> bool:
     """Examples for a cluster name paths on its shared storage (/shared/...), absent here."""
-    return any(p.startswith("/shared/") for p in [*_data_paths(job), _trained(job).model.path or ""])
+    return any(p.startswith("/shared/") for p in [*_data_paths(job), *_model_paths(job)])
 
 
 def _workplace_data_missing(job) -> bool:
@@ -51,11 +59,9 @@ def _workplace_data_missing(job) -> bool:
 
 
 def _after_another_example(job) -> bool:
-    """Fine-tuning and compression examples (and searches) start from the quickstart's output
+    """Fine-tuning, compression and evaluation examples (and searches) start from the quickstart's output
     (runs/...), made by running it first."""
-    job = _trained(job)
-    teacher = job.teacher.path if job.kind == "distill" else ""
-    return job.kind != "pretrain" and any(p.startswith("runs/") for p in (job.model.path or "", teacher))
+    return _trained(job).kind != "pretrain" and any(p.startswith("runs/") for p in _model_paths(job))
 
 
 def _launcher(path: Path) -> bool:

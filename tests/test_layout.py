@@ -22,7 +22,7 @@ LAYERS = [
     {"train"},
     {"compress"},
     {"tune", "infer"},
-    {"serve"},
+    {"serve", "evaluate"},
     {"kinds"},
     {"submit"},
     {"cli"},

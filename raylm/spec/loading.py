@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from raylm.spec.compress import PruneJob, QuantizeJob
+from raylm.spec.evaluate import EvaluateJob
 from raylm.spec.jobs import DistillJob, FinetuneJob, PretrainJob
 from raylm.spec.reading import SpecError, apply_overrides, read_yaml
 from raylm.spec.serve import ServeJob
@@ -26,6 +27,7 @@ JOB_SPECS: dict[str, type[BaseModel]] = {
     "quantize": QuantizeJob,
     "prune": PruneJob,
     "serve": ServeJob,
+    "evaluate": EvaluateJob,
 }
 
 

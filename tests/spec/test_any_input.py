@@ -76,6 +76,18 @@ def base_specs() -> list[dict]:
             "http": {"host": "0.0.0.0", "api_key_file": "no-such-key-file"},
         }
     )
+    specs.append(
+        {
+            "kind": "evaluate",
+            "models": [
+                "no-such-model-folder/x/y",
+                {"name": "b", "path": "no-such-adapter", "base": "no-such-base"},
+            ],
+            "perplexity": {"data": {"path": "no-such-corpus.txt", "seq_len": 32}, "split": "validation"},
+            "tasks": [{"name": "t", "data": {"path": "no-such-examples.jsonl", "format": "choices"}}],
+            "output": "runs/e",
+        }
+    )
     return [validate_dict(s).model_dump(mode="json") for s in specs]
 
 

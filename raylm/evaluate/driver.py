@@ -1,0 +1,157 @@
+"""Driver of `kind: evaluate`: models, adapters and quantized artifacts side by side on held-out
+perplexity and task files, one Ray task per model (at once where the cluster holds them).
+
+    raylm run jobs/evaluate.yaml
+    raylm run jobs/evaluate.yaml --set perplexity.blocks=16
+
+The driver reads the text and the examples once (Ray Data, in a fixed order) and hands them to every
+model's task, which tokenizes them with its own tokenizer (raylm/evaluate/measure.py). The output folder
+gets `results.json` / `results.parquet` (one row per model, one column per metric), `answers.parquet`
+(every example's prompt, answer, reference and verdict per model), `spec.yaml` and `summary.json`,
+written into a staging folder and moved into place complete (raylm/compress/staging.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from raylm.spec.evaluate import EvaluateJob
+
+
+class Evaluate:
+    """kind: evaluate (a raylm.kinds.JobKind)."""
+
+    def preflight(self, job: EvaluateJob) -> list[tuple[str, str]]:
+        from raylm.compress import staging
+        from raylm.data.pipeline import check_data
+        from raylm.data.sft import check_sft_data
+
+        problems = [p for i, m in enumerate(job.models) for p in model_problems(m, f"models.{i}")]
+        if job.perplexity is not None:
+            problems += [(f"perplexity.{f}", what) for f, what in check_data(job.perplexity.data)]
+        for i, task in enumerate(job.tasks):
+            problems += [(f"tasks.{i}.{f}", what) for f, what in check_sft_data(task.data)]
+        return problems + staging.check_output(job)
+
+    def run(self, job: EvaluateJob) -> dict:
+        import ray
+
+        from raylm.compress import staging
+        from raylm.runtime.storage import as_written
+
+        recorded = staging.finished(job)
+        if recorded is not None:
+            print(f"[raylm] {job.output.path} already holds this evaluation; its summary:", flush=True)
+            return recorded
+        texts, task_rows = read_inputs(job)
+        print(
+            f"[raylm] evaluate {len(job.models)} model(s)"
+            + (f", perplexity over {len(texts)} document(s)" if job.perplexity else "")
+            + "".join(f", {t.name} ({len(r)} examples)" for t, r in zip(job.tasks, task_rows, strict=True)),
+            flush=True,
+        )
+        from raylm.evaluate.measure import evaluate_model
+
+        options = {"num_cpus": job.resources.cpus, "num_gpus": 1 if job.resources.use_gpu else 0}
+        if not job.resources.use_gpu:  # DeepSpeed (imported by transformers' integrations) need not guess
+            options["runtime_env"] = {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+        task = ray.remote(evaluate_model).options(**options)
+        spec = as_written(job)
+        texts_ref, rows_ref = ray.put(texts), ray.put(task_rows)
+        done = ray.get([task.remote(spec, i, texts_ref, rows_ref) for i in range(len(job.models))])
+        rows = [row for row, _ in done]
+        answers = [a for _, scored in done for a in scored]
+        metrics = metric_names(job)
+        for line in table(rows, metrics):
+            print(f"[raylm] {line}", flush=True)
+        stage = staging.start(job.output.path.rstrip("/"))
+        write_results(stage, rows, answers)
+        summary = {
+            "kind": "evaluate",
+            "name": job.run_name,
+            "models": rows,
+            "metrics": metrics,
+            "answers": len(answers),
+        }
+        staging.publish(stage, job.output.path.rstrip("/"), spec, summary)
+        print(f"[raylm] results: {job.output.path.rstrip('/')}/results.parquet, answers.parquet", flush=True)
+        return summary
+
+
+def model_problems(entry, where: str) -> list[tuple[str, str]]:
+    """A local model path that does not exist or holds nothing raylm loads; a storage URI is fetched
+    by the task on its node."""
+    from raylm.infer.loading import resolve
+    from raylm.runtime import storage
+
+    if storage.is_uri(entry.path):
+        return []
+    path = resolve(Path(entry.path).expanduser())
+    if not path.exists():
+        return [(f"{where}.path", f"{entry.path} does not exist")]
+    loadable = path.suffix == ".gguf" or any(
+        (path / name).exists() for name in ("config.json", "adapter_config.json", "raylm_method.json")
+    )
+    if path.is_dir() and not loadable and not list(path.glob("*.gguf")):
+        return [
+            (
+                f"{where}.path",
+                f"{entry.path} is not a model folder (config.json), an adapter folder, a GGUF file or a raylm "
+                "run folder (summary.json)",
+            )
+        ]
+    return []
+
+
+def read_inputs(job: EvaluateJob) -> tuple[list[str], list[list[dict]]]:
+    """The perplexity text's documents and each task's first `examples` rows, in a fixed order."""
+    from raylm.data.pipeline import configure_ray_data, documents
+    from raylm.data.sft import examples
+
+    configure_ray_data()  # the same rows in the same order on every run
+    texts = []
+    if job.perplexity is not None:
+        texts = [str(r["text"]) for r in documents(job.perplexity.data).take_all()]
+    task_rows = [[dict(r) for r in examples(t.data).take(t.examples)] for t in job.tasks]
+    return texts, task_rows
+
+
+def metric_names(job: EvaluateJob) -> list[str]:
+    return (["perplexity"] if job.perplexity is not None else []) + [t.name for t in job.tasks]
+
+
+def table(rows: list[dict], metrics: list[str]) -> list[str]:
+    """One line per model, one column per metric, each with its difference to the first model's."""
+    first = rows[0]
+    cells = [["model", *metrics]]
+    for row in rows:
+        line = [row["model"]]
+        for name in metrics:
+            value = row.get(name)
+            text = "-" if value is None else f"{value:.4f}"
+            if row is not first and value is not None and first.get(name) is not None:
+                text += f" ({value - first[name]:+.4f})"
+            line.append(text)
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells]
+
+
+def write_results(stage: Path, rows: list[dict], answers: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (stage / "results.json").write_text(json.dumps(rows, indent=2))
+    pq.write_table(pa.Table.from_pylist(rows), stage / "results.parquet")
+    schema = pa.schema(
+        [
+            ("model", pa.string()),
+            ("task", pa.string()),
+            ("prompt", pa.string()),
+            ("answer", pa.string()),
+            ("reference", pa.string()),
+            ("correct", pa.bool_()),
+        ]
+    )
+    pq.write_table(pa.Table.from_pylist(answers, schema=schema), stage / "answers.parquet")

@@ -1,0 +1,124 @@
+"""One model's evaluation, run as a Ray task: load it as `raylm generate` does, then perplexity over
+the held-out text (tokenized and packed with the model's own tokenizer, as pretraining packs it) and each
+task's score, with every answer kept for inspection.
+
+    row, answers = evaluate_model(spec_dict, index, texts, task_rows)      # on a Ray worker
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[list[dict]]):
+    """(the model's row of the table, its per-example answers)."""
+    import torch
+
+    from raylm.infer.loading import load_for_generation
+    from raylm.spec.evaluate import EvaluateJob
+
+    job = EvaluateJob(**spec)
+    entry = job.models[index]
+    torch.set_num_threads(max(1, int(job.resources.cpus)))
+    device = "cuda" if job.resources.use_gpu else "cpu"
+    model, tokenizer, loaded = load_for_generation(entry.path, entry.base, device, entry.dtype)
+    model.eval()
+    row: dict = {"model": entry.label, "loaded": loaded}
+    answers: list[dict] = []
+    if job.perplexity is not None:
+        blocks = text_blocks(texts, tokenizer, job.perplexity)
+        nll, tokens = cross_entropy(model, blocks)
+        row |= {"perplexity": math.exp(nll) if tokens else None, "nll": nll, "ppl_tokens": tokens}
+    for task, rows in zip(job.tasks, task_rows, strict=True):
+        score, scored = score_task(model, tokenizer, task, rows)
+        row[task.name] = score
+        answers += [{"model": entry.label, "task": task.name, **a} for a in scored]
+    return row, answers
+
+
+def text_blocks(texts: list[str], tokenizer, spec) -> list[list[int]]:
+    """The blocks of `texts` as raylm's pretraining packs them (raylm.data.pipeline.pack_batch, in
+    batches of data.pack_batch_docs documents), of the asked split, at most spec.blocks."""
+    from raylm.data.pipeline import is_line_format, pack_batch
+
+    data = spec.data
+    add_eos = data.add_eos and not is_line_format(data)
+    blocks: list[list[int]] = []
+    for start in range(0, len(texts), data.pack_batch_docs):
+        batch = {"text": texts[start : start + data.pack_batch_docs]}
+        for packed in pack_batch(batch, tokenizer, data.seq_len, add_eos, data.val_fraction):
+            for ids, val in zip(packed["input_ids"], packed["val"], strict=True):
+                if spec.split == "all" or (spec.split == "validation") == bool(val):
+                    blocks.append([int(t) for t in ids])
+                    if len(blocks) >= spec.blocks:
+                        return blocks
+    return blocks
+
+
+def cross_entropy(model, blocks: list[list[int]], batch: int = 8) -> tuple[float, int]:
+    """(mean next-token cross-entropy over every predicted token of `blocks`, how many tokens)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch):
+            ids = torch.tensor(blocks[start : start + batch], dtype=torch.long, device=device)
+            logits = model(input_ids=ids).logits[:, -ids.shape[1] :].float()  # no virtual tokens
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+            count += ids[:, 1:].numel()
+    return (total / count if count else float("nan")), count
+
+
+def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, list[dict]]:
+    """(exact match or choice accuracy, each example's prompt, answer, reference and verdict)."""
+    from raylm.data.sft import answer_index, choice_texts, prompt_ids, render
+    from raylm.train.exact_match import greedy_answers
+
+    if not rows:
+        return None, []
+    if task.data.format == "choices":
+        scored = []
+        for row in rows:
+            prompt, reference = render(row, task.data, tokenizer)
+            options = choice_texts(row, task.data)
+            scores = [choice_logprob(model, tokenizer, prompt, option) for option in options]
+            picked = max(range(len(options)), key=scores.__getitem__)
+            right = answer_index(row, task.data, len(options))
+            scored.append(
+                {
+                    "prompt": prompt,
+                    "answer": options[picked],
+                    "reference": reference,
+                    "correct": picked == right,
+                }
+            )
+    else:
+        pairs = [render(row, task.data, tokenizer) for row in rows]
+        generated = greedy_answers(
+            model, tokenizer, [prompt_ids(p, tokenizer) for p, _ in pairs], task.max_new_tokens
+        )
+        scored = [
+            {"prompt": p, "answer": a, "reference": r, "correct": a.strip() == r.strip()}
+            for (p, r), a in zip(pairs, generated, strict=True)
+        ]
+    return sum(s["correct"] for s in scored) / len(scored), scored
+
+
+def choice_logprob(model, tokenizer, prompt: str, option: str) -> float:
+    """Summed log-probability of `option`'s tokens after `prompt` (lm-evaluation-harness's `acc`)."""
+    import torch
+
+    from raylm.data.sft import prompt_ids
+
+    context = prompt_ids(prompt, tokenizer)
+    continuation = tokenizer(option, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -ids.shape[1] :]  # prompt learning prepends virtual tokens
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    targets = ids[0, len(context) :]
+    return float(logp[len(context) - 1 :].gather(-1, targets.unsqueeze(-1)).sum())

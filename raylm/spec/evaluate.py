@@ -1,0 +1,110 @@
+"""The `kind: evaluate` spec: models side by side on held-out perplexity and on task files.
+
+```yaml
+kind: evaluate
+models: [runs/quickstart, {name: lora, path: runs/lora-arith}, runs/quickstart-nf4]
+perplexity: {data: {path: heldout.txt, seq_len: 64}, blocks: 64}
+tasks:
+  - {name: arithmetic, data: {generate: {task: arithmetic, examples: 200}}, examples: 100}
+output: runs/eval
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from raylm.spec.sections import DataSpec, OutputSpec, Section
+from raylm.spec.sft import SFTDataSpec
+
+
+class EvalModel(Section):
+    """One model of the comparison: anything `raylm generate` loads."""
+
+    path: str = Field(
+        description="A model folder, a raylm run folder (its model, adapter or artifact), a PEFT adapter "
+        "folder, a quantized folder (bitsandbytes, GPTQ), a GGUF file, or a storage URI of one."
+    )
+    name: str | None = Field(None, description="Its label in the table; default: the path's last part.")
+    base: str | None = Field(None, description="An adapter's base model, where its record names none.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype: auto keeps the checkpoint's own."
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or PurePosixPath(self.path.rstrip("/")).name
+
+
+class PerplexityEval(Section):
+    """Held-out perplexity: the text packed into blocks as pretraining packs it, each model with its own
+    tokenizer."""
+
+    data: DataSpec = Field(description="The text (files, a dataset or a generated corpus) and seq_len.")
+    split: Literal["all", "validation", "train"] = Field(
+        "all",
+        description="Which blocks: all of them (held-out text), or the validation / training split by "
+        "data.val_fraction, the blocks a pretraining run on the same data held out / trained on.",
+    )
+    blocks: int = Field(64, ge=1, description="At most this many blocks, the first ones.")
+
+
+class TaskEval(Section):
+    """A task file scored by exact match of greedy answers (completion, alpaca, chat formats) or by
+    accuracy of the most likely choice (choices format)."""
+
+    name: str = Field(description="The task's column in the table.")
+    data: SFTDataSpec = Field(description="The examples, in a fine-tuning data format.")
+    examples: int = Field(100, ge=1, description="At most this many examples, the first ones.")
+    max_new_tokens: int = Field(32, ge=1, description="Greedy answers stop here or at EOS.")
+
+
+class EvaluateResources(Section):
+    """What each model's evaluation task gets from the Ray cluster; models run at once where it fits."""
+
+    use_gpu: bool = Field(False, description="Run each model on a GPU worker (one GPU).")
+    cpus: float = Field(1, gt=0, description="CPUs reserved per model; also its torch thread count.")
+
+
+class EvaluateJob(Section):
+    """Models, adapters and quantized artifacts side by side on perplexity and tasks."""
+
+    kind: Literal["evaluate"]
+    name: str | None = Field(None, description="Job name; default: the output folder's name.")
+    models: list[EvalModel] = Field(min_length=1, description="The models, the first the reference.")
+    perplexity: PerplexityEval | None = Field(None, description="Held-out perplexity.")
+    tasks: list[TaskEval] = Field(default_factory=list, description="Task files scored per model.")
+    resources: EvaluateResources = Field(default_factory=EvaluateResources)
+    output: OutputSpec
+
+    _models_shorthand = field_validator("models", mode="before")(
+        lambda cls, v: [{"path": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+    )
+    _output_shorthand = field_validator("output", mode="before")(
+        lambda cls, v: {"path": v} if isinstance(v, str) else v
+    )
+
+    @model_validator(mode="after")
+    def _something_to_measure(self) -> EvaluateJob:
+        if self.perplexity is None and not self.tasks:
+            raise ValueError("nothing to evaluate: give perplexity, tasks, or both")
+        labels = [m.label for m in self.models]
+        if len(set(labels)) < len(labels):
+            twice = sorted({x for x in labels if labels.count(x) > 1})
+            raise ValueError(f"models: the label {twice[0]!r} names two models: give each a `name`")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) < len(names):
+            raise ValueError("tasks: two tasks have the same name")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or PurePosixPath(self.output.path.rstrip("/")).name or "raylm-evaluate"
+
+    @property
+    def cpus_needed(self) -> float:
+        """What an embedded local Ray is sized by: every model's task at once."""
+        return self.resources.cpus * len(self.models)
