@@ -129,6 +129,9 @@ def _print_summary(summary: dict) -> None:
     if summary.get("kind") in ("quantize", "prune"):
         _print_compressed(summary)
         return
+    if summary.get("kind") == "evaluate":  # its table is in the log above
+        click.echo(f"[raylm] done: {summary['output']} (results.parquet, answers.parquet)")
+        return
     metrics = summary.get("metrics") or {}
     click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
     if "val_loss" in metrics:

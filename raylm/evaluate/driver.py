@@ -42,7 +42,9 @@ class Evaluate:
 
         recorded = staging.finished(job)
         if recorded is not None:
-            print(f"[raylm] {job.output.path} already holds this evaluation; its summary:", flush=True)
+            print(f"[raylm] {job.output.path} already holds this evaluation; its results:", flush=True)
+            for line in table(recorded["models"], recorded["metrics"]):
+                print(f"[raylm] {line}", flush=True)
             return recorded
         texts, task_rows = read_inputs(job)
         print(
@@ -70,12 +72,12 @@ class Evaluate:
         summary = {
             "kind": "evaluate",
             "name": job.run_name,
+            "output": job.output.path.rstrip("/"),
             "models": rows,
             "metrics": metrics,
             "answers": len(answers),
         }
         staging.publish(stage, job.output.path.rstrip("/"), spec, summary)
-        print(f"[raylm] results: {job.output.path.rstrip('/')}/results.parquet, answers.parquet", flush=True)
         return summary
 
 

@@ -23,6 +23,8 @@ LIBRARY_NOTICES = (
     "Detected no triton",
     # gptqmodel, which PEFT's LoRA imports to check each layer for GPTQ whenever gptqmodel is installed
     "Python GIL is enabled",
+    # PEFT reading transformers 5's deprecated property when it loads an adapter
+    "`is_gradient_checkpointing` is deprecated",
 )
 
 

@@ -64,16 +64,17 @@ def released(ray) -> bool:
 
 
 def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ray_local, sft_base, tmp_path):
-    """Three LoRA trials, one at a time (a grid of learning rates), ASHA on the validation loss. A
-    learning rate of 1e-7 learns nothing: ASHA stops it at its first rung, and the next trial starts
-    after it (its workers were released). (A grid over methods, each with its own searched field: the
-    search submitted to the 2-node cluster, tests/test_submit.py.) The first
+    """Two LoRA trials, one at a time (a grid of learning rates), ASHA on the validation loss. A
+    learning rate of 1e-7 learns nothing: ASHA stops it at its first rung, against the first trial's
+    loss there, and its workers and placement group are released (ray-project/ray#54305). (A grid over
+    methods, each with its own searched field: the search submitted to the 2-node cluster,
+    tests/test_submit.py.) The first
     trial's training worker is SIGKILLed after its step-10 checkpoint: with failure.max_failures 1 the
     trial runs again, resumes its run from that checkpoint and completes. The table, best.yaml (the
     best trial's own spec), best/ (a PEFT adapter) and curves.png are written."""
 
     output = tmp_path / "search"
-    search = {"train.lr": {"grid": [3.0e-2, 1.0e-7, 1.0e-2]}}
+    search = {"train.lr": {"grid": [3.0e-2, 1.0e-7]}}
     spec = search_spec(
         sft_base,
         output,
@@ -104,15 +105,11 @@ def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ra
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     rows = table(output)
-    assert len(rows) == 3 and summary["trials"]["completed"] + summary["trials"].get("stopped", 0) == 3
+    assert len(rows) == 2 and summary["trials"] == {"completed": 1, "stopped": 1}
     bad = [r for r in rows if r["train.lr"] == 1.0e-7]
     stopped = [r for r in bad if r["status"] == "stopped"]
     assert stopped and all(r["steps"] < 20 for r in stopped)
-    # a trial started after the stopped one ended: its workers were given back
-    first_stop = min(stopped, key=lambda r: r["trial_id"])
-    ended = _started(output, first_stop["trial_id"]) + first_stop["wall_s"]
-    assert any(_started(output, r["trial_id"]) >= ended - 1 for r in rows if r is not first_stop)
-    assert released(ray_local)
+    assert released(ray_local)  # the stopped trial's workers and placement group are given back
     assert rows[0]["status"] == "completed"  # the first trial had nothing to trail
     retried = next(r for r in rows if r["trial_id"] == killed[0])
     assert retried["status"] == "completed" and retried["attempts"] == 2
@@ -126,7 +123,7 @@ def test_search_stops_a_bad_trial_retries_a_failed_one_and_writes_its_results(ra
     adapter_config = json.loads((output / "best" / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"
     assert (output / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert (output / "trials.csv").read_text().count("\n") == 4
+    assert (output / "trials.csv").read_text().count("\n") == 3
     # best.yaml is a valid finetune spec: the best trial's own recorded spec, but for where it writes (a
     # run is a function of its spec: the resume tests show a spec trains to the same weights every time)
     best_spec = yaml.safe_load((output / "best.yaml").read_text())
@@ -142,10 +139,6 @@ def training_fields(spec: dict) -> dict:
     dumped = validate_dict(spec).model_dump(mode="json")
     dumped["data"].pop("cache")
     return {k: v for k, v in dumped.items() if k not in ("name", "output")}
-
-
-def _started(output: Path, trial_id: str) -> float:
-    return json.loads((trial_folder(output, trial_id) / "trial.json").read_text())["started"]
 
 
 def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
