@@ -82,28 +82,36 @@ class Evaluate:
 
 
 def model_problems(entry, where: str) -> list[tuple[str, str]]:
-    """A local model path that does not exist or holds nothing raylm loads; a storage URI is fetched
-    by the task on its node."""
+    """A local model (or adapter base) path that does not exist or holds nothing raylm loads; a
+    storage URI is fetched by the task on its node."""
     from raylm.infer.loading import resolve
     from raylm.runtime import storage
 
-    if storage.is_uri(entry.path):
-        return []
-    path = resolve(Path(entry.path).expanduser())
-    if not path.exists():
-        return [(f"{where}.path", f"{entry.path} does not exist")]
-    loadable = path.suffix == ".gguf" or any(
-        (path / name).exists() for name in ("config.json", "adapter_config.json", "raylm_method.json")
-    )
-    if path.is_dir() and not loadable and not list(path.glob("*.gguf")):
-        return [
-            (
-                f"{where}.path",
-                f"{entry.path} is not a model folder (config.json), an adapter folder, a GGUF file or a raylm "
-                "run folder (summary.json)",
+    problems = []
+    for field, raw in (("path", entry.path), ("base", entry.base)):
+        if raw is None or storage.is_uri(raw):
+            continue
+        try:
+            path = resolve(Path(raw).expanduser())
+        except (OSError, ValueError) as err:  # an unreadable run summary
+            problems.append((f"{where}.{field}", f"cannot read {raw}: {err}"))
+            continue
+        if not path.exists():
+            problems.append((f"{where}.{field}", f"{raw} does not exist"))
+            continue
+        folder = any(
+            (path / name).exists() for name in ("config.json", "adapter_config.json", "raylm_method.json")
+        )
+        ggufs = list(path.glob("*.gguf")) if path.is_dir() else []
+        if not (path.suffix == ".gguf" or folder or len(ggufs) == 1):
+            problems.append(
+                (
+                    f"{where}.{field}",
+                    f"{raw} is not a model folder (config.json), an adapter folder, one GGUF file (or a "
+                    "folder holding one) or a raylm run folder (summary.json)",
+                )
             )
-        ]
-    return []
+    return problems
 
 
 def read_inputs(job: EvaluateJob) -> tuple[list[str], list[list[dict]]]:

@@ -14,21 +14,31 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
     """(the model's row of the table, its per-example answers)."""
     import torch
 
-    from raylm.infer.loading import load_for_generation
+    from raylm.infer.loading import LoadError, load_for_generation
     from raylm.spec.evaluate import EvaluateJob
 
     job = EvaluateJob(**spec)
     entry = job.models[index]
     torch.set_num_threads(max(1, int(job.resources.cpus)))
     device = "cuda" if job.resources.use_gpu else "cpu"
-    model, tokenizer, loaded = load_for_generation(entry.path, entry.base, device, entry.dtype)
+    try:
+        model, tokenizer, loaded = load_for_generation(entry.path, entry.base, device, entry.dtype)
+    except LoadError as err:
+        raise LoadError(f"models.{index} ({entry.label}): {err}") from None
     model.eval()
     row: dict = {"model": entry.label, "loaded": loaded}
     answers: list[dict] = []
     if job.perplexity is not None:
         blocks = text_blocks(texts, tokenizer, job.perplexity)
+        if not blocks:
+            data = job.perplexity.data
+            raise ValueError(
+                f"models.{index} ({entry.label}): its tokenizer packs the perplexity text into no "
+                f"{job.perplexity.split} block of {data.seq_len} tokens: give more text or a shorter "
+                "perplexity.data.seq_len"
+            )
         nll, tokens = cross_entropy(model, blocks)
-        row |= {"perplexity": math.exp(nll) if tokens else None, "nll": nll, "ppl_tokens": tokens}
+        row |= {"perplexity": math.exp(nll), "nll": nll, "ppl_tokens": tokens}
     for task, rows in zip(job.tasks, task_rows, strict=True):
         score, scored = score_task(model, tokenizer, task, rows)
         row[task.name] = score
@@ -55,11 +65,14 @@ def text_blocks(texts: list[str], tokenizer, spec) -> list[list[int]]:
     return blocks
 
 
-def cross_entropy(model, blocks: list[list[int]], batch: int = 8) -> tuple[float, int]:
-    """(mean next-token cross-entropy over every predicted token of `blocks`, how many tokens)."""
+def cross_entropy(model, blocks: list[list[int]]) -> tuple[float, int]:
+    """(mean next-token cross-entropy over every predicted token of `blocks`, how many tokens), in
+    batches whose fp32 logits stay under ~512 MiB (a 128k vocabulary makes 0.5 MiB a token)."""
     import torch
 
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch = max(1, min(8, 2**27 // (len(blocks[0]) * vocab)))
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(blocks), batch):
@@ -69,7 +82,7 @@ def cross_entropy(model, blocks: list[list[int]], batch: int = 8) -> tuple[float
                 logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
             ).item()
             count += ids[:, 1:].numel()
-    return (total / count if count else float("nan")), count
+    return total / count, count
 
 
 def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, list[dict]]:
@@ -108,17 +121,20 @@ def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, 
 
 
 def choice_logprob(model, tokenizer, prompt: str, option: str) -> float:
-    """Summed log-probability of `option`'s tokens after `prompt` (lm-evaluation-harness's `acc`)."""
+    """Mean log-probability of `option`'s tokens and EOS after `prompt`: how fine-tuning scores a choice
+    (raylm.data.sft.encode labels the option and EOS; raylm.train.objectives.choices_eval picks by the
+    length-normalised score)."""
     import torch
 
     from raylm.data.sft import prompt_ids
 
     context = prompt_ids(prompt, tokenizer)
-    continuation = tokenizer(option, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    continuation = tokenizer(option, add_special_tokens=False)["input_ids"] + eos
     device = next(model.parameters()).device
     ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -ids.shape[1] :]  # prompt learning prepends virtual tokens
         logp = torch.log_softmax(logits[:-1].float(), dim=-1)
     targets = ids[0, len(context) :]
-    return float(logp[len(context) - 1 :].gather(-1, targets.unsqueeze(-1)).sum())
+    return float(logp[len(context) - 1 :].gather(-1, targets.unsqueeze(-1)).mean())

@@ -69,6 +69,9 @@ class EvaluateResources(Section):
     cpus: float = Field(1, gt=0, description="CPUs reserved per model; also its torch thread count.")
 
 
+RESERVED = ("model", "loaded", "perplexity", "nll", "ppl_tokens")  # columns of every row of the table
+
+
 class EvaluateJob(Section):
     """Models, adapters and quantized artifacts side by side on perplexity and tasks."""
 
@@ -96,8 +99,20 @@ class EvaluateJob(Section):
             twice = sorted({x for x in labels if labels.count(x) > 1})
             raise ValueError(f"models: the label {twice[0]!r} names two models: give each a `name`")
         names = [t.name for t in self.tasks]
-        if len(set(names)) < len(names):
-            raise ValueError("tasks: two tasks have the same name")
+        for i, name in enumerate(names):
+            if not name.strip() or name in RESERVED:
+                raise ValueError(
+                    f"tasks.{i}.name: {name!r} is taken by the table's own columns ({', '.join(RESERVED)}): "
+                    "choose another"
+                )
+            if names.index(name) != i:
+                raise ValueError(f"tasks.{i}.name: {name!r} names an earlier task too")
+        if self.perplexity is not None:
+            if self.perplexity.split != "all" and self.perplexity.data.val_fraction == 0:
+                raise ValueError(
+                    f"perplexity.split: {self.perplexity.split} blocks need perplexity.data.val_fraction > 0 "
+                    "(the pretraining run's own), or split: all"
+                )
         return self
 
     @property

@@ -2,7 +2,7 @@
 against references computed here with transformers and PEFT directly: perplexity is exp of the
 token-weighted mean of the model's own cross-entropy (transformers' loss), exact match is the share of
 transformers' greedy `generate` answers equal to the reference, choice accuracy the share of examples
-whose right choice has the largest summed log-probability."""
+whose right choice (its tokens and EOS) has the largest mean log-probability."""
 
 import json
 import math
@@ -77,18 +77,19 @@ def reference_answers(model, tokenizer, rows, max_new_tokens: int) -> list[str]:
 
 
 def reference_choices(model, tokenizer, rows) -> list[str]:
-    """For each example, the choice with the largest summed log-probability of its tokens."""
+    """For each example, the choice whose tokens and EOS have the largest mean log-probability (what
+    fine-tuning's choice accuracy picks)."""
     picked = []
     for row in rows:
         context = [tokenizer.bos_token_id, *tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]]
         scores = []
         for option in row["choices"]:
-            tail = tokenizer(option, add_special_tokens=False)["input_ids"]
+            tail = [*tokenizer(option, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
             with torch.no_grad():
                 logp = torch.log_softmax(
                     model(input_ids=torch.tensor([context + tail])).logits[0].float(), -1
                 )
-            scores.append(sum(logp[len(context) - 1 + k, t].item() for k, t in enumerate(tail)))
+            scores.append(sum(logp[len(context) - 1 + k, t].item() for k, t in enumerate(tail)) / len(tail))
         picked.append(row["choices"][max(range(len(scores)), key=scores.__getitem__)])
     return picked
 
@@ -177,6 +178,15 @@ def test_bad_evaluate_specs_name_the_field(tmp_path):
     result = runner.invoke(cli.main, ["validate", write(tmp_path, missing)])
     assert result.exit_code == 2 and "models.1.path" in result.output and "does not exist" in result.output
     assert "models.0" not in result.output
+    taken = {**base, "tasks": [{**task, "name": "perplexity"}]}
+    result = runner.invoke(cli.main, ["validate", write(tmp_path, taken)])
+    assert result.exit_code == 2 and "tasks.0.name" in result.output and "choose another" in result.output
+    no_split = {
+        **base,
+        "perplexity": {"data": {"generate": {"documents": 10}, "val_fraction": 0}, "split": "validation"},
+    }
+    result = runner.invoke(cli.main, ["validate", write(tmp_path, no_split)])
+    assert result.exit_code == 2 and "val_fraction > 0" in result.output
     no_file = {**base, "tasks": [{"name": "qa", "data": {"path": str(tmp_path / "none.jsonl")}}]}
     result = runner.invoke(cli.main, ["validate", write(tmp_path, no_file)])
     assert result.exit_code == 2 and "tasks.0.data.path" in result.output
