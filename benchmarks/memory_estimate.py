@@ -59,6 +59,25 @@ def job_spec(strategy, precision: str, output: str) -> dict:
     }
 
 
+def estimated(job, precision: str):
+    """raylm's estimate for a benchmark job: its strategy, precision, model.dtype, 2 workers, batch and
+    sequence, unadjusted."""
+    from raylm.planning.memory import estimate, shape_of_job
+    from raylm.planning.plan import deepspeed_terms
+    from raylm.spec.strategies import memory_key
+
+    return estimate(
+        shape_of_job(job),
+        memory_key(job.strategy),
+        precision,
+        2,
+        BATCH,
+        SEQ,
+        dtype=job.model.dtype,
+        **deepspeed_terms(job.strategy),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
@@ -67,10 +86,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # before Ray starts: its workers inherit it
 
-    from raylm.planning.memory import estimate, shape_of_job
-    from raylm.planning.plan import deepspeed_terms
+    from raylm.planning.memory import shape_of_job
     from raylm.spec.loading import validate_dict
-    from raylm.spec.strategies import memory_key
     from raylm.submit import run_here
 
     scratch = Path(tempfile.mkdtemp(prefix="raylm-memory-"))
@@ -80,16 +97,7 @@ def main() -> None:
             job = validate_dict(job_spec(STRATEGIES[name], precision, str(scratch / f"{name}-{precision}")))
             summary = run_here(job)
             measured = max(summary["host_memory"]["train"])
-            terms = estimate(
-                shape_of_job(job),
-                memory_key(job.strategy),
-                precision,
-                2,
-                BATCH,
-                SEQ,
-                dtype=job.model.dtype,
-                **deepspeed_terms(job.strategy),
-            )
+            terms = estimated(job, precision)
             predicted = terms.total + terms.host  # a CPU worker's host memory is its device memory
             cells.append(
                 {

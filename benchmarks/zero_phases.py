@@ -115,12 +115,9 @@ def main() -> None:
     import tempfile
 
     import torch.multiprocessing as mp
-    from memory_estimate import BATCH, SEQ, job_spec
+    from memory_estimate import estimated, job_spec
 
-    from raylm.planning.memory import estimate, shape_of_job
-    from raylm.planning.plan import deepspeed_terms
     from raylm.spec.loading import validate_dict
-    from raylm.spec.strategies import memory_key
 
     results = []
     for precision in args.precisions:
@@ -133,16 +130,7 @@ def main() -> None:
         measured = json.loads(Path(rank0).read_text())
         strategy = {"name": "deepspeed", "stage": args.stage}
         job = validate_dict(job_spec(strategy, precision, os.path.join(scratch, "spec")))
-        terms = estimate(
-            shape_of_job(job),
-            memory_key(job.strategy),
-            precision,
-            2,
-            BATCH,
-            SEQ,
-            dtype=job.model.dtype,
-            **deepspeed_terms(job.strategy),
-        )
+        terms = estimated(job, precision)
         results.append(
             {
                 "stage": args.stage,
