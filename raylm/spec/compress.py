@@ -17,7 +17,15 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from raylm.spec.sections import DataSpec, ModelSpec, OutputSpec, ResourcesSpec, Section, TrainSpec
+from raylm.spec.sections import (
+    DataSpec,
+    ModelSpec,
+    OutputSpec,
+    ResourcesSpec,
+    Section,
+    TrainSpec,
+    path_shorthand,
+)
 from raylm.spec.strategies import DDPStrategy, FSDPStrategy, strategy_shorthand
 
 
@@ -128,9 +136,7 @@ class CompressionJob(Section):
     _method_shorthand = field_validator("method", mode="before", check_fields=False)(
         lambda cls, v: {"name": v} if isinstance(v, str) else v
     )
-    _output_shorthand = field_validator("output", mode="before")(
-        lambda cls, v: {"path": v} if isinstance(v, str) else v
-    )
+    _output_shorthand = field_validator("output", mode="before")(lambda cls, v: path_shorthand(v))
 
     @model_validator(mode="after")
     def _a_folder(self) -> CompressionJob:

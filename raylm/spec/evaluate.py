@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raylm.spec.sections import DataSpec, OutputSpec, Section
+from raylm.spec.sections import DataSpec, OutputSpec, Section, path_shorthand
 from raylm.spec.sft import SFTDataSpec
 
 
@@ -84,11 +84,9 @@ class EvaluateJob(Section):
     output: OutputSpec
 
     _models_shorthand = field_validator("models", mode="before")(
-        lambda cls, v: [{"path": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+        lambda cls, v: [path_shorthand(m) for m in v] if isinstance(v, list) else v
     )
-    _output_shorthand = field_validator("output", mode="before")(
-        lambda cls, v: {"path": v} if isinstance(v, str) else v
-    )
+    _output_shorthand = field_validator("output", mode="before")(lambda cls, v: path_shorthand(v))
 
     @model_validator(mode="after")
     def _something_to_measure(self) -> EvaluateJob:

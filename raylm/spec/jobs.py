@@ -21,6 +21,7 @@ from raylm.spec.sections import (
     Section,
     TokenizerSpec,
     TrainSpec,
+    path_shorthand,
 )
 from raylm.spec.sft import EvalSpec, FinetuneOutput, SFTDataSpec
 from raylm.spec.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, StrategySpec
@@ -56,9 +57,7 @@ class TrainingJob(Section):
         default_factory=LoggingSpec, description="Experiment tracking: TensorBoard, MLflow, W&B."
     )
 
-    _output_shorthand = field_validator("output", mode="before")(
-        lambda cls, v: {"path": v} if isinstance(v, str) else v
-    )
+    _output_shorthand = field_validator("output", mode="before")(lambda cls, v: path_shorthand(v))
     _strategy_shorthand = field_validator("strategy", mode="before")(lambda cls, v: _named(v))
 
     @model_validator(mode="after")

@@ -10,6 +10,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
+def path_shorthand(value):
+    """A bare string where a section with a `path` goes: `output: runs/x` means `output: {path: runs/x}`."""
+    return {"path": value} if isinstance(value, str) else value
+
+
 class Section(BaseModel):
     """Base of every spec block: unknown keys are errors (a typo must not silently do nothing)."""
 

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from raylm.spec.generation import GenerationSpec, StrategySpec
-from raylm.spec.sections import Section
+from raylm.spec.sections import Section, path_shorthand
 
 
 class ServedModel(Section):
@@ -139,9 +139,7 @@ class ServeJob(Section):
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
 
-    _model_shorthand = field_validator("model", mode="before")(
-        lambda cls, v: {"path": v} if isinstance(v, str) else v
-    )
+    _model_shorthand = field_validator("model", mode="before")(lambda cls, v: path_shorthand(v))
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeJob:

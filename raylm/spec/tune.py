@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from raylm.spec.jobs import FinetuneJob
-from raylm.spec.sections import FailureSpec, OutputSpec, Section
+from raylm.spec.sections import FailureSpec, OutputSpec, Section, path_shorthand
 
 METRICS = {  # what a trial reports at each evaluation, and which way is better
     "val_loss": "min",
@@ -82,9 +82,7 @@ class TuneJob(Section):
     seed: int = Field(0, description="Seed of the sampler (random and optuna).")
     output: OutputSpec
 
-    _output_shorthand = field_validator("output", mode="before")(
-        lambda cls, v: {"path": v} if isinstance(v, str) else v
-    )
+    _output_shorthand = field_validator("output", mode="before")(lambda cls, v: path_shorthand(v))
 
     @model_validator(mode="before")
     @classmethod
