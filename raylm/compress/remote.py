@@ -14,13 +14,18 @@ from raylm.compress import staging
 def run(job, task, *args) -> dict:
     import ray
 
-    options = {"num_cpus": job.resources.cpus, "num_gpus": 1 if job.resources.use_gpu else 0}
-    if not job.resources.use_gpu:  # DeepSpeed (imported by transformers' integrations) need not guess
-        options["runtime_env"] = {"env_vars": {"DS_ACCELERATOR": "cpu"}}
     from raylm.runtime.storage import as_written
 
     # the model's storage URI, not the driver's copy of it: the task fetches it on its own node
-    return ray.get(ray.remote(task).options(**options).remote(as_written(job), *args))
+    return ray.get(ray.remote(task).options(**task_options(job.resources)).remote(as_written(job), *args))
+
+
+def task_options(resources) -> dict:
+    """Ray options of a task with `resources` (cpus, use_gpu)."""
+    options = {"num_cpus": resources.cpus, "num_gpus": 1 if resources.use_gpu else 0}
+    if not resources.use_gpu:  # DeepSpeed (imported by transformers' integrations) need not guess
+        options["runtime_env"] = {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+    return options
 
 
 def start(spec_model, spec: dict):

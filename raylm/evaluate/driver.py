@@ -37,7 +37,7 @@ class Evaluate:
     def run(self, job: EvaluateJob) -> dict:
         import ray
 
-        from raylm.compress import staging
+        from raylm.compress import remote, staging
         from raylm.runtime.storage import as_written
 
         recorded = staging.finished(job)
@@ -55,10 +55,7 @@ class Evaluate:
         )
         from raylm.evaluate.measure import evaluate_model
 
-        options = {"num_cpus": job.resources.cpus, "num_gpus": 1 if job.resources.use_gpu else 0}
-        if not job.resources.use_gpu:  # DeepSpeed (imported by transformers' integrations) need not guess
-            options["runtime_env"] = {"env_vars": {"DS_ACCELERATOR": "cpu"}}
-        task = ray.remote(evaluate_model).options(**options)
+        task = ray.remote(evaluate_model).options(**remote.task_options(job.resources))
         spec = as_written(job)
         texts_ref, rows_ref = ray.put(texts), ray.put(task_rows)
         done = ray.get([task.remote(spec, i, texts_ref, rows_ref) for i in range(len(job.models))])

@@ -14,6 +14,7 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
     """(the model's row of the table, its per-example answers)."""
     import torch
 
+    from raylm.compress.measure import cross_entropy
     from raylm.infer.loading import LoadError, load_for_generation
     from raylm.spec.evaluate import EvaluateJob
 
@@ -65,26 +66,6 @@ def text_blocks(texts: list[str], tokenizer, spec) -> list[list[int]]:
     return blocks
 
 
-def cross_entropy(model, blocks: list[list[int]]) -> tuple[float, int]:
-    """(mean next-token cross-entropy over every predicted token of `blocks`, how many tokens), in
-    batches whose fp32 logits stay under ~512 MiB (a 128k vocabulary makes 0.5 MiB a token)."""
-    import torch
-
-    device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
-    batch = max(1, min(8, 2**27 // (len(blocks[0]) * vocab)))
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(blocks), batch):
-            ids = torch.tensor(blocks[start : start + batch], dtype=torch.long, device=device)
-            logits = model(input_ids=ids).logits[:, -ids.shape[1] :].float()  # no virtual tokens
-            total += torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            ).item()
-            count += ids[:, 1:].numel()
-    return total / count, count
-
-
 def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, list[dict]]:
     """(exact match or choice accuracy, each example's prompt, answer, reference and verdict)."""
     from raylm.data.sft import answer_index, choice_texts, prompt_ids, render
@@ -97,8 +78,7 @@ def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, 
         for row in rows:
             prompt, reference = render(row, task.data, tokenizer)
             options = choice_texts(row, task.data)
-            scores = [choice_logprob(model, tokenizer, prompt, option) for option in options]
-            picked = max(range(len(options)), key=scores.__getitem__)
+            picked = pick_choice(model, tokenizer, prompt, options, task.data)
             right = answer_index(row, task.data, len(options))
             scored.append(
                 {
@@ -120,21 +100,18 @@ def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, 
     return sum(s["correct"] for s in scored) / len(scored), scored
 
 
-def choice_logprob(model, tokenizer, prompt: str, option: str) -> float:
-    """Mean log-probability of `option`'s tokens and EOS after `prompt`: how fine-tuning scores a choice
-    (raylm.data.sft.encode labels the option and EOS; raylm.train.objectives.choices_eval picks by the
-    length-normalised score)."""
+def pick_choice(model, tokenizer, prompt: str, options: list[str], spec) -> int:
+    """The index of the option fine-tuning's choice accuracy picks: each option encoded and collated as
+    for training (raylm.data.sft), the largest length-normalised log-probability of its labelled tokens
+    (raylm.train.objectives, as choices_eval)."""
     import torch
 
-    from raylm.data.sft import prompt_ids
+    from raylm.data.sft import collate, encode
+    from raylm.train.objectives import choice_logprobs, length_normalised
 
-    context = prompt_ids(prompt, tokenizer)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    continuation = tokenizer(option, add_special_tokens=False)["input_ids"] + eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = collate([encode(prompt, option, tokenizer, spec) for option in options], spec.seq_len, pad)
     device = next(model.parameters()).device
-    ids = torch.tensor([context + continuation], dtype=torch.long, device=device)
+    batch = {key: torch.as_tensor(value, device=device).unsqueeze(0) for key, value in encoded.items()}
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -ids.shape[1] :]  # prompt learning prepends virtual tokens
-        logp = torch.log_softmax(logits[:-1].float(), dim=-1)
-    targets = ids[0, len(context) :]
-    return float(logp[len(context) - 1 :].gather(-1, targets.unsqueeze(-1)).mean())
+        return int(length_normalised(*choice_logprobs(model, batch))[0].argmax())
