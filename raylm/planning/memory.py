@@ -216,18 +216,15 @@ def zero_estimate(
         weights = (trained * module + frozen_bytes) / n + gathered + persistent
         gradients = 4 * trained / n  # fp32 gradient partitions, allocated once
     # torch's AdamW on a CPU (single-tensor: the square root, then the division) makes two
-    # partition-sized temporaries
-    cpu_adamw = 8 * trained / n
-    if gpu:  # measured on an H200: 8 bytes / N beside the gradient partition, fp32 and bf16 alike
-        temporary = 8 * trained / n
-    else:
-        # beside AdamW's, the fp32 gradient partition the optimizer reads: in fp32 runs and at ZeRO-3 the
-        # partition itself; of a 16-bit ZeRO-1/2 partition an fp32 copy, after which the 16-bit one is
-        # freed: 12 bytes / N in place of the gradient partition
-        temporary = cpu_adamw + 4 * trained / n - gradients
+    # partition-sized temporaries; on an H200 the step measured the same 8 bytes / N beside the gradient
+    # partition, fp32 and bf16 alike
+    adamw = 8 * trained / n
+    # a CPU worker's step also reads an fp32 gradient partition: in fp32 runs and at ZeRO-3 the partition
+    # itself; of a 16-bit ZeRO-1/2 partition an fp32 copy, after which the 16-bit one is freed
+    temporary = adamw if gpu else adamw + 4 * trained / n - gradients
     host = 0.0
     if offload_optimizer:  # the master, the fp32 gradient partitions and the CPU AdamW on the host
-        host = step_state + cpu_adamw + 4 * trained / n
+        host = step_state + adamw + 4 * trained / n
         step_state = temporary = gradients = 0.0
         if not gpu:  # a CPU worker's host memory is its memory: offloading moves nothing out of it
             step_state, host = host, 0.0
