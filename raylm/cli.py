@@ -3,6 +3,8 @@
     raylm run jobs/quickstart.yaml                       # embedded local Ray
     raylm run jobs/quickstart.yaml --set train.lr=1e-3   # override any field
     raylm run spec.yaml --address http://127.0.0.1:8265  # submit through the Ray Jobs API
+    raylm run jobs/pipeline.yaml --from sft              # a pipeline stage and its dependants again
+    raylm lineage runs/pipeline/search/best              # the chain that produced an artifact
     raylm validate jobs/*.yaml                           # every problem, with its dotted path
     raylm schema pretrain                                # JSON Schema of a job kind
     raylm jobs list|status|logs|stop --address http://127.0.0.1:8265
@@ -76,12 +78,19 @@ overrides_option = click.option(
     is_flag=True,
     help="Also show Ray's own INFO lines (Ray Data plans, Ray Train reports).",
 )
-def run(spec_file, overrides, address, no_follow, verbose):
+@click.option("--from", "rerun_from", metavar="STAGE", help="A pipeline: re-run STAGE and every stage reading from it.")
+@click.option("--only", metavar="STAGE", help="A pipeline: run STAGE alone (its inputs must be complete).")
+def run(spec_file, overrides, address, no_follow, verbose, rerun_from, only):
     """Run the job described by SPEC_FILE."""
     from raylm import submit
 
     try:
         job = load_spec(spec_file, overrides)
+        if rerun_from or only:
+            if job.kind != "pipeline":
+                raise SpecError([("--from" if rerun_from else "--only", "applies to a pipeline spec only")], source=spec_file)
+            flags = {"rerun_from": rerun_from, "only": only}
+            job = load_spec(spec_file, (*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)))
         if address:
             job_id = submit.submit(address, job, verbose)
             click.echo(f"submitted {job_id} to {address}")
@@ -117,6 +126,13 @@ def run(spec_file, overrides, address, no_follow, verbose):
 
 
 def _print_summary(summary: dict) -> None:
+    if summary.get("kind") == "pipeline":  # its table is in the log above
+        ran = sum(s["ran"] for s in summary["stages"].values())
+        click.echo(
+            f"[raylm] done: pipeline {summary['name']}: {ran} stage(s) ran, {len(summary['stages']) - ran} "
+            f"skipped; lineage {summary['lineage']} (raylm lineage ARTIFACT)"
+        )
+        return
     if summary.get("kind") == "serve":
         click.echo(
             f"[raylm] {summary['model']}: "
@@ -395,6 +411,20 @@ def merge(artifact, out, base):
     except MergeError as err:
         fail(str(err))
     click.echo(f"[raylm] merged model saved to {out}")
+
+
+@main.command()
+@click.argument("artifact")
+def lineage(artifact):
+    """Print the pipeline stages that produced ARTIFACT (a model, adapter or GGUF path, or a storage URI)."""
+    from raylm.pipeline import lineage as records
+
+    found = records.find(artifact)
+    if found is None:
+        fail(f"{artifact}: no pipeline's lineage.json names it (looked in it and in the folders above it)")
+    record, stage = found
+    for line in records.describe(record, stage):
+        click.echo(line)
 
 
 @main.group()

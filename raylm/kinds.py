@@ -75,6 +75,7 @@ KINDS: dict[str, Kind] = {
     "prune": Kind(JOB_SPECS["prune"], "raylm.compress.prune:Prune"),
     "serve": Kind(JOB_SPECS["serve"], "raylm.serve.driver:Serve"),
     "evaluate": Kind(JOB_SPECS["evaluate"], "raylm.evaluate.driver:Evaluate"),
+    "pipeline": Kind(JOB_SPECS["pipeline"], "raylm.pipeline.driver:Pipeline"),
 }
 
 

@@ -24,6 +24,7 @@ LAYERS = [
     {"tune", "infer"},
     {"serve", "evaluate"},
     {"kinds"},
+    {"pipeline"},
     {"submit"},
     {"cli"},
     {"__main__"},

@@ -157,6 +157,21 @@ def copy_dir(source: str, target: str) -> None:
     pafs.copy_files(source_root, target_root, source_filesystem=source_fs, destination_filesystem=target_fs)
 
 
+def move_dir(source: str, target: str) -> None:
+    """Move the folder `source` to `target` (a new name beside it): a rename for a local folder; in
+    object storage a copy and then the deletion of `source`."""
+    if not is_uri(source):
+        Path(source).rename(target)
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(source)
+    _, target_root = pafs.FileSystem.from_uri(target)
+    fs.create_dir(target_root, recursive=True)
+    pafs.copy_files(root, target_root, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(root)
+
+
 def fetch_file(output: str, name: str, into: Path) -> None:
     """Copy file `name` of the run at URI `output` into folder `into`, if it exists there."""
     import pyarrow.fs as pafs

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from raylm.spec.compress import PruneJob, QuantizeJob
 from raylm.spec.evaluate import EvaluateJob
 from raylm.spec.jobs import DistillJob, FinetuneJob, PretrainJob
+from raylm.spec.pipeline import PipelineJob, validate_stages
 from raylm.spec.reading import SpecError, apply_overrides, read_yaml
 from raylm.spec.serve import ServeJob
 from raylm.spec.tune import TuneJob
@@ -28,6 +29,7 @@ JOB_SPECS: dict[str, type[BaseModel]] = {
     "prune": PruneJob,
     "serve": ServeJob,
     "evaluate": EvaluateJob,
+    "pipeline": PipelineJob,
 }
 
 
@@ -45,9 +47,15 @@ def validate_dict(data: dict, source: str = "spec") -> BaseModel:
         raise SpecError([("kind", f"{what}; choose one of: {choices}{hint}")], source=source)
     model = JOB_SPECS[kind]
     try:
-        return model.model_validate(data)
+        job = model.model_validate(data)
     except ValidationError as err:
         raise SpecError([_describe(model, e) for e in err.errors()], source=source) from None
+    if kind == "pipeline":  # its stages: every kind's spec, references resolved
+        try:
+            validate_stages(job, validate_dict)
+        except SpecError as err:
+            raise SpecError(err.problems, source=source) from None
+    return job
 
 
 def validate_section(model: type[BaseModel], data: dict, source: str) -> BaseModel:

@@ -88,6 +88,22 @@ def base_specs() -> list[dict]:
             "output": "runs/e",
         }
     )
+    specs.append(
+        {
+            "kind": "pipeline",
+            "output": "runs/p",
+            "stages": {
+                "ft": {**finetune, "method": "lora", "output": {"merge": True}},
+                "q": {**quantize, "model": {"from": "ft", "pick": "merged"}, "method": "nf4"},
+                "ev": {
+                    "kind": "evaluate",
+                    "models": [{"from": "ft"}, {"from": "q", "name": "nf4"}],
+                    "perplexity": {"data": {"path": "no-such-corpus.txt"}},
+                },
+                "srv": {"kind": "serve", "model": {"from": "ft"}},
+            },
+        }
+    )
     return [validate_dict(s).model_dump(mode="json") for s in specs]
 
 

@@ -1,0 +1,308 @@
+"""Driver of `kind: pipeline`: the stages one after another in dependency order, each by its own kind's
+driver on the same Ray, skipping what is already done.
+
+    raylm run jobs/pipeline.yaml                    # runs what is missing or changed
+    raylm run jobs/pipeline.yaml --from sft         # sft and every stage that reads from it, again
+    raylm run jobs/pipeline.yaml --only eval        # one stage (its inputs must be complete)
+    raylm lineage runs/pipeline/search/best         # the chain that produced an artifact
+
+A stage's hash covers its spec with every reference resolved and the summary of every stage it reads
+(a re-run upstream changes it). A stage is skipped when its hash is the recorded one and its output holds
+summary.json; a stage interrupted before that runs again with the same output, and resumes as its kind
+resumes (training from its last checkpoint). A stage whose spec changed starts over: its old output
+is moved aside to `<output>.superseded-<old hash>`, never deleted. Stages run one at a time, each with
+the whole cluster (its own `resources` say what it takes of it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+
+from raylm.pipeline import lineage
+from raylm.spec.reading import Problems, SpecError
+
+
+class Pipeline:
+    """kind: pipeline (a raylm.kinds.JobKind)."""
+
+    def preflight(self, job) -> Problems:
+        """Each stage's own checks, for the stages whose inputs exist already (the first stages; those
+        after them are checked just before they run)."""
+        from raylm.kinds import preflight
+
+        problems: Problems = []
+        record = lineage.read(job.output.path) or lineage.new(job)
+        for name in job.order:
+            if job.parents(name) and not all(_complete(job, p, record) for p in job.parents(name)):
+                continue
+            if job.job(name).kind == "serve" or _complete(job, name, record):
+                continue  # a serve stage is checked when it starts (its inputs may be re-run first)
+            found = preflight(job.job(name))
+            if _superseded(job, name, record):  # its output moves aside before it runs
+                found = [(where, what) for where, what in found if where != "output"]
+            problems += [(f"stages.{name}.{where}", what) for where, what in found]
+        return problems
+
+    def run(self, job) -> dict:
+        from raylm.kinds import driver, preflight
+
+        root = job.output.path.rstrip("/")
+        record = lineage.read(root) or lineage.new(job)
+        plan = decide(job, record)
+        for name in job.order:
+            print(f"[raylm] stage {name} ({job.job(name).kind}): {plan[name]}", flush=True)
+        ran: dict[str, float] = {}
+        summaries: dict[str, dict] = {}
+        for name in job.order:
+            if not plan[name].startswith("run"):
+                continue
+            stage_job = job.job(name)
+            digest = stage_hash(job, name)
+            _supersede(job, name, record)
+            problems = preflight(stage_job)
+            if problems:
+                raise SpecError([(f"stages.{name}.{where}", what) for where, what in problems], source="preflight")
+            entry = _entry(job, name, digest)
+            entry.update(status="serving" if stage_job.kind == "serve" else "running", started=lineage.stamp())
+            record["stages"][name] = entry
+            lineage.write(root, record)
+            print(f"[raylm] ---- stage {name} ({stage_job.kind}) ----", flush=True)
+            began = time.monotonic()
+            try:
+                summary = driver(stage_job).run(stage_job)
+            except BaseException:
+                entry.update(status="interrupted", ended=lineage.stamp())
+                lineage.write(root, record)
+                raise
+            ran[name] = time.monotonic() - began
+            summaries[name] = summary
+            _promote(job, name, summary)
+            if stage_job.kind == "quantize":  # the file itself (a GGUF export names it after its source)
+                entry["artifact"] = summary.get("artifact", entry.get("artifact"))
+            entry.update(
+                status="stopped" if summary.get("stopped") else "complete",
+                ended=lineage.stamp(),
+                seconds=round(ran[name], 1),
+                metrics=key_metrics(summary),
+                summary_sha256=_summary_digest(job, name),
+            )
+            lineage.write(root, record)
+            numbers = ", ".join(f"{k} {lineage.short(v)}" for k, v in entry["metrics"].items())
+            print(f"[raylm] stage {name} done in {ran[name]:.0f} s: {numbers}", flush=True)
+            if stage_job.kind != "serve":
+                lineage.write(stage_job.output.path, record)
+        for line in table(job, record, plan, ran):
+            print(f"[raylm] {line}", flush=True)
+        summary = {
+            "kind": "pipeline",
+            "name": job.run_name,
+            "output": root,
+            "lineage": f"{root}/{lineage.NAME}",
+            "stages": {
+                n: {
+                    "kind": job.job(n).kind,
+                    "ran": n in ran,
+                    "status": record["stages"].get(n, {}).get("status"),
+                    "artifact": record["stages"].get(n, {}).get("artifact"),
+                    "metrics": record["stages"].get(n, {}).get("metrics", {}),
+                }
+                for n in job.order
+            },
+        }
+        serving = [s for s in summaries.values() if s.get("kind") == "serve"]
+        if serving:
+            summary["url"] = serving[0].get("url")
+        from raylm.runtime import storage
+
+        storage.write_text(root, "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+
+def decide(job, record: dict) -> dict[str, str]:
+    """Per stage: `run (why)` or `skip (why)`, from the recorded hashes and the --from / --only flags."""
+    forced = set()
+    if job.only is not None:
+        for parent in job.parents(job.only):
+            if not _complete(job, parent, record):
+                raise SpecError(
+                    [("only", f"stage {job.only} reads stage {parent}, which is not complete: run the pipeline without --only first")]
+                )
+        return {n: "run (--only)" if n == job.only else "skip (--only another stage)" for n in job.order}
+    if job.rerun_from is not None:
+        forced = {job.rerun_from, *job.dependants(job.rerun_from)}
+    plan: dict[str, str] = {}
+    for name in job.order:
+        if name in forced:
+            plan[name] = "run (--from)"
+        elif job.job(name).kind == "serve":
+            plan[name] = "run (serving)"
+        elif any(plan[p].startswith("run") for p in job.parents(name)):
+            plan[name] = "run (an input is re-run)"
+        elif name not in record["stages"]:
+            plan[name] = "run (new)"
+        elif record["stages"][name].get("hash") != stage_hash(job, name):
+            plan[name] = "run (spec or input changed)"
+        elif not _complete(job, name, record):
+            plan[name] = "run (not complete: resumes)"
+        else:
+            plan[name] = "skip (unchanged and complete)"
+    return plan
+
+
+def stage_hash(job, name: str) -> str:
+    """SHA-256 of the stage's spec (references resolved) and the summaries of the stages it reads."""
+    inputs = {parent: _summary_digest(job, parent) for parent in job.parents(name)}
+    text = json.dumps({"spec": job.resolved(name), "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _summary_digest(job, name: str) -> str | None:
+    from raylm.runtime import storage
+
+    output = getattr(getattr(job.job(name), "output", None), "path", None)
+    text = storage.read_text(output, "summary.json") if output else None
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+
+
+def _complete(job, name: str, record: dict) -> bool:
+    entry = record["stages"].get(name)
+    return (
+        entry is not None
+        and entry.get("status") == "complete"
+        and entry.get("hash") == stage_hash(job, name)
+        and entry.get("summary_sha256") is not None
+        and entry.get("summary_sha256") == _summary_digest(job, name)
+    )
+
+
+def _supersede(job, name: str, record: dict) -> None:
+    """Move a stage's output written by another spec (or forced to re-run) out of its way."""
+    from raylm.runtime import storage
+
+    if not _superseded(job, name, record, forced=True):
+        return
+    output = job.job(name).output.path
+    entry = record["stages"][name]
+    when = re.sub(r"\D", "", entry.get("ended") or entry.get("started") or "")[:14]
+    aside = f"{output.rstrip('/')}.superseded-{entry['hash'][:8]}-{when}"
+    print(f"[raylm] stage {name}: its earlier output moves to {aside}", flush=True)
+    storage.move_dir(output.rstrip("/"), aside)
+
+
+def _superseded(job, name: str, record: dict, forced: bool = False) -> bool:
+    """Whether the stage's output holds an earlier run to move aside before it runs: one of another
+    spec (or inputs), or, for a stage forced to re-run, a complete one. An interrupted run of the same
+    spec resumes; a folder no pipeline recorded is the kind's to judge."""
+    from raylm.runtime import storage
+
+    output = getattr(getattr(job.job(name), "output", None), "path", None)
+    entry = record["stages"].get(name)
+    if output is None or entry is None or not storage.listing(output.rstrip("/")):
+        return False
+    if entry.get("hash") != stage_hash(job, name):
+        return True
+    return forced and entry.get("status") == "complete"
+
+
+def _promote(job, name: str, summary: dict) -> None:
+    """What later stages take from this one beyond its own artifact: a search's best trial merged
+    into its base, where a stage asks for `pick: merged`."""
+    wanted = any(
+        r.stage == name and r.pick == "merged" for later in job.order for r in job.references(later)
+    )
+    if not (job.job(name).kind == "tune" and wanted):
+        return
+    from raylm.methods.merging import merge_adapter
+    from raylm.runtime import storage
+
+    best = summary.get("best")
+    if best is None:
+        raise SpecError([(f"stages.{name}", "no trial completed: there is no best trial to merge and hand on")])
+    target = job.artifact(name, "merged").path
+    if storage.is_uri(target):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            merge_adapter(storage.localize(best["artifact"]), f"{scratch}/merged")
+            storage.copy_dir(f"{scratch}/merged", target)
+    else:
+        merge_adapter(best["artifact"], target)
+    print(f"[raylm] stage {name}: best trial {best['trial_id']} merged into its base: {target}", flush=True)
+
+
+def _entry(job, name: str, digest: str) -> dict:
+    stage_job = job.job(name)
+    entry = {
+        "kind": stage_job.kind,
+        "hash": digest,
+        "output": getattr(getattr(stage_job, "output", None), "path", None),
+        "parents": [{"stage": r.stage, "artifact": job.artifact(r.stage, r.pick).path} for r in job.references(name)],
+        "inputs": _external_inputs(job, name),
+    }
+    try:
+        produced = job.artifact(name)
+    except ValueError:  # evaluate, serve: results, not an artifact
+        return entry
+    entry.update(artifact=produced.path, artifact_type=produced.type)
+    if any(r.stage == name and r.pick == "merged" for later in job.order for r in job.references(later)):
+        entry["artifacts"] = {"merged": job.artifact(name, "merged").path}
+    return entry
+
+
+def _external_inputs(job, name: str) -> dict[str, str]:
+    """The model / tokenizer / teacher paths a stage reads that no stage produced."""
+    stage_job = job.job(name)
+    from_stages = {job.artifact(r.stage, r.pick).path for r in job.references(name)}
+    found = {}
+    for field in ("model", "tokenizer", "teacher"):
+        path = getattr(getattr(stage_job, field, None), "path", None)
+        if isinstance(path, str) and path not in from_stages:
+            found[field] = path
+    return found
+
+
+def key_metrics(summary: dict) -> dict:
+    """The few numbers a reader of the lineage wants from each kind's summary."""
+    kind = summary.get("kind")
+    if kind in ("quantize", "prune"):
+        after = "quantized" if kind == "quantize" else "pruned"
+        return {
+            "weights_fraction": summary["weights_bytes"]["ratio"],
+            "perplexity_before": summary["perplexity"]["original"],
+            "perplexity": summary["perplexity"][after],
+            "greedy_agreement": summary["greedy_agreement"],
+        }
+    if kind == "tune":
+        best = summary.get("best") or {}
+        return {"best_trial": best.get("trial_id"), summary["metric"]: best.get(summary["metric"])}
+    if kind == "evaluate":
+        return {f"{row['model']}.{m}": row.get(m) for row in summary["models"] for m in summary["metrics"]}
+    if kind == "serve":
+        return {"url": summary.get("url")}
+    metrics = summary.get("metrics") or {}
+    found = {k: metrics[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in metrics}
+    exact = (summary.get("exact_match") or {}).get("exact_match")
+    if exact is not None:
+        found["exact_match"] = exact
+    return {"steps": summary.get("steps"), **found}
+
+
+def table(job, record: dict, plan: dict, ran: dict) -> list[str]:
+    rows = [("stage", "kind", "this run", "status", "seconds", "artifact")]
+    for name in job.order:
+        entry = record["stages"].get(name, {})
+        rows.append(
+            (
+                name,
+                job.job(name).kind,
+                "ran" if name in ran else "skipped",
+                str(entry.get("status", "-")),
+                f"{ran[name]:.0f}" if name in ran else "-",
+                str(entry.get("artifact") or entry.get("output") or "-"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]

@@ -1,0 +1,168 @@
+"""`kind: pipeline` on real local Ray: a LoRA fine-tune of the session's base, its merged model exported
+to GGUF, and the three compared by an evaluation, each stage reading the previous one's artifact. Run
+again, nothing runs; a changed stage re-runs with the stages that read from it and nothing else, its
+earlier output kept aside; `--only` forces one stage; `raylm lineage` prints the chain behind an
+artifact. The evaluation's row for the fine-tuned stage is checked against PEFT loading the stage's
+adapter folder directly (the pipeline handed on the right artifact)."""
+
+import json
+import os
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from raylm import cli
+from raylm.spec.loading import validate_dict
+from raylm.submit import run_here
+from tests.evaluate.test_evaluate import TEXTS, reference_model, reference_perplexity
+
+
+def chain_spec(root, sft_base, corpus) -> dict:
+    return {
+        "kind": "pipeline",
+        "output": str(root),
+        "stages": {
+            "sft": {
+                "kind": "finetune",
+                "model": {"path": str(sft_base)},
+                "method": {"name": "lora", "r": 4, "alpha": 8},
+                "data": {"generate": {"task": "arithmetic", "examples": 200}, "seq_len": 24},
+                "train": {"max_steps": 4, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4},
+                "eval": {"exact_match_examples": 0},
+                "output": {"merge": True},
+            },
+            "gguf": {
+                "kind": "quantize",
+                "model": {"from": "sft", "pick": "merged"},
+                "method": {"name": "gguf", "type": "q8_0"},
+                "data": {"generate": {"documents": 200}, "seq_len": 16},
+                "measure": {"perplexity_blocks": 4, "prompts": 2},
+            },
+            "eval": {
+                "kind": "evaluate",
+                "models": [str(sft_base), {"from": "sft"}, {"from": "gguf"}],
+                "perplexity": {"data": {"path": str(corpus), "seq_len": 16}},
+            },
+        },
+    }
+
+
+def stage_summary(root, stage: str) -> dict:
+    return json.loads((root / stage / "summary.json").read_text())
+
+
+def test_a_pipeline_chains_artifacts_skips_what_is_done_and_reruns_what_changed(
+    ray_local, sft_base, tmp_path, capsys
+):
+    from transformers import AutoTokenizer
+
+    corpus = tmp_path / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    root = tmp_path / "chain"
+    spec = chain_spec(root, sft_base, corpus)
+    summary = run_here(validate_dict(spec))
+    assert [s["ran"] for s in summary["stages"].values()] == [True, True, True]
+    # each stage read the artifact of the one before it
+    quantized = stage_summary(root, "gguf")
+    assert quantized["model"] == str(root / "sft" / "merged")
+    rows = {r["model"]: r for r in json.loads((root / "eval" / "results.json").read_text())}
+    assert list(rows) == [sft_base.name, "sft", "gguf"]  # a stage's row is named after the stage
+    tokenizer = AutoTokenizer.from_pretrained(sft_base)
+    adapter = reference_model(sft_base, root / "sft" / "adapter")
+    assert rows["sft"]["perplexity"] == pytest.approx(reference_perplexity(adapter, tokenizer, 16), rel=1e-5)
+    assert rows["sft"]["perplexity"] != rows[sft_base.name]["perplexity"]
+    record = json.loads((root / "lineage.json").read_text())
+    assert record["stages"]["gguf"]["parents"] == [{"stage": "sft", "artifact": str(root / "sft" / "merged")}]
+    assert record["stages"]["gguf"]["artifact"] == quantized["artifact"]
+    assert record["stages"]["sft"]["inputs"] == {"model": str(sft_base)}
+    assert all(s["status"] == "complete" for s in record["stages"].values())
+    assert json.loads((root / "sft" / "lineage.json").read_text())["stages"]["sft"] == record["stages"]["sft"]
+
+    # again: every stage is complete and unchanged, nothing runs
+    written = {s: os.stat(root / s / "summary.json").st_mtime_ns for s in ("sft", "gguf", "eval")}
+    capsys.readouterr()
+    again = run_here(validate_dict(spec))
+    assert not any(s["ran"] for s in again["stages"].values())
+    assert "stage sft (finetune): skip (unchanged and complete)" in capsys.readouterr().out
+    assert {s: os.stat(root / s / "summary.json").st_mtime_ns for s in written} == written
+
+    # the export changes: it and the evaluation that reads it re-run, the fine-tune does not
+    spec["stages"]["gguf"]["method"]["type"] = "q4_0"
+    changed = run_here(validate_dict(spec))
+    assert {n: s["ran"] for n, s in changed["stages"].items()} == {"sft": False, "gguf": True, "eval": True}
+    assert os.stat(root / "sft" / "summary.json").st_mtime_ns == written["sft"]
+    assert stage_summary(root, "gguf")["artifact"].endswith("q4_0.gguf")
+    (aside,) = [p for p in root.iterdir() if p.name.startswith("gguf.superseded-")]
+    assert json.loads((aside / "summary.json").read_text())["artifact"] == quantized["artifact"]
+    assert rows["gguf"]["perplexity"] != json.loads((root / "eval" / "results.json").read_text())[2]["perplexity"]
+
+    # --only: one stage, forced; the CLI prints the plan and the table
+    spec_file = tmp_path / "pipeline.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(cli.main, ["run", str(spec_file), "--only", "eval"])
+    assert result.exit_code == 0, result.output
+    assert "stage eval (evaluate): run (--only)" in result.output
+    assert "stage gguf (quantize): skip (--only another stage)" in result.output
+    assert "1 stage(s) ran, 2 skipped" in result.output
+
+    # the chain behind the GGUF file
+    result = CliRunner().invoke(cli.main, ["lineage", stage_summary(root, "gguf")["artifact"]])
+    assert result.exit_code == 0, result.output
+    heads = [line.split(" (")[0] for line in result.output.splitlines()[1:] if not line.startswith(" ")]
+    assert heads == ["sft", "gguf"]  # the earliest first
+    assert f"read      {sft_base} (model)" in result.output
+    assert f"read      {root / 'sft' / 'merged'} (from sft)" in result.output
+    assert "eval (" not in result.output  # what came after it is not its lineage
+
+
+def write(tmp_path, spec) -> str:
+    file = tmp_path / "spec.yaml"
+    file.write_text(yaml.safe_dump(spec))
+    return str(file)
+
+
+@pytest.mark.quick
+def test_bad_pipelines_name_the_stage_and_field(tmp_path):
+    runner = CliRunner()
+    sft_base = tmp_path / "base"  # not read: validation without files
+    spec = chain_spec(tmp_path / "chain", sft_base, tmp_path / "heldout.jsonl")
+
+    def problems(mutate) -> str:
+        broken = json.loads(json.dumps(spec))
+        mutate(broken["stages"])
+        result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, broken)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        return result.output
+
+    out = problems(lambda s: s["eval"]["models"][1].update({"from": "stf"}))
+    assert "stages.eval.models.1.from: no stage named 'stf' (did you mean 'sft'?)" in out
+    out = problems(lambda s: s["gguf"]["model"].pop("pick"))
+    assert "stages.gguf.model: stage sft (finetune) produces an adapter; this field takes a model folder" in out
+    assert "pick: merged" in out
+    out = problems(lambda s: s["sft"]["output"].pop("merge"))
+    assert "stages.gguf.model.pick: pick: merged needs output.merge: true in that stage" in out
+    out = problems(lambda s: s["sft"].update({"model": {"from": "eval"}}))
+    assert "read from each other in a circle" in out and "sft -> eval" in out
+    out = problems(lambda s: s["eval"].update({"output": {"from": "sft"}}))
+    assert "stages.eval.output: an evaluate stage takes another stage's artifact only at: models.*" in out
+    out = problems(lambda s: s.update({"q2": {**s["gguf"], "model": {"from": "eval"}}}))
+    assert "stages.q2.model.from: an evaluate stage produces no artifact another stage can read" in out
+    out = problems(lambda s: s["sft"]["train"].update({"lr": -1}))
+    assert "stages.sft.train.lr" in out
+    out = problems(lambda s: s.update({"inner": {"kind": "pipeline", "stages": {}}}))
+    assert "stages.inner.kind: a pipeline cannot be a stage" in out
+    out = problems(lambda s: s.update({"s1": {"kind": "serve", "model": {"from": "sft"}}, "s2": {"kind": "serve", "model": {"from": "sft"}}}))
+    assert "one serve stage per pipeline" in out
+    out = problems(lambda s: s.update({"s1": {"kind": "serve", "model": {"from": "gguf"}, "adapters": {"a": {"from": "sft", "name": "x"}}}}))
+    assert "stages.s1.adapters.a: this field is a path" in out
+    result = runner.invoke(cli.main, ["run", write(tmp_path, spec), "--from", "nope"])
+    assert result.exit_code == 2 and "rerun_from: no stage named 'nope'" in result.output
+    result = runner.invoke(cli.main, ["run", "jobs/quickstart.yaml", "--only", "x"])
+    assert result.exit_code == 2 and "--only: applies to a pipeline spec only" in result.output
+    # a stage given as a file is read like an inline one
+    stage_file = tmp_path / "eval.yaml"
+    stage_file.write_text(yaml.safe_dump({**spec["stages"]["eval"], "models": [str(sft_base)]}))
+    spec["stages"]["eval"] = str(stage_file)
+    result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, spec)])
+    assert result.exit_code == 0, result.output
