@@ -78,7 +78,9 @@ overrides_option = click.option(
     is_flag=True,
     help="Also show Ray's own INFO lines (Ray Data plans, Ray Train reports).",
 )
-@click.option("--from", "rerun_from", metavar="STAGE", help="A pipeline: re-run STAGE and every stage reading from it.")
+@click.option(
+    "--from", "rerun_from", metavar="STAGE", help="A pipeline: re-run STAGE and every stage reading from it."
+)
 @click.option("--only", metavar="STAGE", help="A pipeline: run STAGE alone (its inputs must be complete).")
 def run(spec_file, overrides, address, no_follow, verbose, rerun_from, only):
     """Run the job described by SPEC_FILE."""
@@ -88,7 +90,10 @@ def run(spec_file, overrides, address, no_follow, verbose, rerun_from, only):
         job = load_spec(spec_file, overrides)
         if rerun_from or only:
             if job.kind != "pipeline":
-                raise SpecError([("--from" if rerun_from else "--only", "applies to a pipeline spec only")], source=spec_file)
+                raise SpecError(
+                    [("--from" if rerun_from else "--only", "applies to a pipeline spec only")],
+                    source=spec_file,
+                )
             flags = {"rerun_from": rerun_from, "only": only}
             job = load_spec(spec_file, (*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)))
         if address:

@@ -64,9 +64,13 @@ class Pipeline:
             _supersede(job, name, record)
             problems = preflight(stage_job)
             if problems:
-                raise SpecError([(f"stages.{name}.{where}", what) for where, what in problems], source="preflight")
+                raise SpecError(
+                    [(f"stages.{name}.{where}", what) for where, what in problems], source="preflight"
+                )
             entry = _entry(job, name, digest)
-            entry.update(status="serving" if stage_job.kind == "serve" else "running", started=lineage.stamp())
+            entry.update(
+                status="serving" if stage_job.kind == "serve" else "running", started=lineage.stamp()
+            )
             record["stages"][name] = entry
             lineage.write(root, record)
             print(f"[raylm] ---- stage {name} ({stage_job.kind}) ----", flush=True)
@@ -128,7 +132,12 @@ def decide(job, record: dict) -> dict[str, str]:
         for parent in job.parents(job.only):
             if not _complete(job, parent, record):
                 raise SpecError(
-                    [("only", f"stage {job.only} reads stage {parent}, which is not complete: run the pipeline without --only first")]
+                    [
+                        (
+                            "only",
+                            f"stage {job.only} reads stage {parent}, which is not complete: run the pipeline without --only first",
+                        )
+                    ]
                 )
         return {n: "run (--only)" if n == job.only else "skip (--only another stage)" for n in job.order}
     if job.rerun_from is not None:
@@ -210,9 +219,7 @@ def _superseded(job, name: str, record: dict, forced: bool = False) -> bool:
 def _promote(job, name: str, summary: dict) -> None:
     """What later stages take from this one beyond its own artifact: a search's best trial merged
     into its base, where a stage asks for `pick: merged`."""
-    wanted = any(
-        r.stage == name and r.pick == "merged" for later in job.order for r in job.references(later)
-    )
+    wanted = any(r.stage == name and r.pick == "merged" for later in job.order for r in job.references(later))
     if not (job.job(name).kind == "tune" and wanted):
         return
     from raylm.methods.merging import merge_adapter
@@ -220,7 +227,9 @@ def _promote(job, name: str, summary: dict) -> None:
 
     best = summary.get("best")
     if best is None:
-        raise SpecError([(f"stages.{name}", "no trial completed: there is no best trial to merge and hand on")])
+        raise SpecError(
+            [(f"stages.{name}", "no trial completed: there is no best trial to merge and hand on")]
+        )
     target = job.artifact(name, "merged").path
     if storage.is_uri(target):
         import tempfile
@@ -239,7 +248,9 @@ def _entry(job, name: str, digest: str) -> dict:
         "kind": stage_job.kind,
         "hash": digest,
         "output": getattr(getattr(stage_job, "output", None), "path", None),
-        "parents": [{"stage": r.stage, "artifact": job.artifact(r.stage, r.pick).path} for r in job.references(name)],
+        "parents": [
+            {"stage": r.stage, "artifact": job.artifact(r.stage, r.pick).path} for r in job.references(name)
+        ],
         "inputs": _external_inputs(job, name),
     }
     try:

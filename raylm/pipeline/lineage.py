@@ -58,7 +58,10 @@ def find(path: str) -> tuple[dict, str] | None:
             continue
         for name, stage in record.get("stages", {}).items():
             produced = [stage.get("artifact"), *(stage.get("artifacts") or {}).values(), stage.get("output")]
-            if any(p and (normal(p) == target or target.startswith(normal(p).rstrip("/") + "/")) for p in produced):
+            if any(
+                p and (normal(p) == target or target.startswith(normal(p).rstrip("/") + "/"))
+                for p in produced
+            ):
                 return record, name
     return None
 
@@ -90,7 +93,9 @@ def describe(record: dict, stage: str) -> list[str]:
     lines = [f"pipeline {record['pipeline']} ({record['output']})"]
     for name in chain(record, stage):
         s = record["stages"][name]
-        lines.append(f"{name} ({s['kind']}, spec {s['hash'][:12]}, {s.get('status')}, {s.get('started', '?')} -> {s.get('ended', '?')})")
+        lines.append(
+            f"{name} ({s['kind']}, spec {s['hash'][:12]}, {s.get('status')}, {s.get('started', '?')} -> {s.get('ended', '?')})"
+        )
         if s.get("artifact"):
             lines.append(f"    artifact  {s['artifact']} ({s.get('artifact_type')})")
         for parent in s.get("parents", []):

@@ -150,11 +150,14 @@ class PipelineJob(Section):
     @property
     def cpus_needed(self) -> float:
         """An embedded local Ray is sized by the largest stage (stages run one at a time)."""
+
         def needs(job) -> float:
             if hasattr(job, "cpus_needed"):
                 return job.cpus_needed
             resources = getattr(job, "resources", None)
-            return resources.max_workers * resources.cpus_per_worker if hasattr(resources, "max_workers") else 1
+            return (
+                resources.max_workers * resources.cpus_per_worker if hasattr(resources, "max_workers") else 1
+            )
 
         return max((needs(j) for j in self._jobs.values()), default=1)
 
@@ -167,7 +170,9 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
     kinds = {}
     for name, stage in job.stages.items():
         if not STAGE_NAME.match(name):
-            problems.append((f"stages.{name}", "a stage name is letters, digits, - and _ (it names a folder)"))
+            problems.append(
+                (f"stages.{name}", "a stage name is letters, digits, - and _ (it names a folder)")
+            )
         kind = stage.get("kind")
         if kind == "pipeline":
             problems.append((f"stages.{name}.kind", "a pipeline cannot be a stage: list its stages here"))
@@ -181,14 +186,18 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
             elif ref.stage not in job.stages:
                 close = difflib.get_close_matches(str(ref.stage), list(job.stages), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append((f"{where}.from", f"no stage named {ref.stage!r}{hint}; stages: {', '.join(job.stages)}"))
+                problems.append(
+                    (f"{where}.from", f"no stage named {ref.stage!r}{hint}; stages: {', '.join(job.stages)}")
+                )
             elif ref.stage == name:
                 problems.append((f"{where}.from", "a stage cannot read its own artifact"))
     if problems:
         raise SpecError(problems)
     order, cycle = _dependency_order({n: sorted({r.stage for r in refs}) for n, refs in references.items()})
     if cycle:
-        raise SpecError([(f"stages.{cycle[0]}", f"the stages read from each other in a circle: {' -> '.join(cycle)}")])
+        raise SpecError(
+            [(f"stages.{cycle[0]}", f"the stages read from each other in a circle: {' -> '.join(cycle)}")]
+        )
     serving = [n for n in order if kinds[n] == "serve"]
     if len(serving) > 1:
         problems.append((f"stages.{serving[1]}", f"one serve stage per pipeline (also {serving[0]})"))
@@ -211,7 +220,9 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
             accepted = _accepted(kinds[name], ref.location)
             if accepted is None:
                 fields = ", ".join(".".join(loc) for loc in ACCEPTS.get(kinds[name], {})) or "none"
-                problems.append((where, f"{_a(kinds[name])} stage takes another stage's artifact only at: {fields}"))
+                problems.append(
+                    (where, f"{_a(kinds[name])} stage takes another stage's artifact only at: {fields}")
+                )
                 failed = True
                 continue
             try:
@@ -223,7 +234,12 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
             types, shape = accepted
             extra = sorted(k for k in _at(stage, ref.location) if k not in ("from", "pick"))
             if shape == PATH and extra:
-                problems.append((where, f"this field is a path: a reference here takes only from and pick, not {', '.join(extra)}"))
+                problems.append(
+                    (
+                        where,
+                        f"this field is a path: a reference here takes only from and pick, not {', '.join(extra)}",
+                    )
+                )
                 failed = True
                 continue
             if artifact.type not in types:
@@ -307,7 +323,9 @@ def _check_mergeable(method: str, how: str) -> None:
 
 def _wrong_type(ref: Reference, producer, artifact: Artifact, types: set[str]) -> str:
     wanted = " or ".join(sorted(types))
-    message = f"stage {ref.stage} ({producer.kind}) produces {_a(artifact.type)}; this field takes {_a(wanted)}"
+    message = (
+        f"stage {ref.stage} ({producer.kind}) produces {_a(artifact.type)}; this field takes {_a(wanted)}"
+    )
     if artifact.type == ADAPTER and MODEL in types and producer.kind in PICKS:
         how = "output.merge: true in that stage and " if producer.kind == "finetune" else ""
         message += f": set {how}pick: merged to take the adapter merged into its base"
@@ -329,7 +347,9 @@ def _find_references(data, location: tuple[str, ...] = ()):
 
 def _accepted(kind: str | None, location: tuple[str, ...]):
     for pattern, accepted in ACCEPTS.get(kind, {}).items():
-        if len(pattern) == len(location) and all(p in ("*", part) for p, part in zip(pattern, location)):
+        if len(pattern) == len(location) and all(
+            p in ("*", part) for p, part in zip(pattern, location, strict=True)
+        ):
             return accepted
     return None
 
@@ -367,7 +387,7 @@ def _dependency_order(parents: dict[str, list[str]]) -> tuple[list[str], list[st
         if state.get(name) == "done":
             return []
         if state.get(name) == "open":
-            return [*path[path.index(name):], name]
+            return [*path[path.index(name) :], name]
         state[name] = "open"
         for parent in parents[name]:
             cycle = visit(parent, [*path, name])

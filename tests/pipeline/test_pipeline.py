@@ -95,7 +95,10 @@ def test_a_pipeline_chains_artifacts_skips_what_is_done_and_reruns_what_changed(
     assert stage_summary(root, "gguf")["artifact"].endswith("q4_0.gguf")
     (aside,) = [p for p in root.iterdir() if p.name.startswith("gguf.superseded-")]
     assert json.loads((aside / "summary.json").read_text())["artifact"] == quantized["artifact"]
-    assert rows["gguf"]["perplexity"] != json.loads((root / "eval" / "results.json").read_text())[2]["perplexity"]
+    assert (
+        rows["gguf"]["perplexity"]
+        != json.loads((root / "eval" / "results.json").read_text())[2]["perplexity"]
+    )
 
     # --only: one stage, forced; the CLI prints the plan and the table
     spec_file = tmp_path / "pipeline.yaml"
@@ -138,7 +141,9 @@ def test_bad_pipelines_name_the_stage_and_field(tmp_path):
     out = problems(lambda s: s["eval"]["models"][1].update({"from": "stf"}))
     assert "stages.eval.models.1.from: no stage named 'stf' (did you mean 'sft'?)" in out
     out = problems(lambda s: s["gguf"]["model"].pop("pick"))
-    assert "stages.gguf.model: stage sft (finetune) produces an adapter; this field takes a model folder" in out
+    assert (
+        "stages.gguf.model: stage sft (finetune) produces an adapter; this field takes a model folder" in out
+    )
     assert "pick: merged" in out
     out = problems(lambda s: s["sft"]["output"].pop("merge"))
     assert "stages.gguf.model.pick: pick: merged needs output.merge: true in that stage" in out
@@ -152,9 +157,26 @@ def test_bad_pipelines_name_the_stage_and_field(tmp_path):
     assert "stages.sft.train.lr" in out
     out = problems(lambda s: s.update({"inner": {"kind": "pipeline", "stages": {}}}))
     assert "stages.inner.kind: a pipeline cannot be a stage" in out
-    out = problems(lambda s: s.update({"s1": {"kind": "serve", "model": {"from": "sft"}}, "s2": {"kind": "serve", "model": {"from": "sft"}}}))
+    out = problems(
+        lambda s: s.update(
+            {
+                "s1": {"kind": "serve", "model": {"from": "sft"}},
+                "s2": {"kind": "serve", "model": {"from": "sft"}},
+            }
+        )
+    )
     assert "one serve stage per pipeline" in out
-    out = problems(lambda s: s.update({"s1": {"kind": "serve", "model": {"from": "gguf"}, "adapters": {"a": {"from": "sft", "name": "x"}}}}))
+    out = problems(
+        lambda s: s.update(
+            {
+                "s1": {
+                    "kind": "serve",
+                    "model": {"from": "gguf"},
+                    "adapters": {"a": {"from": "sft", "name": "x"}},
+                }
+            }
+        )
+    )
     assert "stages.s1.adapters.a: this field is a path" in out
     result = runner.invoke(cli.main, ["run", write(tmp_path, spec), "--from", "nope"])
     assert result.exit_code == 2 and "rerun_from: no stage named 'nope'" in result.output
