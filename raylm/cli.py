@@ -5,6 +5,8 @@
     raylm run spec.yaml --address http://127.0.0.1:8265  # submit through the Ray Jobs API
     raylm run jobs/pipeline.yaml --from sft              # a pipeline stage and its dependants again
     raylm lineage runs/pipeline/search/best              # the chain that produced an artifact
+    raylm report runs/pipeline                           # one HTML page (a pipeline: each stage's too)
+    raylm runs                                           # the run folders under runs/
     raylm validate jobs/*.yaml                           # every problem, with its dotted path
     raylm schema pretrain                                # JSON Schema of a job kind
     raylm jobs list|status|logs|stop --address http://127.0.0.1:8265
@@ -137,6 +139,8 @@ def _print_summary(summary: dict) -> None:
             f"[raylm] done: pipeline {summary['name']}: {ran} stage(s) ran, {len(summary['stages']) - ran} "
             f"skipped; lineage {summary['lineage']} (raylm lineage ARTIFACT)"
         )
+        if summary.get("report"):
+            click.echo(f"[raylm] report {summary['report']}")
         return
     if summary.get("kind") == "serve":
         click.echo(
@@ -430,6 +434,50 @@ def lineage(artifact):
     record, stage = found
     for line in records.describe(record, stage):
         click.echo(line)
+
+
+@main.command()
+@click.argument("run")
+def report(run):
+    """Write RUN/report.html: one self-contained page for a run, search, compression, evaluation or pipeline."""
+    from raylm.report.sections import write_report
+
+    try:
+        written = write_report(run)
+    except (FileNotFoundError, OSError) as err:
+        fail(str(err))
+    click.echo(f"[raylm] report written to {written}")
+
+
+@main.command()
+@click.argument("folder", default="runs")
+def runs(folder):
+    """List the run folders under FOLDER (default runs/): kind, status, steps, key metric, artifact, age."""
+    from raylm.report.runs import age_text, listing
+
+    try:
+        found = listing(folder)
+    except OSError as err:
+        fail(f"{folder}: {err}")
+    if not found:
+        click.echo(f"no raylm runs under {folder}")
+        return
+    rows = [("name", "kind", "status", "steps", "result", "artifact", "age")]
+    rows += [
+        (
+            r["name"],
+            r["kind"],
+            r["status"],
+            str(r["steps"] if r["steps"] is not None else "-"),
+            r["metric"] or "-",
+            r["artifact"] or "-",
+            age_text(r["age"]),
+        )
+        for r in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 @main.group()

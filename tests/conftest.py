@@ -15,6 +15,45 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # the default: at 0.5 s a 30-step run registered all its checkpoints before the kill landed.)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+CHROMIUM_INSTALL: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Where a selected test opens a page in Chromium and Debian's chromium is missing, start installing
+    it (as root, with apt-get) in the background now: the download overlaps the tests before it."""
+    import shutil
+    import tempfile
+
+    from tests.browser import chromium
+
+    wanted = any("chromium" in getattr(item, "fixturenames", ()) for item in items)
+    if not wanted or chromium() or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    log = Path(tempfile.mkdtemp(prefix="raylm-apt-")) / "chromium-install.log"
+    script = "apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium"
+    CHROMIUM_INSTALL["log"] = log
+    CHROMIUM_INSTALL["process"] = subprocess.Popen(
+        ["bash", "-c", script],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The path of headless Chromium: Debian's package, installed by the session where missing."""
+    from tests.browser import chromium as found
+
+    install = CHROMIUM_INSTALL.get("process")
+    if install is not None:
+        assert install.wait(timeout=900) == 0, CHROMIUM_INSTALL["log"].read_text()[-3000:]
+    if found() is None:
+        pytest.skip(
+            "Debian's chromium is missing and this session cannot install it (not root): apt-get install chromium"
+        )
+    return found()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ LAYERS = [
     {"train"},
     {"compress"},
     {"tune", "infer"},
-    {"serve", "evaluate"},
+    {"serve", "evaluate", "report"},
     {"kinds"},
     {"pipeline"},
     {"submit"},

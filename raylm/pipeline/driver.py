@@ -67,6 +67,8 @@ class Pipeline:
                 raise SpecError(
                     [(f"stages.{name}.{where}", what) for where, what in problems], source="preflight"
                 )
+            if stage_job.kind == "serve":  # it keeps running: the report of what came before it now
+                _report(root)
             entry = _entry(job, name, digest)
             entry.update(
                 status="serving" if stage_job.kind == "serve" else "running", started=lineage.stamp()
@@ -122,7 +124,21 @@ class Pipeline:
         from raylm.runtime import storage
 
         storage.write_text(root, "summary.json", json.dumps(summary, indent=2))
+        summary["report"] = _report(root)
         return summary
+
+
+def _report(root: str) -> str | None:
+    """The pipeline's report page (and each stage's); a failure to draw it is not the pipeline's."""
+    from raylm.report.sections import write_report
+
+    try:
+        written = write_report(root)
+    except Exception as err:  # noqa: BLE001 - matplotlib and file errors alike: say so, keep the results
+        print(f"[raylm] the report could not be written: {type(err).__name__}: {err}", flush=True)
+        return None
+    print(f"[raylm] report: {written}", flush=True)
+    return written
 
 
 def decide(job, record: dict) -> dict[str, str]:

@@ -52,16 +52,23 @@ def stage_summary(root, stage: str) -> dict:
     return json.loads((root / stage / "summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def chain(ray_local, sft_base, tmp_path_factory):
+    """The pipeline's first run: (its output folder, its spec, its summary)."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    corpus = folder / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    spec = chain_spec(folder / "chain", sft_base, corpus)
+    return folder / "chain", spec, run_here(validate_dict(spec))
+
+
 def test_a_pipeline_chains_artifacts_skips_what_is_done_and_reruns_what_changed(
-    ray_local, sft_base, tmp_path, capsys
+    chain, sft_base, tmp_path, capsys
 ):
     from transformers import AutoTokenizer
 
-    corpus = tmp_path / "heldout.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    root = tmp_path / "chain"
-    spec = chain_spec(root, sft_base, corpus)
-    summary = run_here(validate_dict(spec))
+    root, spec, summary = chain
+    spec = json.loads(json.dumps(spec))
     assert [s["ran"] for s in summary["stages"].values()] == [True, True, True]
     # each stage read the artifact of the one before it
     quantized = stage_summary(root, "gguf")
@@ -188,3 +195,36 @@ def test_bad_pipelines_name_the_stage_and_field(tmp_path):
     spec["stages"]["eval"] = str(stage_file)
     result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, spec)])
     assert result.exit_code == 0, result.output
+
+
+def test_the_report_of_a_pipeline_opens_in_chromium_with_every_image(chain, chromium):
+    """`raylm report` on the pipeline's folder: its page and each stage's page load in headless
+    Chromium without a console error or a request beyond the file itself, every image decodes, and the
+    text holds the numbers of the stages' summary.json files. `raylm runs` lists the pipeline, its
+    stages and their status."""
+    from tests.browser import open_page
+
+    root = chain[0]
+    result = CliRunner().invoke(cli.main, ["report", str(root)])
+    assert result.exit_code == 0 and f"report written to {root}/report.html" in result.output, result.output
+    seen = open_page(root / "report.html")
+    fetched = [url for url in seen["requests"] if not url.startswith("data:")]  # images are inline
+    assert seen["errors"] == [] and fetched == [(root / "report.html").as_uri()]
+    assert seen["images"]["total"] >= 1 and seen["images"]["broken"] == 0
+    for stage in ("sft", "gguf", "eval"):
+        assert (root / stage / "report.html").as_uri() in seen["links"]  # each stage's own report
+    for stage, numbers in {
+        "sft": lambda s: [f"{s['metrics']['val_loss']:,.4g}", f"{s['parameters']['trainable']:,}"],
+        "gguf": lambda s: [f"{s['perplexity']['quantized']:,.4g}", f"{s['weights_bytes']['quantized']:,}"],
+        "eval": lambda s: [f"{m['perplexity']:,.4g}" for m in s["models"]],
+    }.items():
+        page = open_page(root / stage / "report.html")
+        assert page["errors"] == [] and page["images"]["broken"] == 0, page["errors"]
+        for number in numbers(stage_summary(root, stage)):
+            assert number in page["text"], (stage, number)
+    assert open_page(root / "sft" / "report.html")["images"]["total"] >= 2  # loss, learning rate ...
+    listed = CliRunner().invoke(cli.main, ["runs", str(root.parent)])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[1].split()[:3] == ["chain", "pipeline", "complete"]
+    assert any(line.split()[:3] == ["chain/sft", "finetune", "complete"] for line in lines)

@@ -1,0 +1,3 @@
+"""What a run folder holds, for people: `raylm report PATH` writes one self-contained HTML page (its
+plots inline) for any run, search, compression, evaluation or pipeline (page.py, sections.py, plots.py);
+`raylm runs [DIR]` lists the run folders under DIR (runs.py)."""
