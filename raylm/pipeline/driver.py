@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import time
+from pathlib import Path
 
 from raylm.pipeline import lineage
 from raylm.spec.reading import Problems, SpecError
@@ -178,8 +179,10 @@ def decide(job, record: dict) -> dict[str, str]:
 
 
 def stage_hash(job, name: str) -> str:
-    """SHA-256 of the stage's spec (references resolved) and the summaries of the stages it reads."""
+    """SHA-256 of the stage's spec (references resolved), the summaries of the stages it reads and the
+    fingerprints of the files it reads that no stage wrote."""
     inputs = {parent: _summary_digest(job, parent) for parent in job.parents(name)}
+    inputs |= {where: identity(path) for where, path in _external_inputs(job, name).items()}
     text = json.dumps({"spec": job.resolved(name), "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -280,15 +283,77 @@ def _entry(job, name: str, digest: str) -> dict:
 
 
 def _external_inputs(job, name: str) -> dict[str, str]:
-    """The model / tokenizer / teacher paths a stage reads that no stage produced."""
-    stage_job = job.job(name)
+    """The files and folders a stage reads that no stage produced (models, adapters, tokenizers, data),
+    by their dotted place in the stage's spec."""
+    from raylm.runtime.storage import as_written
+
     from_stages = {job.artifact(r.stage, r.pick).path for r in job.references(name)}
-    found = {}
-    for field in ("model", "tokenizer", "teacher"):
-        path = getattr(getattr(stage_job, field, None), "path", None)
-        if isinstance(path, str) and path not in from_stages:
-            found[field] = path
+    found: dict[str, str] = {}
+
+    def walk(node, where: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "output":
+                    continue  # what the stage writes
+                paths = value if isinstance(value, list) else [value]
+                named = key in ("path", "base") or where[-1:] == ("adapters",)
+                if named and all(isinstance(v, str) for v in paths):
+                    for i, path in enumerate(paths):
+                        if path not in from_stages:
+                            found[".".join((*where, key, *([str(i)] if isinstance(value, list) else [])))] = (
+                                path
+                            )
+                else:
+                    walk(value, (*where, key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, (*where, str(i)))
+
+    walk(as_written(job.job(name)), ())
     return found
+
+
+def identity(path: str) -> str | None:
+    """A cheap fingerprint of a file or folder (local or a storage URI): every file's name, size and
+    modification time; None where nothing is there."""
+    from raylm.runtime import storage
+
+    entries: list[tuple[str, int, int]] = []
+    if storage.is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(path)
+        info = fs.get_file_info(root)
+        infos = (
+            [info]
+            if info.type == pafs.FileType.File
+            else (
+                fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                if info.type == pafs.FileType.Directory
+                else []
+            )
+        )
+        entries = [
+            (i.path, i.size or 0, int(i.mtime.timestamp() * 1e9) if i.mtime else 0)
+            for i in infos
+            if i.type == pafs.FileType.File
+        ]
+    else:
+        local = Path(path).expanduser()
+        files = (
+            [local]
+            if local.is_file()
+            else sorted(p for p in local.rglob("*") if p.is_file())
+            if local.is_dir()
+            else []
+        )
+        entries = [
+            (str(f.relative_to(local)) if f != local else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files
+        ]
+    if not entries:
+        return None
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
 
 
 def key_metrics(summary: dict) -> dict:

@@ -82,7 +82,7 @@ def test_a_pipeline_chains_artifacts_skips_what_is_done_and_reruns_what_changed(
     record = json.loads((root / "lineage.json").read_text())
     assert record["stages"]["gguf"]["parents"] == [{"stage": "sft", "artifact": str(root / "sft" / "merged")}]
     assert record["stages"]["gguf"]["artifact"] == quantized["artifact"]
-    assert record["stages"]["sft"]["inputs"] == {"model": str(sft_base)}
+    assert record["stages"]["sft"]["inputs"] == {"model.path": str(sft_base)}
     assert all(s["status"] == "complete" for s in record["stages"].values())
     assert json.loads((root / "sft" / "lineage.json").read_text())["stages"]["sft"] == record["stages"]["sft"]
 
@@ -121,7 +121,7 @@ def test_a_pipeline_chains_artifacts_skips_what_is_done_and_reruns_what_changed(
     assert result.exit_code == 0, result.output
     heads = [line.split(" (")[0] for line in result.output.splitlines()[1:] if not line.startswith(" ")]
     assert heads == ["sft", "gguf"]  # the earliest first
-    assert f"read      {sft_base} (model)" in result.output
+    assert f"read      {sft_base} (model.path)" in result.output
     assert f"read      {root / 'sft' / 'merged'} (from sft)" in result.output
     assert "eval (" not in result.output  # what came after it is not its lineage
 
@@ -228,3 +228,29 @@ def test_the_report_of_a_pipeline_opens_in_chromium_with_every_image(chain, chro
     lines = listed.output.splitlines()
     assert lines[1].split()[:3] == ["chain", "pipeline", "complete"]
     assert any(line.split()[:3] == ["chain/sft", "finetune", "complete"] for line in lines)
+
+
+@pytest.mark.quick
+def test_a_stage_hash_follows_the_files_it_reads(tmp_path):
+    """A file a stage reads that no stage wrote (here the evaluation's corpus) is part of its hash:
+    rewritten, the stage counts as changed; the stages that do not read it do not."""
+    import time
+
+    from raylm.pipeline.driver import stage_hash
+
+    corpus = tmp_path / "heldout.jsonl"
+    corpus.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    job = validate_dict(chain_spec(tmp_path / "chain", base, corpus))
+    before = {n: stage_hash(job, n) for n in job.order}
+    time.sleep(0.01)
+    corpus.write_text(json.dumps({"text": TEXTS[1]}) + "\n")
+    after = {n: stage_hash(job, n) for n in job.order}
+    assert (
+        after["eval"] != before["eval"] and after["sft"] == before["sft"] and after["gguf"] == before["gguf"]
+    )
+    (base / "config.json").write_text('{"changed": true}')  # the external base model, under sft and eval
+    again = {n: stage_hash(job, n) for n in job.order}
+    assert again["sft"] != after["sft"] and again["eval"] != after["eval"]
