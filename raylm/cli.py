@@ -139,8 +139,6 @@ def _print_summary(summary: dict) -> None:
             f"[raylm] done: pipeline {summary['name']}: {ran} stage(s) ran, {len(summary['stages']) - ran} "
             f"skipped; lineage {summary['lineage']} (raylm lineage ARTIFACT)"
         )
-        if summary.get("report"):
-            click.echo(f"[raylm] report {summary['report']}")
         return
     if summary.get("kind") == "serve":
         click.echo(

@@ -30,22 +30,33 @@ def test_job_spec_validates(path, monkeypatch):
     assert path.read_text().lstrip().startswith("#"), "each example opens with a comment saying how to run it"
 
 
-def _trained(job):
-    """The spec of an example that names its model and data: itself, or a search's base."""
-    return job.base if job.kind == "tune" else job
+def _trained(job) -> list:
+    """The specs of an example that name models and data: itself, a search's base, a pipeline's stages."""
+    if job.kind == "pipeline":
+        return [t for name in job.order for t in _trained(job.job(name))]
+    return [job.base if job.kind == "tune" else job]
 
 
 def _data_paths(job) -> list[str]:
-    data = getattr(_trained(job), "data", None)  # a server reads no data
-    return data.paths if data is not None else []
+    found = []
+    for trained in _trained(job):
+        data = getattr(trained, "data", None)  # a server reads no data
+        found += data.paths if data is not None else []
+    return found
 
 
 def _model_paths(job) -> list[str]:
     """The models an example reads: its model (a distillation's teacher too), an evaluation's models."""
-    job = _trained(job)
-    if job.kind == "evaluate":
-        return [m.path for m in job.models]
-    return [job.model.path or "", *([job.teacher.path] if job.kind == "distill" else [])]
+    found = []
+    for trained in _trained(job):
+        if trained.kind == "evaluate":
+            found += [m.path for m in trained.models]
+        else:
+            found += [
+                trained.model.path or "",
+                *([trained.teacher.path] if trained.kind == "distill" else []),
+            ]
+    return found
 
 
 def _cluster_path(job) -> bool:
@@ -61,7 +72,7 @@ def _workplace_data_missing(job) -> bool:
 def _after_another_example(job) -> bool:
     """Fine-tuning, compression and evaluation examples (and searches) start from the quickstart's output
     (runs/...), made by running it first."""
-    return _trained(job).kind != "pretrain" and any(p.startswith("runs/") for p in _model_paths(job))
+    return job.kind not in ("pretrain", "pipeline") and any(p.startswith("runs/") for p in _model_paths(job))
 
 
 def _launcher(path: Path) -> bool:

@@ -393,7 +393,12 @@ def table(job, record: dict, plan: dict, ran: dict) -> list[str]:
                 "ran" if name in ran else "skipped",
                 str(entry.get("status", "-")),
                 f"{ran[name]:.0f}" if name in ran else "-",
-                str(entry.get("artifact") or entry.get("output") or "-"),
+                str(
+                    entry.get("artifact")
+                    or entry.get("output")
+                    or (entry.get("metrics") or {}).get("url")
+                    or "-"
+                ),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
