@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raylm.spec.evaluate import EvaluateJob
+from raylm.spec.evaluate import RESERVED, EvaluateJob
 
 
 class Evaluate:
@@ -32,6 +32,8 @@ class Evaluate:
             problems += [(f"perplexity.{f}", what) for f, what in check_data(job.perplexity.data)]
         for i, task in enumerate(job.tasks):
             problems += [(f"tasks.{i}.{f}", what) for f, what in check_sft_data(task.data)]
+        if job.harness is not None:
+            problems += harness_problems(job.harness)
         return problems + staging.check_output(job)
 
     def run(self, job: EvaluateJob) -> dict:
@@ -62,6 +64,9 @@ class Evaluate:
         rows = [row for row, _ in done]
         answers = [a for _, scored in done for a in scored]
         metrics = metric_names(job)
+        metrics += [
+            k for k in dict.fromkeys(k for r in rows for k in r) if k not in metrics and k not in RESERVED
+        ]
         for line in table(rows, metrics):
             print(f"[raylm] {line}", flush=True)
         stage = staging.start(job.output.path.rstrip("/"))
@@ -107,6 +112,32 @@ def model_problems(entry, where: str) -> list[tuple[str, str]]:
                     f"{raw} is not a model folder (config.json), an adapter folder, one GGUF file (or a "
                     "folder holding one) or a raylm run folder (summary.json)",
                 )
+            )
+    return problems
+
+
+def harness_problems(spec) -> list[tuple[str, str]]:
+    """lm-eval missing, an include_path that is not there, a task name lm-eval does not know."""
+    import difflib
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        return [("harness", "lm-evaluation-harness is not installed: pip install 'raylm[eval]'")]
+    if spec.include_path and not Path(spec.include_path).expanduser().exists():
+        return [("harness.include_path", f"{spec.include_path} does not exist")]
+    from raylm.evaluate.harness import task_manager
+
+    if spec.include_path:  # the Ray task may run in another folder
+        spec.include_path = str(Path(spec.include_path).expanduser().resolve())
+    known = task_manager(spec).all_tasks
+    problems = []
+    for i, name in enumerate(spec.tasks):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f" or in {spec.include_path}" if spec.include_path else "; add its YAML with include_path"
+            problems.append(
+                (f"harness.tasks.{i}", f"lm-eval knows no task {name!r}{hint} (none of its own{where})")
             )
     return problems
 

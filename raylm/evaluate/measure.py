@@ -44,6 +44,12 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
         score, scored = score_task(model, tokenizer, task, rows)
         row[task.name] = score
         answers += [{"model": entry.label, "task": task.name, **a} for a in scored]
+    if job.harness is not None:
+        from raylm.evaluate.harness import run_harness
+
+        found, scored = run_harness(model, tokenizer, job.harness)
+        row |= found
+        answers += [{"model": entry.label, **a} for a in scored]
     return row, answers
 
 

@@ -62,6 +62,28 @@ class TaskEval(Section):
     max_new_tokens: int = Field(32, ge=1, description="Greedy answers stop here or at EOS.")
 
 
+class HarnessEval(Section):
+    """lm-evaluation-harness tasks (the `eval` extra: pip install 'raylm[eval]'), run on each model as
+    raylm loaded it; task YAMLs of your own over local data files (`dataset_path: json`,
+    `dataset_kwargs: {data_files: ...}`) need no hub access."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="Task or group names: lm-eval's own, or those the YAMLs in include_path define.",
+    )
+    include_path: str | None = Field(
+        None, description="A folder (or file) of task YAMLs to add to lm-eval's own."
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per prompt; default: each task's own."
+    )
+    limit: int | None = Field(None, ge=1, description="At most this many examples per task.")
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+    max_length: int | None = Field(
+        None, ge=1, description="Context length lm-eval truncates to; default: the model's own."
+    )
+
+
 class EvaluateResources(Section):
     """What each model's evaluation task gets from the Ray cluster; models run at once where it fits."""
 
@@ -80,6 +102,7 @@ class EvaluateJob(Section):
     models: list[EvalModel] = Field(min_length=1, description="The models, the first the reference.")
     perplexity: PerplexityEval | None = Field(None, description="Held-out perplexity.")
     tasks: list[TaskEval] = Field(default_factory=list, description="Task files scored per model.")
+    harness: HarnessEval | None = Field(None, description="lm-evaluation-harness tasks.")
     resources: EvaluateResources = Field(default_factory=EvaluateResources)
     output: OutputSpec
 
@@ -90,8 +113,8 @@ class EvaluateJob(Section):
 
     @model_validator(mode="after")
     def _something_to_measure(self) -> EvaluateJob:
-        if self.perplexity is None and not self.tasks:
-            raise ValueError("nothing to evaluate: give perplexity, tasks, or both")
+        if self.perplexity is None and not self.tasks and self.harness is None:
+            raise ValueError("nothing to evaluate: give perplexity, tasks, harness, or several")
         labels = [m.label for m in self.models]
         if len(set(labels)) < len(labels):
             twice = sorted({x for x in labels if labels.count(x) > 1})

@@ -94,6 +94,66 @@ def reference_choices(model, tokenizer, rows) -> list[str]:
     return picked
 
 
+def write_harness_tasks(folder):
+    """Two lm-eval task YAMLs over local JSONL files (relative to the folder): multiple choice scored by
+    accuracy, and greedy generation scored by exact match."""
+    folder.mkdir()
+    mc = generate("arithmetic", 20, seed=5, choices=3)
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    qa = generate("arithmetic", 6, seed=6)
+    (folder / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    local = {"dataset_path": "json", "test_split": "test", "doc_to_text": "prompt"}
+    (folder / "arith_mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "arith_mc",
+                **local,
+                "dataset_kwargs": {"data_files": {"test": "mc.jsonl"}},
+                "output_type": "multiple_choice",
+                "doc_to_choice": "choices",
+                "doc_to_target": "answer",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )
+    (folder / "arith_qa.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "arith_qa",
+                **local,
+                "dataset_kwargs": {"data_files": {"test": "qa.jsonl"}},
+                "output_type": "generate_until",
+                "doc_to_target": "completion",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False},
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )
+    return folder
+
+
+def direct_harness(folder, model_args: str) -> dict:
+    """lm_eval.simple_evaluate on a model folder by lm-eval's own loading (the reference)."""
+    import os
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    before = os.getcwd()
+    os.chdir(folder)  # the YAMLs' data_files are relative to their folder
+    try:
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=["arith_mc", "arith_qa"],
+            task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+            bootstrap_iters=0,
+        )
+    finally:
+        os.chdir(before)
+    return out["results"]
+
+
 def test_models_side_by_side_equal_the_references(ray_local, sft_base, adapter, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -105,9 +165,11 @@ def test_models_side_by_side_equal_the_references(ray_local, sft_base, adapter, 
     mc = tmp_path / "mc.jsonl"
     mc_rows = generate("arithmetic", 5, seed=4, choices=3)
     mc.write_text("".join(json.dumps(r) + "\n" for r in mc_rows))
+    harness = write_harness_tasks(tmp_path / "tasks")
     spec = {
         "kind": "evaluate",
         "models": [str(sft_base), {"name": "lora", "path": str(adapter), "base": str(sft_base)}],
+        "harness": {"tasks": ["arith_mc", "arith_qa"], "include_path": str(harness)},
         "perplexity": {"data": {"path": str(corpus), "seq_len": 16}},
         "tasks": [
             {"name": "qa", "data": {"path": str(qa)}, "max_new_tokens": 6},
@@ -118,7 +180,8 @@ def test_models_side_by_side_equal_the_references(ray_local, sft_base, adapter, 
     summary = run_here(validate_dict(spec))
     printed = capsys.readouterr().out
     rows = {r["model"]: r for r in pq.read_table(tmp_path / "eval" / "results.parquet").to_pylist()}
-    assert list(rows) == [sft_base.name, "lora"] and summary["metrics"] == ["perplexity", "qa", "mc"]
+    assert list(rows) == [sft_base.name, "lora"]
+    assert summary["metrics"] == ["perplexity", "qa", "mc", "arith_mc.acc", "arith_qa.exact_match"]
     tokenizer = AutoTokenizer.from_pretrained(sft_base)
     answers = pq.read_table(tmp_path / "eval" / "answers.parquet").to_pylist()
     for name, model in (
@@ -143,7 +206,17 @@ def test_models_side_by_side_equal_the_references(ray_local, sft_base, adapter, 
     # the table: one line per model, the second with its differences to the first
     lora_line = next(line for line in printed.splitlines() if line.startswith("[raylm] lora "))
     assert f"({rows['lora']['perplexity'] - rows[sft_base.name]['perplexity']:+.4f})" in lora_line
-    assert len(answers) == 2 * (6 + 5)
+    assert len(answers) == 2 * (6 + 5 + 20 + 6)
+    # lm-evaluation-harness through raylm equals lm-eval run directly on the same folders
+    for name, model_args in (
+        (sft_base.name, f"pretrained={sft_base},device=cpu"),
+        ("lora", f"pretrained={sft_base},peft={adapter},device=cpu"),
+    ):
+        direct = direct_harness(harness, model_args)
+        assert rows[name]["arith_mc.acc"] == direct["arith_mc"]["acc,none"]
+        assert rows[name]["arith_qa.exact_match"] == direct["arith_qa"]["exact_match,none"]
+    picked = [a for a in answers if a["model"] == "lora" and a["task"] == "arith_mc"]
+    assert sum(a["correct"] for a in picked) == round(20 * rows["lora"]["arith_mc.acc"])
     assert sum(a["correct"] for a in answers if a["model"] == "lora" and a["task"] == "qa") == round(
         6 * rows["lora"]["qa"]
     )
@@ -187,6 +260,14 @@ def test_bad_evaluate_specs_name_the_field(tmp_path):
     }
     result = runner.invoke(cli.main, ["validate", write(tmp_path, no_split)])
     assert result.exit_code == 2 and "val_fraction > 0" in result.output
+    tasks = write_harness_tasks(tmp_path / "tasks")
+    typo = {**base, "harness": {"tasks": ["arith_mc", "arith_mcq"], "include_path": str(tasks)}}
+    result = runner.invoke(cli.main, ["validate", write(tmp_path, typo)])
+    assert result.exit_code == 2 and "harness.tasks.1: lm-eval knows no task 'arith_mcq'" in result.output
+    assert "did you mean 'arith_mc'" in result.output and "harness.tasks.0" not in result.output
+    gone = {**base, "harness": {"tasks": ["arith_mc"], "include_path": str(tmp_path / "nowhere")}}
+    result = runner.invoke(cli.main, ["validate", write(tmp_path, gone)])
+    assert result.exit_code == 2 and "harness.include_path" in result.output
     no_file = {**base, "tasks": [{"name": "qa", "data": {"path": str(tmp_path / "none.jsonl")}}]}
     result = runner.invoke(cli.main, ["validate", write(tmp_path, no_file)])
     assert result.exit_code == 2 and "tasks.0.data.path" in result.output
