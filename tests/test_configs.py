@@ -60,8 +60,9 @@ def _model_paths(job) -> list[str]:
 
 
 def _cluster_path(job) -> bool:
-    """Examples for a cluster name paths on its shared storage (/shared/...), absent here."""
-    return any(p.startswith("/shared/") for p in [*_data_paths(job), *_model_paths(job)])
+    """Examples for a cluster name paths on its shared storage (/shared/...) or in its bucket, absent here."""
+    paths = [*_data_paths(job), *_model_paths(job), getattr(getattr(job, "output", None), "path", "")]
+    return any(p.startswith(("/shared/", "s3://", "gs://")) for p in paths)
 
 
 def _workplace_data_missing(job) -> bool:

@@ -35,11 +35,15 @@ class Pipeline:
         from raylm.kinds import preflight
 
         problems: Problems = []
-        record = lineage.read(job.output.path) or lineage.new(job)
+        try:
+            record = lineage.read(job.output.path) or lineage.new(job)
+            plan = {n: _complete(job, n, record) for n in job.order}
+        except OSError as err:  # a bucket that cannot be reached, no credentials
+            return [("output", f"cannot read {job.output.path}: {err}")]
         for name in job.order:
-            if job.parents(name) and not all(_complete(job, p, record) for p in job.parents(name)):
+            if job.parents(name) and not all(plan[p] for p in job.parents(name)):
                 continue
-            if job.job(name).kind == "serve" or _complete(job, name, record):
+            if job.job(name).kind == "serve" or plan[name]:
                 continue  # a serve stage is checked when it starts (its inputs may be re-run first)
             found = preflight(job.job(name))
             if _superseded(job, name, record):  # its output moves aside before it runs
