@@ -43,33 +43,57 @@ def stages() -> set[str]:
 
 
 def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
-    object_store, reference_run, tmp_path, monkeypatch
+    object_store, reference_run, tmp_path, monkeypatch, capsys
 ):
-    """SIGKILL the driver (and its embedded Ray) once the step-10 checkpoint is registered in the
-    bucket; run the spec again: it resumes from the bucket and ends with the uninterrupted local run's
-    weights, every run file in the bucket, none on this machine outside raylm's cache. The run tracks to
-    MLflow (a SQLite store named in the spec: its default store would be a file in the run folder) and
-    W&B (offline, in raylm's cache): the resumed run reopens both runs from tracking.json in the bucket."""
+    """A pipeline in the bucket: pretraining, then an evaluation of its model. SIGKILL the driver (and
+    its embedded Ray) once the step-10 checkpoint is registered in the bucket; run the pipeline again:
+    the pretraining stage resumes from the bucket and ends with the uninterrupted local run's weights,
+    every run file in the bucket, none on this machine outside raylm's cache; the evaluation then reads
+    the model from the bucket. The run tracks to MLflow (a SQLite store named in the spec: its default
+    store would be a file in the run folder) and W&B (offline, in raylm's cache): the resumed run
+    reopens both runs from tracking.json in the bucket. A third run skips both stages, and `raylm
+    lineage` finds the model's chain in the bucket."""
+    from click.testing import CliRunner
+
+    from raylm import cli
     from raylm.train.tracking import wandb_dir
     from tests.train.test_pretrain import check_tracking
 
-    output = object_store("runs") + "/pretrain"
+    root = object_store("runs") + "/pipeline"
+    output = f"{root}/pretrain"
     mlflow_db = tmp_path / "mlflow.db"
     tracked = {"mlflow": {"experiment": "kill", "tracking_uri": str(mlflow_db)}, "wandb": {"mode": "offline"}}
     # Evaluations every 5 steps (evaluating moves no weight) and the controller's default 2 s poll: Ray
     # Train registers checkpoints at its polls, and the killed attempt must not reach its end first.
-    spec = tiny_spec(output, train={"eval_every": 5}, logging=tracked)
+    stage = tiny_spec(output, train={"eval_every": 5}, logging=tracked)
+    stage.pop("output")  # the stage's own folder in the pipeline's output: <root>/pretrain
+    spec = {
+        "kind": "pipeline",
+        "output": root,
+        "stages": {
+            "pretrain": stage,
+            "eval": {
+                "kind": "evaluate",
+                "models": [{"from": "pretrain"}],
+                "perplexity": {"data": {"generate": {"documents": 40, "seed": 9}, "seq_len": 32}, "blocks": 8},
+            },
+        },
+    }
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     default_poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}
     run_cli_then_kill(spec_file, tmp_path / "killed.log", lambda: registered(output, 10), env=default_poll)
     assert "model/model.safetensors" not in bucket_files(output)
+    assert json.loads(read_bytes(root, "lineage.json"))["stages"]["pretrain"]["status"] == "running"
 
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # a relative path written by mistake would land here
     before = stages()
-    summary = run_here(validate_dict(spec))
+    capsys.readouterr()
+    pipeline = run_here(validate_dict(spec))
+    assert "stage pretrain (pretrain): run (not complete: resumes)" in capsys.readouterr().out
+    summary = json.loads(read_bytes(output, "summary.json"))
     assert summary["steps"] == 30 and summary["resumed_from"] in (10, 20)
     # the resumed attempt read from its position on: rank 0's rows of the remaining steps, no more
     assert summary["throughput"]["rows_read"] == (30 - summary["resumed_from"]) * 8
@@ -92,11 +116,21 @@ def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
     assert resumed.keys() == reference.keys()
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
-    assert list(work.iterdir()) == [] and stages() == before
     record = read_bytes(output, "tracking.json").decode()
     check_tracking(rows, summary, f"sqlite:///{mlflow_db}", record)
     # W&B's files: in raylm's cache on this node, not beside the run
     assert wandb_dir(output).startswith(os.environ["RAYLM_CACHE"])
+    # the evaluation read the model the stage wrote to the bucket
+    evaluated = json.loads(read_bytes(f"{root}/eval", "summary.json"))
+    assert evaluated["models"][0]["model"] == "pretrain" and evaluated["models"][0]["perplexity"] > 1
+    assert {s["status"] for s in pipeline["stages"].values()} == {"complete"}
+    assert list(work.iterdir()) == [] and stages() == before
+
+    again = run_here(validate_dict(spec))  # nothing left to do
+    assert not any(s["ran"] for s in again["stages"].values())
+    chain = CliRunner().invoke(cli.main, ["lineage", f"{output}/model"])
+    assert chain.exit_code == 0 and "pretrain (pretrain" in chain.output and "eval (" not in chain.output
+    assert list(work.iterdir()) == [] and stages() == before
 
 
 @pytest.mark.quick
