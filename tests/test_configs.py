@@ -50,7 +50,7 @@ def _model_paths(job) -> list[str]:
     found = []
     for trained in _trained(job):
         if trained.kind == "evaluate":
-            found += [m.path for m in trained.models]
+            found += [m.path or "" for m in trained.models]
         else:
             found += [
                 trained.model.path or "",

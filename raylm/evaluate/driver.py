@@ -26,8 +26,18 @@ class Evaluate:
         from raylm.compress import staging
         from raylm.data.pipeline import check_data
         from raylm.data.sft import check_sft_data
+        from raylm.evaluate import endpoint
 
-        problems = [p for i, m in enumerate(job.models) for p in model_problems(m, f"models.{i}")]
+        problems = []
+        for i, m in enumerate(job.models):
+            if m.endpoint is not None:
+                problems += endpoint.problems(m.endpoint, f"models.{i}")
+                if m.endpoint.api_key_file:  # the Ray task may run in another folder
+                    m.endpoint.api_key_file = str(Path(m.endpoint.api_key_file).expanduser().resolve())
+                if "://" not in m.endpoint.tokenizer:
+                    m.endpoint.tokenizer = str(Path(m.endpoint.tokenizer).expanduser().resolve())
+            else:
+                problems += model_problems(m, f"models.{i}")
         if job.perplexity is not None:
             problems += [(f"perplexity.{f}", what) for f, what in check_data(job.perplexity.data)]
         for i, task in enumerate(job.tasks):

@@ -16,12 +16,34 @@ from pathlib import Path
 CORRECTNESS = ("acc", "exact_match", "acc_norm")  # per-example metrics that say right or wrong
 
 
-def run_harness(model, tokenizer, spec) -> tuple[dict, list[dict]]:
-    """({"<task>.<metric>[.<filter>]": value}, every example's prompt, answer, reference, verdict)."""
+def run_harness(model, tokenizer, spec, endpoint=None) -> tuple[dict, list[dict]]:
+    """({"<task>.<metric>[.<filter>]": value}, every example's prompt, answer, reference, verdict); an
+    endpoint through lm-eval's own `local-completions` client (token-id prompts, the tokenizer here)."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, max_length=spec.max_length)
+    if endpoint is not None:
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        from raylm.evaluate.endpoint import api_key
+
+        key = api_key(endpoint)
+        lm = LocalCompletionsAPI(
+            base_url=endpoint.url.rstrip("/") + "/completions",
+            model=endpoint.model,
+            tokenizer=endpoint.tokenizer,
+            tokenizer_backend="huggingface",
+            tokenized_requests=True,
+            batch_size=1,
+            max_length=spec.max_length or 2048,
+            timeout=int(endpoint.timeout_s),
+            header={"Authorization": f"Bearer {key}"} if key else {},
+        )
+    else:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, max_length=spec.max_length
+        )
     folder = None
     if spec.include_path:
         path = Path(spec.include_path)

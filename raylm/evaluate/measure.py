@@ -8,6 +8,7 @@ task's score, with every answer kept for inspection.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 
 def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[list[dict]]):
@@ -22,11 +23,22 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
     entry = job.models[index]
     torch.set_num_threads(max(1, int(job.resources.cpus)))
     device = "cuda" if job.resources.use_gpu else "cpu"
-    try:
-        model, tokenizer, loaded = load_for_generation(entry.path, entry.base, device, entry.dtype)
-    except LoadError as err:
-        raise LoadError(f"models.{index} ({entry.label}): {err}") from None
-    model.eval()
+    if entry.endpoint is not None:
+        from transformers import AutoTokenizer
+
+        from raylm.evaluate.endpoint import Endpoint
+        from raylm.infer.loading import fetch, resolve
+
+        model = Endpoint(entry.endpoint)
+        tokenizer = AutoTokenizer.from_pretrained(resolve(Path(fetch(entry.endpoint.tokenizer))))
+        loaded = f"{entry.endpoint.model} at {entry.endpoint.url}"
+    else:
+        try:
+            model, tokenizer, loaded = load_for_generation(entry.path, entry.base, device, entry.dtype)
+        except LoadError as err:
+            raise LoadError(f"models.{index} ({entry.label}): {err}") from None
+        model.eval()
+    remote = entry.endpoint is not None
     row: dict = {"model": entry.label, "loaded": loaded}
     answers: list[dict] = []
     if job.perplexity is not None:
@@ -38,16 +50,16 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
                 f"{job.perplexity.split} block of {data.seq_len} tokens: give more text or a shorter "
                 "perplexity.data.seq_len"
             )
-        nll, tokens = cross_entropy(model, blocks)
+        nll, tokens = model.cross_entropy(blocks) if remote else cross_entropy(model, blocks)
         row |= {"perplexity": math.exp(nll), "nll": nll, "ppl_tokens": tokens}
     for task, rows in zip(job.tasks, task_rows, strict=True):
-        score, scored = score_task(model, tokenizer, task, rows)
+        score, scored = score_task(model, tokenizer, task, rows, remote)
         row[task.name] = score
         answers += [{"model": entry.label, "task": task.name, **a} for a in scored]
     if job.harness is not None:
         from raylm.evaluate.harness import run_harness
 
-        found, scored = run_harness(model, tokenizer, job.harness)
+        found, scored = run_harness(model, tokenizer, job.harness, entry.endpoint)
         row |= found
         answers += [{"model": entry.label, **a} for a in scored]
     return row, answers
@@ -72,7 +84,9 @@ def text_blocks(texts: list[str], tokenizer, spec) -> list[list[int]]:
     return blocks
 
 
-def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, list[dict]]:
+def score_task(
+    model, tokenizer, task, rows: list[dict], remote: bool = False
+) -> tuple[float | None, list[dict]]:
     """(exact match or choice accuracy, each example's prompt, answer, reference and verdict)."""
     from raylm.data.sft import answer_index, choice_texts, prompt_ids, render
     from raylm.train.exact_match import greedy_answers
@@ -84,7 +98,10 @@ def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, 
         for row in rows:
             prompt, reference = render(row, task.data, tokenizer)
             options = choice_texts(row, task.data)
-            picked = pick_choice(model, tokenizer, prompt, options, task.data)
+            if remote:
+                picked = model.pick_choice(tokenizer, prompt, options, task.data)
+            else:
+                picked = pick_choice(model, tokenizer, prompt, options, task.data)
             right = answer_index(row, task.data, len(options))
             scored.append(
                 {
@@ -96,9 +113,11 @@ def score_task(model, tokenizer, task, rows: list[dict]) -> tuple[float | None, 
             )
     else:
         pairs = [render(row, task.data, tokenizer) for row in rows]
-        generated = greedy_answers(
-            model, tokenizer, [prompt_ids(p, tokenizer) for p, _ in pairs], task.max_new_tokens
-        )
+        prompts = [prompt_ids(p, tokenizer) for p, _ in pairs]
+        if remote:
+            generated = model.greedy_answers(tokenizer, prompts, task.max_new_tokens)
+        else:
+            generated = greedy_answers(model, tokenizer, prompts, task.max_new_tokens)
         scored = [
             {"prompt": p, "answer": a, "reference": r, "correct": a.strip() == r.strip()}
             for (p, r), a in zip(pairs, generated, strict=True)

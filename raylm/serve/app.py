@@ -466,14 +466,19 @@ class Server:
             return [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-            bad = [p for p in prompt if not 0 <= p < self.vocabulary]
-            if bad:  # on a GPU an out-of-range id is a device-side assert that takes the replica down
-                raise ApiError(
-                    400,
-                    f"prompt: token id {bad[0]} is outside this model's vocabulary [0, {self.vocabulary})",
-                    "prompt",
-                )
-            return [list(prompt)]
+            prompt = [prompt]  # one prompt of token ids
+        if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+            for ids in prompt:
+                bad = [t for t in ids if not 0 <= t < self.vocabulary]
+                if bad:  # on a GPU an out-of-range id is a device-side assert that takes the replica down
+                    raise ApiError(
+                        400,
+                        f"prompt: token id {bad[0]} is outside this model's vocabulary [0, {self.vocabulary})",
+                        "prompt",
+                    )
+                if not ids:
+                    raise ApiError(400, "prompt: an empty list of token ids", "prompt")
+            return [list(ids) for ids in prompt]
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not texts:
             raise ApiError(400, "prompt: empty list", "prompt")

@@ -119,7 +119,7 @@ MAX_TOP_LOGPROBS = 20
 
 
 class CompletionRequest(Controls):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]  # OpenAI's four forms
     logprobs: int | None = None  # top alternatives per token (OpenAI's completions: an integer)
     echo: bool = False  # the prompt before the completion, with its tokens' logprobs
     # OpenAI fields this server does not implement: refused unless neutral, never silently ignored

@@ -21,12 +21,42 @@ from raylm.spec.sections import DataSpec, OutputSpec, Section, path_shorthand
 from raylm.spec.sft import SFTDataSpec
 
 
-class EvalModel(Section):
-    """One model of the comparison: anything `raylm generate` loads."""
+class EndpointSpec(Section):
+    """A running OpenAI-compatible server (raylm's, vLLM's): its completions API with token-id prompts and
+    echo + logprobs, the model's tokenizer here."""
 
-    path: str = Field(
+    url: str = Field(description="The API's base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(description="The model name the server answers to.")
+    tokenizer: str = Field(
+        description="The served model's tokenizer (a model folder or run): it packs the text and encodes "
+        "the prompts, so the numbers compare with a local evaluation."
+    )
+    api_key_env: str = Field(
+        "RAYLM_API_KEY", description="Environment variable holding the API key, on the node that evaluates."
+    )
+    api_key_file: str | None = Field(
+        None, description="A file holding the API key, on the node that evaluates (instead of api_key_env)."
+    )
+    timeout_s: float = Field(120, gt=0, description="Seconds per request.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"an http(s):// URL, e.g. http://127.0.0.1:8000/v1, got {url!r}")
+        return url
+
+
+class EvalModel(Section):
+    """One model of the comparison: anything `raylm generate` loads, or a running endpoint."""
+
+    path: str | None = Field(
+        None,
         description="A model folder, a raylm run folder (its model, adapter or artifact), a PEFT adapter "
-        "folder, a quantized folder (bitsandbytes, GPTQ), a GGUF file, or a storage URI of one."
+        "folder, a quantized folder (bitsandbytes, GPTQ), a GGUF file, or a storage URI of one.",
+    )
+    endpoint: EndpointSpec | None = Field(
+        None, description="A running OpenAI-compatible server instead of a path."
     )
     name: str | None = Field(None, description="Its label in the table; default: the path's last part.")
     base: str | None = Field(None, description="An adapter's base model, where its record names none.")
@@ -34,8 +64,18 @@ class EvalModel(Section):
         "auto", description="Weights' dtype: auto keeps the checkpoint's own."
     )
 
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalModel:
+        if (self.path is None) == (self.endpoint is None):
+            raise ValueError("give either path (a model here) or endpoint (a running server), one of them")
+        if self.endpoint is not None and (self.base is not None or self.dtype != "auto"):
+            raise ValueError("base and dtype are for a model loaded here: an endpoint's server decides them")
+        return self
+
     @property
     def label(self) -> str:
+        if self.endpoint is not None:
+            return self.name or self.endpoint.model
         return self.name or PurePosixPath(self.path.rstrip("/")).name
 
 

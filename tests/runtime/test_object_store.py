@@ -75,7 +75,10 @@ def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
             "eval": {
                 "kind": "evaluate",
                 "models": [{"from": "pretrain"}],
-                "perplexity": {"data": {"generate": {"documents": 40, "seed": 9}, "seq_len": 32}, "blocks": 8},
+                "perplexity": {
+                    "data": {"generate": {"documents": 40, "seed": 9}, "seq_len": 32},
+                    "blocks": 8,
+                },
             },
         },
     }

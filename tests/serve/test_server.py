@@ -530,3 +530,105 @@ def test_metrics_reach_rays_prometheus_endpoint(served):
     assert all(found.values()), [name for name, match in found.items() if not match]
     assert float(found["requests_ok"].group(1)) >= 4  # three answers and one stream at least
     assert 'application="tiny"' in found["requests_ok"].group(0)  # Serve's own tags come with them
+
+
+def test_an_endpoint_evaluates_as_the_same_model_here(served, tmp_path):
+    """`kind: evaluate` with the served model as an endpoint and the same folder loaded here: perplexity
+    (the endpoint's prompt logprobs over the same token blocks), exact match (greedy through the server)
+    and choice accuracy agree; lm-evaluation-harness through the endpoint equals lm-eval's own
+    `local-completions` client run directly against the same server."""
+    import lm_eval
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+    from lm_eval.tasks import TaskManager
+
+    from raylm.cli import main
+    from raylm.data.tasks import generate
+    from raylm.submit import run_here
+    from tests.evaluate.test_evaluate import TEXTS, write_harness_tasks
+
+    corpus = tmp_path / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    qa, mc = tmp_path / "qa.jsonl", tmp_path / "mc.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in generate("arithmetic", 4, seed=3)))
+    mc.write_text("".join(json.dumps(r) + "\n" for r in generate("arithmetic", 5, seed=4, choices=3)))
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    tasks = write_harness_tasks(tmp_path / "tasks")
+    endpoint = {
+        "url": f"{served['url']}/v1",
+        "model": "tiny",
+        "tokenizer": served["base"],
+        "api_key_file": str(key_file),
+    }
+    spec = {
+        "kind": "evaluate",
+        "models": [{"name": "here", "path": served["base"]}, {"name": "served", "endpoint": endpoint}],
+        "perplexity": {"data": {"path": str(corpus), "seq_len": 16}},
+        "tasks": [
+            {"name": "qa", "data": {"path": str(qa), "seq_len": 24}, "max_new_tokens": 4},
+            {"name": "mc", "data": {"path": str(mc), "format": "choices", "num_choices": 3, "seq_len": 24}},
+        ],
+        "harness": {"tasks": ["arith_mc"], "include_path": str(tasks), "limit": 8},
+        "output": str(tmp_path / "eval"),
+    }
+    summary = run_here(validate_dict(spec))
+    here, remote = summary["models"]
+    assert remote["perplexity"] == pytest.approx(here["perplexity"], rel=1e-4)
+    assert remote["ppl_tokens"] == here["ppl_tokens"]
+    assert remote["qa"] == here["qa"] and remote["mc"] == here["mc"]
+    answers = pq.read_table(tmp_path / "eval" / "answers.parquet").to_pylist()
+    for task in ("qa", "mc"):
+        mine = [a["answer"] for a in answers if a["model"] == "here" and a["task"] == task]
+        theirs = [a["answer"] for a in answers if a["model"] == "served" and a["task"] == task]
+        assert mine == theirs and len(mine) in (4, 5)
+    # lm-eval's own client against the same server: the reference for the harness column
+    import os
+
+    before = os.getcwd()
+    os.chdir(tasks)
+    try:
+        direct = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args={
+                "base_url": f"{served['url']}/v1/completions",
+                "model": "tiny",
+                "tokenizer": served["base"],
+                "tokenizer_backend": "huggingface",
+                "tokenized_requests": True,
+                "header": {"Authorization": f"Bearer {KEY}"},
+            },
+            tasks=["arith_mc"],
+            limit=8,
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            bootstrap_iters=0,
+        )
+    finally:
+        os.chdir(before)
+    assert remote["arith_mc.acc"] == direct["results"]["arith_mc"]["acc,none"]
+    # a wrong key or model name is found before anything is evaluated
+    key_file.write_text("wrong")
+    result = CliRunner().invoke(
+        main, ["validate", write_spec(tmp_path, {**spec, "output": str(tmp_path / "e2")})]
+    )
+    assert (
+        result.exit_code == 2
+        and "models.1.endpoint: " in result.output
+        and "refused the key" in result.output
+    )
+    key_file.write_text(KEY)
+    spec["models"][1]["endpoint"]["model"] = "nope"
+    result = CliRunner().invoke(
+        main, ["validate", write_spec(tmp_path, {**spec, "output": str(tmp_path / "e2")})]
+    )
+    assert (
+        result.exit_code == 2 and "models.1.endpoint.model" in result.output and "not 'nope'" in result.output
+    )
+
+
+def write_spec(tmp_path, spec) -> str:
+    import yaml
+
+    file = tmp_path / "spec.yaml"
+    file.write_text(yaml.safe_dump(spec))
+    return str(file)
