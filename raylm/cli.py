@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import click
@@ -90,14 +91,20 @@ def run(spec_file, overrides, address, no_follow, verbose, rerun_from, only):
 
     try:
         job = load_spec(spec_file, overrides)
-        if rerun_from or only:
+        if rerun_from is not None or only is not None:
             if job.kind != "pipeline":
                 raise SpecError(
                     [("--from" if rerun_from else "--only", "applies to a pipeline spec only")],
                     source=spec_file,
                 )
             flags = {"rerun_from": rerun_from, "only": only}
-            job = load_spec(spec_file, (*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)))
+            job = load_spec(
+                spec_file,
+                (
+                    *overrides,
+                    *(f"{k}={v!r}" if v == "" else f"{k}={v}" for k, v in flags.items() if v is not None),
+                ),
+            )
         if address:
             job_id = submit.submit(address, job, verbose)
             click.echo(f"submitted {job_id} to {address}")
@@ -424,9 +431,12 @@ def merge(artifact, out, base):
 @click.argument("artifact")
 def lineage(artifact):
     """Print the pipeline stages that produced ARTIFACT (a model, adapter or GGUF path, or a storage URI)."""
-    from raylm.pipeline import lineage as records
+    from raylm.report import lineage as records
 
-    found = records.find(artifact)
+    try:
+        found = records.find(artifact)
+    except (OSError, ValueError) as err:  # an unreachable bucket, an unknown filesystem
+        fail(f"{artifact}: cannot read it: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
     if found is None:
         fail(f"{artifact}: no pipeline's lineage.json names it (looked in it and in the folders above it)")
     record, stage = found
@@ -442,7 +452,7 @@ def report(run):
 
     try:
         written = write_report(run)
-    except (FileNotFoundError, OSError) as err:
+    except (OSError, ValueError) as err:
         fail(str(err))
     click.echo(f"[raylm] report written to {written}")
 
@@ -452,8 +462,11 @@ def report(run):
 def runs(folder):
     """List the run folders under FOLDER (default runs/): kind, status, steps, key metric, artifact, age."""
     from raylm.report.runs import age_text, listing
+    from raylm.runtime import storage
 
     try:
+        if not storage.is_uri(folder) and not Path(folder).is_dir():
+            fail(f"{folder}: no such folder")
         found = listing(folder)
     except OSError as err:
         fail(f"{folder}: {err}")

@@ -16,13 +16,14 @@ the whole cluster (its own `resources` say what it takes of it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import time
 from pathlib import Path
 
-from raylm.pipeline import lineage
+from raylm.report import lineage
 from raylm.spec.reading import Problems, SpecError
 
 
@@ -52,10 +53,14 @@ class Pipeline:
         return problems
 
     def run(self, job) -> dict:
+        with held(job.output.path.rstrip("/")):
+            return self._run(job)
+
+    def _run(self, job) -> dict:
         from raylm.kinds import driver, preflight
 
         root = job.output.path.rstrip("/")
-        record = lineage.read(root) or lineage.new(job)
+        record = lineage.relocated(lineage.read(root) or lineage.new(job), root)
         plan = decide(job, record)
         for name in job.order:
             print(f"[raylm] stage {name} ({job.job(name).kind}): {plan[name]}", flush=True)
@@ -92,7 +97,7 @@ class Pipeline:
             summaries[name] = summary
             _promote(job, name, summary)
             if stage_job.kind == "quantize":  # the file itself (a GGUF export names it after its source)
-                entry["artifact"] = summary.get("artifact", entry.get("artifact"))
+                entry["artifact"] = lineage.absolute(summary.get("artifact") or entry["artifact"])
             entry.update(
                 status="stopped" if summary.get("stopped") else "complete",
                 ended=lineage.stamp(),
@@ -146,6 +151,54 @@ def _report(root: str) -> str | None:
     return written
 
 
+LOCK = ".raylm-pipeline.lock"
+
+
+@contextlib.contextmanager
+def held(root: str):
+    """The pipeline's lock for this run: a second `raylm run` of the same pipeline would resume the
+    stage the first is writing, or move its output aside under it. A lock whose process is gone (on this
+    machine) is taken over; one from another machine must be removed by hand once that run is gone."""
+    import os
+    import socket
+
+    from raylm.runtime import storage
+
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": lineage.stamp()}
+    try:
+        other = json.loads(storage.read_text(root, LOCK) or "null")
+    except ValueError:
+        other = None
+    if isinstance(other, dict) and _alive(other):
+        raise SpecError(
+            [
+                (
+                    "output",
+                    f"another raylm run (pid {other.get('pid')} on {other.get('host')}, since {other.get('since')}) "
+                    f"is running this pipeline; wait for it, or remove {root}/{LOCK} if it is gone",
+                )
+            ]
+        )
+    storage.write_text(root, LOCK, json.dumps(mine))
+    try:
+        yield
+    finally:
+        storage.remove(root, LOCK)
+
+
+def _alive(lock: dict) -> bool:
+    import os
+    import socket
+
+    if lock.get("host") != socket.gethostname():
+        return True  # cannot be checked from here
+    try:
+        os.kill(int(lock.get("pid")), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return int(lock["pid"]) != os.getpid()
+
+
 def decide(job, record: dict) -> dict[str, str]:
     """Per stage: `run (why)` or `skip (why)`, from the recorded hashes and the --from / --only flags."""
     forced = set()
@@ -186,7 +239,7 @@ def stage_hash(job, name: str) -> str:
     """SHA-256 of the stage's spec (references resolved), the summaries of the stages it reads and the
     fingerprints of the files it reads that no stage wrote."""
     inputs = {parent: _summary_digest(job, parent) for parent in job.parents(name)}
-    inputs |= {where: identity(path) for where, path in _external_inputs(job, name).items()}
+    inputs |= {where: _fingerprint(path) for where, path in _external_inputs(job, name).items()}
     text = json.dumps({"spec": job.resolved(name), "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -220,6 +273,15 @@ def _supersede(job, name: str, record: dict) -> None:
     entry = record["stages"][name]
     when = re.sub(r"\D", "", entry.get("ended") or entry.get("started") or "")[:14]
     aside = f"{output.rstrip('/')}.superseded-{entry['hash'][:8]}-{when}"
+    taken = (
+        set(storage.listing(str(Path(output.rstrip("/")).parent)))
+        if not storage.is_uri(output)
+        else set(storage.subfolders(output.rstrip("/").rsplit("/", 1)[0]))
+    )
+    for number in range(2, 10_000):  # never onto an earlier one
+        if aside.rsplit("/", 1)[-1] not in taken:
+            break
+        aside = f"{output.rstrip('/')}.superseded-{entry['hash'][:8]}-{when}-{number}"
     print(f"[raylm] stage {name}: its earlier output moves to {aside}", flush=True)
     storage.move_dir(output.rstrip("/"), aside)
 
@@ -267,22 +329,24 @@ def _promote(job, name: str, summary: dict) -> None:
 
 def _entry(job, name: str, digest: str) -> dict:
     stage_job = job.job(name)
+    output = getattr(getattr(stage_job, "output", None), "path", None)
     entry = {
         "kind": stage_job.kind,
         "hash": digest,
-        "output": getattr(getattr(stage_job, "output", None), "path", None),
+        "output": lineage.absolute(output) if output else None,
         "parents": [
-            {"stage": r.stage, "artifact": job.artifact(r.stage, r.pick).path} for r in job.references(name)
+            {"stage": r.stage, "artifact": lineage.absolute(job.artifact(r.stage, r.pick).path)}
+            for r in job.references(name)
         ],
-        "inputs": _external_inputs(job, name),
+        "inputs": {k: lineage.absolute(v) for k, v in _external_inputs(job, name).items()},
     }
     try:
         produced = job.artifact(name)
     except ValueError:  # evaluate, serve: results, not an artifact
         return entry
-    entry.update(artifact=produced.path, artifact_type=produced.type)
+    entry.update(artifact=lineage.absolute(produced.path), artifact_type=produced.type)
     if any(r.stage == name and r.pick == "merged" for later in job.order for r in job.references(later)):
-        entry["artifacts"] = {"merged": job.artifact(name, "merged").path}
+        entry["artifacts"] = {"merged": lineage.absolute(job.artifact(name, "merged").path)}
     return entry
 
 
@@ -300,7 +364,7 @@ def _external_inputs(job, name: str) -> dict[str, str]:
                 if key == "output":
                     continue  # what the stage writes
                 paths = value if isinstance(value, list) else [value]
-                named = key in ("path", "base") or where[-1:] == ("adapters",)
+                named = key in INPUT_KEYS or where[-1:] == ("adapters",)
                 if named and all(isinstance(v, str) for v in paths):
                     for i, path in enumerate(paths):
                         if path not in from_stages:
@@ -315,6 +379,21 @@ def _external_inputs(job, name: str) -> dict[str, str]:
 
     walk(as_written(job.job(name)), ())
     return found
+
+
+# The spec fields that name files a stage reads: models, adapters, tokenizers, data, task YAMLs, a
+# DeepSpeed config, few-shot exemplars, ReAct documents, a chat template file.
+INPUT_KEYS = {
+    "path",
+    "base",
+    "tokenizer",
+    "include_path",
+    "config",
+    "data_files",
+    "exemplars",
+    "documents",
+    "chat_template",
+}
 
 
 def identity(path: str) -> str | None:
@@ -358,6 +437,13 @@ def identity(path: str) -> str | None:
     if not entries:
         return None
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
+def _fingerprint(path: str) -> str | None:
+    try:
+        return identity(path)
+    except (OSError, ValueError) as err:  # too long a name, an unreachable bucket: not a file to follow
+        return f"unreadable: {type(err).__name__}"
 
 
 def key_metrics(summary: dict) -> dict:

@@ -26,13 +26,14 @@ def escape(value) -> str:
 
 
 def number(value) -> str:
+    """A value as text (not escaped: `table` escapes what it puts in a cell)."""
     if isinstance(value, bool) or value is None:
-        return escape("-" if value is None else value)
+        return "-" if value is None else str(value)
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return escape(value)
+    return str(value)
 
 
 def table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -43,7 +44,7 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     body = "".join(
         "<tr>"
         + "".join(
-            f"<td class='num'>{number(row.get(c))}</td>"
+            f"<td class='num'>{escape(number(row.get(c)))}</td>"
             if isinstance(row.get(c), int | float) and not isinstance(row.get(c), bool)
             else f"<td>{row.get(c) if isinstance(row.get(c), Raw) else escape('-' if row.get(c) is None else row.get(c))}</td>"
             for c in columns

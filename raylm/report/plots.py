@@ -22,15 +22,20 @@ def _png(plt, fig) -> bytes:
     return buffer.getvalue()
 
 
+def _text(label) -> str:
+    """A label as matplotlib shows it literally (a `$` would start its math mode)."""
+    return str(label).replace("$", r"\$")
+
+
 def curves(series: dict[str, list[tuple[float, float]]], ylabel: str, log: bool = False) -> bytes:
     """One line per named series of (step, value) points."""
     plt, fig, ax = _figure()
     for name, points in series.items():
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o" if len(points) < 20 else None, markersize=3, label=name)
+            ax.plot(xs, ys, marker="o" if len(points) < 20 else None, markersize=3, label=_text(name))
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(_text(ylabel))
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -42,8 +47,8 @@ def curves(series: dict[str, list[tuple[float, float]]], ylabel: str, log: bool 
 def bars(labels: list[str], values: list[float], ylabel: str) -> bytes:
     plt, fig, ax = _figure(max(4.0, 1.1 * len(labels) + 2), 3.0)
     ax.bar(range(len(labels)), values, color="#4c72b0")
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(len(labels)), [_text(label) for label in labels], rotation=20, ha="right")
+    ax.set_ylabel(_text(ylabel))
     for i, value in enumerate(values):
         ax.annotate(f"{value:.4g}", (i, value), ha="center", va="bottom", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -81,7 +86,7 @@ def stage_graph(stages: dict[str, dict], order: list[str]) -> bytes:
         ax.text(
             x,
             y,
-            f"{name}\n{stages[name]['kind']} · {status}",
+            _text(f"{name}\n{stages[name].get('kind')} · {status}"),
             ha="center",
             va="center",
             fontsize=8,

@@ -27,7 +27,10 @@ def describe(run: str) -> dict | None:
     run = run.rstrip("/")
     summary = _read_json(run, "summary.json")
     spec = _read_yaml(run, "spec.yaml")
+    summary = summary if isinstance(summary, dict) else None
+    spec = spec if isinstance(spec, dict) else None
     lineage = _read_json(run, "lineage.json") if summary is None and spec is None else None
+    lineage = lineage if isinstance(lineage, dict) and isinstance(lineage.get("stages"), dict) else None
     if summary is None and not isinstance(spec, dict) and lineage is None:
         return None
     kind = (summary or {}).get("kind") or (spec or {}).get("kind") or ("pipeline" if lineage else "?")
@@ -153,21 +156,33 @@ def listing(folder: str) -> list[dict]:
 
     found = []
     for name in storage.subfolders(folder.rstrip("/")):
-        run = f"{folder.rstrip('/')}/{name}"
-        info = describe(run)
-        if info is None:
-            continue
-        found.append(info)
+        info = _described(f"{folder.rstrip('/')}/{name}")
+        if info is not None:
+            found.append(info)
     found.sort(key=lambda r: r["age"] if r["age"] is not None else float("inf"))
     rows = []
     for info in found:
         rows.append(info)
         if info["kind"] == "pipeline":
             for name in storage.subfolders(info["path"]):
-                stage = describe(f"{info['path']}/{name}")
+                stage = _described(f"{info['path']}/{name}")
                 if stage is not None:
                     rows.append({**stage, "name": f"  {info['name']}/{name}"})
     return rows
+
+
+def _described(run: str) -> dict | None:
+    """describe(run), or a row saying its records cannot be read (edited by hand, cut short)."""
+    try:
+        info = describe(run)
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:
+        info = {"kind": "?", "status": f"unreadable ({type(err).__name__})", "steps": None}
+        info |= {"metric": None, "artifact": None, "age": None, "path": run}
+    if info is not None:  # every cell as text
+        info = {**info, "name": Path(run).name, "kind": str(info["kind"])}
+        for key in ("metric", "artifact"):
+            info[key] = None if info[key] is None else str(info[key])
+    return info
 
 
 def age_text(seconds: float | None) -> str:

@@ -24,12 +24,23 @@ def write_report(run: str) -> str:
     from raylm.runtime import storage
 
     run = run.rstrip("/")
-    info = describe(run)
+    try:
+        info = describe(run)
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:  # a record edited by hand
+        raise ValueError(
+            f"{run}: its records are not what raylm wrote ({type(err).__name__}: {err})"
+        ) from None
     if info is None:
         raise FileNotFoundError(f"{run}: not a raylm run folder (no summary.json, spec.yaml or lineage.json)")
-    summary = _json(run, "summary.json") or {}
+    summary = _json(run, "summary.json")
+    summary = summary if isinstance(summary, dict) else {}
     builder = BUILDERS.get(info["kind"], _training)
-    sections = builder(run, summary, info)
+    try:
+        sections = builder(run, summary, info)
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:  # a record edited by hand
+        raise ValueError(
+            f"{run}: its records are not what raylm wrote ({type(err).__name__}: {err})"
+        ) from None
     text = page.document(f"{info['kind']} · {info['name']}", f"{run} · {info['status']}", sections)
     storage.write_text(run, NAME, text)
     return f"{run}/{NAME}"
@@ -72,10 +83,11 @@ def metric_rows(run: str) -> list[dict]:
 
 
 def _series(rows: list[dict], *names: str) -> dict[str, list[tuple[float, float]]]:
-    return {
-        n: [(r["step"], r[n]) for r in rows if isinstance(r.get(n), int | float) and "step" in r]
-        for n in names
-    }
+    def point(row, name):
+        ok = isinstance(row, dict) and isinstance(row.get(name), int | float)
+        return ok and isinstance(row.get("step"), int | float)
+
+    return {n: [(r["step"], r[n]) for r in rows if point(r, n)] for n in names}
 
 
 def _training(run: str, summary: dict, info: dict) -> list[tuple[str, str]]:
@@ -234,7 +246,9 @@ def _evaluation(run: str, summary: dict, info: dict) -> list[tuple[str, str]]:
 
 
 def _pipeline(run: str, summary: dict, info: dict) -> list[tuple[str, str]]:
-    record = _json(run, "lineage.json") or {"stages": {}}
+    from raylm.report.lineage import read, relocated
+
+    record = relocated(read(run) or {"stages": {}}, run)  # a pipeline folder moved since: its own stages
     stages = record["stages"]
     order = list(stages)
     rows = []
@@ -245,10 +259,13 @@ def _pipeline(run: str, summary: dict, info: dict) -> list[tuple[str, str]]:
         if output and describe(output) is not None:
             try:
                 report = write_report(output)
-            except (OSError, ValueError, KeyError):
-                report = None
-        inside = output and not output.startswith(("s3://", "gs://")) and Path(output).parent == Path(run)
+            except (OSError, ValueError) as err:
+                print(f"[raylm] no report for stage {name}: {err}", flush=True)
+        local = bool(output) and "://" not in output
+        inside = local and Path(output).resolve().parent == Path(run).resolve()
         href = f"{Path(output).name}/{NAME}" if inside else report
+        if local and report and not inside:
+            href = Path(report).resolve().as_uri()
         rows.append(
             {
                 "stage": page.link(href, name) if report else name,

@@ -112,7 +112,7 @@ class PipelineJob(Section):
                 try:
                     stage = read_yaml(stage)
                 except SpecError as err:
-                    raise ValueError(f"stages.{name}: {err.problems[0][1]} ({stage})") from None
+                    raise ValueError(f"stage {name}: {err.problems[0][1]}") from None
             read[name] = stage
         return read
 
@@ -176,7 +176,8 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
         kind = stage.get("kind")
         if kind == "pipeline":
             problems.append((f"stages.{name}.kind", "a pipeline cannot be a stage: list its stages here"))
-        kinds[name] = kind
+        # a stage of no known kind: its references are not checked, its own validation names the kind
+        kinds[name] = kind if isinstance(kind, str) and kind in ACCEPTS else None
     references = {name: list(_find_references(stage)) for name, stage in job.stages.items()}
     for name, found in references.items():
         for ref in found:
@@ -212,7 +213,7 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
             elif isinstance(output, dict) and "path" not in output:
                 stage["output"] = {**output, "path": f"{root}/{name}"}
         failed = False
-        for ref in references[name]:
+        for ref in references[name] if kinds[name] is not None else []:
             where = ".".join(("stages", name, *ref.location))
             if ref.stage not in jobs:  # its producer failed validation: reported there
                 failed = True
@@ -264,6 +265,9 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
         readers = [n for n in order if name in {r.stage for r in references[n]}]
         if order[-1] != name and not readers:
             order = [n for n in order if n != name] + [name]  # serving comes last: it keeps running
+    problems += _shared_outputs(job, jobs)
+    if job.rerun_from is not None and job.only is not None:
+        problems.append(("only", "--from and --only exclude each other: give one"))
     if job.rerun_from is not None and job.rerun_from not in job.stages:
         problems.append(("rerun_from", f"no stage named {job.rerun_from!r}; stages: {', '.join(job.stages)}"))
     if job.only is not None and job.only not in job.stages:
@@ -272,6 +276,41 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
         raise SpecError(problems)
     job._jobs, job._order, job._references, job._resolved = jobs, order, references, resolved
     return job
+
+
+def _shared_outputs(job: PipelineJob, jobs: dict) -> Problems:
+    """Stages writing into the same folder, into another stage's folder, or onto the pipeline's own
+    files: moving one stage's earlier output aside would take the other's with it."""
+
+    def norm(path: str) -> str:
+        if "://" in path:
+            return path.rstrip("/")
+        from pathlib import Path
+
+        return str(Path(path).expanduser().resolve())
+
+    root = norm(job.output.path)
+    outputs = {n: norm(j.output.path) for n, j in jobs.items() if getattr(j, "output", None) is not None}
+    problems: Problems = []
+    for name, out in outputs.items():
+        if out == root or root.startswith(out + "/"):
+            problems.append(
+                (
+                    f"stages.{name}.output",
+                    f"{out} holds the pipeline's own files: give the stage a folder of its own",
+                )
+            )
+            continue
+        for other, theirs in outputs.items():
+            if other != name and (out == theirs or out.startswith(theirs + "/")):
+                problems.append(
+                    (
+                        f"stages.{name}.output",
+                        f"{out} is {'the output' if out == theirs else 'inside the output'} of stage {other}: give each stage a folder of its own",
+                    )
+                )
+                break
+    return problems
 
 
 def produces(stage_job, pick: str | None = None) -> Artifact:

@@ -254,3 +254,71 @@ def test_a_stage_hash_follows_the_files_it_reads(tmp_path):
     (base / "config.json").write_text('{"changed": true}')  # the external base model, under sft and eval
     again = {n: stage_hash(job, n) for n in job.order}
     assert again["sft"] != after["sft"] and again["eval"] != after["eval"]
+
+
+@pytest.mark.quick
+def test_what_a_hostile_or_second_caller_meets(tmp_path):
+    """Overlapping stage outputs and --from with --only are refused; a second run of a pipeline that is
+    running is refused (a lock whose process is gone is taken over); `raylm lineage` finds an artifact of
+    a pipeline folder moved since it ran, and ignores a lineage.json edited into another shape;
+    `raylm runs` lists a folder of broken records without a traceback."""
+    from raylm.pipeline.driver import LOCK, held
+    from raylm.spec.reading import SpecError
+
+    runner = CliRunner()
+    spec = chain_spec(tmp_path / "chain", tmp_path / "base", tmp_path / "heldout.jsonl")
+    spec["stages"]["gguf"]["output"] = str(tmp_path / "chain" / "sft" / "gguf")
+    result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, spec)])
+    assert (
+        result.exit_code == 2
+        and "stages.gguf.output" in result.output
+        and "inside the output of stage sft" in result.output
+    )
+    spec["stages"]["gguf"].pop("output")
+    result = runner.invoke(cli.main, ["run", write(tmp_path, spec), "--from", "sft", "--only", "eval"])
+    assert result.exit_code == 2 and "--from and --only exclude each other" in result.output
+
+    root = tmp_path / "locked"
+    root.mkdir()
+    (root / LOCK).write_text(json.dumps({"pid": os.getppid(), "host": __import__("socket").gethostname()}))
+    with pytest.raises(SpecError, match="another raylm run"):
+        with held(str(root)):
+            pass
+    (root / LOCK).write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
+    with held(str(root)):  # its process is gone: taken over, and released after
+        assert json.loads((root / LOCK).read_text())["pid"] == os.getpid()
+    assert not (root / LOCK).exists()
+
+    old, new = "/gone/chain", tmp_path / "moved"
+    (new / "sft" / "adapter").mkdir(parents=True)
+    stage = {"kind": "finetune", "hash": "ab" * 32, "status": "complete", "output": f"{old}/sft"}
+    stage |= {"artifact": f"{old}/sft/adapter", "artifact_type": "adapter", "parents": [], "inputs": {}}
+    (new / "lineage.json").write_text(
+        json.dumps({"pipeline": "chain", "output": old, "stages": {"sft": stage}})
+    )
+    result = runner.invoke(cli.main, ["lineage", str(new / "sft" / "adapter")])
+    assert result.exit_code == 0 and f"artifact  {new}/sft/adapter (adapter)" in result.output, result.output
+    result = runner.invoke(cli.main, ["lineage", str(new)])  # the pipeline itself: every stage
+    assert result.exit_code == 0 and "sft (finetune" in result.output
+    (new / "lineage.json").write_text(json.dumps({"pipeline": "chain", "stages": []}))
+    result = runner.invoke(cli.main, ["lineage", str(new / "sft" / "adapter")])
+    assert result.exit_code == 2 and "no pipeline's lineage.json names it" in result.output
+
+    broken = tmp_path / "runs"
+    for name, files in {
+        "a": {"summary.json": "[]"},
+        "b": {"summary.json": json.dumps({"kind": "quantize", "perplexity": 5})},
+        "c": {"spec.yaml": "kind: [1]\n"},
+        "d": {"lineage.json": json.dumps({"stages": {"x": {"output": 5}}})},
+        "e": {"metrics.jsonl": "[1, 2]\n", "spec.yaml": "kind: pretrain\n"},
+    }.items():
+        (broken / name).mkdir(parents=True)
+        for file, text in files.items():
+            (broken / name / file).write_text(text)
+    result = runner.invoke(cli.main, ["runs", str(broken)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "unreadable" in result.output
+    result = runner.invoke(cli.main, ["runs", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no such folder" in result.output
+    result = runner.invoke(cli.main, ["report", str(broken / "b")])
+    assert result.exit_code == 2 and "not what raylm wrote" in result.output, result.output
