@@ -62,10 +62,13 @@ def job_environment(job) -> dict:
     # environment to anyone who can list jobs. The cluster's nodes hold their own (KubeRay: from a
     # Kubernetes secret, see cluster/), read by huggingface_hub's usual lookup.
     env_vars = {"PYTHONUNBUFFERED": "1"}
-    if job.kind == "serve":  # the server's API key travels as its digest only
+    servers = [job] if job.kind == "serve" else []
+    if job.kind == "pipeline":
+        servers = [job.job(n) for n in job.order if job.job(n).kind == "serve"]
+    for server in servers:  # the server's API key travels as its digest only
         from raylm.serve.driver import DIGEST_ENV, key_hash
 
-        digest = key_hash(job)
+        digest = key_hash(server)
         if digest:
             env_vars[DIGEST_ENV] = digest
     return {

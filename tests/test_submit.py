@@ -343,24 +343,31 @@ def test_hf_token_never_travels_with_the_job(monkeypatch, tmp_path):
 
 @pytest.mark.cluster
 def test_a_server_deployed_through_the_jobs_api_stays_up_and_needs_the_key(
-    two_node_cluster, reference_run, tmp_path
+    two_node_cluster, object_store, reference_run, tmp_path
 ):
-    """kind: serve with --address: the job deploys and returns; the server answers on the head with the
-    key from the submitting shell, which reaches the cluster only as its digest."""
+    """A pipeline whose serve stage deploys through the Jobs API (--address): the job deploys and
+    returns, its lineage in the bucket; the server answers on the head with the key from the submitting
+    shell, which reaches the cluster only as its digest (also from a pipeline's serve stage)."""
+    from tests.runtime.test_object_store import read_bytes
+
     address, env = two_node_cluster
     port = free_port()
     spec_file = tmp_path / "serve.yaml"
-    spec = {
+    root = object_store("served-pipeline") + "/p"
+    server = {
         "kind": "serve",
         "name": "tiny",
         "model": str(reference_run[0] / "model"),
         "http": {"port": port},
         "scaling": {"cpus_per_replica": 0.5},
     }
+    spec = {"kind": "pipeline", "output": root, "stages": {"serve": server}}
     spec_file.write_text(yaml.safe_dump(spec))
     key = uuid.uuid4().hex
     done = raylm("run", str(spec_file), "--address", address, env={**env, "RAYLM_API_KEY": key})
-    assert done.returncode == 0 and "deployed at" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 and "1 stage(s) ran" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "serving tiny at" in done.stdout and "Ctrl-C" not in done.stdout  # deployed, and returned
+    assert json.loads(read_bytes(root, "lineage.json"))["stages"]["serve"]["status"] == "complete"
     try:
         url = f"http://127.0.0.1:{port}/v1/completions"
         body = {"model": "tiny", "prompt": "the cat", "max_tokens": 5}
