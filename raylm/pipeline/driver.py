@@ -472,6 +472,17 @@ def key_metrics(summary: dict) -> dict:
     return {"steps": summary.get("steps"), **found}
 
 
+def _shown(path) -> str:
+    """A recorded (absolute) path as the user wrote it: relative to this folder when inside it."""
+    import os
+
+    path = str(path)
+    if "://" in path or not path.startswith("/"):
+        return path
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def table(job, record: dict, plan: dict, ran: dict) -> list[str]:
     rows = [("stage", "kind", "this run", "status", "seconds", "artifact")]
     for name in job.order:
@@ -483,7 +494,7 @@ def table(job, record: dict, plan: dict, ran: dict) -> list[str]:
                 "ran" if name in ran else "skipped",
                 str(entry.get("status", "-")),
                 f"{ran[name]:.0f}" if name in ran else "-",
-                str(
+                _shown(
                     entry.get("artifact")
                     or entry.get("output")
                     or (entry.get("metrics") or {}).get("url")
