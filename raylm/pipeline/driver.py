@@ -69,7 +69,7 @@ class Pipeline:
         for name in job.order:
             if not plan[name].startswith("run"):
                 continue
-            stage_job = job.job(name)
+            stage_job = runnable(job, name)
             digest = stage_hash(job, name)
             _supersede(job, name, record)
             problems = preflight(stage_job)
@@ -299,6 +299,35 @@ def _superseded(job, name: str, record: dict, forced: bool = False) -> bool:
     if entry.get("hash") != stage_hash(job, name):
         return True
     return forced and entry.get("status") == "complete"
+
+
+def runnable(job, name: str):
+    """The stage's job as it runs: its validated spec, or for a stage taken from a search's best spec,
+    that spec (best.yaml, written by the search that just ran) with the stage's changes."""
+    import yaml
+
+    from raylm.runtime import storage
+    from raylm.spec.loading import validate_dict
+    from raylm.spec.pipeline import best_spec_stage, with_output
+
+    whole = [r for r in job.references(name) if r.location == ()]
+    if not whole:
+        return job.job(name)
+    search = job.job(whole[0].stage)
+    text = storage.read_text(search.output.path.rstrip("/"), "best.yaml")
+    if text is None:
+        raise SpecError(
+            [
+                (
+                    f"stages.{name}",
+                    f"stage {whole[0].stage} has no best trial (no best.yaml): no trial completed",
+                )
+            ]
+        )
+    stage = with_output(job.stages[name], "finetune", job.output.path.rstrip("/"), name)
+    return validate_dict(
+        best_spec_stage(stage, search, yaml.safe_load(text)), f"stages.{name} (from best.yaml)"
+    )
 
 
 def _promote(job, name: str, summary: dict) -> None:

@@ -54,7 +54,8 @@ ACCEPTS: dict[str, dict[tuple[str, ...], tuple[set[str], str]]] = {
         ("adapters", "*"): ({ADAPTER}, PATH),
     },
 }
-PICKS = {"tune": ("best", "merged"), "finetune": ("artifact", "merged")}
+PICKS = {"tune": ("best", "merged", "spec"), "finetune": ("artifact", "merged")}
+SPEC = "spec"  # a search's best.yaml: a whole fine-tuning stage's settings, no field's path
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -178,6 +179,8 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
             problems.append((f"stages.{name}.kind", "a pipeline cannot be a stage: list its stages here"))
         # a stage of no known kind: its references are not checked, its own validation names the kind
         kinds[name] = kind if isinstance(kind, str) and kind in ACCEPTS else None
+        if "from" in stage and kind is None:  # a whole stage from a search: a fine-tuning job
+            kinds[name] = "finetune"
     references = {name: list(_find_references(stage)) for name, stage in job.stages.items()}
     for name, found in references.items():
         for ref in found:
@@ -205,18 +208,19 @@ def validate_stages(job: PipelineJob, validate: Callable[[dict, str], Any]) -> P
     jobs: dict[str, Any] = {}
     resolved: dict[str, dict] = {}
     for name in order:
-        stage = dict(job.stages[name])
-        if kinds[name] not in ("serve", None):  # an output without a path: the stage's own folder
-            output = stage.get("output")
-            if output is None:
-                stage["output"] = f"{root}/{name}"
-            elif isinstance(output, dict) and "path" not in output:
-                stage["output"] = {**output, "path": f"{root}/{name}"}
+        stage = with_output(job.stages[name], kinds[name], root, name)
         failed = False
         for ref in references[name] if kinds[name] is not None else []:
             where = ".".join(("stages", name, *ref.location))
             if ref.stage not in jobs:  # its producer failed validation: reported there
                 failed = True
+                continue
+            if ref.location == ():  # the whole stage: a search's best spec and this stage's changes
+                try:
+                    stage = best_spec_stage(stage, jobs[ref.stage])
+                except ValueError as err:
+                    problems.append((f"stages.{name}", str(err)))
+                    failed = True
                 continue
             accepted = _accepted(kinds[name], ref.location)
             if accepted is None:
@@ -331,11 +335,53 @@ def produces(stage_job, pick: str | None = None) -> Artifact:
         return _finetuned(stage_job, f"{out}/", pick == "merged")
     if kind == "tune":
         base = stage_job.base
+        if pick == "spec":
+            return Artifact(f"{out}/best.yaml", SPEC)
         if pick == "merged":
             _check_mergeable(base.method.name, "merged into its base by the pipeline")
             return Artifact(f"{out}/best-merged", MODEL)
         return _finetuned(base, f"{out}/best", False, whole=True)
     raise ValueError(f"{_a(kind)} stage produces no artifact another stage can read")
+
+
+def with_output(stage: dict, kind: str | None, root: str, name: str) -> dict:
+    """The stage with its output defaulted: <pipeline output>/<stage name> (also for an output section
+    without a path)."""
+    stage = dict(stage)
+    if kind not in ("serve", None):
+        output = stage.get("output")
+        if output is None:
+            stage["output"] = f"{root}/{name}"
+        elif isinstance(output, dict) and "path" not in output:
+            stage["output"] = {**output, "path": f"{root}/{name}"}
+    return stage
+
+
+def best_spec_stage(stage: dict, search, best: dict | None = None) -> dict:
+    """A stage `{from: SEARCH, pick: spec, <changes>}`: the search's best trial's spec (`best`, its
+    best.yaml; before the search ran, its base spec stands in for validation) with the stage's changes
+    merged over it; ValueError when the stage is not that."""
+    if search.kind != "tune" or stage.get("pick") != "spec":
+        raise ValueError(
+            "a whole stage taken from another is {from: SEARCH, pick: spec, ...changes}: the best trial's "
+            "spec of a tune stage"
+        )
+    if "kind" in stage:
+        raise ValueError("a stage taken from a search's best spec is a finetune stage: leave kind out")
+    changes = {k: v for k, v in stage.items() if k not in ("from", "pick")}
+    if best is None:
+        best = search.base.model_dump(mode="json", exclude_none=True)
+        best["output"] = {"path": "placeholder"}  # the stage's own, below
+    return _merged(best, changes)
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
 
 
 def _finetuned(job, prefix: str, merged: bool, whole: bool = False) -> Artifact:

@@ -185,6 +185,23 @@ def test_bad_pipelines_name_the_stage_and_field(tmp_path):
         )
     )
     assert "stages.s1.adapters.a: this field is a path" in out
+    search = {
+        "kind": "tune",
+        "base": {k: v for k, v in spec["stages"]["sft"].items() if k != "output"},
+        "search": {"method.r": {"grid": [4, 8]}},
+    }
+    final = {"from": "search", "pick": "spec", "train": {"max_steps": 9}, "output": {"merge": True}}
+    with_search = {**spec, "stages": {"search": search, "final": final}}
+    job = validate_dict(json.loads(json.dumps(with_search)))
+    trained = job.job("final")  # the search's base stands in for best.yaml until the search ran
+    assert trained.kind == "finetune" and trained.train.max_steps == 9 and trained.output.merge
+    assert trained.method.name == "lora" and trained.output.path == str(tmp_path / "chain" / "final")
+    with_search["stages"]["final"] = {**final, "pick": "best"}
+    result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, with_search)])
+    assert result.exit_code == 2 and "stages.final: a whole stage taken from another is" in result.output
+    with_search["stages"]["final"] = {**final, "train": {"lr": -1}}
+    result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, with_search)])
+    assert result.exit_code == 2 and "stages.final.train.lr" in result.output
     result = runner.invoke(cli.main, ["run", write(tmp_path, spec), "--from", "nope"])
     assert result.exit_code == 2 and "rerun_from: no stage named 'nope'" in result.output
     result = runner.invoke(cli.main, ["run", "jobs/quickstart.yaml", "--only", "x"])
