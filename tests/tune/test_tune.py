@@ -146,10 +146,11 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
 ):
     """A search whose output is a bucket (Tune's state, the trials' runs, the table, best/ and the
     summary all in it): SIGKILL the driver (and its embedded Ray) while the second trial trains; run
-    the spec again. The finished trial keeps its id and its run (not trained again); the interrupted
-    one continues from its checkpoint in the bucket; the two whose batch does not fit the memory
-    estimate are rejected before they start, without counting as failures; nothing is left in the
-    working folder."""
+    it again, now as the first stage of a pipeline whose second stage trains the best trial's settings
+    longer (`pick: spec`). The finished trial keeps its id and its run (not trained again); the
+    interrupted one continues from its checkpoint in the bucket; the two whose batch does not fit the
+    memory estimate are rejected before they start, without counting as failures; the second stage's
+    spec is best.yaml's with its own changes; nothing is left in the working folder."""
     from tests.runtime.test_object_store import bucket_files, read_bytes
 
     output = object_store("searches") + "/lora"
@@ -179,7 +180,12 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    summary = run_here(validate_dict(spec))
+    root = output.rsplit("/", 1)[0] + "/pipeline"
+    longer = {"max_steps": 4, "eval_every": 4, "checkpoint_every": 4}
+    stages = {"search": spec, "final": {"from": "search", "pick": "spec", "train": longer}}
+    pipeline = run_here(validate_dict({"kind": "pipeline", "output": root, "stages": stages}))
+    assert [s["ran"] for s in pipeline["stages"].values()] == [True, True]
+    summary = json.loads(read_bytes(output, "summary.json"))
     rows = {
         r["trial_id"]: r for r in pq.read_table(io.BytesIO(read_bytes(output, "trials.parquet"))).to_pylist()
     }
@@ -199,6 +205,14 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
     assert run["resumed_from"] in (0, 10) and run["steps"] == 20
     assert {"summary.json", "trials.csv", "curves.png", "best.yaml", "best/adapter_config.json"} <= set(files)
     assert summary["best"]["artifact"] == f"{output}/best"
+    # the second stage: the best trial's spec (best.yaml), trained to its own length into its own folder
+    best = yaml.safe_load(read_bytes(output, "best.yaml"))
+    final = yaml.safe_load(read_bytes(f"{root}/final", "spec.yaml"))
+    assert {k: final["method"][k] for k in best["method"]} == best["method"]  # (+ the defaults)
+    assert final["method"]["r"] == summary["best"]["values"]["method.r"]
+    assert {k: final["train"][k] for k in {**best["train"], **longer}} == {**best["train"], **longer}
+    assert final["output"]["path"] == f"{root}/final"
+    assert json.loads(read_bytes(f"{root}/final", "summary.json"))["steps"] == 4
     assert list(work.iterdir()) == []
 
 
