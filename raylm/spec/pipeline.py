@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator
 
-from raylm.spec.reading import Problems, SpecError, read_yaml
+from raylm.spec.reading import Problems, SpecError, deep_merge, read_yaml
 from raylm.spec.sections import OutputSpec, Section, path_shorthand
 
 # What a stage can hand on, by type: a full-precision Hugging Face model folder, an adapter folder
@@ -372,16 +372,7 @@ def best_spec_stage(stage: dict, search, best: dict | None = None) -> dict:
     if best is None:
         best = search.base.model_dump(mode="json", exclude_none=True)
         best["output"] = {"path": "placeholder"}  # the stage's own, below
-    return _merged(best, changes)
-
-
-def _merged(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = (
-            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
+    return deep_merge(best, changes)
 
 
 def _finetuned(job, prefix: str, merged: bool, whole: bool = False) -> Artifact:

@@ -122,3 +122,15 @@ def _read_uri(uri: str) -> bytes:
             return source.read()
     except (OSError, ValueError) as err:  # no such bucket, no credentials, an unknown scheme
         raise SpecError([("file", f"cannot read {uri}: {err}")], source=uri) from None
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override` merged over it: mappings merged key by key, any other value replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from raylm import cli
 from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
-from tests.evaluate.test_evaluate import TEXTS, reference_model, reference_perplexity
+from tests.evaluate.test_evaluate import TEXTS, reference_model, reference_perplexity, write
 
 
 def chain_spec(root, sft_base, corpus) -> dict:
@@ -124,12 +124,6 @@ def test_a_pipeline_chains_artifacts_skips_what_is_done_and_reruns_what_changed(
     assert f"read      {sft_base} (model.path)" in result.output
     assert f"read      {root / 'sft' / 'merged'} (from sft)" in result.output
     assert "eval (" not in result.output  # what came after it is not its lineage
-
-
-def write(tmp_path, spec) -> str:
-    file = tmp_path / "spec.yaml"
-    file.write_text(yaml.safe_dump(spec))
-    return str(file)
 
 
 @pytest.mark.quick

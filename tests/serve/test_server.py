@@ -545,7 +545,7 @@ def test_an_endpoint_evaluates_as_the_same_model_here(served, tmp_path):
     from raylm.cli import main
     from raylm.data.tasks import generate
     from raylm.submit import run_here
-    from tests.evaluate.test_evaluate import TEXTS, write_harness_tasks
+    from tests.evaluate.test_evaluate import TEXTS, write, write_harness_tasks
 
     corpus = tmp_path / "heldout.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
@@ -608,9 +608,7 @@ def test_an_endpoint_evaluates_as_the_same_model_here(served, tmp_path):
     assert remote["arith_mc.acc"] == direct["results"]["arith_mc"]["acc,none"]
     # a wrong key or model name is found before anything is evaluated
     key_file.write_text("wrong")
-    result = CliRunner().invoke(
-        main, ["validate", write_spec(tmp_path, {**spec, "output": str(tmp_path / "e2")})]
-    )
+    result = CliRunner().invoke(main, ["validate", write(tmp_path, {**spec, "output": str(tmp_path / "e2")})])
     assert (
         result.exit_code == 2
         and "models.1.endpoint: " in result.output
@@ -618,17 +616,7 @@ def test_an_endpoint_evaluates_as_the_same_model_here(served, tmp_path):
     )
     key_file.write_text(KEY)
     spec["models"][1]["endpoint"]["model"] = "nope"
-    result = CliRunner().invoke(
-        main, ["validate", write_spec(tmp_path, {**spec, "output": str(tmp_path / "e2")})]
-    )
+    result = CliRunner().invoke(main, ["validate", write(tmp_path, {**spec, "output": str(tmp_path / "e2")})])
     assert (
         result.exit_code == 2 and "models.1.endpoint.model" in result.output and "not 'nope'" in result.output
     )
-
-
-def write_spec(tmp_path, spec) -> str:
-    import yaml
-
-    file = tmp_path / "spec.yaml"
-    file.write_text(yaml.safe_dump(spec))
-    return str(file)

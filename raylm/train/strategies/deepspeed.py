@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raylm.spec.reading import deep_merge
 from raylm.train.engine import Engine, forward_loss, plain_copy
 from raylm.train.strategies import quant_states_to
 
@@ -44,16 +45,7 @@ def config(strategy, train, precision: str, hidden: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return merge(generated, override)
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = (
-            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
+    return deep_merge(generated, override)
 
 
 class DeepSpeedEngine(Engine):
