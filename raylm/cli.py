@@ -121,6 +121,13 @@ def run(spec_file, overrides, address, no_follow, verbose, rerun_from, only):
         from ray.exceptions import RayTaskError
         from ray.train import TrainingFailedError
 
+        if isinstance(err, RayTaskError) and job.kind == "pipeline":
+            cause = err.cause if err.cause is not None else err
+            fail(
+                f"a stage failed: {type(cause).__name__}: {cause} (the stages before it are kept; "
+                f"{job.output.path}/lineage.json says which ran)",
+                code=1,
+            )
         if isinstance(err, RayTaskError):  # a compression task: its traceback was printed above
             cause = err.cause if err.cause is not None else err
             fail(
@@ -468,7 +475,7 @@ def runs(folder):
         if not storage.is_uri(folder) and not Path(folder).is_dir():
             fail(f"{folder}: no such folder")
         found = listing(folder)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         fail(f"{folder}: {err}")
     if not found:
         click.echo(f"no raylm runs under {folder}")

@@ -50,26 +50,31 @@ def problems(spec, where: str) -> list[tuple[str, str]]:
     try:
         answer = requests.get(url, headers=headers, timeout=min(10.0, spec.timeout_s))
     except requests.RequestException as err:
-        return [*found, (f"{where}.endpoint.url", f"cannot reach {url}: {type(err).__name__}")]
+        return [*found, (f"{where}.endpoint.url", f"cannot reach {shown(url)}: {type(err).__name__}")]
     if answer.status_code in (401, 403):
-        return [
-            *found,
-            (
-                f"{where}.endpoint",
-                f"{url} refused the key (HTTP {answer.status_code}): set {spec.api_key_env} or api_key_file",
-            ),
-        ]
+        why = f"{shown(url)} refused the key (HTTP {answer.status_code}): set {spec.api_key_env} or api_key_file"
+        return [*found, (f"{where}.endpoint", why)]
     if answer.status_code != 200:
-        return [*found, (f"{where}.endpoint.url", f"{url} answered HTTP {answer.status_code}")]
-    names = [m.get("id") for m in answer.json().get("data", [])]
+        return [*found, (f"{where}.endpoint.url", f"{shown(url)} answered HTTP {answer.status_code}")]
+    try:
+        names = [m.get("id") for m in answer.json().get("data", [])]
+    except (ValueError, AttributeError, TypeError):
+        return [*found, (f"{where}.endpoint.url", f"{shown(url)} is not an OpenAI-compatible /models answer")]
     if spec.model not in names:
-        found.append(
-            (
-                f"{where}.endpoint.model",
-                f"{url} serves {', '.join(map(str, names)) or 'no model'}, not {spec.model!r}",
-            )
-        )
+        served = ", ".join(map(str, names)) or "no model"
+        found.append((f"{where}.endpoint.model", f"{shown(url)} serves {served}, not {spec.model!r}"))
     return found
+
+
+def shown(url: str) -> str:
+    """A URL without any user:password in it (for logs, errors and results)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
 
 class Endpoint:
@@ -90,17 +95,30 @@ class Endpoint:
                 timeout=self.spec.timeout_s,
             )
         except requests.RequestException as err:
-            raise EndpointError(f"{self.url}: {err}") from None
+            raise EndpointError(f"{shown(self.url)}: {type(err).__name__}") from None
         if answer.status_code != 200:
-            raise EndpointError(f"{self.url} answered {answer.status_code}: {answer.text[:500]}")
-        return answer.json()["choices"][0]
+            raise EndpointError(f"{shown(self.url)} answered {answer.status_code}: {answer.text[:500]}")
+        try:
+            return answer.json()["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise EndpointError(f"{shown(self.url)} gave no completion choice: {answer.text[:300]}") from None
 
     def prompt_logprobs(self, ids: list[int]) -> list[float | None]:
         """log p(token t | tokens before t) for every token of `ids` (None for the first)."""
         choice = self.complete(
             {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
         )
-        return choice["logprobs"]["token_logprobs"][: len(ids)]
+        found = (choice.get("logprobs") or {}).get("token_logprobs")
+        if (
+            not isinstance(found, list)
+            or len(found) < len(ids)
+            or any(lp is None for lp in found[1 : len(ids)])
+        ):
+            raise EndpointError(
+                f"{shown(self.url)} does not give the prompt's log-probabilities for all {len(ids)} tokens "
+                "(echo + logprobs with max_tokens 0, token-id prompts): perplexity and choice tasks need them"
+            )
+        return found[: len(ids)]
 
     def cross_entropy(self, blocks: list[list[int]]) -> tuple[float, int]:
         """As raylm.compress.measure.cross_entropy: the mean next-token cross-entropy over every
@@ -117,7 +135,7 @@ class Endpoint:
         answers = []
         for prompt in prompts:
             choice = self.complete({"prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0})
-            answers.append(choice["text"])
+            answers.append(str(choice.get("text", "")))
         return answers
 
     def pick_choice(self, tokenizer, prompt: str, options: list[str], spec) -> int:

@@ -26,12 +26,14 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
     if entry.endpoint is not None:
         from transformers import AutoTokenizer
 
-        from raylm.evaluate.endpoint import Endpoint
+        from raylm.evaluate.endpoint import Endpoint, shown
         from raylm.infer.loading import fetch, resolve
 
         model = Endpoint(entry.endpoint)
-        tokenizer = AutoTokenizer.from_pretrained(resolve(Path(fetch(entry.endpoint.tokenizer))))
-        loaded = f"{entry.endpoint.model} at {entry.endpoint.url}"
+        # this node's copy of the tokenizer (a run folder: its model's), for lm-eval's client too
+        entry.endpoint.tokenizer = str(resolve(Path(fetch(entry.endpoint.tokenizer))))
+        tokenizer = AutoTokenizer.from_pretrained(entry.endpoint.tokenizer)
+        loaded = f"{entry.endpoint.model} at {shown(entry.endpoint.url)}"
     else:
         try:
             model, tokenizer, loaded = load_for_generation(entry.path, entry.base, device, entry.dtype)

@@ -37,11 +37,16 @@ class Pipeline:
 
         problems: Problems = []
         try:
+            held_by = lock_problem(job.output.path.rstrip("/"))
+            if held_by:
+                return [held_by]
             record = lineage.read(job.output.path) or lineage.new(job)
             plan = {n: _complete(job, n, record) for n in job.order}
         except OSError as err:  # a bucket that cannot be reached, no credentials
             return [("output", f"cannot read {job.output.path}: {err}")]
         for name in job.order:
+            if job.only is not None and name != job.only:
+                continue  # --only: the other stages do not run
             if job.parents(name) and not all(plan[p] for p in job.parents(name)):
                 continue
             if job.job(name).kind == "serve" or plan[name]:
@@ -68,6 +73,7 @@ class Pipeline:
         summaries: dict[str, dict] = {}
         for name in job.order:
             if not plan[name].startswith("run"):
+                _promote(job, name, None)  # a skipped search: its merged best where a stage wants it
                 continue
             stage_job = runnable(job, name)
             digest = stage_hash(job, name)
@@ -89,13 +95,13 @@ class Pipeline:
             began = time.monotonic()
             try:
                 summary = driver(stage_job).run(stage_job)
+                _promote(job, name, summary)
             except BaseException:
                 entry.update(status="interrupted", ended=lineage.stamp())
                 lineage.write(root, record)
                 raise
             ran[name] = time.monotonic() - began
             summaries[name] = summary
-            _promote(job, name, summary)
             if stage_job.kind == "quantize":  # the file itself (a GGUF export names it after its source)
                 entry["artifact"] = lineage.absolute(summary.get("artifact") or entry["artifact"])
             entry.update(
@@ -164,26 +170,51 @@ def held(root: str):
 
     from raylm.runtime import storage
 
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": lineage.stamp()}
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": lineage.stamp()})
+    if storage.is_uri(root):  # no exclusive create in object storage: check, write, read back
+        problem = lock_problem(root)
+        if problem:
+            raise SpecError([problem])
+        storage.write_text(root, LOCK, mine)
+        if storage.read_text(root, LOCK) != mine:
+            raise SpecError([("output", f"another raylm run took {root}/{LOCK} at the same moment")])
+    else:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        lock = Path(root) / LOCK
+        for attempt in (1, 2):
+            try:
+                descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                problem = lock_problem(root)
+                if problem or attempt == 2:
+                    raise SpecError(
+                        [problem or ("output", f"another raylm run took {lock} at the same moment")]
+                    ) from None
+                lock.unlink(missing_ok=True)  # its process is gone: taken over
+        with os.fdopen(descriptor, "w") as out:
+            out.write(mine)
+    try:
+        yield
+    finally:
+        storage.remove(root, LOCK)
+
+
+def lock_problem(root: str) -> tuple[str, str] | None:
+    """("output", why) when a live run holds the pipeline's lock."""
+    from raylm.runtime import storage
+
     try:
         other = json.loads(storage.read_text(root, LOCK) or "null")
     except ValueError:
         other = None
     if isinstance(other, dict) and _alive(other):
-        raise SpecError(
-            [
-                (
-                    "output",
-                    f"another raylm run (pid {other.get('pid')} on {other.get('host')}, since {other.get('since')}) "
-                    f"is running this pipeline; wait for it, or remove {root}/{LOCK} if it is gone",
-                )
-            ]
+        return (
+            "output",
+            f"another raylm run (pid {other.get('pid')} on {other.get('host')}, since {other.get('since')}) "
+            f"is running this pipeline; wait for it, or remove {root}/{LOCK} if it is gone",
         )
-    storage.write_text(root, LOCK, json.dumps(mine))
-    try:
-        yield
-    finally:
-        storage.remove(root, LOCK)
+    return None
 
 
 def _alive(lock: dict) -> bool:
@@ -272,7 +303,8 @@ def _supersede(job, name: str, record: dict) -> None:
     output = job.job(name).output.path
     entry = record["stages"][name]
     when = re.sub(r"\D", "", entry.get("ended") or entry.get("started") or "")[:14]
-    aside = f"{output.rstrip('/')}.superseded-{entry['hash'][:8]}-{when}"
+    tag = (entry.get("hash") or "unknown")[:8]
+    aside = f"{output.rstrip('/')}.superseded-{tag}-{when}"
     taken = (
         set(storage.listing(str(Path(output.rstrip("/")).parent)))
         if not storage.is_uri(output)
@@ -281,7 +313,7 @@ def _supersede(job, name: str, record: dict) -> None:
     for number in range(2, 10_000):  # never onto an earlier one
         if aside.rsplit("/", 1)[-1] not in taken:
             break
-        aside = f"{output.rstrip('/')}.superseded-{entry['hash'][:8]}-{when}-{number}"
+        aside = f"{output.rstrip('/')}.superseded-{tag}-{when}-{number}"
     print(f"[raylm] stage {name}: its earlier output moves to {aside}", flush=True)
     storage.move_dir(output.rstrip("/"), aside)
 
@@ -330,29 +362,38 @@ def runnable(job, name: str):
     )
 
 
-def _promote(job, name: str, summary: dict) -> None:
+def _promote(job, name: str, summary: dict | None) -> None:
     """What later stages take from this one beyond its own artifact: a search's best trial merged
-    into its base, where a stage asks for `pick: merged`."""
+    into its base, where a stage asks for `pick: merged` (for a skipped search, when it is missing)."""
     wanted = any(r.stage == name and r.pick == "merged" for later in job.order for r in job.references(later))
     if not (job.job(name).kind == "tune" and wanted):
         return
-    from raylm.methods.merging import merge_adapter
+    from raylm.methods.merging import MergeError, merge_adapter
     from raylm.runtime import storage
 
+    target = job.artifact(name, "merged").path
+    if summary is None:  # skipped: merge only what is missing, from the recorded result
+        if storage.exists(target, "config.json"):
+            return
+        summary = json.loads(storage.read_text(job.job(name).output.path.rstrip("/"), "summary.json") or "{}")
     best = summary.get("best")
     if best is None:
         raise SpecError(
             [(f"stages.{name}", "no trial completed: there is no best trial to merge and hand on")]
         )
-    target = job.artifact(name, "merged").path
-    if storage.is_uri(target):
-        import tempfile
+    try:
+        if storage.is_uri(target):
+            import tempfile
 
-        with tempfile.TemporaryDirectory() as scratch:
-            merge_adapter(storage.localize(best["artifact"]), f"{scratch}/merged")
-            storage.copy_dir(f"{scratch}/merged", target)
-    else:
-        merge_adapter(best["artifact"], target)
+            with tempfile.TemporaryDirectory() as scratch:
+                merge_adapter(storage.localize(best["artifact"]), f"{scratch}/merged")
+                storage.copy_dir(f"{scratch}/merged", target)
+        else:
+            merge_adapter(best["artifact"], target)
+    except MergeError as err:  # the best trial's method cannot merge (a search over methods)
+        raise SpecError(
+            [(f"stages.{name}", f"its best trial cannot be merged for pick: merged: {err}")]
+        ) from None
     print(f"[raylm] stage {name}: best trial {best['trial_id']} merged into its base: {target}", flush=True)
 
 
@@ -379,12 +420,24 @@ def _entry(job, name: str, digest: str) -> dict:
     return entry
 
 
+def _output(job, name: str) -> str | None:
+    return getattr(getattr(job.job(name), "output", None), "path", None)
+
+
 def _external_inputs(job, name: str) -> dict[str, str]:
     """The files and folders a stage reads that no stage produced (models, adapters, tokenizers, data),
     by their dotted place in the stage's spec."""
     from raylm.runtime.storage import as_written
 
     from_stages = {job.artifact(r.stage, r.pick).path for r in job.references(name)}
+    # what lies in a stage's output is followed by that stage's summary, not by file times (a report
+    # rewritten there would look like a changed input)
+    outputs = [lineage.absolute(o).rstrip("/") for n in job.order if (o := _output(job, n))]
+
+    def ours(path: str) -> bool:
+        where = lineage.absolute(path).rstrip("/")
+        return any(where == o or where.startswith(o + "/") for o in outputs)
+
     found: dict[str, str] = {}
 
     def walk(node, where: tuple[str, ...]) -> None:
@@ -396,7 +449,7 @@ def _external_inputs(job, name: str) -> dict[str, str]:
                 named = key in INPUT_KEYS or where[-1:] == ("adapters",)
                 if named and all(isinstance(v, str) for v in paths):
                     for i, path in enumerate(paths):
-                        if path not in from_stages:
+                        if path not in from_stages and not ours(path):
                             found[".".join((*where, key, *([str(i)] if isinstance(value, list) else [])))] = (
                                 path
                             )

@@ -48,9 +48,19 @@ def _well_formed(record) -> bool:
 
 
 def write(folder: str, record: dict) -> None:
+    """Write the record whole: locally a new file renamed over the old one (a kill never leaves half)."""
+    import os
+
     from raylm.runtime import storage
 
-    storage.write_text(folder, NAME, json.dumps(record, indent=2))
+    text = json.dumps(record, indent=2)
+    if storage.is_uri(folder):
+        storage.write_text(folder, NAME, text)
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    partial = Path(folder) / f".{NAME}.{os.getpid()}.partial"
+    partial.write_text(text)
+    os.replace(partial, Path(folder) / NAME)
 
 
 def new(job) -> dict:

@@ -335,6 +335,11 @@ def produces(stage_job, pick: str | None = None) -> Artifact:
         return _finetuned(stage_job, f"{out}/", pick == "merged")
     if kind == "tune":
         base = stage_job.base
+        if pick in ("spec", "merged") and "method" in stage_job.search:
+            raise ValueError(
+                f"pick: {pick} needs the search's method fixed (its base's): this search varies `method`, so "
+                "its best trial's kind of artifact is known only after it ran"
+            )
         if pick == "spec":
             return Artifact(f"{out}/best.yaml", SPEC)
         if pick == "merged":
@@ -368,6 +373,7 @@ def best_spec_stage(stage: dict, search, best: dict | None = None) -> dict:
         )
     if "kind" in stage:
         raise ValueError("a stage taken from a search's best spec is a finetune stage: leave kind out")
+    produces(search, "spec")  # refuses a search that varies the method
     changes = {k: v for k, v in stage.items() if k not in ("from", "pick")}
     if best is None:
         best = search.base.model_dump(mode="json", exclude_none=True)

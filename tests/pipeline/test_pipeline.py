@@ -193,6 +193,10 @@ def test_bad_pipelines_name_the_stage_and_field(tmp_path):
     with_search["stages"]["final"] = {**final, "pick": "best"}
     result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, with_search)])
     assert result.exit_code == 2 and "stages.final: a whole stage taken from another is" in result.output
+    methods = {**search, "search": {"method": {"grid": [{"name": "lora"}, {"name": "prompt"}]}}}
+    varied = {**with_search, "stages": {"search": methods, "final": final}}
+    result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, varied)])
+    assert result.exit_code == 2 and "this search varies `method`" in result.output, result.output
     with_search["stages"]["final"] = {**final, "train": {"lr": -1}}
     result = runner.invoke(cli.main, ["validate", "--no-files", write(tmp_path, with_search)])
     assert result.exit_code == 2 and "stages.final.train.lr" in result.output
