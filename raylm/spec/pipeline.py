@@ -335,7 +335,7 @@ def produces(stage_job, pick: str | None = None) -> Artifact:
         return _finetuned(stage_job, f"{out}/", pick == "merged")
     if kind == "tune":
         base = stage_job.base
-        if pick in ("spec", "merged") and "method" in stage_job.search:
+        if pick in ("spec", "merged") and not _one_kind_of_method(stage_job):
             raise ValueError(
                 f"pick: {pick} needs the search's method fixed (its base's): this search varies `method`, so "
                 "its best trial's kind of artifact is known only after it ran"
@@ -379,6 +379,31 @@ def best_spec_stage(stage: dict, search, best: dict | None = None) -> dict:
         best = search.base.model_dump(mode="json", exclude_none=True)
         best["output"] = {"path": "placeholder"}  # the stage's own, below
     return deep_merge(best, changes)
+
+
+def _one_kind_of_method(search) -> bool:
+    """Whether every method the search may pick writes the base method's kind of artifact and merges
+    as it does (a grid over LoRA ranks does; a choice of LoRA or prompt tuning does not)."""
+    from raylm.methods import artifact_dir, mergeable
+
+    space = search.search.get("method")
+    if space is None:
+        return True
+    options = (
+        next((v for k, v in space.items() if k in ("grid", "choice")), None)
+        if isinstance(space, dict)
+        else None
+    )
+    if not isinstance(options, list):
+        return False
+    base = search.base.method.name
+    for option in options:
+        name = option.get("name") if isinstance(option, dict) else option
+        if not isinstance(name, str) or artifact_dir(name) != artifact_dir(base):
+            return False
+        if (name in mergeable()) != (base in mergeable()):
+            return False
+    return True
 
 
 def _finetuned(job, prefix: str, merged: bool, whole: bool = False) -> Artifact:
