@@ -171,8 +171,14 @@ def _print_summary(summary: dict) -> None:
         return
     metrics = summary.get("metrics") or {}
     click.echo(f"[raylm] done: {summary['run']} ({summary['steps']} steps)")
-    if "val_loss" in metrics:
+    if "val_ppl" in metrics:
         click.echo(f"[raylm] validation loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}")
+    if "reward_accuracy" in metrics:  # preference objectives: their own loss and the reward accuracy
+        margin = f", reward margin {metrics['reward_margin']:.3f}" if "reward_margin" in metrics else ""
+        click.echo(
+            f"[raylm] validation loss {metrics['val_loss']:.4f}, reward accuracy "
+            f"{metrics['reward_accuracy']:.3f}{margin}"
+        )
     if "val_accuracy" in metrics:
         click.echo(f"[raylm] validation choice accuracy {metrics['val_accuracy']:.3f}")
     throughput = summary.get("throughput") or {}

@@ -44,9 +44,10 @@ class TrainingKind(JobKind, Protocol):
     def worker_optimizer(self, job) -> Callable | None:
         """`make(model, train_spec) -> optimizer`, or None for AdamW."""
 
-    def worker_objective(self, job, device) -> Callable | None:
+    def worker_objective(self, job, tokenizer, device, engine, config: dict) -> Callable | None:
         """`objective(model, batch, items) -> loss` for training steps, or None for the causal-LM loss
-        (T-Few's for multiple-choice data); evaluation always reports the causal-LM loss."""
+        (T-Few's for multiple-choice data); evaluation reports the causal-LM loss, or an objective's
+        own with its `evaluate(model, batch)` (preference data). `engine`: the wrapped model."""
 
     def worker_rebuild(self, job, tokenizer) -> Callable | None:
         """`rebuild() -> model` of the trained structure on the CPU (for gathering shards into), or

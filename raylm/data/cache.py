@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from raylm.data.sources import filesystem
+from raylm.data.sources import BadExample, filesystem
 
 VERSION = 1  # bump when the row layout changes
 FILE_BYTES = 256 * 2**20  # rows per Parquet file, by size
@@ -115,6 +115,10 @@ def write(where: str, rows, val_limit: int | None = None) -> dict:
     prefix = f"{attempt}-" if in_place else ""
     writers = {split: _SplitWriter(fs, f"{target}/{split}", prefix) for split in ("train", "val")}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+        if "bad" in batch:  # an example that cannot be used, found by a tokenizing task
+            if not in_place and fs.get_file_info(target).type != pafs.FileType.NotFound:
+                fs.delete_dir(target)
+            raise BadExample(str(batch["bad"][0]))
         is_val = batch.pop("val").astype(bool)
         writers["train"].add({k: v[~is_val] for k, v in batch.items()})
         room = None if val_limit is None else max(0, val_limit - writers["val"].rows)

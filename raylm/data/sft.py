@@ -51,6 +51,10 @@ def required_fields(spec: SFTDataSpec) -> tuple[str, ...]:
         return FIELDS["alpaca"]
     if spec.format == "choices":
         return (spec.prompt_field, spec.choices_field, spec.answer_field)
+    if spec.format == "preference":
+        return (spec.prompt_field, spec.chosen_field, spec.rejected_field)
+    if spec.format == "kto":
+        return (spec.prompt_field, spec.completion_field, spec.label_field)
     return (spec.messages_field,)
 
 
@@ -306,6 +310,8 @@ def _missing_fields(where: str, columns: list[str], spec: SFTDataSpec) -> list[t
         "alpaca": "alpaca rows need instruction and output (input optional)",
         "chat": "set data.messages_field",
         "choices": "set data.prompt_field / data.choices_field / data.answer_field",
+        "preference": "set data.prompt_field / data.chosen_field / data.rejected_field",
+        "kto": "set data.prompt_field / data.completion_field / data.label_field",
     }[spec.format]
     return [
         (

@@ -18,6 +18,12 @@ SNIFF_BYTES = 1 << 20
 VAL_BUCKETS = 10_000
 
 
+class BadExample(ValueError):
+    """An example that cannot be used (the message names it). A Ray Data task that finds one yields
+    `{"bad": [message]}` instead of raising (a raised error prints the task's traceback on the
+    console): the cache writer raises it in the driver, which reports it as a problem of the data."""
+
+
 def filesystem(where: str):
     """(pyarrow filesystem, path in it) for a local path or a storage URI."""
     import pyarrow.fs as pafs

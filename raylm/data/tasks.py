@@ -3,6 +3,7 @@
     arithmetic   {"prompt": "Q: 23+58=\\nA:", "completion": " 81"}
     recall       {"prompt": "K7=ball K2=Tom K9=kite\\nK2?", "completion": " Tom"}
     reverse      {"prompt": "Reverse: ball Tom kite\\nA:", "completion": " kite Tom ball"}
+    copy         {"prompt": "Say: kite\\nA:", "completion": " kite"}
     with choices {"prompt": "Q: 23+58=\\nA:", "choices": [" 71", " 81", " 12", " 90"], "answer": 1}
 
 A model pretrained on stories has not seen either format, so exact match before fine-tuning is ~0.
@@ -38,6 +39,11 @@ def recall(rng: random.Random) -> dict:
     return {"prompt": f"{table}\nK{keys[asked]}?", "completion": f" {values[asked]}"}
 
 
+def copy(rng: random.Random) -> dict:
+    word = rng.choice(WORDS)
+    return {"prompt": f"Say: {word}\nA:", "completion": f" {word}"}
+
+
 def arithmetic_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
     """Sums a few units off the right one."""
     right = int(row["completion"])
@@ -66,11 +72,17 @@ def reverse_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
     return [" " + " ".join(o) for o in picked]
 
 
-TASKS = {"arithmetic": arithmetic, "recall": recall, "reverse": reverse}
+def copy_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
+    """Other words."""
+    return [f" {w}" for w in rng.sample([w for w in WORDS if f" {w}" != row["completion"]], k)]
+
+
+TASKS = {"arithmetic": arithmetic, "recall": recall, "reverse": reverse, "copy": copy}
 DISTRACTORS = {
     "arithmetic": arithmetic_distractors,
     "recall": recall_distractors,
     "reverse": reverse_distractors,
+    "copy": copy_distractors,
 }
 
 

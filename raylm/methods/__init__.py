@@ -12,6 +12,8 @@ optional:
     check(job)                            raise ValueError for a spec combination it cannot run
     load_base(path, method, device, revision, trust_remote_code)   a base it loads its own way (4-bit)
     optimizer(params, lr, betas, method)  an optimizer other than AdamW
+    reference(model)                      a context in which the model computes as its base (the
+                                          preference objectives' reference; without it: a frozen copy)
     base_bits(method), counted_as(method) what the memory estimate counts for it
 
     from raylm import methods
@@ -55,6 +57,11 @@ def apply(model, method, tokenizer=None):
 
 def artifact_dir(name: str) -> str:
     return getattr(METHODS[name], "ARTIFACT", "adapter")
+
+
+def reference(name: str):
+    """The method's `reference(model)` context (its adapters off), or None: it trains the base itself."""
+    return getattr(METHODS[name], "reference", None)
 
 
 def mergeable() -> list[str]:

@@ -10,6 +10,7 @@ The base is frozen (its norms too, unless `train_norms`). The artifact holds onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -71,12 +72,27 @@ def _bottleneck_class():
             torch.nn.init.zeros_(self.down.bias)
             torch.nn.init.zeros_(self.up.weight)
             torch.nn.init.zeros_(self.up.bias)
+            self.enabled = True
 
         def forward(self, *args, **kwargs):
             y = self.inner(*args, **kwargs)
-            return y + self.up(self.act(self.down(y)))
+            return y + self.up(self.act(self.down(y))) if self.enabled else y
 
     return Bottleneck
+
+
+@contextlib.contextmanager
+def reference(model):
+    """The model computing as its base: every bottleneck switched off (trained norms, with
+    train_norms, stay as trained: refused for the preference objectives that need a reference)."""
+    switches = [m for m in model.modules() if hasattr(m, "enabled") and hasattr(m, "down")]
+    for module in switches:
+        module.enabled = False
+    try:
+        yield
+    finally:
+        for module in switches:
+            module.enabled = True
 
 
 def _places(placement: str) -> tuple[str, ...]:

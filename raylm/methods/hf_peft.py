@@ -42,6 +42,12 @@ def load(base, folder):
     return PeftModel.from_pretrained(base, str(folder))
 
 
+def reference(model):
+    """A context in which the model computes as its base: PEFT's adapters (and modules_to_save)
+    switched off."""
+    return model.disable_adapter()
+
+
 def merge(model):
     """The base with the update folded into its weights: a plain transformers model."""
     return model.merge_and_unload()

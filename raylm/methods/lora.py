@@ -6,7 +6,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from raylm.methods.hf_peft import load, merge, save  # noqa: F401 - the method's artifact
+from raylm.methods.hf_peft import (  # noqa: F401 - the method's artifact
+    load,
+    merge,
+    reference,  # noqa: F401 - its base, for preference objectives
+    save,
+)
 from raylm.spec.sections import Section
 
 ALL_LINEAR = "all-linear"

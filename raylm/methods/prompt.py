@@ -10,7 +10,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from raylm.methods.hf_peft import load, save  # noqa: F401 - the method's artifact
+from raylm.methods.hf_peft import (  # noqa: F401 - the method's artifact
+    load,
+    reference,  # noqa: F401 - its base, for preference objectives
+    save,
+)
 from raylm.methods.hf_peft import refuses_sharded_blocks as refuses  # noqa: F401
 from raylm.spec.sections import Section
 

@@ -18,7 +18,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from raylm.methods.hf_peft import load, save  # noqa: F401 - the method's artifact
+from raylm.methods.hf_peft import (  # noqa: F401 - the method's artifact
+    load,
+    reference,  # noqa: F401 - its base, for preference objectives
+    save,
+)
 from raylm.methods.lora import LoraMethod
 
 # Bits per base weight stored by bitsandbytes' 4-bit formats: the 4-bit codes plus an fp32 absmax per

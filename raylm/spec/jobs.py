@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from raylm.methods import METHODS, MethodSpec, mergeable, refusal
+from raylm.spec.preference import PreferenceSpec
 from raylm.spec.sections import (
     DataSpec,
     FailureSpec,
@@ -144,6 +145,11 @@ class FinetuneJob(TrainingJob):
     kind: Literal["finetune"]
     method: MethodSpec = Field(description=f"What trains: {', '.join(METHODS)}.")
     data: SFTDataSpec
+    preference: PreferenceSpec | None = Field(
+        None,
+        description="Preference optimisation (DPO, IPO, hinge, robust DPO, ORPO, SimPO, KTO) for "
+        "data.format: preference or kto; default DPO (KTO for kto data).",
+    )
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output: FinetuneOutput
 
@@ -152,6 +158,45 @@ class FinetuneJob(TrainingJob):
     @property
     def trains_base_weights(self) -> bool:
         return self.method.name in ("full", "freeze")
+
+    @model_validator(mode="after")
+    def _preference_fits_the_data(self) -> FinetuneJob:
+        if self.preference is None:
+            if self.data.preference:
+                self.preference = PreferenceSpec(objective="kto" if self.data.format == "kto" else "dpo")
+            return self
+        if not self.data.preference:
+            raise ValueError(
+                "preference: trains on preferred and rejected answers: set data.format: preference "
+                "(prompt, chosen, rejected) or kto (prompt, completion, label)"
+            )
+        if (self.preference.objective == "kto") != (self.data.format == "kto"):
+            raise ValueError(
+                "preference.objective kto learns from unpaired examples (data.format: kto); the other "
+                "objectives from pairs (data.format: preference)"
+                f": objective {self.preference.objective} with data.format {self.data.format}"
+            )
+        changes_base = (
+            getattr(self.method, "train_norms", False) or getattr(self.method, "bias", "none") != "none"
+        )
+        if self.preference.uses_reference and changes_base:
+            raise ValueError(
+                f"preference.objective {self.preference.objective} compares the policy with the base, which "
+                f"method {self.method.name} gets by switching its adapter off; with trained norms or biases "
+                "the base itself changes: set train_norms: false / bias: none, or use objective orpo or simpo"
+            )
+        if (
+            self.preference.uses_reference
+            and self.trains_base_weights
+            and getattr(self.strategy, "stage", None) == 3
+        ):
+            raise ValueError(
+                f"preference.objective {self.preference.objective} with method {self.method.name} under "
+                "ZeRO-3: the frozen reference copy is not sharded by DeepSpeed yet; use fsdp (which shards "
+                "it like the policy), ZeRO-1/2, an adapter method (its reference is the base: no copy), "
+                "or objective orpo / simpo (no reference)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _method_runs_here(self) -> FinetuneJob:

@@ -12,10 +12,10 @@ from raylm.spec.sections import OutputSpec, Section, SourceSpec
 class GeneratedTask(Section):
     """A supervised task raylm generates (no downloads): answers a base model has not seen."""
 
-    task: Literal["arithmetic", "recall", "reverse"] = Field(
+    task: Literal["arithmetic", "recall", "reverse", "copy"] = Field(
         "arithmetic",
         description="arithmetic: 'Q: 23+58=' -> ' 81'; recall: look a key up in a listed table; reverse: "
-        "three words in reverse order. With "
+        "three words in reverse order; copy: 'Say: kite' -> ' kite'. With "
         "data.format: choices, the right answer among data.num_choices.",
     )
     examples: int = Field(2000, ge=10, description="Number of examples.")
@@ -26,16 +26,23 @@ class SFTDataSpec(SourceSpec):
     """Supervised examples: JSONL / Parquet / save_to_disk files, or a generated task."""
 
     generate: GeneratedTask | None = Field(None, description="a task raylm generates")
-    format: Literal["completion", "alpaca", "chat", "choices"] = Field(
+    format: Literal["completion", "alpaca", "chat", "choices", "preference", "kto"] = Field(
         "completion",
         description="completion: prompt/completion fields; alpaca: instruction/input/output; chat: a "
-        "messages list; choices: a prompt, a list of choices and the index of the right one.",
+        "messages list; choices: a prompt, a list of choices and the index of the right one; "
+        "preference: a prompt, a chosen and a rejected answer (text, or chat messages); kto: a prompt, "
+        "a completion and whether it is desirable (label: true/false).",
     )
     prompt_field: str = Field("prompt", description="completion format: the prompt column.")
     completion_field: str = Field("completion", description="completion format: the response column.")
     messages_field: str = Field("messages", description="chat format: the column of {role, content} lists.")
     choices_field: str = Field("choices", description="choices format: the column of answer choices.")
     answer_field: str = Field("answer", description="choices format: the index of the right choice.")
+    chosen_field: str = Field("chosen", description="preference format: the preferred answer's column.")
+    rejected_field: str = Field("rejected", description="preference format: the rejected answer's column.")
+    label_field: str = Field(
+        "label", description="kto format: the column saying the completion is desirable."
+    )
     num_choices: int = Field(
         4, ge=2, le=8, description="choices format: choices per example (every example has this many)."
     )
@@ -68,11 +75,21 @@ class SFTDataSpec(SourceSpec):
     def _grouping_needs_rows(self) -> SFTDataSpec:
         if self.group_by_length and self.packing:
             raise ValueError("group_by_length groups unpacked examples: use it or packing, not both")
-        if self.format == "choices" and (self.packing or self.group_by_length):
+        if self.format in ("choices", "preference", "kto") and (self.packing or self.group_by_length):
             raise ValueError(
-                "choices data keeps each example's choices together: no packing or group_by_length"
+                f"{self.format} data keeps each example's answers together: no packing or group_by_length"
+            )
+        if self.format in ("preference", "kto") and self.loss_on == "all":
+            raise ValueError(
+                f"{self.format} data scores the answers only (their log-probabilities given the prompt): "
+                "remove loss_on: all"
             )
         return self
+
+    @property
+    def preference(self) -> bool:
+        """Pairs or unpaired feedback: trained with a preference objective."""
+        return self.format in ("preference", "kto")
 
 
 class EvalSpec(Section):

@@ -15,6 +15,8 @@ METRICS = {  # what a trial reports at each evaluation, and which way is better
     "val_ppl": "min",
     "val_accuracy": "max",
     "exact_match": "max",
+    "reward_accuracy": "max",
+    "reward_margin": "max",
 }
 
 
@@ -54,10 +56,13 @@ class TuneJob(Section):
         "{uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}, {qrandint: [lo, hi, q]}); "
         "`method` takes {choice: [...]} or {grid: [...]} of method blocks whose own fields may be searched."
     )
-    metric: Literal["val_loss", "val_ppl", "val_accuracy", "exact_match"] = Field(
+    metric: Literal[
+        "val_loss", "val_ppl", "val_accuracy", "exact_match", "reward_accuracy", "reward_margin"
+    ] = Field(
         "val_loss",
         description="What trials are compared on, at every evaluation: val_loss, val_ppl, val_accuracy "
-        "(choices data) or exact_match (also written eval.exact_match).",
+        "(choices data), exact_match (also written eval.exact_match), reward_accuracy or reward_margin "
+        "(preference data: the held-out pairs the policy ranks right, the mean reward gap).",
     )
     mode: Literal["min", "max"] | None = Field(
         None, description="Better is min or max; default: the metric's."
@@ -126,10 +131,27 @@ class TuneJob(Section):
             raise ValueError("metric exact_match: the base sets eval.exact_match_examples: 0; raise it")
         if self.metric == "val_accuracy" and self.base.data.format != "choices":
             raise ValueError("metric val_accuracy scores choices data: use val_loss or exact_match")
-        if self.metric in ("val_loss", "val_ppl") and self.base.data.val_fraction == 0:
+        preference = self.base.data.preference
+        if self.metric.startswith("reward_") and not preference:
+            raise ValueError(f"metric {self.metric} scores preference data (data.format: preference or kto)")
+        if self.metric == "val_ppl" and preference:
             raise ValueError(
-                f"metric {self.metric}: the base has data.val_fraction 0; give it a validation split"
+                "metric val_ppl: a preference objective's loss is no perplexity; use reward_accuracy"
             )
+        if (
+            self.metric == "val_loss"
+            and preference
+            and any(str(k).startswith("preference") for k in self.search)
+        ):
+            raise ValueError(
+                "metric val_loss: the search changes the preference objective or its scale, whose losses "
+                "do not compare; use reward_accuracy, reward_margin or exact_match"
+            )
+        if self.metric.startswith("reward_") or self.metric in ("val_loss", "val_ppl"):
+            if self.base.data.val_fraction == 0:
+                raise ValueError(
+                    f"metric {self.metric}: the base has data.val_fraction 0; give it a validation split"
+                )
         base = trial_base(self)
         for where, overrides in corner_overrides(space):
             try:

@@ -113,6 +113,10 @@ def format_progress(row: dict, max_steps: int) -> str:
         parts.append(f"lr {row['lr']:.2e}")
     if "tokens_per_s" in row:
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
-    if "val_loss" in row:
+    if "val_ppl" in row:
         parts.append(f"val_loss {row['val_loss']:.4f} ppl {row['val_ppl']:.2f}")
+    elif "val_loss" in row:
+        parts.append(f"val_loss {row['val_loss']:.4f}")
+    if "reward_accuracy" in row:
+        parts.append(f"reward_acc {row['reward_accuracy']:.3f}")
     return "[raylm] " + " | ".join(parts)

@@ -38,7 +38,7 @@ class Distill(Pretrain):
         summary["distill"] = job.distill.model_dump()
         return summary
 
-    def worker_objective(self, job: DistillJob, device):
+    def worker_objective(self, job: DistillJob, tokenizer, device, engine, config: dict):
         from raylm.planning.models import build_model
         from raylm.spec.sections import ModelSpec
 

@@ -62,6 +62,10 @@ class Finetune:
         torch.manual_seed(job.train.seed)
         with empty_weights(empty):
             model = methods.apply(base, job.method, tokenizer)
+        if job.preference is not None and job.preference.disable_dropout:
+            from raylm.train.preference import without_dropout
+
+            without_dropout(model)
         if rank == 0:
             from raylm.planning.models import count_parameters
             from raylm.train.metrics import emit
@@ -83,8 +87,23 @@ class Finetune:
         method = job.method
         return lambda model, train: make(optim.param_groups(model, train), train.lr, train.betas, method)
 
-    def worker_objective(self, job: FinetuneJob, device):
-        return None  # the causal-LM loss (T-Few's objectives for choices data)
+    def worker_objective(self, job: FinetuneJob, tokenizer, device, engine, config: dict):
+        """None: the causal-LM loss (T-Few's objectives for choices data); for preference data the
+        preference objective, whose reference is the model with its adapters off (adapter methods)
+        or a frozen copy of the base (full, freeze), sharded like the policy under fsdp."""
+        if job.preference is None:
+            return None
+        from raylm import methods
+        from raylm.train.preference import Preference, adapters_off, frozen_copy
+
+        switch = methods.reference(job.method.name)
+        if not job.preference.uses_reference:
+            return Preference(job.preference, None)
+        if switch is not None:
+            return Preference(job.preference, adapters_off(switch))
+        return Preference(
+            job.preference, frozen_copy(_reference_copy(job, tokenizer, device, engine, config))
+        )
 
     def worker_rebuild(self, job: FinetuneJob, tokenizer):
         """A fresh base-plus-method model on the CPU, for gathering fsdp / ZeRO-3 shards into."""
@@ -114,6 +133,35 @@ def _base(job: FinetuneJob, tokenizer, device, empty: bool = False):
             model.path, job.method, device, model.revision, model.trust_remote_code, model.attention
         )
     return build_model(job.model, len(tokenizer), tokenizer=tokenizer, seed=job.train.seed, empty=empty)
+
+
+def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
+    """A frozen copy of the starting model for full / freeze preference runs, held like the policy:
+    sharded under fsdp (complete on rank 0 only while sharding), whole on each rank otherwise, in the
+    policy's dtype."""
+    from pydantic import TypeAdapter
+
+    from raylm.spec.strategies import StrategySpec
+    from raylm.train.preference import without_dropout
+
+    plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])
+    sharded = plan.name == "fsdp"
+    copy = _base(job, tokenizer, device if not sharded else _host(), config["empty"] and sharded)
+    copy.requires_grad_(False)
+    if job.preference.disable_dropout:
+        without_dropout(copy)
+    if sharded:
+        from raylm.train.strategies import fsdp
+
+        fsdp.shard_from_rank0(copy, fsdp.options_of(plan, job.train, device), plan, job.train, device)
+        return copy
+    return copy.to(device=device, dtype=next(engine.module.parameters()).dtype)
+
+
+def _host():
+    import torch
+
+    return torch.device("cpu")
 
 
 def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dict:
@@ -159,18 +207,23 @@ def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dic
 def prepare_data(job: FinetuneJob):
     """The tokenizer, the examples, and where their tokenized splits are (written now unless a cache
     of the same inputs and settings exists): (tokenizer, records, where, splits)."""
-    from raylm.data.sft import examples, token_rows
     from raylm.data.tokenizer import load_tokenizer
 
+    rows = _rows_module(job)
     tokenizer = load_tokenizer(
         job.tokenizer.path or job.model.path, job.model.revision, job.model.trust_remote_code
     )
-    records = examples(job.data)
-    where, manifest = tokenized(job, tokenizer, lambda: token_rows(records, tokenizer, job.data))
+    records = rows.examples(job.data)
+    where, manifest = tokenized(job, tokenizer, lambda: rows.token_rows(records, tokenizer, job.data))
     splits = manifest["splits"]
     if splits["train"]["rows"] == 0:
+        why = (
+            "every pair's chosen answer equals its rejected one, or"
+            if job.data.format == "preference"
+            else "check"
+        )
         raise SpecError(
-            [("data", "no training example left after tokenization: check the fields and data.seq_len")]
+            [("data", f"no training example left after tokenization: {why} the fields and data.seq_len")]
         )
     if job.data.val_fraction > 0 and splits["val"]["rows"] == 0:
         raise SpecError(
@@ -181,12 +234,25 @@ def prepare_data(job: FinetuneJob):
 
 def held_out_pairs(job: FinetuneJob, tokenizer, records) -> list[tuple[list[int], str]]:
     """(prompt ids, answer) of the held-out examples that exact match answers."""
-    from raylm.data.sft import held_out, prompt_ids
+    from raylm.data.sft import prompt_ids
 
     return [
         (prompt_ids(prompt, tokenizer), answer)
-        for prompt, answer in held_out(records, tokenizer, job.data, job.eval.exact_match_examples)
+        for prompt, answer in _rows_module(job).held_out(
+            records, tokenizer, job.data, job.eval.exact_match_examples
+        )
     ]
+
+
+def _rows_module(job: FinetuneJob):
+    """How the examples become token rows: supervised (raylm.data.sft) or preference data."""
+    if job.data.preference:
+        from raylm.data import preference
+
+        return preference
+    from raylm.data import sft
+
+    return sft
 
 
 def export(final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dict:

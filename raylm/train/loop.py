@@ -28,6 +28,7 @@ def train_loop(config: dict) -> dict | None:
     from raylm.runtime import storage
     from raylm.train import checkpoint, hostmem, metrics, preemption, strategies
     from raylm.train.metrics import MetricsLog, emit
+    from raylm.train.preference import is_preference, preference_row
     from raylm.train.reader import CachedSplit, TrainShard, val_batches
 
     # ---- setup -------------------------------------------------------------------------------
@@ -74,7 +75,8 @@ def train_loop(config: dict) -> dict | None:
         make_optimizer=kind.worker_optimizer(job),
         rebuild=kind.worker_rebuild(job, tokenizer),
     )
-    engine.objective = kind.worker_objective(job, device)  # None: the causal-LM / T-Few loss
+    # None: the causal-LM / T-Few loss
+    engine.objective = kind.worker_objective(job, tokenizer, device, engine, config)
     if spec.keep_sparsity:  # masks of the starting weights' zeros, from each rank's own shard
         from raylm.train.masks import SparsityMasks
 
@@ -160,12 +162,19 @@ def train_loop(config: dict) -> dict | None:
         from raylm.train.objectives import choices_eval
 
         engine.model.eval()
-        # summed NLL, tokens, right picks, examples, right answers, answered (on the device: NCCL
+        # summed NLL, tokens, right picks, examples, right answers, answered; for preference data the
+        # objective's sums (raylm.train.preference.Preference.evaluate) after them (on the device: NCCL
         # reduces only GPU tensors)
-        totals = torch.zeros(6, dtype=torch.float64, device=device)
+        totals = torch.zeros(13, dtype=torch.float64, device=device)
         with torch.no_grad():
             for rows in val_batches(val_split, rank, world, spec.batch_size, spec.eval_batches):
                 batch = on_device(rows)
+                if is_preference(batch):
+                    with engine.autocast or contextlib.nullcontext():
+                        totals[6:] += torch.tensor(
+                            engine.objective.evaluate(engine.model, batch), dtype=torch.float64, device=device
+                        )
+                    continue
                 if "answer" in batch:
                     with engine.autocast or contextlib.nullcontext():
                         totals[:4] += torch.tensor(
@@ -182,8 +191,11 @@ def train_loop(config: dict) -> dict | None:
         if world > 1:
             torch.distributed.all_reduce(totals)
         engine.model.train()
-        val_loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
-        row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if totals[7] > 0:
+            row = preference_row(totals[6:].tolist())
+        else:
+            val_loss = (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+            row = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if totals[3] > 0:
             row["val_accuracy"] = (totals[2] / totals[3]).item()
         if totals[5] > 0:
@@ -384,9 +396,9 @@ def real_tokens(batch: dict) -> int:
 def labelled(batch: dict, first_token: bool = False) -> int:
     """What the loss averages over: labelled positions after the shift (all but the first; with
     `first_token`, for prompt and P-tuning, whose last virtual token predicts it, the first too),
-    or for choices batches the examples."""
-    if "answer" in batch:
-        return len(batch["answer"])
+    or for choices and preference batches the examples."""
+    if "answer" in batch or "pair" in batch or "desirable" in batch:  # choices, preference examples
+        return len(batch["input_ids"])
     labels = batch.get("labels", batch["input_ids"])
     if "labels" not in batch:
         return labels.numel() - (0 if first_token else labels.shape[0])

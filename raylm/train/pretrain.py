@@ -58,7 +58,7 @@ class Pretrain:
     def worker_optimizer(self, job: PretrainJob):
         return None  # AdamW
 
-    def worker_objective(self, job: PretrainJob, device):
+    def worker_objective(self, job: PretrainJob, tokenizer, device, engine, config: dict):
         return None  # the causal-LM loss
 
     def worker_rebuild(self, job: PretrainJob, tokenizer):

@@ -108,7 +108,12 @@ def tokenized(job, tokenizer, make_rows, val_limit: int | None = None) -> tuple[
     if not storage.is_uri(root):  # workers run in folders of their own: give them an absolute path
         root = str(Path(root).expanduser().resolve())
     where = f"{root.rstrip('/')}/{cache_key(job.data, tokenizer, inputs)}"
-    manifest, written = ensure(where, make_rows, val_limit)
+    from raylm.data.sources import BadExample
+
+    try:
+        manifest, written = ensure(where, make_rows, val_limit)
+    except BadExample as err:  # an example that cannot be used: the spec's problem, named
+        raise SpecError([("data", str(err))]) from None
     train, val = manifest["splits"]["train"]["rows"], manifest["splits"]["val"]["rows"]
     how = "tokenized into" if written else "reusing the tokenized data in"
     print(f"[raylm] {how} {where} ({train} train rows, {val} validation rows)", flush=True)

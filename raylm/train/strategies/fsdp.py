@@ -91,21 +91,24 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     rank 0 one tensor at a time. No rank but 0 ever holds a full copy, and no device more than its
     shards plus the tensor being sent."""
     import torch
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-    options = {"reshard_after_forward": strategy.reshard_after_forward}
-    if strategy.cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs a GPU
+    options = options_of(strategy, train, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # fully_shard places shards on the current device
     if getattr(model, "is_loaded_in_4bit", False):
+        options.pop("mp_policy", None)  # it would cast the packed codes
         return _shard_4bit(model, options, train, total_steps, device, make_optimizer, rebuild)
-    if train.precision == "bf16":
-        # bf16 compute and communication; the sharded weights (the optimizer's master copy) and the
-        # gradient reduction in fp32, even when model.dtype loads the weights in bf16.
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    shard_from_rank0(model, options, strategy, train, device)
+    return _engine(model, train, total_steps, contextlib.nullcontext(), make_optimizer, rebuild)
+
+
+def shard_from_rank0(model, options: dict, strategy, train, device) -> None:
+    """Shard `model` in place (complete on rank 0, its structure elsewhere) and fill every rank's
+    shards from rank 0's weights (also a preference run's frozen reference copy)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     full = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, kept on its host
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # RoPE's: computed, not loaded
     persistent = set(model.state_dict())
@@ -121,7 +124,21 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )
     del full
-    return _engine(model, train, total_steps, contextlib.nullcontext(), make_optimizer, rebuild)
+
+
+def options_of(strategy, train, device) -> dict:
+    """fully_shard's options for `strategy` (resharding, CPU offload; with bf16, bf16 compute and
+    communication while the sharded weights (the optimizer's master copy) and the gradient reduction
+    stay fp32, even when model.dtype loads the weights in bf16)."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    options = {"reshard_after_forward": strategy.reshard_after_forward}
+    if strategy.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs a GPU
+    if train.precision == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return options
 
 
 def _shard_4bit(model, options, train, total_steps: int, device, make_optimizer, rebuild):
