@@ -15,7 +15,8 @@ rejected answer (`pair`), or for KTO the completion and the same prompt with ano
 completion (`desirable`), from which the KL term's estimate comes (TRL rotates completions the same
 way). A generated task gives its right answer as chosen and a wrong one as rejected.
 
-An example that cannot train is an error naming it, found while tokenizing (before any training
+An example goes to the validation split by a hash of its prompt and answers. An example that cannot
+train is an error naming it, found while tokenizing (before any training
 worker starts): an empty answer, a prompt that leaves no room for the answer in data.seq_len. A pair
 whose two answers are equal teaches nothing and is left out; data where every pair is such is an error.
 """
@@ -133,6 +134,12 @@ def encoded_answer(prompt: str, answer: str, tokenizer, spec: SFTDataSpec) -> tu
     return ids, labels
 
 
+def held(prompt: str, answers: list[str], spec: SFTDataSpec) -> bool:
+    """In the validation split, by a hash of the whole example (prompt and answers), as supervised
+    examples are split by prompt and response."""
+    return is_val(prompt, "\x00".join(answers), spec.val_fraction)
+
+
 def desirable(value, prompt) -> bool:
     if isinstance(value, (bool, np.bool_)) or value in (0, 1):
         return bool(value)
@@ -156,7 +163,7 @@ def preference_rows(batch: dict, tokenizer, spec: SFTDataSpec):
         except BadExample as err:  # reported by the driver (raylm.data.cache.write), without a traceback
             yield {"bad": np.asarray([str(err)])}
             return
-        examples[is_val(prompt, answers[0], spec.val_fraction)].append((prompt, answers, encoded, label))
+        examples[held(prompt, answers, spec)].append((prompt, answers, encoded, label))
     for val, rows in examples.items():
         if not rows:
             continue
@@ -191,7 +198,7 @@ def held_out(records, tokenizer, spec: SFTDataSpec, limit: int) -> list[tuple[st
         for i in range(len(batch[columns[0]])):
             row = {c: batch[c][i] for c in columns}
             prompt, answers = example_texts(row, spec, tokenizer)
-            if not is_val(prompt, answers[0], spec.val_fraction):
+            if not held(prompt, answers, spec):
                 continue
             if spec.format == "kto" and not desirable(row[spec.label_field], prompt):
                 continue

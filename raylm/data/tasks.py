@@ -3,7 +3,7 @@
     arithmetic   {"prompt": "Q: 23+58=\\nA:", "completion": " 81"}
     recall       {"prompt": "K7=ball K2=Tom K9=kite\\nK2?", "completion": " Tom"}
     reverse      {"prompt": "Reverse: ball Tom kite\\nA:", "completion": " kite Tom ball"}
-    copy         {"prompt": "Say: kite\\nA:", "completion": " kite"}
+    copy         {"prompt": "Say: kite\\nA:", "completion": " kite"}  (choices: the word misspelt)
     with choices {"prompt": "Q: 23+58=\\nA:", "choices": [" 71", " 81", " 12", " 90"], "answer": 1}
 
 A model pretrained on stories has not seen either format, so exact match before fine-tuning is ~0.
@@ -14,11 +14,13 @@ from __future__ import annotations
 import itertools
 import random
 
-from raylm.data.corpus import NAMES, THINGS
+from raylm.data.corpus import ANIMALS, COLORS, FEELINGS, NAMES, PLACES, THINGS, VERBS
 
 # Words of the generated story corpus (the quickstart's tokenizer has each as one token): a base model
 # pretrained on the stories knows them, but not the tasks' formats.
 WORDS = tuple(THINGS + NAMES)
+# every word of the corpus: copy's held-out examples (split by prompt) ask for words no training example had
+ALL_WORDS = tuple(NAMES + ANIMALS + PLACES + THINGS + COLORS + FEELINGS + VERBS)
 
 
 def arithmetic(rng: random.Random) -> dict:
@@ -40,7 +42,7 @@ def recall(rng: random.Random) -> dict:
 
 
 def copy(rng: random.Random) -> dict:
-    word = rng.choice(WORDS)
+    word = rng.choice(ALL_WORDS)
     return {"prompt": f"Say: {word}\nA:", "completion": f" {word}"}
 
 
@@ -73,8 +75,16 @@ def reverse_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
 
 
 def copy_distractors(row: dict, rng: random.Random, k: int) -> list[str]:
-    """Other words."""
-    return [f" {w}" for w in rng.sample([w for w in WORDS if f" {w}" != row["completion"]], k)]
+    """The word misspelt: one letter replaced by another (a preference for the exact copy)."""
+    word = row["completion"].strip()
+    letters = sorted({c for w in ALL_WORDS for c in w.lower()})
+    found: list[str] = []
+    while len(found) < k:
+        i = rng.randrange(len(word))
+        wrong = word[:i] + rng.choice([c for c in letters if c != word[i].lower()]) + word[i + 1 :]
+        if f" {wrong}" not in found:
+            found.append(f" {wrong}")
+    return found
 
 
 TASKS = {"arithmetic": arithmetic, "recall": recall, "reverse": reverse, "copy": copy}

@@ -202,6 +202,50 @@ def export_model(model, tokenizer, stage: Path, publish_to: str | None) -> None:
     export_dir(stage, "model", write, publish_to)
 
 
+def fingerprint(path: str) -> str | None:
+    """A cheap fingerprint of a file or folder (local or a storage URI): every file's name, size and
+    modification time; None where nothing is there."""
+    import hashlib
+    import json
+
+    entries: list[tuple[str, int, int]] = []
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(path)
+        info = fs.get_file_info(root)
+        infos = (
+            [info]
+            if info.type == pafs.FileType.File
+            else (
+                fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                if info.type == pafs.FileType.Directory
+                else []
+            )
+        )
+        entries = [
+            (i.path, i.size or 0, int(i.mtime.timestamp() * 1e9) if i.mtime else 0)
+            for i in infos
+            if i.type == pafs.FileType.File
+        ]
+    else:
+        local = Path(path).expanduser()
+        files = (
+            [local]
+            if local.is_file()
+            else sorted(p for p in local.rglob("*") if p.is_file())
+            if local.is_dir()
+            else []
+        )
+        entries = [
+            (str(f.relative_to(local)) if f != local else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files
+        ]
+    if not entries:
+        return None
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
 def cache_root() -> Path:
     """raylm's local cache on this node ($RAYLM_CACHE, else ~/.cache/raylm)."""
     import os

@@ -60,6 +60,12 @@ class PreferenceSpec(Section):
         "chosen answers likely while the margin grows (DPO + NLL is RPO, TRL's loss_type [sigmoid, "
         "sft]; for simpo TRL's cpo_alpha). orpo has its own NLL term; not for kto.",
     )
+    precompute_reference: bool = Field(
+        False,
+        description="Compute the reference's log-probabilities once before training (stored beside the "
+        "tokenized data) instead of at every step: training then holds one model and runs one forward "
+        "pass per batch.",
+    )
     disable_dropout: bool = Field(
         True,
         description="Dropout off in the policy and the reference (as TRL): their log-probabilities are "
@@ -84,6 +90,8 @@ class PreferenceSpec(Section):
                 f"sft_weight adds an NLL term to a pairwise loss; {self.objective} "
                 + ("has its own (weight 1)" if self.objective == "orpo" else "learns from unpaired examples")
             )
+        if self.precompute_reference and not self.uses_reference:
+            raise ValueError(f"precompute_reference: {self.objective} has no reference model; remove it")
         if self.label_smoothing and self.objective != "robust":
             raise ValueError(
                 f"label_smoothing is robust DPO's setting, the objective is {self.objective}: set "

@@ -16,6 +16,7 @@ from pathlib import Path
 from raylm.runtime import storage
 from raylm.spec.jobs import FinetuneJob
 from raylm.spec.reading import SpecError
+from raylm.train.base_model import base_model
 from raylm.train.runs import (
     announce,
     base_summary,
@@ -56,7 +57,7 @@ class Finetune:
         # way (QLoRA's 4-bit) is loaded on every rank, and the method's weights start equal everywhere
         empty = config["empty"] and not hasattr(methods.module(job.method.name), "load_base")
         # a sharded strategy moves each rank's shards to the device: the whole base stays on the host
-        base = _base(job, tokenizer, torch.device("cpu") if config["sharded"] else device, empty)
+        base = base_model(job, tokenizer, torch.device("cpu") if config["sharded"] else device, empty)
         if job.train.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(job.train.seed)
@@ -97,7 +98,7 @@ class Finetune:
         from raylm.train.preference import Preference, adapters_off, frozen_copy
 
         switch = methods.reference(job.method.name)
-        if not job.preference.uses_reference:
+        if not job.preference.uses_reference or job.preference.precompute_reference:
             return Preference(job.preference, None)
         if switch is not None:
             return Preference(job.preference, adapters_off(switch))
@@ -113,26 +114,12 @@ class Finetune:
 
             from raylm import methods
 
-            return methods.apply(_base(job, tokenizer, torch.device("cpu")), job.method, tokenizer)
+            return methods.apply(base_model(job, tokenizer, torch.device("cpu")), job.method, tokenizer)
 
         return rebuild
 
     def worker_export(self, final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dict:
         return export(final, tokenizer, stage, config, job)
-
-
-def _base(job: FinetuneJob, tokenizer, device, empty: bool = False):
-    """The frozen base: loaded the method's own way (QLoRA: 4-bit) or as the model spec says."""
-    from raylm import methods
-    from raylm.planning.models import build_model
-
-    load_base = getattr(methods.module(job.method.name), "load_base", None)
-    if load_base is not None:
-        model = job.model
-        return load_base(
-            model.path, job.method, device, model.revision, model.trust_remote_code, model.attention
-        )
-    return build_model(job.model, len(tokenizer), tokenizer=tokenizer, seed=job.train.seed, empty=empty)
 
 
 def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
@@ -146,7 +133,7 @@ def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
 
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])
     sharded = plan.name == "fsdp"
-    copy = _base(job, tokenizer, device if not sharded else _host(), config["empty"] and sharded)
+    copy = base_model(job, tokenizer, device if not sharded else _host(), config["empty"] and sharded)
     copy.requires_grad_(False)
     if job.preference.disable_dropout:
         without_dropout(copy)
@@ -172,6 +159,11 @@ def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dic
     held = held_out_pairs(job, tokenizer, records)
     total_steps = planned_steps(job, splits["train"]["rows"])
     strategy, why = resolve_strategy(job)
+    reference = None
+    if job.preference is not None and job.preference.precompute_reference:
+        from raylm.train.reference import precompute
+
+        reference = precompute(job, tokenizer, where, splits)
     announce(job, strategy, why, total_steps, f"method {job.method.name}")
     result, outcome = fit(
         kind,
@@ -182,7 +174,7 @@ def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dic
             "total_steps": total_steps,
             "strategy": strategy,
             "held_out": held,
-            "data": {"where": where, "splits": splits},
+            "data": {"where": where, "splits": splits, "reference": reference},
         },
         callbacks,
     )

@@ -129,8 +129,13 @@ def train_loop(config: dict) -> dict | None:
 
     dynamic_padding = getattr(job.data, "padding", "longest") == "longest"
     data = config["data"]
+    extra = {"train": {}, "val": {}}
+    if data.get("reference"):  # precomputed reference log-probabilities (raylm/train/reference.py)
+        from raylm.train.reference import load
+
+        extra = {s: {"reference": load(data["reference"], s, data["splits"][s]["rows"])} for s in extra}
     shard = TrainShard(
-        CachedSplit(data["where"], "train", data["splits"]["train"]),
+        CachedSplit(data["where"], "train", data["splits"]["train"], extra["train"]),
         rank,
         world,
         spec.batch_size,
@@ -138,7 +143,7 @@ def train_loop(config: dict) -> dict | None:
         spec.seed,
         getattr(job.data, "group_by_length", False),
     )
-    val_split = CachedSplit(data["where"], "val", data["splits"]["val"])
+    val_split = CachedSplit(data["where"], "val", data["splits"]["val"], extra["val"])
     first_token_labelled = predicts_first_token(engine.module)
     held_out = config.get("held_out") or []  # (prompt ids, answer) pairs of a fine-tuning kind
     evaluation = getattr(job, "eval", None)
@@ -146,7 +151,10 @@ def train_loop(config: dict) -> dict | None:
     max_new_tokens = evaluation.max_new_tokens if evaluation is not None else 0
 
     def on_device(rows: dict) -> dict:
-        batch = {k: torch.from_numpy(v).long() for k, v in rows.items()}
+        batch = {
+            k: torch.from_numpy(v) if v.dtype.kind == "f" else torch.from_numpy(v).long()
+            for k, v in rows.items()
+        }
         return {k: v.to(device) for k, v in (to_longest(batch) if dynamic_padding else batch).items()}
 
     def answered() -> list[float]:
@@ -384,7 +392,7 @@ def to_longest(batch: dict) -> dict:
     width = int(mask.reshape(-1, mask.shape[-1]).sum(dim=1).max())
     if width == mask.shape[-1]:
         return batch
-    return {k: v[..., :width] if v.ndim >= 2 else v for k, v in batch.items()}
+    return {k: v[..., :width] if v.shape == mask.shape else v for k, v in batch.items()}
 
 
 def real_tokens(batch: dict) -> int:

@@ -103,7 +103,8 @@ def kl_estimate(policy, reference):
 class Preference:
     """The objective of a preference run: `objective(model, batch, items)` for training steps and
     `evaluate(model, batch)` for held-out batches. `reference(model, batch)` gives the reference's
-    summed log-probabilities [B, 2] (None for orpo and simpo)."""
+    summed log-probabilities [B, 2] (None for orpo and simpo, and where the batches carry them:
+    `reference`, precomputed)."""
 
     def __init__(self, spec, reference):
         self.spec = spec
@@ -112,7 +113,10 @@ class Preference:
     def terms(self, model, batch: dict):
         """(loss of the batch, chosen / desirable rewards, rejected / undesirable rewards)."""
         policy, counts, nll = answer_logps(model, batch)
-        reference = self.reference(model, batch) if self.reference is not None else None
+        if "reference" in batch:  # precomputed (preference.precompute_reference)
+            reference = batch["reference"].to(policy.dtype)
+        else:
+            reference = self.reference(model, batch) if self.reference is not None else None
         if "desirable" in batch:
             return kto_terms(
                 self.spec, policy, reference, batch["desirable"].bool(), kl_estimate(policy, reference)
@@ -126,13 +130,14 @@ class Preference:
     def evaluate(self, model, batch: dict) -> list[float]:
         """Sums over the batch: [loss x examples, examples, chosen rewards, chosen count, rejected
         rewards, rejected count, right]. Right: a pair whose chosen answer has the higher reward; for
-        KTO an example whose reward has its label's sign."""
+        KTO an example whose reward has its label's sign; a tie counts half (before training every
+        reward is 0: accuracy 0.5)."""
         loss, chosen, rejected = self.terms(model, batch)
         n = len(batch["input_ids"])
         if "desirable" in batch:
-            right = int((chosen > 0).sum()) + int((rejected < 0).sum())
+            right = _wins(chosen, 0.0) + _wins(0.0, rejected)
         else:
-            right = int((chosen > rejected).sum())
+            right = _wins(chosen, rejected)
         return [
             float(loss) * n,
             n,
@@ -142,6 +147,14 @@ class Preference:
             len(rejected),
             right,
         ]
+
+
+def _wins(higher, lower) -> float:
+    """How many of `higher` exceed `lower`, ties counted half."""
+    import torch
+
+    higher, lower = torch.as_tensor(higher), torch.as_tensor(lower)
+    return float((higher > lower).sum()) + 0.5 * float((higher == lower).sum())
 
 
 def preference_row(sums: list[float]) -> dict:

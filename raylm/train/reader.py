@@ -23,7 +23,9 @@ READ_BYTES = 32 * 2**20  # rows fetched at once when there is no shuffle window
 class CachedSplit:
     """One split of a cache: contiguous row ranges read from its Parquet files."""
 
-    def __init__(self, where: str, split: str, info: dict):
+    def __init__(self, where: str, split: str, info: dict, extra: dict[str, np.ndarray] | None = None):
+        """`extra`: whole columns kept beside the cache's, indexed by row (a preference run's
+        precomputed reference log-probabilities)."""
         from raylm.data.sources import filesystem
 
         self.fs, root = filesystem(where)
@@ -32,11 +34,12 @@ class CachedSplit:
         self.columns = info["columns"]
         self.files = info["files"]
         self.file_starts = np.cumsum([0] + [f["rows"] for f in self.files])
+        self.extra = extra or {}
         self.opened: dict[int, object] = {}
         self.row_bytes = sum(4 * int(np.prod(c["shape"] or [1])) for c in self.columns.values())
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) as int32 arrays of each column's shape."""
+        """Rows [start, stop) as int32 arrays of each column's shape (and the extra columns')."""
         parts = []
         first = int(np.searchsorted(self.file_starts, start, side="right") - 1)
         for index in range(first, len(self.files)):
@@ -44,7 +47,8 @@ class CachedSplit:
             if lo >= stop:
                 break
             parts.append(self._read_file(index, max(start, lo) - lo, min(stop, hi) - lo))
-        return {name: np.concatenate([p[name] for p in parts]) for name in self.columns}
+        rows = {name: np.concatenate([p[name] for p in parts]) for name in self.columns}
+        return rows | {name: values[start:stop] for name, values in self.extra.items()}
 
     def _read_file(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
         import pyarrow.parquet as pq
