@@ -372,7 +372,7 @@ def estimate(
     """Per-worker training memory for each strategy: weights, gradients, optimizer, activations."""
     from raylm.planning import memory, plan
 
-    teacher, terms = 0.0, {}
+    teacher, reference, terms = 0.0, 0.0, {}
     try:
         if spec_file:
             job = load_spec(spec_file, overrides)
@@ -385,7 +385,8 @@ def estimate(
             workers = workers or job.resources.max_workers
             precision = precision or job.train.precision
             dtype = dtype or job.model.dtype
-            batch = batch or job.train.batch_size
+            preference = plan.preference_terms(job)  # two answers per example, a reference copy
+            batch = batch or preference.get("batch", job.train.batch_size)
             seq_len = seq_len or job.data.seq_len
             if gradient_checkpointing is None:
                 gradient_checkpointing = job.train.gradient_checkpointing
@@ -395,6 +396,9 @@ def estimate(
             teacher = plan.teacher_terms(job).get("teacher", 0.0)
             # what `strategy: auto` counts for a fine-tuning method, and an explicit DeepSpeed's settings
             terms = {**plan.method_terms(job), **plan.deepspeed_terms(job.strategy)}
+            if "exclude" in preference:
+                terms["exclude"] = (*terms.get("exclude", ()), *preference["exclude"])
+            reference = preference.get("reference", 0.0)
         elif params:
             shape = memory.shape_from_params(params)
             flash_attention = True if flash_attention is None else flash_attention
@@ -421,6 +425,7 @@ def estimate(
             teacher,
             terms,
             gpu,
+            reference,
         )
     )
 

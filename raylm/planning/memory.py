@@ -13,7 +13,7 @@ buckets and ZeRO-3's gathered parameters, beside the 12/N bytes of master weight
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -41,6 +41,7 @@ class Breakdown:
 
     buckets: float = 0.0
     teacher: float = 0.0
+    reference: float = 0.0  # a preference run's frozen reference copy (full / freeze fine-tuning)
     host: float = 0.0  # offloaded optimizer state in host memory: not in the device's peak
     gradients_persist: bool = False  # DeepSpeed's gradient partitions live through backward too
 
@@ -51,12 +52,13 @@ class Breakdown:
         not add; the optimizer step's temporaries come with the gradients. DeepSpeed's gradient
         partitions instead persist (`gradients_persist`): they add to the larger of the activations and
         the step's temporaries. DDP's buckets hold one more copy (DeepSpeed's: its reduce bucket); a
-        distillation teacher's weights and output distributions come on top."""
+        distillation teacher's weights and output distributions, or a preference run's frozen reference
+        copy, come on top."""
         if self.gradients_persist:
             live = self.gradients + max(self.activations, self.temporary)
         else:
             live = max(self.activations, self.gradients + self.temporary)
-        return self.weights + self.optimizer + live + self.buckets + self.teacher
+        return self.weights + self.optimizer + live + self.buckets + self.teacher + self.reference
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -257,6 +259,7 @@ def estimate(
     zero: dict | None = None,
     offload_optimizer: bool = False,
     gpu: bool = False,
+    reference: float = 0.0,
 ) -> Breakdown:
     """Per-worker training memory of `shape` under `strategy` on `workers` data-parallel workers,
     with the weights loaded in `dtype` (model.dtype) and `precision` (train.precision). The ZeRO
@@ -270,7 +273,9 @@ def estimate(
     `weight_bits` per parameter when quantised (QLoRA: raylm.methods.qlora.QUANT_BITS). `flash_attention`: attention
     kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. fsdp and ZeRO-3 also hold the
     gathered weights of two blocks at a time (the one computing and the one prefetched). `teacher`:
-    bytes of a distillation teacher on every worker (teacher_bytes).
+    bytes of a distillation teacher on every worker (teacher_bytes). `reference`: bytes of a whole
+    frozen copy of the starting model (a preference run's reference for full / freeze fine-tuning),
+    sharded like the policy under fsdp and ZeRO-3, whole on every worker otherwise.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -279,20 +284,24 @@ def estimate(
     activations = activation_bytes(
         shape, batch, seq_len, "bf16" if mixed else "fp32", gradient_checkpointing, flash_attention
     )
+    held = reference / workers if strategy in ("fsdp", "zero3") else reference
     if strategy.startswith("zero"):
-        return zero_estimate(
-            shape,
-            int(strategy[-1]),
-            precision,
-            workers,
-            trained,
-            activations,
-            weight_bits,
-            dtype,
-            zero,
-            offload_optimizer,
-            teacher,
-            gpu,
+        return replace(
+            zero_estimate(
+                shape,
+                int(strategy[-1]),
+                precision,
+                workers,
+                trained,
+                activations,
+                weight_bits,
+                dtype,
+                zero,
+                offload_optimizer,
+                teacher,
+                gpu,
+            ),
+            reference=held,
         )
     weight_bytes, gradient_bytes, optimizer_bytes = bytes_per_parameter(strategy, precision, dtype)
     frozen = shape.params - trained
@@ -315,6 +324,7 @@ def estimate(
         temporary=(0 if gpu and strategy == "ddp" else trained * (optimizer_bytes // 2) / shard) + gathered,
         buckets=trained * gradient_bytes if strategy == "ddp" and workers > 1 else 0.0,
         teacher=teacher,
+        reference=held,
     )
 
 
@@ -346,6 +356,7 @@ def report(
     teacher: float = 0.0,
     method: dict | None = None,
     gpu: bool = False,
+    reference: float = 0.0,
 ) -> str:
     """A table of per-worker GiB by strategy, and which strategies fit in `gpu_memory_gb`. `method`:
     a fine-tuning method's terms (raylm.planning.plan.method_terms: trainable parameters, a quantised base's
@@ -368,10 +379,12 @@ def report(
             zero=method.get("zero"),
             offload_optimizer=method.get("offload_optimizer", False),
             gpu=gpu,
+            reference=reference,
         )
         for strategy in STRATEGIES
     }
     unit, scale = ("GiB", GiB) if breakdowns["ddp"].total >= GiB else ("MiB", 1024**2)
+    frozen_name = "teacher" if teacher else "reference" if reference else ""  # a frozen second model
     lines = [
         f"model: {shape.params / 1e6:,.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}); "
         f"{workers} worker(s), {precision} ({dtype} weights), batch {batch} x {seq_len} tokens"
@@ -385,6 +398,12 @@ def report(
             else ""
         )
         + (
+            f"; the preference objective's frozen reference copy adds {reference / scale:.2f} {unit} "
+            "(sharded under fsdp)"
+            if reference
+            else ""
+        )
+        + (
             f"; {method['trainable'] / 1e6:,.2f}M of them train"
             + (f", the frozen base in {method['weight_bits']:.3g} bits" if method.get("weight_bits") else "")
             if method.get("trainable") is not None
@@ -392,17 +411,22 @@ def report(
         ),
         "",
         f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}"
-        f"{'buckets':>9}{'peak ' + unit:>11}" + ("  fits" if gpu_memory_gb else ""),
+        f"{'buckets':>9}"
+        + (f"{frozen_name:>11}" if frozen_name else "")
+        + f"{'peak ' + unit:>11}"
+        + ("  fits" if gpu_memory_gb else ""),
     ]
     for strategy, b in breakdowns.items():
         row = (
             f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}"
-            f"{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.buckets / scale:>9.2f}{b.total / scale:>11.2f}"
+            f"{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.buckets / scale:>9.2f}"
+            + (f"{(b.teacher + b.reference) / scale:>11.2f}" if frozen_name else "")
+            + f"{b.total / scale:>11.2f}"
         )
         if gpu_memory_gb:
             row += "  yes" if b.total <= gpu_memory_gb * GiB else "  no"
         if strategy in method.get("exclude", ()):
-            row += "  (the method cannot run under it)"
+            row += "  (this job cannot run under it)"
         if b.host:
             row += f"  (+{b.host / scale:.2f} {unit} of optimizer state in host memory)"
         lines.append(row)
@@ -410,6 +434,7 @@ def report(
         "",
         "peak = weights + optimizer + the larger of activations and grads + temporary (the step's) + buckets"
         + (" + teacher" if teacher else "")
+        + (" + reference" if reference else "")
         + "; ZeRO rows: weights + optimizer + grads + the larger of activations and temporary + buckets "
         "(DeepSpeed's gradient partitions live through backward; its fp32 master partition is in optimizer, "
         "the fp32 gradients its step reads in temporary, its reduce bucket as raylm sizes it from hidden)"

@@ -57,6 +57,7 @@ def choose(
     dtype: str = "float32",
     teacher: float = 0.0,
     gpu: bool = False,
+    reference: float = 0.0,
 ) -> Choice:
     """`exclude`: strategies (ddp, zero1, zero2, fsdp, zero3) the job's method cannot run under."""
     budget = memory_bytes * headroom
@@ -78,6 +79,7 @@ def choose(
             dtype=dtype,
             teacher=teacher,
             gpu=gpu,
+            reference=reference,
         ).total
         if needed <= budget:
             rejected = "; ".join(f"{k} needs {size(n)}" for k, n in tried)
@@ -171,7 +173,9 @@ def _job_terms(job) -> dict:
         **method_terms(job),
         **teacher_terms(job),
     }
-    excluded = list(terms.get("exclude", ()))
+    preference = preference_terms(job)
+    excluded = list(terms.get("exclude", ())) + list(preference.pop("exclude", ()))
+    terms.update(preference)
     if job.train.precision == "fp16":  # fsdp has no fp16 loss scaling here (an explicit fsdp is refused)
         excluded.append("fsdp")
     if job.model.dtype != "float32" and job.trains_base_weights:  # ddp keeps no float32 master copy
@@ -227,6 +231,22 @@ def teacher_terms(job) -> dict:
             shape_from_config(config), job.model.dtype, job.train.batch_size, job.data.seq_len
         )
     }
+
+
+def preference_terms(job) -> dict:
+    """What a preference objective changes in the estimate: two sequences per example (the chosen and
+    the rejected answer: twice the activations of a batch), and for full / freeze fine-tuning with a
+    live reference its frozen copy of the starting model, which ZeRO-3 cannot shard here."""
+    if job.kind != "finetune" or job.preference is None:
+        return {}
+    terms: dict = {"batch": 2 * job.train.batch_size}
+    spec = job.preference
+    if spec.uses_reference and not spec.precompute_reference and job.trains_base_weights:
+        from raylm.planning.memory import shape_of_job
+
+        terms["reference"] = shape_of_job(job).params * (4 if job.model.dtype == "float32" else 2)
+        terms["exclude"] = ("zero3",)
+    return terms
 
 
 def method_terms(job) -> dict:

@@ -29,7 +29,7 @@ def train_loop(config: dict) -> dict | None:
     from raylm.train import checkpoint, hostmem, metrics, preemption, strategies
     from raylm.train.metrics import MetricsLog, emit
     from raylm.train.preference import is_preference, preference_row
-    from raylm.train.reader import CachedSplit, TrainShard, val_batches
+    from raylm.train.reader import CachedSplit, TrainShard, to_longest, val_batches
 
     # ---- setup -------------------------------------------------------------------------------
     job, kind = config["job"], config["kind"]
@@ -381,18 +381,6 @@ def drop_stage(stage: Path, config: dict) -> None:
 
     if not config["stage_dir"]:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def to_longest(batch: dict) -> dict:
-    """A right-padded supervised batch cut to its longest example (dynamic padding): the positions
-    removed are padding on every row (attention 0, label ignored), so the loss is unchanged."""
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return batch  # packed pretraining blocks: every position is a token
-    width = int(mask.reshape(-1, mask.shape[-1]).sum(dim=1).max())
-    if width == mask.shape[-1]:
-        return batch
-    return {k: v[..., :width] if v.shape == mask.shape else v for k, v in batch.items()}
 
 
 def real_tokens(batch: dict) -> int:

@@ -174,3 +174,15 @@ def val_batches(split: CachedSplit, rank: int, world: int, batch_size: int, limi
             return
         rows = split.read(start, min(start + chunk, usable))
         yield {k: v[rank::world] for k, v in rows.items()}
+
+
+def to_longest(batch: dict) -> dict:
+    """A right-padded supervised batch cut to its longest example (dynamic padding): the positions
+    removed are padding on every row (attention 0, label ignored), so the loss is unchanged."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch  # packed pretraining blocks: every position is a token
+    width = int(mask.reshape(-1, mask.shape[-1]).sum(dim=1).max())
+    if width == mask.shape[-1]:
+        return batch
+    return {k: v[..., :width] if v.shape == mask.shape else v for k, v in batch.items()}

@@ -100,9 +100,8 @@ def reference_logps(job, tokenizer, where: str, split: str, info: dict, start: i
 
     from raylm.runtime import storage
     from raylm.train.base_model import base_model
-    from raylm.train.loop import to_longest
     from raylm.train.preference import answer_logps, without_dropout
-    from raylm.train.reader import CachedSplit
+    from raylm.train.reader import CachedSplit, to_longest
     from raylm.train.strategies import autocast
 
     problems = storage.localize_inputs(job)

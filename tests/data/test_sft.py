@@ -115,7 +115,7 @@ def test_dynamic_padding_leaves_the_loss_unchanged(tokenizer, sft_base):
 
     from raylm.data.sft import collate
     from raylm.data.tasks import generate
-    from raylm.train.loop import to_longest
+    from raylm.train.reader import to_longest
 
     spec = SFTDataSpec(generate={"task": "arithmetic"}, seq_len=64)
     rows = [encode(r["prompt"], r["completion"], tokenizer, spec) for r in generate("arithmetic", 6, 3)]
