@@ -71,9 +71,12 @@ def _workplace_data_missing(job) -> bool:
 
 
 def _after_another_example(job) -> bool:
-    """Fine-tuning, compression and evaluation examples (and searches) start from the quickstart's output
-    (runs/...), made by running it first."""
-    return job.kind not in ("pretrain", "pipeline") and any(p.startswith("runs/") for p in _model_paths(job))
+    """Fine-tuning, compression and evaluation examples (and searches, and pipelines whose first stage
+    reads it) start from the quickstart's output (runs/...), made by running it first."""
+    if job.kind == "pipeline":  # a model from outside the pipeline's own stages
+        own = job.output.path.rstrip("/") + "/"
+        return any(p.startswith("runs/") and not p.startswith(own) for p in _model_paths(job))
+    return job.kind != "pretrain" and any(p.startswith("runs/") for p in _model_paths(job))
 
 
 def _launcher(path: Path) -> bool:

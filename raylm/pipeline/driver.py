@@ -506,7 +506,8 @@ def key_metrics(summary: dict) -> dict:
     if kind == "serve":
         return {"url": summary.get("url")}
     metrics = summary.get("metrics") or {}
-    found = {k: metrics[k] for k in ("val_loss", "val_ppl", "val_accuracy") if k in metrics}
+    names = ("val_loss", "val_ppl", "val_accuracy", "reward_accuracy", "reward_margin")
+    found = {k: metrics[k] for k in names if k in metrics}
     exact = (summary.get("exact_match") or {}).get("exact_match")
     if exact is not None:
         found["exact_match"] = exact

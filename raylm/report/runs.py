@@ -87,6 +87,11 @@ def _headline(summary: dict, rows: list[dict]) -> str | None:
         stages = summary.get("stages") or {}
         return f"{sum(s.get('status') == 'complete' for s in stages.values())}/{len(stages)} stages complete"
     exact = (summary.get("exact_match") or {}).get("exact_match")
+    rewards = (summary.get("metrics") or {}).get("reward_accuracy")
+    if rewards is not None:  # a preference run
+        return f"reward accuracy {_fmt(rewards)}" + (
+            f", exact match {_fmt(exact)}" if exact is not None else ""
+        )
     if exact is not None:
         return f"exact match {_fmt(exact)}"
     metrics = summary.get("metrics") or (rows[-1] if rows else {})

@@ -130,6 +130,9 @@ def _training(run: str, summary: dict, info: dict) -> list[tuple[str, str]]:
         plots_html = [
             page.image(plots.curves(_series(rows, "loss", "val_loss"), "loss"), "loss and validation loss")
         ]
+        if any("reward_accuracy" in r for r in rows):  # a preference objective's held-out pairs
+            rewards = _series(rows, "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy")
+            plots_html.append(page.image(plots.curves(rewards, "reward"), "preference rewards and accuracy"))
         if any("lr" in r for r in rows):
             plots_html.append(page.image(plots.curves(_series(rows, "lr"), "learning rate"), "learning rate"))
         if any("tokens_per_s" in r for r in rows):

@@ -206,3 +206,57 @@ def test_missing_target_modules_are_refused_by_preflight(sft_base):
         "no module named 'query'" in problems["method.target_modules"]
         and "q_proj" in problems["method.target_modules"]
     )
+
+
+PAIRS = {
+    "kind": "finetune",
+    "model": {"path": "runs/base/model"},
+    "method": {"name": "lora"},
+    "data": {"path": "pairs.jsonl", "format": "preference"},
+    "output": "runs/dpo",
+}
+
+
+@pytest.mark.parametrize(
+    "changes, where, says",
+    [
+        ({"data": {"path": "sft.jsonl"}, "preference": {}}, "spec", "set data.format: preference"),
+        ({"preference": {"objective": "kto"}}, "spec", "objective kto learns from unpaired examples"),
+        ({"preference": {"label_smoothing": 0.1}}, "preference", "set objective: robust"),
+        ({"preference": {"objective": "orpo", "precompute_reference": True}}, "preference", "no reference"),
+        ({"preference": {"objective": "orpo", "sft_weight": 1}}, "preference", "has its own"),
+        ({"method": {"name": "lora", "bias": "all"}}, "spec", "set train_norms: false / bias: none"),
+        ({"method": "full", "strategy": {"name": "deepspeed", "stage": 3}}, "spec", "use fsdp"),
+        (
+            {"data": {"path": "pairs.jsonl", "format": "preference", "loss_on": "all"}},
+            "data",
+            "remove loss_on",
+        ),
+    ],
+)
+def test_preference_specs_that_cannot_run_name_the_field_and_the_fix(tmp_path, changes, where, says):
+    found = problems(tmp_path, {**PAIRS, **changes})
+    assert where in found and says in found[where], found
+
+
+def test_preference_defaults_and_searches(tmp_path):
+    job = load_spec(write(tmp_path, PAIRS))
+    assert job.preference.objective == "dpo" and job.preference.scale == 0.1
+    kto = load_spec(write(tmp_path, {**PAIRS, "data": {"path": "f.jsonl", "format": "kto"}}))
+    assert kto.preference.objective == "kto"
+    assert load_spec(write(tmp_path, {**PAIRS, "preference": {"objective": "simpo"}})).preference.scale == 2.0
+    search = {
+        "kind": "tune",
+        "base": PAIRS,
+        "search": {"preference.objective": {"grid": ["dpo", "ipo"]}, "preference.beta": {"grid": [0.1, 0.3]}},
+        "metric": "reward_accuracy",
+        "output": "runs/search",
+    }
+    assert load_spec(write(tmp_path, search)).metric == "reward_accuracy"
+    assert "do not compare" in problems(tmp_path, {**search, "metric": "val_loss"})["spec"]
+    sft = {
+        **search,
+        "base": {**PAIRS, "data": {"path": "sft.jsonl"}},
+        "search": {"train.lr": {"grid": [1e-3]}},
+    }
+    assert "scores preference data" in problems(tmp_path, sft)["spec"]

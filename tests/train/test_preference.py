@@ -272,13 +272,24 @@ def test_kto_equals_trls_kto_trainer():
     compare(lambda logits: our_loss(spec, logits.reshape(B * 2, L, V), batch, reference), theirs)
 
 
-def test_an_adapter_methods_reference_is_the_base_model(sft_base):
-    """LoRA with a non-identity update: the reference's log-probabilities (adapters switched off) equal
-    the base model's own forward, the policy's do not, and the policy is back in training mode."""
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "lora", "r": 4},
+        {"name": "ia3"},
+        {"name": "prompt", "num_virtual_tokens": 3},
+        {"name": "adapter", "bottleneck": 8},
+    ],
+    ids=lambda m: m["name"],
+)
+def test_an_adapter_methods_reference_is_the_base_model(sft_base, method):
+    """An adapter method with a non-identity update: the reference's log-probabilities (its adapters
+    switched off) equal the base model's own forward, the policy's do not, and the policy is back in
+    training mode with its adapters on."""
+    from pydantic import TypeAdapter
     from transformers import AutoModelForCausalLM
 
     from raylm import methods
-    from raylm.methods.lora import LoraMethod
     from raylm.train.preference import adapters_off, answer_logps
 
     batch = pairs_batch()
@@ -289,17 +300,18 @@ def test_an_adapter_methods_reference_is_the_base_model(sft_base):
         logits = base(input_ids=batch["input_ids"].reshape(B * 2, L)).logits
     expected = trl_token_logps(logits, batch["labels"].reshape(B * 2, L)).sum(-1).reshape(B, 2)
 
-    policy = methods.apply(AutoModelForCausalLM.from_pretrained(sft_base), LoraMethod(name="lora", r=4))
+    spec = TypeAdapter(methods.MethodSpec).validate_python(method)
+    policy = methods.apply(AutoModelForCausalLM.from_pretrained(sft_base), spec)
     torch.manual_seed(0)
-    for name, param in policy.named_parameters():
-        if "lora_B" in name:
+    for param in policy.parameters():
+        if param.requires_grad:  # away from the identity (LoRA's B and the adapters' up start at 0)
             param.data.normal_(std=0.5)
     policy.train()
-    reference = adapters_off(methods.reference("lora"))(policy, batch)
+    reference = adapters_off(methods.reference(method["name"]))(policy, batch)
     torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
     assert not reference.requires_grad and policy.training
     trained, _, _ = answer_logps(policy, batch)
-    assert (trained - expected).abs().max() > 1e-2
+    assert (trained - expected).abs().max() > 1e-2  # the adapters are on again
 
 
 # ---- the rows ----------------------------------------------------------------------------------
