@@ -236,7 +236,7 @@ def teacher_terms(job) -> dict:
 def preference_terms(job) -> dict:
     """What a preference objective changes in the estimate: two sequences per example (the chosen and
     the rejected answer: twice the activations of a batch), and for full / freeze fine-tuning with a
-    live reference its frozen copy of the starting model, which ZeRO-3 cannot shard here."""
+    live reference its frozen copy of the starting model (sharded under fsdp and ZeRO-3)."""
     if job.kind != "finetune" or job.preference is None:
         return {}
     terms: dict = {"batch": 2 * job.train.batch_size}
@@ -245,7 +245,6 @@ def preference_terms(job) -> dict:
         from raylm.planning.memory import shape_of_job
 
         terms["reference"] = shape_of_job(job).params * (4 if job.model.dtype == "float32" else 2)
-        terms["exclude"] = ("zero3",)
     return terms
 
 

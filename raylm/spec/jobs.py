@@ -179,22 +179,11 @@ class FinetuneJob(TrainingJob):
         changes_base = (
             getattr(self.method, "train_norms", False) or getattr(self.method, "bias", "none") != "none"
         )
-        if self.preference.uses_reference and changes_base:
+        if self.preference.uses_reference and changes_base and not self.trains_base_weights:
             raise ValueError(
                 f"preference.objective {self.preference.objective} compares the policy with the base, which "
                 f"method {self.method.name} gets by switching its adapter off; with trained norms or biases "
                 "the base itself changes: set train_norms: false / bias: none, or use objective orpo or simpo"
-            )
-        if (
-            self.preference.uses_reference
-            and self.trains_base_weights
-            and getattr(self.strategy, "stage", None) == 3
-        ):
-            raise ValueError(
-                f"preference.objective {self.preference.objective} with method {self.method.name} under "
-                "ZeRO-3: the frozen reference copy is not sharded by DeepSpeed yet; use fsdp (which shards "
-                "it like the policy), ZeRO-1/2, an adapter method (its reference is the base: no copy), "
-                "or objective orpo / simpo (no reference)"
             )
         return self
 

@@ -124,24 +124,29 @@ class Finetune:
 
 def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
     """A frozen copy of the starting model for full / freeze preference runs, held like the policy:
-    sharded under fsdp (complete on rank 0 only while sharding), whole on each rank otherwise, in the
-    policy's dtype."""
+    sharded under fsdp and partitioned under ZeRO-3 (complete on rank 0 only while sharding), whole on
+    each rank otherwise, in the policy's dtype."""
     from pydantic import TypeAdapter
 
     from raylm.spec.strategies import StrategySpec
     from raylm.train.preference import without_dropout
+    from raylm.train.strategies import fills_from_rank0
 
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])
-    sharded = plan.name == "fsdp"
-    copy = base_model(job, tokenizer, device if not sharded else _host(), config["empty"] and sharded)
+    sharded = fills_from_rank0(plan)  # fsdp, ZeRO-3: rank 0 builds it whole, the others its structure
+    copy = base_model(job, tokenizer, _host() if sharded else device, config["empty"])
     copy.requires_grad_(False)
     if job.preference.disable_dropout:
         without_dropout(copy)
-    if sharded:
+    if plan.name == "fsdp":
         from raylm.train.strategies import fsdp
 
         fsdp.shard_from_rank0(copy, fsdp.options_of(plan, job.train, device), plan, job.train, device)
         return copy
+    if sharded:
+        from raylm.train.strategies import deepspeed
+
+        return deepspeed.frozen_zero3(copy, plan, job.train, device)
     return copy.to(device=device, dtype=next(engine.module.parameters()).dtype)
 
 

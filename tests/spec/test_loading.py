@@ -226,7 +226,6 @@ PAIRS = {
         ({"preference": {"objective": "orpo", "precompute_reference": True}}, "preference", "no reference"),
         ({"preference": {"objective": "orpo", "sft_weight": 1}}, "preference", "has its own"),
         ({"method": {"name": "lora", "bias": "all"}}, "spec", "set train_norms: false / bias: none"),
-        ({"method": "full", "strategy": {"name": "deepspeed", "stage": 3}}, "spec", "use fsdp"),
         (
             {"data": {"path": "pairs.jsonl", "format": "preference", "loss_on": "all"}},
             "data",

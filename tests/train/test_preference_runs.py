@@ -1,7 +1,7 @@
 """Preference tuning on real local Ray: LoRA DPO (+ the chosen answers' NLL) on the generated copy task,
 starting from a briefly supervised model, under ddp with the live reference (the adapter switched
-off) and under fsdp with the reference precomputed; full fine-tuning under fsdp with a sharded frozen
-reference copy."""
+off) and under fsdp with the reference precomputed; full fine-tuning under fsdp and ZeRO-3 with a
+sharded frozen reference copy."""
 
 import json
 import math
@@ -116,15 +116,16 @@ def test_dpo_under_fsdp_with_a_precomputed_reference_ends_where_ddp_with_the_liv
         assert fsdp["metrics"][key] == pytest.approx(ddp["metrics"][key], abs=1e-4)
 
 
-def test_full_finetuning_under_fsdp_starts_at_its_sharded_reference(ray_local, supervised_start, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp", {"name": "deepspeed", "stage": 3}], ids=["fsdp", "zero3"])
+def test_full_finetuning_starts_at_its_sharded_reference(ray_local, supervised_start, tmp_path, strategy):
     """Full fine-tuning keeps a frozen copy of the starting model as its reference, sharded over the
-    2 workers like the policy: at the first step the two are equal, so every pair's DPO loss is
-    -log sigmoid(0) = log 2, whatever the data."""
+    2 workers like the policy (FSDP2's shards, ZeRO-3's partitions): at the first step the two are
+    equal, so every pair's DPO loss is -log sigmoid(0) = log 2, whatever the data."""
     spec = dpo_spec(
         supervised_start,
         tmp_path / "run",
         method="full",
-        strategy="fsdp",
+        strategy=strategy,
         preference={"sft_weight": 0.0},
         train={"max_steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2, "lr": 1e-3},
         eval={"exact_match_examples": 0},
@@ -133,7 +134,7 @@ def test_full_finetuning_under_fsdp_starts_at_its_sharded_reference(ray_local, s
     rows = [row for row in read_metrics(tmp_path / "run") if "loss" in row]
     assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # the policy moved
-    assert summary["strategy"]["name"] == "fsdp"
+    assert summary["strategy"]["name"] == (strategy["name"] if isinstance(strategy, dict) else strategy)
     assert (
         json.loads((tmp_path / "run" / "summary.json").read_text())["parameters"]["trainable_percent"] == 100
     )

@@ -153,6 +153,19 @@ def partition_from_rank0(model, settings: dict, device) -> None:
                 module._buffers[name] = buffer.to(device)
 
 
+def frozen_zero3(model, strategy, train, device):
+    """A frozen model partitioned like the policy under ZeRO-3 (a preference run's reference copy):
+    partitioned from rank 0 as the policy is, then wrapped by a DeepSpeed engine without an optimizer,
+    whose hooks gather each module's parameters for its forward. Returns the module to call."""
+    import deepspeed
+
+    settings = config(strategy, train, train.precision, model.config.get_text_config().hidden_size)
+    settings.pop("optimizer", None)
+    partition_from_rank0(model, settings, device)
+    engine, *_ = deepspeed.initialize(model=model, config=settings, dist_init_required=False)
+    return engine.module
+
+
 def setup(model, strategy, train, total_steps: int, device, make_optimizer=None, rebuild=None):
     import deepspeed
     import torch
