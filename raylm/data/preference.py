@@ -77,9 +77,9 @@ def render_prompt(prompt, spec: SFTDataSpec, tokenizer, before: list | None = No
     template with its generation prompt."""
     if isinstance(prompt, str) and not before:
         return prompt
-    messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)) + (
-        before or []
-    )
+    messages = (
+        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _prompt_messages(prompt)
+    ) + (before or [])
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, chat_template=spec.chat_template
     )
@@ -89,11 +89,25 @@ def _messages(value) -> list[dict]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
 
 
+def _prompt_messages(prompt) -> list[dict]:
+    try:
+        return _messages(prompt)
+    except (KeyError, TypeError):
+        raise BadExample(
+            f"a prompt {_shown(prompt)} is neither text nor {{role, content}} messages"
+        ) from None
+
+
 def split_answer(answer, field: str, prompt) -> tuple[str, list]:
     """(the answer's text, the messages before it that join the prompt)."""
     if isinstance(answer, str):
         return answer, []
-    messages = _messages(answer)
+    try:
+        messages = _messages(answer)
+    except (KeyError, TypeError):
+        raise BadExample(
+            f"the example with prompt {_shown(prompt)}: {field} must be text or {{role, content}} messages"
+        ) from None
     if not messages or messages[-1]["role"] != "assistant":
         raise BadExample(
             f"the example with prompt {_shown(prompt)}: {field} must be text or messages ending with an "
@@ -107,10 +121,14 @@ def example_texts(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, list[st
     prompt = row[spec.prompt_field]
     if isinstance(prompt, np.ndarray):
         prompt = list(prompt)
+    if not isinstance(prompt, (str, list)):
+        raise BadExample(f"an example's {spec.prompt_field} is {prompt!r}: text or chat messages expected")
     fields = [spec.completion_field] if spec.format == "kto" else [spec.chosen_field, spec.rejected_field]
     answers, before = [], None
     for field in fields:
         value = row[field]
+        if not isinstance(value, (str, list, np.ndarray)):
+            raise BadExample(f"the example with prompt {_shown(prompt)}: no {field} answer (found {value!r})")
         text, earlier = split_answer(list(value) if isinstance(value, np.ndarray) else value, field, prompt)
         if not text.strip():
             raise BadExample(f"the example with prompt {_shown(prompt)}: its {field} answer is empty")

@@ -161,10 +161,12 @@ class FinetuneJob(TrainingJob):
 
     @model_validator(mode="after")
     def _preference_fits_the_data(self) -> FinetuneJob:
+        if self.preference is None and self.data.preference:
+            self.preference = PreferenceSpec()
         if self.preference is None:
-            if self.data.preference:
-                self.preference = PreferenceSpec(objective="kto" if self.data.format == "kto" else "dpo")
             return self
+        if self.preference.objective is None:  # the data's own objective
+            self.preference.objective = "kto" if self.data.format == "kto" else "dpo"
         if not self.data.preference:
             raise ValueError(
                 "preference: trains on preferred and rejected answers: set data.format: preference "

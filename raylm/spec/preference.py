@@ -37,10 +37,10 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1, "orpo": 0.1
 class PreferenceSpec(Section):
     """Preference optimisation: the objective and its settings."""
 
-    objective: Literal["dpo", "ipo", "hinge", "robust", "orpo", "simpo", "kto"] = Field(
-        "dpo",
+    objective: Literal["dpo", "ipo", "hinge", "robust", "orpo", "simpo", "kto"] | None = Field(
+        None,
         description="dpo (sigmoid), ipo, hinge, robust (DPO with label smoothing), orpo and simpo (no "
-        "reference model), kto (unpaired, data.format: kto).",
+        "reference model), kto (unpaired, data.format: kto). Default: dpo, for kto data kto.",
     )
     beta: float | None = Field(
         None,

@@ -370,9 +370,11 @@ def test_preference_rows_score_the_answers_and_refuse_what_cannot_train(sft_base
         {"prompt": "Say: a long prompt\nA:", "chosen": " x", "rejected": " y"}, seq_len=8
     )
     assert "'Say: x\\nA:'" in problem({"prompt": "Say: x\nA:", "chosen": " x", "rejected": ""})
-    assert (
-        tokenized([{"prompt": "p", "chosen": " same", "rejected": " same"}], spec) == []
-    )  # nothing to learn
+    assert "no rejected answer (found None)" in problem({"prompt": "p", "chosen": " a", "rejected": None})
+    bad_prompt = {"prompt": [{"x": 1}], "chosen": " a", "rejected": " b"}
+    assert "neither text nor {role, content} messages" in problem(bad_prompt)
+    same = [{"prompt": "p", "chosen": " same", "rejected": " same"}]
+    assert tokenized(same, spec) == []  # nothing to learn
     kto = spec.model_copy(update={"format": "kto"})
     assert "label 'yes' is not true or false" in problem(
         {"prompt": "p", "completion": " a", "label": "yes"}, format="kto"
