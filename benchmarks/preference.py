@@ -6,14 +6,15 @@ estimate.
     python benchmarks/preference.py --parts quality --steps 120
 
 Quality: the generated copy task ("Say: kite\\nA:" -> " kite"; DPO's rejected answer is the word
-misspelt). A 4-layer Llama pretrained on the generated stories (BPE 512, set-up, not measured), then a
-short supervised LoRA run merged into it: the common starting point. From it, with the same budget
+misspelt). A 4-layer Llama pretrained on the generated stories (BPE 512, set-up, not measured), then
+100 steps of full supervised fine-tuning on the chosen answers: the common starting point. From it, with the same budget
 (steps x 16 examples, LoRA r 8, one worker with 2 CPUs, the same lr): more supervised fine-tuning on the
-chosen answers; DPO; DPO + the chosen answers' NLL (sft_weight 1, RPO). Measured on held-out data:
-exact match of greedy answers (raylm's summary), reward accuracy on 400 held-out pairs (the share whose
-chosen answer gains more log-probability over the starting point than the rejected one, ties half:
-the same for every run, computed here with transformers + PEFT), and training tokens/s and examples/s
-(a DPO example is two sequences, and the live reference adds a forward pass).
+chosen answers; DPO; DPO + the chosen answers' NLL (sft_weight 1, RPO). Measured here, the same way for
+every run, with transformers + PEFT on 400 pairs of a seed no run trained on (their words are the
+training data's): exact match of greedy answers (generate, up to 6 tokens) against the chosen ones,
+and reward accuracy (the share of pairs whose chosen answer gains more log-probability over the
+starting point than the rejected one, ties half); and the runs' training tokens/s and examples/s (a
+DPO example is two sequences, and the live reference adds a forward pass).
 
 Memory: a 40.6M-parameter Llama (12 layers, hidden 512, vocab 2048), full fine-tuning with DPO, 2 CPU
 workers under ddp, batch 4 pairs x 128 tokens padded to the full length, 3 steps: the reference as a
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_methods import pretrain_base  # noqa: E402  (the same base as the methods benchmark)
 
 LR = 2e-3
+START_STEPS = 100  # full fine-tuning on the chosen answers: the supervised starting point
 ARCH = {"family": "llama", "layers": 12, "heads": 8, "hidden": 512, "intermediate": 1408, "context": 128}
 BATCH, SEQ = 4, 128
 
@@ -75,7 +77,8 @@ def run(job: dict, folder: Path) -> dict:
 
 
 def held_out_pairs(tokenizer, count: int):
-    """Pairs of a seed no run trained on, as preference rows (torch tensors)."""
+    """Pairs of a seed no run trained on (its words are the training data's: a run that has seen
+    none of a prompt's word cannot copy it), as examples and as preference rows (torch tensors)."""
     import numpy as np
     import torch
 
@@ -87,11 +90,8 @@ def held_out_pairs(tokenizer, count: int):
     rows = generated(generate("copy", count, 12345, 2), spec)
     batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
     (out,) = preference_rows(batch, tokenizer, spec)
-    return {
-        k: torch.from_numpy(v).long()
-        for k, v in out.items()
-        if k in ("input_ids", "labels", "attention_mask")
-    }
+    keys = ("input_ids", "labels", "attention_mask")
+    return rows, {k: torch.from_numpy(v).long() for k, v in out.items() if k in keys}
 
 
 def answer_logps(model, pairs):
@@ -110,13 +110,39 @@ def answer_logps(model, pairs):
     return picked.sum(-1).reshape(b, c)
 
 
-def reward_accuracy(start: Path, adapter: Path, pairs) -> float:
+def exact_match(model, tokenizer, rows: list[dict]) -> float:
+    """Greedy answers (transformers' generate, up to 6 tokens or EOS) equal to the chosen answers."""
+    import torch
+
+    right = 0
+    for row in rows:
+        ids = torch.tensor(
+            [[tokenizer.bos_token_id, *tokenizer(row["prompt"], add_special_tokens=False).input_ids]]
+        )
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0
+            )
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        right += answer.strip() == row["chosen"].strip()
+    return right / len(rows)
+
+
+def measured(start: Path, adapter: Path | None, pairs, rows, tokenizer) -> dict:
+    """Exact match on the held-out prompts and reward accuracy on their pairs (policy: the start
+    with `adapter`, or the start itself)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     reference = answer_logps(AutoModelForCausalLM.from_pretrained(start).eval(), pairs)
-    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(start), str(adapter)).eval()
+    policy = AutoModelForCausalLM.from_pretrained(start).eval()
+    if adapter is not None:
+        policy = PeftModel.from_pretrained(policy, str(adapter)).eval()
     ratios = answer_logps(policy, pairs) - reference
+    return {"exact_match": exact_match(policy, tokenizer, rows), "reward_accuracy": accuracy(ratios)}
+
+
+def accuracy(ratios) -> float:
     return float(
         (ratios[:, 0] > ratios[:, 1]).float().mean() + 0.5 * (ratios[:, 0] == ratios[:, 1]).float().mean()
     )
@@ -127,18 +153,14 @@ def quality(scratch: Path, steps: int) -> dict:
 
     base = scratch / "base"
     pretrain_base(base, 600)
-    start = run(
-        finetune(
-            base,
-            scratch / "supervised-start",
-            40,
-            {},
-            output={"path": str(scratch / "supervised-start"), "merge": True},
-        ),
-        scratch,
-    )
-    start_model = Path(start["merged"])
-    pairs = held_out_pairs(AutoTokenizer.from_pretrained(start_model), 400)
+    start_job = finetune(base, scratch / "supervised-start", START_STEPS, {}, method={"name": "full"})
+    start_job["train"]["lr"] = 1e-3
+    start = run(start_job, scratch)
+    start_model = Path(start["artifact"])
+    tokenizer = AutoTokenizer.from_pretrained(start_model)
+    examples, pairs = held_out_pairs(tokenizer, 400)
+    before = measured(start_model, None, pairs, examples, tokenizer)
+    print(json.dumps({"start": before}), flush=True)
     preference = {"format": "preference"}
     variants = {
         "supervised (chosen answers)": finetune(start_model, scratch / "sft", steps, {}),
@@ -157,26 +179,46 @@ def quality(scratch: Path, steps: int) -> dict:
     for name, job in variants.items():
         summary = run(job, scratch)
         throughput = summary["throughput"]
-        examples = summary["steps"] * 16
+        trained = summary["steps"] * 16
+        after = measured(start_model, Path(summary["artifact"]), pairs, examples, tokenizer)
         rows.append(
             {
                 "variant": name,
-                "exact_match_start": summary["exact_match_before"]["exact_match"],
-                "exact_match": summary["exact_match"]["exact_match"],
-                "reward_accuracy": reward_accuracy(start_model, Path(summary["artifact"]), pairs),
+                "exact_match_start": before["exact_match"],
+                "exact_match": after["exact_match"],
+                "reward_accuracy_start": before["reward_accuracy"],
+                "reward_accuracy": after["reward_accuracy"],
                 "tokens_per_s": throughput["tokens_per_s"],
-                "examples_per_s": examples / throughput["seconds"],
+                "examples_per_s": trained / throughput["seconds"],
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     return {"steps": steps, "batch": 16, "lr": LR, "held_out_pairs": 400, "rows": rows}
 
 
-def memory_job(output: Path, precompute: bool) -> dict:
+def memory_model(folder: Path) -> Path:
+    """The 40.6M-parameter Llama, randomly initialised (set-up, not measured), with a character
+    tokenizer of the generated words."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raylm.data.corpus import stories
+    from raylm.data.tokenizer import train_tokenizer
+    from raylm.planning.models import architecture_config
+    from raylm.spec.sections import Architecture
+
+    tokenizer = train_tokenizer(list(stories(200, seed=0)) + ["Say:"], "char", 0)
+    torch.manual_seed(0)
+    config = architecture_config(Architecture(**ARCH, vocab_size=2048), 2048, tokenizer)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def memory_job(model: Path, output: Path, precompute: bool) -> dict:
     return {
         "kind": "finetune",
-        "model": {"architecture": {**ARCH, "vocab_size": 2048}},
-        "tokenizer": {"train": {"type": "char"}},
+        "model": {"path": str(model)},
         "method": {"name": "full"},
         "data": {
             "generate": {"task": "copy", "examples": 400},
@@ -204,8 +246,9 @@ def memory(scratch: Path) -> dict:
     from raylm.spec.loading import validate_dict
 
     cells = []
+    model = memory_model(scratch / "memory-model")
     for precompute in (False, True):
-        spec = memory_job(scratch / f"memory-{'precomputed' if precompute else 'live'}", precompute)
+        spec = memory_job(model, scratch / f"memory-{'precomputed' if precompute else 'live'}", precompute)
         summary = run(spec, scratch)
         job = validate_dict(spec)
         terms = preference_terms(job)
