@@ -195,7 +195,7 @@ def train_loop(config: dict) -> dict | None:
                 loss = engine.loss(batch, items=torch.tensor(float(max(n, 1)), device=device))
                 totals[:2] += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
             if answer_during_training:
-                totals[4:] += torch.tensor(answered(), dtype=torch.float64, device=device)
+                totals[4:6] += torch.tensor(answered(), dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(totals)
         engine.model.train()
