@@ -5,7 +5,7 @@ estimate.
     python benchmarks/preference.py                       # both parts: benchmarks/results/preference.json
     python benchmarks/preference.py --parts quality --steps 120
 
-Quality: the generated copy task ("Say: kite\\nA:" -> " kite"; DPO's rejected answer is the word
+Quality: the generated copy task ("17. Say: kite\\nA:" -> " kite"; DPO's rejected answer is the word
 misspelt). A 4-layer Llama pretrained on the generated stories (BPE 512, set-up, not measured), then
 100 steps of full supervised fine-tuning on the chosen answers: the common starting point. From it, with the same budget
 (steps x 16 examples, LoRA r 8, one worker with 2 CPUs, the same lr): more supervised fine-tuning on the

@@ -115,10 +115,11 @@ def write(where: str, rows, val_limit: int | None = None) -> dict:
     prefix = f"{attempt}-" if in_place else ""
     writers = {split: _SplitWriter(fs, f"{target}/{split}", prefix) for split in ("train", "val")}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-        if "bad" in batch:  # an example that cannot be used, found by a tokenizing task
+        bad = [str(b) for b in batch.pop("bad", ()) if b]  # examples that cannot be used
+        if bad:
             if not in_place and fs.get_file_info(target).type != pafs.FileType.NotFound:
                 fs.delete_dir(target)
-            raise BadExample(str(batch["bad"][0]))
+            raise BadExample(bad[0])
         is_val = batch.pop("val").astype(bool)
         writers["train"].add({k: v[~is_val] for k, v in batch.items()})
         room = None if val_limit is None else max(0, val_limit - writers["val"].rows)

@@ -15,8 +15,8 @@ rejected answer (`pair`), or for KTO the completion and the same prompt with ano
 completion (`desirable`), from which the KL term's estimate comes (TRL rotates completions the same
 way). A generated task gives its right answer as chosen and a wrong one as rejected.
 
-An example goes to the validation split by a hash of its prompt and answers. An example that cannot
-train is an error naming it, found while tokenizing (before any training
+An example goes to the validation split by a hash of its prompt (all pairs of a prompt together). An
+example that cannot train is an error naming it, found while tokenizing (before any training
 worker starts): an empty answer, a prompt that leaves no room for the answer in data.seq_len. A pair
 whose two answers are equal teaches nothing and is left out; data where every pair is such is an error.
 """
@@ -152,10 +152,10 @@ def encoded_answer(prompt: str, answer: str, tokenizer, spec: SFTDataSpec) -> tu
     return ids, labels
 
 
-def held(prompt: str, answers: list[str], spec: SFTDataSpec) -> bool:
-    """In the validation split, by a hash of the whole example (prompt and answers), as supervised
-    examples are split by prompt and response."""
-    return is_val(prompt, "\x00".join(answers), spec.val_fraction)
+def held(prompt: str, spec: SFTDataSpec) -> bool:
+    """In the validation split, by a hash of the prompt: every pair of a prompt (and KTO's desirable
+    and undesirable completions of it) lands in the same split, so the held-out prompts are unseen."""
+    return is_val(prompt, "", spec.val_fraction)
 
 
 def desirable(value, prompt) -> bool:
@@ -179,9 +179,9 @@ def preference_rows(batch: dict, tokenizer, spec: SFTDataSpec):
             encoded = [encoded_answer(prompt, answer, tokenizer, spec) for answer in answers]
             label = desirable(row[spec.label_field], prompt) if spec.format == "kto" else None
         except BadExample as err:  # reported by the driver (raylm.data.cache.write), without a traceback
-            yield {"bad": np.asarray([str(err)])}
+            yield bad_row(str(err), spec)
             return
-        examples[held(prompt, answers, spec)].append((prompt, answers, encoded, label))
+        examples[held(prompt, spec)].append((prompt, answers, encoded, label))
     for val, rows in examples.items():
         if not rows:
             continue
@@ -198,7 +198,22 @@ def preference_rows(batch: dict, tokenizer, spec: SFTDataSpec):
             extra = {"pair": np.ones(len(rows), dtype=np.int64)}
         parts = [collate(p, spec.seq_len, pad) for p in pairs]
         out = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
-        yield {**out, **extra, "val": np.full(len(rows), val)}
+        yield {**out, **extra, "val": np.full(len(rows), val), "bad": np.full(len(rows), "", dtype=object)}
+
+
+def bad_row(message: str, spec: SFTDataSpec) -> dict:
+    """One row naming an example that cannot train, with every column a good batch has: Ray Data may
+    merge it into one block with the task's earlier good rows, which needs one schema."""
+    shape = (1, 2, spec.seq_len)
+    extra = "desirable" if spec.format == "kto" else "pair"
+    return {
+        "input_ids": np.zeros(shape, dtype=np.int64),
+        "labels": np.full(shape, IGNORE, dtype=np.int64),
+        "attention_mask": np.zeros(shape, dtype=np.int64),
+        extra: np.zeros(1, dtype=np.int64),
+        "val": np.zeros(1, dtype=bool),
+        "bad": np.asarray([message], dtype=object),
+    }
 
 
 def token_rows(records, tokenizer, spec: SFTDataSpec):
@@ -216,7 +231,7 @@ def held_out(records, tokenizer, spec: SFTDataSpec, limit: int) -> list[tuple[st
         for i in range(len(batch[columns[0]])):
             row = {c: batch[c][i] for c in columns}
             prompt, answers = example_texts(row, spec, tokenizer)
-            if not held(prompt, answers, spec):
+            if not held(prompt, spec):
                 continue
             if spec.format == "kto" and not desirable(row[spec.label_field], prompt):
                 continue

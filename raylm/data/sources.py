@@ -19,9 +19,10 @@ VAL_BUCKETS = 10_000
 
 
 class BadExample(ValueError):
-    """An example that cannot be used (the message names it). A Ray Data task that finds one yields
-    `{"bad": [message]}` instead of raising (a raised error prints the task's traceback on the
-    console): the cache writer raises it in the driver, which reports it as a problem of the data."""
+    """An example that cannot be used (the message names it). A Ray Data task that finds one yields a
+    row whose `bad` column holds the message (good rows hold "") instead of raising, which would print
+    the task's traceback on the console: the cache writer raises it in the driver, which reports it as
+    a problem of the data."""
 
 
 def filesystem(where: str):

@@ -3,7 +3,7 @@
     arithmetic   {"prompt": "Q: 23+58=\\nA:", "completion": " 81"}
     recall       {"prompt": "K7=ball K2=Tom K9=kite\\nK2?", "completion": " Tom"}
     reverse      {"prompt": "Reverse: ball Tom kite\\nA:", "completion": " kite Tom ball"}
-    copy         {"prompt": "Say: kite\\nA:", "completion": " kite"}  (choices: the word misspelt)
+    copy         {"prompt": "17. Say: kite\\nA:", "completion": " kite"}  (choices: the word misspelt)
     with choices {"prompt": "Q: 23+58=\\nA:", "choices": [" 71", " 81", " 12", " 90"], "answer": 1}
 
 A model pretrained on stories has not seen either format, so exact match before fine-tuning is ~0.
@@ -19,7 +19,7 @@ from raylm.data.corpus import ANIMALS, COLORS, FEELINGS, NAMES, PLACES, THINGS, 
 # Words of the generated story corpus (the quickstart's tokenizer has each as one token): a base model
 # pretrained on the stories knows them, but not the tasks' formats.
 WORDS = tuple(THINGS + NAMES)
-# every word of the corpus: copy's held-out examples (split by prompt) ask for words no training example had
+# every word of the corpus (copy's)
 ALL_WORDS = tuple(NAMES + ANIMALS + PLACES + THINGS + COLORS + FEELINGS + VERBS)
 
 
@@ -42,8 +42,9 @@ def recall(rng: random.Random) -> dict:
 
 
 def copy(rng: random.Random) -> dict:
+    """A numbered request: split by prompt, the held-out prompts are new, their words not."""
     word = rng.choice(ALL_WORDS)
-    return {"prompt": f"Say: {word}\nA:", "completion": f" {word}"}
+    return {"prompt": f"{rng.randrange(100)}. Say: {word}\nA:", "completion": f" {word}"}
 
 
 def arithmetic_distractors(row: dict, rng: random.Random, k: int) -> list[str]:

@@ -167,6 +167,13 @@ class FinetuneJob(TrainingJob):
             return self
         if self.preference.objective is None:  # the data's own objective
             self.preference.objective = "kto" if self.data.format == "kto" else "dpo"
+        for field, message in self.preference.problems():
+            raise ValueError(f"preference.{field} {message}")
+        if self.preference.precompute_reference and self.model.path is None:
+            raise ValueError(
+                "preference.precompute_reference reads the starting model's weights: set model.path (a model "
+                "built from model.architecture starts from random weights; use the live reference)"
+            )
         if not self.data.preference:
             raise ValueError(
                 "preference: trains on preferred and rejected answers: set data.format: preference "

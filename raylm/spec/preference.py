@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from raylm.spec.sections import Section
 
@@ -83,18 +83,31 @@ class PreferenceSpec(Section):
     def uses_reference(self) -> bool:
         return self.objective not in WITHOUT_REFERENCE
 
-    @model_validator(mode="after")
-    def _fields_of_this_objective(self) -> PreferenceSpec:
-        if self.sft_weight and self.objective in ("orpo", "kto"):
-            raise ValueError(
-                f"sft_weight adds an NLL term to a pairwise loss; {self.objective} "
-                + ("has its own (weight 1)" if self.objective == "orpo" else "learns from unpaired examples")
+    def problems(self) -> list[tuple[str, str]]:
+        """Settings that do nothing for the objective (which the job resolves from its data first):
+        (field, message with the fix)."""
+        objective = self.objective
+        found = []
+        if self.sft_weight and objective in ("orpo", "kto"):
+            why = (
+                "has its own NLL term (weight 1)" if objective == "orpo" else "learns from unpaired examples"
             )
-        if self.precompute_reference and not self.uses_reference:
-            raise ValueError(f"precompute_reference: {self.objective} has no reference model; remove it")
-        if self.label_smoothing and self.objective != "robust":
-            raise ValueError(
-                f"label_smoothing is robust DPO's setting, the objective is {self.objective}: set "
-                "objective: robust, or remove it"
-            )
-        return self
+            found.append(("sft_weight", f"adds an NLL term to a pairwise loss; {objective} {why}: remove it"))
+        if self.precompute_reference and objective in WITHOUT_REFERENCE:
+            found.append(("precompute_reference", f"{objective} has no reference model: remove it"))
+        only = {
+            "label_smoothing": "robust",
+            "gamma": "simpo",
+            "desirable_weight": "kto",
+            "undesirable_weight": "kto",
+        }
+        for field, owner in only.items():
+            # away from its default (a spec written back from a dump carries every default)
+            if getattr(self, field) != type(self).model_fields[field].default and objective != owner:
+                found.append(
+                    (
+                        field,
+                        f"is {owner}'s setting, the objective is {objective}: set objective: {owner} or remove it",
+                    )
+                )
+        return found

@@ -15,7 +15,7 @@ class GeneratedTask(Section):
     task: Literal["arithmetic", "recall", "reverse", "copy"] = Field(
         "arithmetic",
         description="arithmetic: 'Q: 23+58=' -> ' 81'; recall: look a key up in a listed table; reverse: "
-        "three words in reverse order; copy: 'Say: kite' -> ' kite'. With "
+        "three words in reverse order; copy: '17. Say: kite' -> ' kite'. With "
         "data.format: choices, the right answer among data.num_choices.",
     )
     examples: int = Field(2000, ge=10, description="Number of examples.")

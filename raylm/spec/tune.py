@@ -138,14 +138,11 @@ class TuneJob(Section):
             raise ValueError(
                 "metric val_ppl: a preference objective's loss is no perplexity; use reward_accuracy"
             )
-        if (
-            self.metric == "val_loss"
-            and preference
-            and any(str(k).startswith("preference") for k in self.search)
-        ):
+        searched = any(str(k).startswith("preference") for k in self.search)
+        if self.metric in ("val_loss", "reward_margin") and preference and searched:
             raise ValueError(
-                "metric val_loss: the search changes the preference objective or its scale, whose losses "
-                "do not compare; use reward_accuracy, reward_margin or exact_match"
+                f"metric {self.metric}: the search changes the preference objective or its scale (beta), "
+                "whose losses and reward scales do not compare; use reward_accuracy or exact_match"
             )
         if self.metric.startswith("reward_") or self.metric in ("val_loss", "val_ppl"):
             if self.base.data.val_fraction == 0:

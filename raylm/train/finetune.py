@@ -141,7 +141,8 @@ def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
     if plan.name == "fsdp":
         from raylm.train.strategies import fsdp
 
-        fsdp.shard_from_rank0(copy, fsdp.options_of(plan, job.train, device), plan, job.train, device)
+        options = fsdp.options_of(plan, job.train, device)
+        fsdp.shard_from_rank0(copy, options, plan, job.train, device, master=False)
         return copy
     if sharded:
         from raylm.train.strategies import deepspeed

@@ -4,8 +4,9 @@ before training, so that training holds one model.
     folder = precompute(job, tokenizer, where, splits)    # on the driver, before the fit
     CachedSplit(where, "train", info, extra=load(folder, "train", rows))   # on each worker
 
-The reference is the starting model (the model spec's weights, loaded the method's own way: QLoRA's
-4-bit base), without dropout or gradients, in the training precision. `resources.num_workers` Ray
+The reference is the starting model, as the live reference computes it: for an adapter method the
+model with its adapters switched off (QLoRA's 4-bit base with its k-bit preparation), for full and
+freeze the model spec's weights; without dropout or gradients, in the training precision. `resources.num_workers` Ray
 tasks, each with a training worker's CPUs and GPU, read consecutive row ranges of each split straight
 from the tokenized cache and return the summed log-probabilities of every row's two answers. They are
 stored beside the cache: `<cache>/reference-<key>/{train,val}.npy` (float32 [rows, 2]) and a `done`
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import uuid
 
 import numpy as np
 
@@ -26,16 +28,19 @@ VERSION = 1
 
 
 def key(job) -> str:
+    """What the values depend on besides the tokenized rows (their cache folder holds this one): the
+    model's files, how they load (the method, QLoRA's quantisation too), the precision and the seed
+    (rows a larger tokenizer adds to the embeddings start from it)."""
     from raylm.runtime import storage
 
-    loading = job.method.model_dump() if job.method.name == "qlora" else {}
+    model = job.model.model_dump(mode="json")
     identity = {
         "version": VERSION,
-        "model": storage.fingerprint(job.model.path) or job.model.path,
-        "revision": job.model.revision,
-        "dtype": job.model.dtype,
+        "files": storage.fingerprint(job.model.path) or job.model.path,
+        "model": model,
+        "method": job.method.model_dump(mode="json"),
         "precision": job.train.precision,
-        "loading": loading,
+        "seed": job.train.seed,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -43,22 +48,30 @@ def key(job) -> str:
 def precompute(job, tokenizer, where: str, splits: dict) -> str:
     """The folder of the reference log-probabilities of the cache at `where` (computed now unless a
     complete one is there)."""
+    import pyarrow.fs as pafs
     import ray
 
     from raylm.data.sources import filesystem
 
     folder = f"{where.rstrip('/')}/reference-{key(job)}"
     fs, root = filesystem(folder)
-    import pyarrow.fs as pafs
 
-    if fs.get_file_info(f"{root}/done").type == pafs.FileType.File:
+    def complete() -> bool:
+        return fs.get_file_info(f"{root}/done").type == pafs.FileType.File
+
+    if complete():
         print(f"[raylm] reusing the reference log-probabilities in {folder}", flush=True)
         return folder
     resources = job.resources
     task = ray.remote(
         num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0, max_retries=1
     )(reference_logps)
-    workers = max(1, resources.num_workers)
+    workers = resources.max_workers
+    # A local folder is written beside its place and moved in (a search's trials share the cache and
+    # may compute the same values at once: none reads a half-written file); an object store's writes
+    # are whole objects, `done` last.
+    in_place = not isinstance(fs, pafs.LocalFileSystem)
+    target = root if in_place else f"{root}.incoming-{uuid.uuid4().hex[:8]}"
     for split, info in splits.items():
         rows = info["rows"]
         bounds = np.linspace(0, rows, workers + 1).astype(int)
@@ -72,11 +85,18 @@ def precompute(job, tokenizer, where: str, splits: dict) -> str:
         values = np.concatenate(parts) if parts else np.zeros((0, 2), np.float32)
         buffer = io.BytesIO()
         np.save(buffer, values.astype(np.float32))
-        fs.create_dir(root, recursive=True)
-        with fs.open_output_stream(f"{root}/{split}.npy") as out:
+        fs.create_dir(target, recursive=True)
+        with fs.open_output_stream(f"{target}/{split}.npy") as out:
             out.write(buffer.getvalue())
-    with fs.open_output_stream(f"{root}/done") as out:
+    with fs.open_output_stream(f"{target}/done") as out:
         out.write(b"")
+    if not in_place:
+        try:
+            fs.move(target, root)
+        except OSError:  # another run moved its copy in first
+            if not complete():
+                raise
+            fs.delete_dir(target)
     print(f"[raylm] reference log-probabilities of {', '.join(splits)} written to {folder}", flush=True)
     return folder
 
@@ -98,6 +118,7 @@ def reference_logps(job, tokenizer, where: str, split: str, info: dict, start: i
 
     import torch
 
+    from raylm import methods
     from raylm.runtime import storage
     from raylm.train.base_model import base_model
     from raylm.train.preference import answer_logps, without_dropout
@@ -112,12 +133,18 @@ def reference_logps(job, tokenizer, where: str, split: str, info: dict, start: i
     model = base_model(job, tokenizer, device)
     if not getattr(model, "is_loaded_in_4bit", False):  # QLoRA's base is loaded onto the device
         model = model.to(device)
+    # an adapter method's reference is what the live one is: its model (QLoRA's k-bit preparation
+    # included) with the adapters switched off
+    switch = methods.reference(job.method.name)
+    if switch is not None:
+        model = methods.apply(model, job.method, tokenizer)
     model.eval()
     without_dropout(model)
     cached = CachedSplit(where, split, info)
     out = []
     step = job.train.batch_size
-    with torch.no_grad(), autocast(job.train.precision, device) or contextlib.nullcontext():
+    off = switch(model) if switch is not None else contextlib.nullcontext()
+    with torch.no_grad(), off, autocast(job.train.precision, device) or contextlib.nullcontext():
         for lo in range(start, stop, step):
             rows = cached.read(lo, min(lo + step, stop))
             batch = {k: torch.from_numpy(v).long().to(device) for k, v in rows.items()}

@@ -222,9 +222,24 @@ PAIRS = {
     [
         ({"data": {"path": "sft.jsonl"}, "preference": {}}, "spec", "set data.format: preference"),
         ({"preference": {"objective": "kto"}}, "spec", "objective kto learns from unpaired examples"),
-        ({"preference": {"label_smoothing": 0.1}}, "preference", "set objective: robust"),
-        ({"preference": {"objective": "orpo", "precompute_reference": True}}, "preference", "no reference"),
-        ({"preference": {"objective": "orpo", "sft_weight": 1}}, "preference", "has its own"),
+        ({"preference": {"label_smoothing": 0.1}}, "spec", "preference.label_smoothing is robust's"),
+        ({"preference": {"gamma": 0.3}}, "spec", "preference.gamma is simpo's setting"),
+        ({"preference": {"desirable_weight": 2}}, "spec", "set objective: kto or remove it"),
+        ({"preference": {"objective": "orpo", "precompute_reference": True}}, "spec", "no reference model"),
+        ({"preference": {"objective": "orpo", "sft_weight": 1}}, "spec", "has its own NLL term"),
+        (
+            {"data": {"path": "f.jsonl", "format": "kto"}, "preference": {"sft_weight": 1}},
+            "spec",
+            "preference.sft_weight adds an NLL term to a pairwise loss; kto learns from unpaired",
+        ),
+        (
+            {
+                "model": {"architecture": {"layers": 2, "heads": 2, "hidden": 64}},
+                "preference": {"precompute_reference": True},
+            },
+            "spec",
+            "set model.path",
+        ),
         ({"method": {"name": "lora", "bias": "all"}}, "spec", "set train_norms: false / bias: none"),
         (
             {"data": {"path": "pairs.jsonl", "format": "preference", "loss_on": "all"}},
@@ -253,6 +268,9 @@ def test_preference_defaults_and_searches(tmp_path):
     }
     assert load_spec(write(tmp_path, search)).metric == "reward_accuracy"
     assert "do not compare" in problems(tmp_path, {**search, "metric": "val_loss"})["spec"]
+    assert "do not compare" in problems(tmp_path, {**search, "metric": "reward_margin"})["spec"]
+    # a job written back from a dump (every default spelt out) validates again
+    assert load_spec(write(tmp_path, job.model_dump(mode="json"))).preference == job.preference
     sft = {
         **search,
         "base": {**PAIRS, "data": {"path": "sft.jsonl"}},

@@ -138,3 +138,25 @@ def test_full_finetuning_starts_at_its_sharded_reference(ray_local, supervised_s
     assert (
         json.loads((tmp_path / "run" / "summary.json").read_text())["parameters"]["trainable_percent"] == 100
     )
+
+
+def test_a_bad_example_after_good_ones_is_named_not_a_traceback(ray_local, sft_base, tmp_path):
+    """A tokenizing task yields the bad example's message as a row (Ray Data may merge it into one
+    block with the task's earlier good rows: one schema); the cache writer raises it in the driver,
+    and `raylm run` reports it as a spec problem before any training worker starts."""
+    from click.testing import CliRunner
+
+    from raylm.cli import main
+
+    rows = [{"prompt": f"Say: w{i}\nA:", "chosen": " a", "rejected": " b"} for i in range(700)]
+    rows[600]["rejected"] = "  "
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = dpo_spec(sft_base, tmp_path / "run", data={"generate": None, "path": str(data)})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(json.dumps(spec))
+    result = CliRunner().invoke(main, ["run", str(spec_file)])
+    assert result.exit_code == 2, result.output
+    assert "the example with prompt 'Say: w600\\nA:': its rejected answer is empty" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -102,9 +102,10 @@ def setup(model, strategy, train, total_steps: int, device, make_optimizer=None,
     return _engine(model, train, total_steps, contextlib.nullcontext(), make_optimizer, rebuild)
 
 
-def shard_from_rank0(model, options: dict, strategy, train, device) -> None:
+def shard_from_rank0(model, options: dict, strategy, train, device, master: bool = True) -> None:
     """Shard `model` in place (complete on rank 0, its structure elsewhere) and fill every rank's
-    shards from rank 0's weights (also a preference run's frozen reference copy)."""
+    shards from rank 0's weights. `master`: under bf16 the shards are the optimizer's fp32 master
+    weights; a frozen model (a preference run's reference copy) keeps its own dtype."""
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -113,7 +114,7 @@ def shard_from_rank0(model, options: dict, strategy, train, device) -> None:
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # RoPE's: computed, not loaded
     persistent = set(model.state_dict())
     model.to("meta")
-    if train.precision == "bf16":
+    if train.precision == "bf16" and master:
         model.to(torch.float32)
     _shard_blocks_then_root(model, options)
     model.to_empty(device="cpu" if strategy.cpu_offload else device)
