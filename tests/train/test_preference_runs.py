@@ -160,3 +160,9 @@ def test_a_bad_example_after_good_ones_is_named_not_a_traceback(ray_local, sft_b
     assert "the example with prompt 'Say: w600\\nA:': its rejected answer is empty" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+    # every pair's answers equal: nothing to learn, said before any worker starts
+    data.write_text("".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in rows[:50]))
+    result = CliRunner().invoke(main, ["run", str(spec_file)])
+    assert result.exit_code == 2 and "every pair's chosen answer equals its rejected one" in result.output
+    assert "Traceback" not in result.output
