@@ -130,6 +130,7 @@ def write(where: str, rows, val_limit: int | None = None) -> dict:
         if not in_place:
             fs.delete_dir(target)
         return finished
+    fs.create_dir(target, recursive=True)  # no row at all leaves no split folder behind
     with fs.open_output_stream(f"{target}/manifest.json") as out:
         out.write(json.dumps(manifest, indent=1).encode())
     if in_place:
