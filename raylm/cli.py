@@ -386,6 +386,11 @@ def estimate(
             precision = precision or job.train.precision
             dtype = dtype or job.model.dtype
             preference = plan.preference_terms(job)  # two answers per example, a reference copy
+            if preference and not batch:
+                click.echo(
+                    f"[raylm] preference data: two answers per example, so batch {job.train.batch_size} "
+                    f"(pairs) is {preference['batch']} sequences"
+                )
             batch = batch or preference.get("batch", job.train.batch_size)
             seq_len = seq_len or job.data.seq_len
             if gradient_checkpointing is None:
