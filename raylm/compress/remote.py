@@ -33,12 +33,10 @@ def start(spec_model, spec: dict):
     task's CPUs."""
     import torch
 
-    from raylm.runtime.storage import localize_inputs
+    from raylm.runtime.storage import localize_inputs_here
 
     job = spec_model(**spec)
-    problems = localize_inputs(job)  # a model named by a storage URI: this node's copy
-    if problems:
-        raise RuntimeError("; ".join(f"{field}: {message}" for field, message in problems))
+    localize_inputs_here(job)  # a model named by a storage URI: this node's copy
     torch.set_num_threads(max(1, int(job.resources.cpus)))
     device = "cuda" if job.resources.use_gpu else "cpu"
     return job, device, staging.start(job.output.path.rstrip("/"))

@@ -320,6 +320,13 @@ def localize_inputs(job) -> list[tuple[str, str]]:
     return problems
 
 
+def localize_inputs_here(job) -> None:
+    """localize_inputs on a worker or task, where a problem is an error (preflight reported it before)."""
+    problems = localize_inputs(job)
+    if problems:
+        raise RuntimeError("; ".join(f"{field}: {message}" for field, message in problems))
+
+
 def as_written(job) -> dict:
     """The job as a JSON-able dict with every fetched input's path back to its storage URI: what a
     run records in spec.yaml and what a task on another node is handed (it fetches its own copy)."""

@@ -134,7 +134,9 @@ def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
 
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])
     sharded = fills_from_rank0(plan)  # fsdp, ZeRO-3: rank 0 builds it whole, the others its structure
-    copy = base_model(job, tokenizer, _host() if sharded else device, config["empty"])
+    import torch
+
+    copy = base_model(job, tokenizer, torch.device("cpu") if sharded else device, config["empty"])
     copy.requires_grad_(False)
     if job.preference.disable_dropout:
         without_dropout(copy)
@@ -149,12 +151,6 @@ def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
 
         return deepspeed.frozen_zero3(copy, plan, job.train, device)
     return copy.to(device=device, dtype=next(engine.module.parameters()).dtype)
-
-
-def _host():
-    import torch
-
-    return torch.device("cpu")
 
 
 def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from raylm.spec.strategies import StrategySpec
+from raylm.train.preference import is_preference
 
 
 def train_loop(config: dict) -> dict | None:
@@ -28,14 +29,12 @@ def train_loop(config: dict) -> dict | None:
     from raylm.runtime import storage
     from raylm.train import checkpoint, hostmem, metrics, preemption, strategies
     from raylm.train.metrics import MetricsLog, emit
-    from raylm.train.preference import is_preference, preference_row
+    from raylm.train.preference import preference_row
     from raylm.train.reader import CachedSplit, TrainShard, to_longest, val_batches
 
     # ---- setup -------------------------------------------------------------------------------
     job, kind = config["job"], config["kind"]
-    problems = storage.localize_inputs(job)  # inputs named by a storage URI: this node's copies
-    if problems:
-        raise RuntimeError("; ".join(f"{field}: {message}" for field, message in problems))
+    storage.localize_inputs_here(job)  # inputs named by a storage URI: this node's copies
     spec, tokenizer = job.train, config["tokenizer"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -393,7 +392,7 @@ def labelled(batch: dict, first_token: bool = False) -> int:
     """What the loss averages over: labelled positions after the shift (all but the first; with
     `first_token`, for prompt and P-tuning, whose last virtual token predicts it, the first too),
     or for choices and preference batches the examples."""
-    if "answer" in batch or "pair" in batch or "desirable" in batch:  # choices, preference examples
+    if "answer" in batch or is_preference(batch):  # choices, preference examples
         return len(batch["input_ids"])
     labels = batch.get("labels", batch["input_ids"])
     if "labels" not in batch:

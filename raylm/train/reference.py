@@ -125,9 +125,7 @@ def reference_logps(job, tokenizer, where: str, split: str, info: dict, start: i
     from raylm.train.reader import CachedSplit, to_longest
     from raylm.train.strategies import autocast
 
-    problems = storage.localize_inputs(job)
-    if problems:
-        raise RuntimeError("; ".join(f"{field}: {message}" for field, message in problems))
+    storage.localize_inputs_here(job)
     device = torch.device("cuda" if job.resources.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     model = base_model(job, tokenizer, device)
