@@ -61,7 +61,7 @@ def train_loop(config: dict) -> dict | None:
     # fsdp, ZeRO-3: one full copy on rank 0's host, the structure only on the other ranks
     sharded = strategies.fills_from_rank0(plan)
     config = {**config, "sharded": sharded, "empty": rank != 0 and sharded}
-    import_model_code(job)  # so that the host memory measured next is the model's, not code's
+    import_model_code(job, plan)  # so that the host memory measured next is the model's, not code's
     host_start = hostmem.reset_peak()
     model, before = kind.worker_model(job, tokenizer, device, rank, config)
     model.config.use_cache = False
@@ -406,12 +406,18 @@ def predicts_first_token(module) -> bool:
     return bool(config and config.is_prompt_learning and config.peft_type.value != "PREFIX_TUNING")
 
 
-def import_model_code(job) -> None:
+def import_model_code(job, plan) -> None:
     """Import what building the job's model imports (its modelling module, PEFT for a fine-tuning
-    method, the sharding code), by building its structure on the meta device: no weights, no memory.
-    (PEFT, with bitsandbytes behind it, takes seconds to import: only a job with a method needs it.)"""
+    method, the sharding code, DeepSpeed under a DeepSpeed plan), by building its structure on the
+    meta device: no weights, no memory. (PEFT, with bitsandbytes behind it, takes seconds to import:
+    only a job with a method needs it; DeepSpeed's import alone adds ~140 MiB of resident code and
+    tables to a process, which is not the model's memory.)"""
     if getattr(job, "method", None) is not None:
         import peft  # noqa: F401
+    if plan.name == "deepspeed":
+        import deepspeed  # noqa: F401
+        import deepspeed.runtime.zero.stage3  # noqa: F401
+        import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
