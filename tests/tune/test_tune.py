@@ -146,11 +146,19 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
 ):
     """A search whose output is a bucket (Tune's state, the trials' runs, the table, best/ and the
     summary all in it): SIGKILL the driver (and its embedded Ray) while the second trial trains; run
-    it again, now as the first stage of a pipeline whose second stage trains the best trial's settings
-    longer (`pick: spec`). The finished trial keeps its id and its run (not trained again); the
-    interrupted one continues from its checkpoint in the bucket; the two whose batch does not fit the
-    memory estimate are rejected before they start, without counting as failures; the second stage's
-    spec is best.yaml's with its own changes; nothing is left in the working folder."""
+    it again, now as the first stage of a pipeline (`--only` it) whose second stage trains the best
+    trial's settings longer (`pick: spec`). The finished trial keeps its id and its run (not trained
+    again); the interrupted one continues from its checkpoint in the bucket; the two whose batch does not
+    fit the memory estimate are rejected before they start, without counting as failures; the pipeline
+    would now skip the search and run the second stage, whose job, built as the driver builds it when
+    the stage starts (from the real best.yaml in the bucket), is best.yaml's spec with its own changes
+    and output and passes its checks (a fine-tuning stage running: tests/pipeline/test_pipeline.py);
+    nothing is left in the working folder."""
+    from raylm.kinds import preflight
+    from raylm.pipeline.driver import decide, runnable
+    from raylm.report import lineage
+    from raylm.runtime.storage import as_written
+    from raylm.train.tracking import recordable
     from tests.runtime.test_object_store import bucket_files, read_bytes
 
     output = object_store("searches") + "/lora"
@@ -183,8 +191,10 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
     root = output.rsplit("/", 1)[0] + "/pipeline"
     longer = {"max_steps": 4, "eval_every": 4, "checkpoint_every": 4}
     stages = {"search": spec, "final": {"from": "search", "pick": "spec", "train": longer}}
-    pipeline = run_here(validate_dict({"kind": "pipeline", "output": root, "stages": stages}))
-    assert [s["ran"] for s in pipeline["stages"].values()] == [True, True]
+    pipeline = run_here(
+        validate_dict({"kind": "pipeline", "output": root, "stages": stages, "only": "search"})
+    )
+    assert [s["ran"] for s in pipeline["stages"].values()] == [True, False]
     summary = json.loads(read_bytes(output, "summary.json"))
     rows = {
         r["trial_id"]: r for r in pq.read_table(io.BytesIO(read_bytes(output, "trials.parquet"))).to_pylist()
@@ -205,14 +215,20 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
     assert run["resumed_from"] in (0, 10) and run["steps"] == 20
     assert {"summary.json", "trials.csv", "curves.png", "best.yaml", "best/adapter_config.json"} <= set(files)
     assert summary["best"]["artifact"] == f"{output}/best"
-    # the second stage: the best trial's spec (best.yaml), trained to its own length into its own folder
+    # the second stage: run next (the search is complete), as the best trial's spec (best.yaml) trained
+    # to its own length into its own folder; its job built as the driver builds it when the stage starts
+    job = validate_dict({"kind": "pipeline", "output": root, "stages": stages})
+    plan = decide(job, lineage.read(root))
+    assert plan == {"search": "skip (unchanged and complete)", "final": "run (new)"}
+    final_job = runnable(job, "final")
+    assert preflight(final_job) == []
     best = yaml.safe_load(read_bytes(output, "best.yaml"))
-    final = yaml.safe_load(read_bytes(f"{root}/final", "spec.yaml"))
+    final = recordable(as_written(final_job))  # what the run records as its spec.yaml
+    assert final["kind"] == "finetune"
     assert {k: final["method"][k] for k in best["method"]} == best["method"]  # (+ the defaults)
     assert final["method"]["r"] == summary["best"]["values"]["method.r"]
     assert {k: final["train"][k] for k in {**best["train"], **longer}} == {**best["train"], **longer}
     assert final["output"]["path"] == f"{root}/final"
-    assert json.loads(read_bytes(f"{root}/final", "summary.json"))["steps"] == 4
     assert list(work.iterdir()) == []
 
 
