@@ -126,16 +126,14 @@ def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
     """A frozen copy of the starting model for full / freeze preference runs, held like the policy:
     sharded under fsdp and partitioned under ZeRO-3 (complete on rank 0 only while sharding), whole on
     each rank otherwise, in the policy's dtype."""
+    import torch
     from pydantic import TypeAdapter
 
     from raylm.spec.strategies import StrategySpec
     from raylm.train.preference import without_dropout
-    from raylm.train.strategies import fills_from_rank0
 
     plan = TypeAdapter(StrategySpec).validate_python(config["strategy"])
-    sharded = fills_from_rank0(plan)  # fsdp, ZeRO-3: rank 0 builds it whole, the others its structure
-    import torch
-
+    sharded = config["sharded"]  # fsdp, ZeRO-3: rank 0 builds it whole, the others its structure
     copy = base_model(job, tokenizer, torch.device("cpu") if sharded else device, config["empty"])
     copy.requires_grad_(False)
     if job.preference.disable_dropout:
