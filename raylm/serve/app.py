@@ -26,10 +26,12 @@ from pydantic import ValidationError
 from ray import serve
 
 from raylm.infer.sampling import GenerationError, check_fits, context_length
+from raylm.serve.compiled import warm_up
 from raylm.serve.continuous import CacheBudgetError, DecodeLoop, cache_cost, default_cache_budget
 from raylm.serve.engine import Engine, Request, hooks_dropped_on_failure
 from raylm.serve.metrics import ServerMetrics
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
+from raylm.spec.generation import GenerationSpec
 
 
 def build_app(job, key_hash: str | None):
@@ -78,6 +80,31 @@ class Outbox:
             items, self.items, self.scheduled = self.items, [], False
         for queue, event in items:
             queue.put_nowait(event)
+
+
+class Events(asyncio.Queue):
+    """One request's (choice, delta, finish, tokens) events, on the replica's event loop; `ended` is set
+    once every choice has finished."""
+
+    def __init__(self, choices: int):
+        super().__init__()
+        self.open, self.ended = choices, asyncio.Event()
+
+    def put_nowait(self, event) -> None:
+        super().put_nowait(event)
+        if event[2] is not None:
+            self.open -= 1
+            if self.open <= 0:
+                self.ended.set()
+
+
+async def _until_flush(events: Events) -> None:
+    """FLUSH_S, or less once every choice has finished: the end of a stream goes out as soon as it is
+    decoded, not at the next flush (one wake-up per flush, not per token)."""
+    try:
+        await asyncio.wait_for(events.ended.wait(), FLUSH_S)
+    except asyncio.TimeoutError:
+        pass
 
 
 def _nothing_generated(ids: list[int], n: int) -> dict:
@@ -159,7 +186,11 @@ class Server:
             max_rows=self.job.batching.max_batch_size,
             observe=lambda waiting, running: self.metrics.load(model_name, waiting, running),
             max_cached_tokens=self.cache_budget,
+            compiled=self.job.batching.compile,
         )
+        if self.job.batching.compile:  # build the compiled graphs now, not under the first requests
+            prompt = self.tokenizer("Hello")["input_ids"] or [0]
+            warm_up(self.decoder, prompt, GenerationSpec(max_new_tokens=4))
         self.outbox = None  # made on the replica's event loop by the first request
         self.loaded: dict[str, int] = {}  # adapter -> load token
         self.retired: set[str] = set()
@@ -358,14 +389,14 @@ class Server:
             self.retired.add(name)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # the spec's values are set per replica
-    async def _submit(self, jobs: list[Request]) -> list[asyncio.Queue]:
+    async def _submit(self, jobs: list[Request]) -> list[Events]:
         """Requests that arrived together enter the decoding loop together (one prefill); each gets
         the queue its text arrives on. Returns at once: the loop admits later batches between steps."""
         if self.outbox is None:
             self.outbox = Outbox(asyncio.get_running_loop())
         queues = []
         for job_ in jobs:
-            queues.append(asyncio.Queue())
+            queues.append(Events(job_.controls.n))
             job_.emit = self.outbox.emitter(queues[-1])
         self.decoder.submit(jobs)
         return queues
@@ -373,7 +404,8 @@ class Server:
     async def _stream(self, job_: Request):
         """Lists of (choice, delta, finish, tokens) for one request, merged per choice, one list per
         flush: the first text at once, then every FLUSH_S rather than every token, which keeps the
-        per-message cost of streaming through Serve's proxy off the decoding path."""
+        per-message cost of streaming through Serve's proxy off the decoding path, and the last as soon
+        as every choice has finished."""
         controls = job_.controls
         arrived, first_token = time.monotonic(), {}
         try:
@@ -383,8 +415,8 @@ class Server:
                 pending = [await events.get()]
                 self._time(job_, pending, arrived, first_token)
                 timed = 1
-                if not first and (remaining > 1 or pending[0][2] is None):
-                    await asyncio.sleep(FLUSH_S)  # the first text goes out at once (time to first token)
+                if not first and not events.ended.is_set():  # the first text goes out at once
+                    await _until_flush(events)
                 first = False
                 while not events.empty():
                     pending.append(events.get_nowait())

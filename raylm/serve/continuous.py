@@ -28,6 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 
+from raylm.serve.compiled import compile_step
 from raylm.serve.engine import Choice, Engine, Request, hooks_dropped_on_failure
 
 OBSERVE_S = 0.25  # the loop reports its queue and batch size at most this often
@@ -105,10 +106,20 @@ def _processors(controls):
 
 
 class DecodeLoop:
-    def __init__(self, engine: Engine, max_rows: int, observe=None, max_cached_tokens: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_rows: int,
+        observe=None,
+        max_cached_tokens: int | None = None,
+        compiled: bool = False,
+    ):
         """`observe(waiting, running)`, if given, hears the queue length and batch size (at most
-        every OBSERVE_S); `max_cached_tokens` bounds the key/value cache (see `cache_cost`)."""
+        every OBSERVE_S); `max_cached_tokens` bounds the key/value cache (see `cache_cost`);
+        `compiled`: decoding steps through torch.compile (raylm.serve.compiled)."""
         self.engine, self.max_rows, self.observe = engine, max_rows, observe
+        self.compiled_for = engine.model  # the model the compiled step calls (not one PEFT wrapped later)
+        self.compiled = compile_step(engine.model, _cache_argument(engine.model)) if compiled else None
         self.max_cached_tokens = max_cached_tokens
         self.observed = (0.0, None)
         self.inbox: queue.Queue = queue.Queue()
@@ -255,6 +266,21 @@ class DecodeLoop:
         import torch
 
         model = self.engine.model
+        if (
+            self.compiled is not None
+            and cache is not None
+            and adapters is None
+            and model is self.compiled_for
+        ):
+            try:
+                with torch.no_grad():
+                    return self.compiled(ids, mask, positions, cache)
+            except Exception:
+                logging.getLogger(__name__).exception(
+                    "batching.compile: the compiled decoding step failed; decoding uncompiled from now on"
+                )
+                self.compiled = None
+                raise  # the step's rows fail (their cache may be half updated); later ones decode eagerly
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
         kwargs[_cache_argument(model)] = cache
         if adapters is not None:
@@ -368,8 +394,10 @@ class DecodeLoop:
         start = int((self.mask.sum(0) > 0).nonzero()[0])  # columns every remaining row pads: drop them
         if start:
             self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            for layer in self.cache.layers:  # contiguous, as every other step leaves them (a compiled
+                # step's graph assumes those strides: a view would make it compile again)
+                layer.keys = layer.keys[:, :, start:].contiguous()
+                layer.values = layer.values[:, :, start:].contiguous()
 
 
 class CacheBudgetError(RuntimeError):

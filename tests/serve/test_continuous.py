@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from raylm.serve.compiled import warm_up
 from raylm.serve.continuous import DecodeLoop
 from raylm.serve.engine import Engine, Request
 from raylm.spec.generation import GenerationSpec
@@ -63,9 +64,18 @@ def alone(model, tokenizer, prompt: str, controls) -> list[tuple[str, str]]:
     return choices
 
 
-def test_requests_joining_a_running_batch_decode_as_if_alone(model):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_requests_joining_a_running_batch_decode_as_if_alone(model, compiled):
+    """Compiled (batching.compile): the same text, and no graph compiled after the replica's warm-up
+    (rows joining, leaving and trimming the cache keep the shapes and strides the graphs expect)."""
     model, tokenizer = model
-    loop = DecodeLoop(Engine(model, tokenizer), max_rows=16)
+    loop = DecodeLoop(Engine(model, tokenizer), max_rows=16, compiled=compiled)
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        assert warm_up(loop, tokenizer("Hello")["input_ids"], GenerationSpec(max_new_tokens=4))
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 2
     results: dict[int, dict] = {}
     finished = threading.Event()
     requests = []
@@ -92,6 +102,8 @@ def test_requests_joining_a_running_batch_decode_as_if_alone(model):
     for key, (prompt, controls, _) in enumerate(requests):
         got = [results[key][i] for i in range(controls.n)]
         assert got == alone(model, tokenizer, prompt, controls), (prompt, controls)
+    if compiled:
+        assert counters["stats"]["unique_graphs"] == graphs
 
 
 class Collect:

@@ -102,9 +102,18 @@ def served(object_store, ray_local, reference_run, tmp_path_factory, monkeypatch
             "http": {"port": port, "route_prefix": "/poet"},
         }
     )
-    for job in (main, tight, nf4, poet):
+    # the decoding step through torch.compile: its graphs are built while the replica starts
+    compiled = validate_dict(
+        {
+            **common,
+            "name": "tiny-compiled",
+            "http": {"port": port, "route_prefix": "/compiled"},
+            "batching": {"max_batch_size": 8, "compile": True},
+        }
+    )
+    for job in (main, tight, nf4, poet, compiled):
         assert Serve().preflight(job) == []
-    deploy(main, tight, nf4, poet)  # at once: the replicas load side by side
+    deploy(main, tight, nf4, poet, compiled)  # at once: the replicas load side by side
     yield {"url": f"http://127.0.0.1:{port}", "base": base, "adapters": adapters, "nf4": nf4.model.path}
     serve.shutdown()
 
@@ -202,6 +211,26 @@ def test_greedy_through_the_server_equals_generate_batched_or_not(served):
         )
 
     assert [a.choices[0].text for a in asyncio.run(crowd())] == [want[m] for m in names]
+
+
+def test_a_compiled_decoding_step_answers_as_generate(served):
+    """batching.compile: greedy text alone, streamed, and in one batch equals transformers' generate."""
+    base = served["base"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    expected = [reference_greedy(model, tokenizer, p, 16) for p in PROMPTS]
+    api = client(served, prefix="/compiled")
+    alone = api.completions.create(model="tiny-compiled", prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    assert alone.choices[0].text == expected[0]
+    stream = api.completions.create(model="tiny-compiled", prompt=PROMPTS[1], max_tokens=16, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected[1]
+
+    async def together():
+        api = openai.AsyncOpenAI(base_url=f"{served['url']}/compiled/v1", api_key=KEY, max_retries=0)
+        return await asyncio.gather(
+            *[api.completions.create(model="tiny-compiled", prompt=p, max_tokens=16) for p in PROMPTS]
+        )
+
+    assert [a.choices[0].text for a in asyncio.run(together())] == expected
 
 
 def test_an_adapter_served_as_the_model_answers_with_the_adapter(served):
