@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--budget-s", type=float, default=120.0, help="time limit per level")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over every variant")
+    parser.add_argument("--only", nargs="+", help="measure only these variants (names as in the table)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
 
@@ -209,21 +210,26 @@ def main() -> None:
 
     start_local_ray(4)
     port, peer_port = free_port(), free_port()
-    peer = start_llama_cpp(work / "model-f32.gguf", peer_port, 256, work / "llama-cpp.log")
+    peer = None
+    if not args.only or "llama.cpp (f32 GGUF)" in args.only:
+        peer = start_llama_cpp(work / "model-f32.gguf", peer_port, 256, work / "llama-cpp.log")
     top, bottom = max(args.levels), min(args.levels)
-    variants = {  # name: (model folder, max_batch_size, adapters, levels, model names the requests cycle)
-        "fp32 batching on": (model, 16, {}, args.levels, None),
-        "fp32 batching off": (model, 1, {}, args.levels, None),
-        "nf4 batching on": (nf4, 16, {}, args.levels, None),
-        "nf4 batching off": (nf4, 1, {}, args.levels, None),
-        "lora mixed (poet, clerk, base)": (model, 16, adapters, [top], ["poet", "clerk", None]),
-        "lora one adapter (poet)": (model, 16, adapters, [top], ["poet"]),
-        "llama.cpp (f32 GGUF)": (None, None, None, sorted({bottom, top}), ["llama-cpp"]),
+    variants = {  # name: (model folder, max_batch_size, compile, adapters, levels, model names cycled)
+        "fp32 batching on": (model, 16, False, {}, args.levels, None),
+        "fp32 batching off": (model, 1, False, {}, args.levels, None),
+        "fp32 compiled batching on": (model, 16, True, {}, args.levels, None),
+        "fp32 compiled batching off": (model, 1, True, {}, args.levels, None),
+        "nf4 batching on": (nf4, 16, False, {}, args.levels, None),
+        "nf4 batching off": (nf4, 1, False, {}, args.levels, None),
+        "lora mixed (poet, clerk, base)": (model, 16, False, adapters, [top], ["poet", "clerk", None]),
+        "lora one adapter (poet)": (model, 16, False, adapters, [top], ["poet"]),
+        "llama.cpp (f32 GGUF)": (None, None, None, None, sorted({bottom, top}), ["llama-cpp"]),
     }
+    variants = {name: v for name, v in variants.items() if not args.only or name in args.only}
     rows = []
     try:
         for round_ in range(1, args.rounds + 1):
-            for name, (folder, batch, lora, levels, names) in variants.items():
+            for name, (folder, batch, compiled, lora, levels, names) in variants.items():
                 app = "bench-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
                 if folder is None:
                     url = f"http://127.0.0.1:{peer_port}/v1/completions"
@@ -232,7 +238,7 @@ def main() -> None:
                         "kind": "serve", "name": app, "model": str(folder),
                         "adapters": {k: str(v) for k, v in lora.items()},
                         "http": {"port": port, "route_prefix": f"/{app}"},
-                        "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.01},
+                        "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.01, "compile": compiled},
                         "scaling": {"cpus_per_replica": 1, "max_ongoing_requests": 16, "max_queued_requests": 256},
                     })  # fmt: skip
                     deploy(job)
@@ -251,8 +257,9 @@ def main() -> None:
                 if folder is not None:
                     serve.delete(app)
     finally:
-        peer.terminate()
-        peer.wait(timeout=30)
+        if peer is not None:
+            peer.terminate()
+            peer.wait(timeout=30)
 
     def ratio(a: str, b: str, concurrency: int, key: str = "requests_per_s") -> float:
         return round(pooled(rows, a, concurrency, key) / pooled(rows, b, concurrency, key), 2)
@@ -266,19 +273,25 @@ def main() -> None:
 
     pairs = {  # name: (numerator, denominator, concurrency, measure)
         f"fp32 batching on/off at {top} (requests/s)": ("fp32 batching on", "fp32 batching off", top, "requests_per_s"),
+        f"fp32 compiled batching on/off at {top} (requests/s)": ("fp32 compiled batching on", "fp32 compiled batching off", top, "requests_per_s"),
         f"nf4 batching on/off at {top} (requests/s)": ("nf4 batching on", "nf4 batching off", top, "requests_per_s"),
         f"nf4/fp32 batching on at {top} (requests/s)": ("nf4 batching on", "fp32 batching on", top, "requests_per_s"),
         f"nf4/fp32 batching on at {bottom} (requests/s)": ("nf4 batching on", "fp32 batching on", bottom, "requests_per_s"),
+        f"compiled/uncompiled batching on at {top} (requests/s)": ("fp32 compiled batching on", "fp32 batching on", top, "requests_per_s"),
         f"lora mixed/one adapter at {top} (requests/s)": ("lora mixed (poet, clerk, base)", "lora one adapter (poet)", top, "requests_per_s"),
         f"raylm/llama.cpp at {top} (output tokens/s)": ("fp32 batching on", "llama.cpp (f32 GGUF)", top, "output_tokens_per_s"),
-        f"raylm/llama.cpp at {bottom} (TPOT, time per output token)": ("fp32 batching on", "llama.cpp (f32 GGUF)", bottom, "tpot_ms_p50"),
+        f"raylm compiled/llama.cpp at {top} (output tokens/s)": ("fp32 compiled batching on", "llama.cpp (f32 GGUF)", top, "output_tokens_per_s"),
+        f"raylm/llama.cpp at {bottom} (TPOT)": ("fp32 batching on", "llama.cpp (f32 GGUF)", bottom, "tpot_ms_p50"),
+        f"raylm compiled/llama.cpp at {bottom} (TPOT)": ("fp32 compiled batching on", "llama.cpp (f32 GGUF)", bottom, "tpot_ms_p50"),
     }  # fmt: skip
+    measured = {(r["variant"], r["concurrency"]) for r in rows}
+    pairs = {k: v for k, v in pairs.items() if {(v[0], v[2]), (v[1], v[2])} <= measured}
     ratios = {name: ratio(a, b, c, key) for name, (a, b, c, key) in pairs.items()}
     rounds = {name: per_round(a, b, c, key) for name, (a, b, c, key) in pairs.items()}
     result = {
         "command": "python benchmarks/serve_load.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("out", "model")
+            for k, v in vars(args).items() if k not in ("out", "model") and v is not None
         ),
         "model": str(model),
         "rows": rows,
@@ -286,7 +299,8 @@ def main() -> None:
         "ratios_per_round": rounds,
         "targets": {
             f"fp32 batching on/off at {top} (requests/s)": ">= 3x, pooled over the rounds",
-            f"raylm/llama.cpp at {bottom} (TPOT, time per output token)": "<= 1.5x",
+            f"fp32 compiled batching on/off at {top} (requests/s)": ">= 3x, pooled over the rounds",
+            f"raylm compiled/llama.cpp at {bottom} (TPOT)": "<= 1.5x",
         },
     }  # fmt: skip
     print(json.dumps({"ratios": ratios, "per round": rounds}, indent=2))
