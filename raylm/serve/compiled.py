@@ -26,7 +26,18 @@ def compile_step(model, cache_argument: str):
         cache = out.get("cache")
         return out.logits[:, -1, :].float(), cache if cache is not None else out.get("past_key_values")
 
-    return torch.compile(step, dynamic=True, options={"cpp_wrapper": True})
+    compiled = torch.compile(step, dynamic=True, options={"cpp_wrapper": True})
+
+    def call(ids, mask, positions, cache):
+        # lengths reached through the cache object would be compiled as constants first, and again as
+        # dynamic at the next step: marked dynamic, the first graph is already the general one
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
+        for layer in cache.layers:
+            torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+            torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+        return compiled(ids, mask, positions, cache)
+
+    return call
 
 
 def warm_up(loop, prompt_ids: list[int], controls) -> bool:
