@@ -13,6 +13,7 @@ model, so adapter loads never race a step.
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -190,7 +191,13 @@ class Server:
         )
         if self.job.batching.compile:  # build the compiled graphs now, not under the first requests
             prompt = self.tokenizer("Hello")["input_ids"] or [0]
-            warm_up(self.decoder, prompt, GenerationSpec(max_new_tokens=4))
+            if not warm_up(self.decoder, prompt, GenerationSpec(max_new_tokens=4)):
+                logging.getLogger(__name__).warning(
+                    "batching.compile: no compiled step ran while the replica started (%s)",
+                    "compiling failed: decoding uncompiled" if self.decoder.compiled is None
+                    else "a model with adapters decodes uncompiled" if hasattr(model, "peft_config")
+                    else "the warm-up ended at once: the graphs are built under the first requests",
+                )  # fmt: skip
         self.outbox = None  # made on the replica's event loop by the first request
         self.loaded: dict[str, int] = {}  # adapter -> load token
         self.retired: set[str] = set()
@@ -215,7 +222,8 @@ class Server:
     # ---- routes ------------------------------------------------------------------------
     @api.get("/health")
     async def health(self):
-        return {"status": "ok", "model": self.job.model_name}
+        """Up; `compiled_steps`: decoding steps run through torch.compile (batching.compile)."""
+        return {"status": "ok", "model": self.job.model_name, "compiled_steps": self.decoder.compiled_steps}
 
     @api.get("/v1/models")
     async def models(self, request: HttpRequest):

@@ -6,9 +6,9 @@ runs ~100 operators a token): compiled, with inductor's C++ wrapper, the quickst
 ~0.38 ms instead of ~0.9 ms on one CPU core. Shapes are dynamic (batch and cache length change every step), so one graph serves every
 step; torch specializes a batch of one apart from larger ones, which makes two graphs, both built by
 `warm_up` when the replica starts (~10 s each on a CPU) rather than under the first requests. Prefills
-and a model with LoRA adapters loaded (PEFT's per-row `adapter_names` hooks) stay uncompiled. On a CPU
-torch compiles C++ and needs a compiler (gcc); where compiling fails the loop decodes uncompiled and
-says so.
+and a model with LoRA adapters loaded (PEFT's per-row `adapter_names` hooks) stay uncompiled. torch
+compiles C++ and needs a compiler (gcc); where compiling fails the loop decodes uncompiled and says so.
+A cache of length 1 would be a third graph: the loop pads a one-token prompt to two columns.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ def compile_step(model, cache_argument: str):
 
 def warm_up(loop, prompt_ids: list[int], controls) -> bool:
     """Decode a few tokens for one row, then for two rows together, through the loop itself, so that
-    both graphs exist before the first request; False if compiling failed (the loop then decodes
-    uncompiled: `DecodeLoop._forward` drops the compiled step at its first failure)."""
+    both graphs exist before the first request. False where no compiled step ran: compiling failed (the
+    loop then decodes uncompiled), the model ended at once, or the model is a PEFT model (uncompiled)."""
     from concurrent.futures import Future
 
     from raylm.serve.engine import Request
 
+    before = loop.compiled_steps
     for rows in (1, 2):
         ended: list[Future] = [Future() for _ in range(rows)]
 
@@ -58,4 +59,4 @@ def warm_up(loop, prompt_ids: list[int], controls) -> bool:
         loop.submit([Request(prompt_ids, controls.model_copy(update={"n": rows}), emit=emit)])
         for future in ended:
             future.result(timeout=600)
-    return loop.compiled is not None
+    return loop.compiled_steps > before

@@ -120,6 +120,7 @@ class DecodeLoop:
         self.engine, self.max_rows, self.observe = engine, max_rows, observe
         self.compiled_for = engine.model  # the model the compiled step calls (not one PEFT wrapped later)
         self.compiled = compile_step(engine.model, _cache_argument(engine.model)) if compiled else None
+        self.compiled_steps = 0  # decoding steps the compiled step ran
         self.max_cached_tokens = max_cached_tokens
         self.observed = (0.0, None)
         self.inbox: queue.Queue = queue.Queue()
@@ -274,13 +275,15 @@ class DecodeLoop:
         ):
             try:
                 with torch.no_grad():
-                    return self.compiled(ids, mask, positions, cache)
-            except Exception:
+                    out = self.compiled(ids, mask, positions, cache)
+                self.compiled_steps += 1
+                return out
+            except Exception:  # compiling failed (no compiler, a full disk ...): this step and the later ones
+                # decode uncompiled (a failed graph changes no cache: its updates apply when it returns)
                 logging.getLogger(__name__).exception(
                     "batching.compile: the compiled decoding step failed; decoding uncompiled from now on"
                 )
                 self.compiled = None
-                raise  # the step's rows fail (their cache may be half updated); later ones decode eagerly
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
         kwargs[_cache_argument(model)] = cache
         if adapters is not None:
@@ -306,7 +309,9 @@ class DecodeLoop:
             for i in range(r.controls.n)
         ]
         try:  # a prefill that fails fails its own requests; the running batch goes on untouched
-            width = max(len(r.history) for r in rows)
+            # compiled: at least 2 columns (a one-token prompt gets a masked pad), since torch builds a
+            # graph of its own for a cache of length 1, which would stall every stream while it compiles
+            width = max(2 if self.compiled is not None else 1, *(len(r.history) for r in rows))
             ids = torch.tensor([[pad] * (width - len(r.history)) + r.history for r in rows], device=device)
             mask = torch.tensor(
                 [[0] * (width - len(r.history)) + [1] * len(r.history) for r in rows], device=device
@@ -401,10 +406,11 @@ class DecodeLoop:
         start = int((self.mask.sum(0) > 0).nonzero()[0])  # columns every remaining row pads: drop them
         if start:
             self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:  # contiguous, as every other step leaves them (a compiled
-                # step's graph assumes those strides: a view would make it compile again)
-                layer.keys = layer.keys[:, :, start:].contiguous()
-                layer.values = layer.values[:, :, start:].contiguous()
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                if self.compiled is not None:  # contiguous, as every other step leaves them: the compiled
+                    # graphs assume those strides, and a view would make torch compile another
+                    layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
 
 
 class CacheBudgetError(RuntimeError):

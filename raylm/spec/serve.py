@@ -77,8 +77,8 @@ class BatchingSpec(Section):
     compile: bool = Field(
         False,
         description="Run the decoding step through torch.compile: about twice the tokens/s for one "
-        "stream of a small model on a CPU; adds ~20 s to a replica's start (on a CPU torch compiles C++: "
-        "needs gcc). Models with LoRA adapters loaded decode uncompiled.",
+        "stream of a small model on a CPU; adds ~20-40 s to a replica's start (torch compiles C++: needs "
+        "gcc). Models with LoRA adapters loaded decode uncompiled.",
     )
 
 

@@ -231,6 +231,9 @@ def test_a_compiled_decoding_step_answers_as_generate(served):
         )
 
     assert [a.choices[0].text for a in asyncio.run(together())] == expected
+    # the compiled step is what answered (a failed compile would fall back to the same text uncompiled)
+    health = httpx.get(f"{served['url']}/compiled/health").json()
+    assert health["compiled_steps"] > 0
 
 
 def test_an_adapter_served_as_the_model_answers_with_the_adapter(served):
