@@ -83,6 +83,20 @@ class Outbox:
             queue.put_nowait(event)
 
 
+def _strip_adapter_layers(model) -> None:
+    """Undo a first adapter load that failed part way: PEFT injects its layers into the base model in
+    place before it reads the adapter's weights, and left there (with a non-zero initialisation, or
+    half-loaded weights) they would answer every request for the base model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for key, module in list(model.named_modules()):
+        if key and isinstance(module, BaseTunerLayer):
+            parent, _, child = key.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
 class Events(asyncio.Queue):
     """One request's (choice, delta, finish, tokens) events, on the replica's event loop; `ended` is set
     once every choice has finished."""
@@ -386,7 +400,12 @@ class Server:
             if hasattr(self.engine.model, "peft_config"):
                 self.engine.model.load_adapter(path, adapter_name=name)
             else:
-                self.engine.model = PeftModel.from_pretrained(self.engine.model, path, adapter_name=name)
+                base = self.engine.model
+                try:
+                    self.engine.model = PeftModel.from_pretrained(base, path, adapter_name=name)
+                except Exception:
+                    _strip_adapter_layers(base)
+                    raise
             self.engine.model.eval()
         self.tokens += 1
         self.loaded[name] = self.tokens

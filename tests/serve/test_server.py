@@ -5,6 +5,7 @@ timeouts (408); an NF4 model serves."""
 
 import asyncio
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -102,11 +103,16 @@ def served(object_store, ray_local, reference_run, tmp_path_factory, monkeypatch
             "http": {"port": port, "route_prefix": "/poet"},
         }
     )
-    # the decoding step through torch.compile: its graphs are built while the replica starts
+    # the decoding step through torch.compile: its graphs are built while the replica starts; and an
+    # adapter whose weights cannot be read (PEFT injects its layers before it reads them)
+    broken = root / "broken"
+    shutil.copytree(root / "poet", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     compiled = validate_dict(
         {
             **common,
             "name": "tiny-compiled",
+            "adapters": {"broken": str(broken)},
             "http": {"port": port, "route_prefix": "/compiled"},
             "batching": {"max_batch_size": 8, "compile": True},
         }
@@ -234,6 +240,26 @@ def test_a_compiled_decoding_step_answers_as_generate(served):
     # the compiled step is what answered (a failed compile would fall back to the same text uncompiled)
     health = httpx.get(f"{served['url']}/compiled/health").json()
     assert health["compiled_steps"] > 0
+
+
+def test_an_adapter_that_fails_to_load_leaves_the_base_model_as_it_was(served):
+    """The first adapter of a replica fails to load after PEFT injected its layers (initialised
+    non-zero): its request fails, and the base model answers as itself, not through those layers."""
+    base = served["base"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    api = client(served, prefix="/compiled")
+    with pytest.raises(openai.APIStatusError):
+        api.completions.create(model="broken", prompt=PROMPTS[2], max_tokens=16)
+    after = api.completions.create(model="tiny-compiled", prompt=PROMPTS[2], max_tokens=16)
+    assert after.choices[0].text == reference_greedy(model, tokenizer, PROMPTS[2], 16)
+    # greedy text can survive small changes: the prompt's log-probabilities are the base model's own
+    ids = tokenizer(PROMPTS[2])["input_ids"]
+    table = forward_logprobs(model, ids)
+    scored = api.completions.create(
+        model="tiny-compiled", prompt=PROMPTS[2], max_tokens=0, echo=True, logprobs=0
+    )
+    want = [float(table[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
 
 
 def test_an_adapter_served_as_the_model_answers_with_the_adapter(served):
