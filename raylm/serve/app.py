@@ -354,8 +354,12 @@ class Server:
         self._hold(name)  # in use from now until the answer ends: never unloaded under a request
         try:
             await self._load_adapter(name)
-        except BaseException:
+        except BaseException as err:
             self._release(name)
+            if isinstance(err, Exception) and not isinstance(err, ApiError):
+                raise ApiError(
+                    500, f"adapter {name!r} could not be loaded: {type(err).__name__}: {err}"
+                ) from err
             raise
         return name
 

@@ -2,8 +2,8 @@
 the key/value cache, the step the continuous-batching loop repeats for every output token.
 
 On a small model the step is mostly Python and operator dispatch, not arithmetic (transformers' Llama
-runs ~100 operators a token): compiled, with inductor's C++ wrapper, the quickstart model's step takes
-~0.38 ms instead of ~0.9 ms on one CPU core. Shapes are dynamic (batch and cache length change every step), so one graph serves every
+runs ~100 operators a token): compiled, with inductor's C++ wrapper, the quickstart model's step in
+the loop takes 0.52 ms instead of 1.10 ms on one CPU core (benchmarks/decode_step.py). Shapes are dynamic (batch and cache length change every step), so one graph serves every
 step; torch specializes a batch of one apart from larger ones, which makes two graphs, both built by
 `warm_up` when the replica starts (~10 s each on a CPU) rather than under the first requests. Prefills
 and a model with LoRA adapters loaded (PEFT's per-row `adapter_names` hooks) stay uncompiled. torch
