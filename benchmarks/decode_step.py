@@ -16,15 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = [
-    "Once upon a time",
-    "The little dog",
-    "One day, a girl",
-    "Tom and Sue",
-    "The sun was",
-    "In the park",
-]
+from serve_load import PROMPTS, ROOT  # the server benchmark's prompts (this script's folder)
 
 
 def wave(loop, tokenizer, rows: int, tokens: int) -> float:
