@@ -2,13 +2,14 @@
 the key/value cache, the step the continuous-batching loop repeats for every output token.
 
 On a small model the step is mostly Python and operator dispatch, not arithmetic (transformers' Llama
-runs ~100 operators a token): compiled, with inductor's C++ wrapper, the quickstart model's step in
-the loop takes 0.52 ms instead of 1.10 ms on one CPU core (benchmarks/decode_step.py). Shapes are dynamic (batch and cache length change every step), so one graph serves every
-step; torch specializes a batch of one apart from larger ones, which makes two graphs, both built by
-`warm_up` when the replica starts (~10 s each on a CPU) rather than under the first requests. Prefills
-and a model with LoRA adapters loaded (PEFT's per-row `adapter_names` hooks) stay uncompiled. torch
-compiles C++ and needs a compiler (gcc); where compiling fails the loop decodes uncompiled and says so.
-A cache of length 1 would be a third graph: the loop pads a one-token prompt to two columns.
+runs ~100 operators a token): compiled, with inductor's C++ wrapper, the quickstart model's step in the
+loop takes 0.52 ms instead of 1.10 ms on one CPU core (benchmarks/decode_step.py). Shapes are dynamic
+(batch and cache length change every step), so one graph serves every step; torch specializes a batch of
+one apart from larger ones, which makes two graphs, both built by `warm_up` when the replica starts
+(~10-15 s each on a CPU core) rather than under the first requests. Prefills and a model with LoRA
+adapters loaded (PEFT's per-row `adapter_names` hooks) stay uncompiled. torch compiles C++ and needs a
+compiler (gcc); where compiling fails the loop decodes uncompiled and says so. A cache of length 1 would
+be a third graph: the loop pads a one-token prompt to two columns.
 """
 
 from __future__ import annotations
