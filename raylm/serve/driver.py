@@ -310,6 +310,13 @@ def vllm_problems(job) -> list[tuple[str, str]]:
         problems.append(
             ("batching.max_cached_tokens", "engine vllm sizes its own cache (gpu_memory_utilization)")
         )
+    if job.batching.compile:
+        problems.append(
+            (
+                "batching.compile",
+                "engine vllm compiles its own graphs: batching.compile is for engine: transformers",
+            )
+        )
     return problems
 
 

@@ -52,8 +52,8 @@ def test_what_vllm_cannot_honour_is_refused_by_field(tmp_path):
         max_tokens_limit=100,
         defaults={"stop": ["\n"], "num_beams": 2},
         scaling={"gpus_per_replica": 0.5},
-        batching={"max_cached_tokens": 1000},
+        batching={"max_cached_tokens": 1000, "compile": True},
     )
     fields = {field for field, _ in vllm_problems(spec)}
     assert fields == {"model.path", "scaling.gpus_per_replica", "max_tokens_limit", "defaults",
-                      "batching.max_cached_tokens"}  # fmt: skip
+                      "batching.max_cached_tokens", "batching.compile"}  # fmt: skip
