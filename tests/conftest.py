@@ -62,13 +62,9 @@ def object_store(tmp_path_factory):
     standard way: AWS_ENDPOINT_URL and the AWS_* credentials in the environment, set before the session's
     Ray starts so that its workers inherit them (as a cluster's nodes would have them). Yields a
     function that creates a bucket and returns its s3:// URI."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(
@@ -157,6 +153,33 @@ def run_cli_then_kill(spec_file: Path, log_file: Path, ready, linger_s: float = 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return seen
+
+
+GIVEN_PORTS: set[int] = set()
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, never the same one twice in a session.
+    A port from bind(0) lies in that range, where any outgoing connection of the Ray processes starting
+    meanwhile may take it before the process it was meant for binds it (a second node's metrics agent
+    once failed so: "Address already in use", and the node never joined)."""
+    import random
+    import socket
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for _ in range(1000):
+        port = random.randrange(20000, ephemeral)  # Ray's worker ports are 10002-19999 by default
+        if port in GIVEN_PORTS:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free port between 20000 and {ephemeral}")
 
 
 def tiny_spec(output, **sections) -> dict:

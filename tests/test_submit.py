@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from raylm.runtime.cluster import SubmitError, check_address, is_loopback
-from tests.conftest import tiny_spec
+from tests.conftest import free_port, tiny_spec
 
 
 @pytest.mark.quick
@@ -57,12 +56,6 @@ def test_ray_client_address_is_refused():
     with pytest.raises(SubmitError) as info:
         check_address("ray://127.0.0.1:10001")
     assert "8265" in str(info.value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 AGENT_PORT_FLAGS = (

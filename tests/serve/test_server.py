@@ -6,7 +6,6 @@ timeouts (408); an NF4 model serves."""
 import asyncio
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -19,16 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raylm.serve.driver import Serve, deploy
 from raylm.spec.loading import validate_dict
+from tests.conftest import free_port
 
 KEY = "test-key-not-a-secret"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # the tiny model's context is 32
 PROMPTS = ["the cat", "a dog", "once upon a", "to be", "it was the", "and so", "we", "the end of"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def make_adapter(base: str, folder, seed: int) -> None:

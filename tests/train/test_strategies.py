@@ -17,7 +17,7 @@ from raylm.planning.memory import GiB
 from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
 from raylm.train.metrics import read_metrics
-from tests.conftest import tiny_spec
+from tests.conftest import free_port, tiny_spec
 
 
 def exported(run_dir):
@@ -274,7 +274,6 @@ def test_zero3_partitions_rank_0s_weights_one_module_at_a_time(tmp_path, monkeyp
     well under one copy (bound: 75%; rank 0, which builds the whole model, by more than 90%), and the
     gathered weights are rank 0's (the same seeded model built whole here)."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
@@ -286,9 +285,7 @@ def test_zero3_partitions_rank_0s_weights_one_module_at_a_time(tmp_path, monkeyp
     # reuse pool (inherited by the spawned ranks)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     mp.spawn(_partition_rank, args=(port, str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     torch.manual_seed(0)
