@@ -29,7 +29,7 @@ import numpy as np
 
 from raylm.data.sft import IGNORE, collate, encode, is_val
 from raylm.data.sft import examples as file_examples
-from raylm.data.sources import BadExample
+from raylm.data.sources import BadExample, shown
 from raylm.spec.sft import SFTDataSpec
 
 
@@ -67,11 +67,6 @@ def generated(task_rows: list[dict], spec: SFTDataSpec) -> list[dict]:
     return out
 
 
-def _shown(value) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return repr(text[:60] + ("..." if len(text) > 60 else ""))
-
-
 def render_prompt(prompt, spec: SFTDataSpec, tokenizer, before: list | None = None) -> str:
     """The prompt's text: as given, or messages (plus the answer's earlier messages) through the chat
     template with its generation prompt."""
@@ -93,9 +88,7 @@ def _prompt_messages(prompt) -> list[dict]:
     try:
         return _messages(prompt)
     except (KeyError, TypeError):
-        raise BadExample(
-            f"a prompt {_shown(prompt)} is neither text nor {{role, content}} messages"
-        ) from None
+        raise BadExample(f"a prompt {shown(prompt)} is neither text nor {{role, content}} messages") from None
 
 
 def split_answer(answer, field: str, prompt) -> tuple[str, list]:
@@ -106,11 +99,11 @@ def split_answer(answer, field: str, prompt) -> tuple[str, list]:
         messages = _messages(answer)
     except (KeyError, TypeError):
         raise BadExample(
-            f"the example with prompt {_shown(prompt)}: {field} must be text or {{role, content}} messages"
+            f"the example with prompt {shown(prompt)}: {field} must be text or {{role, content}} messages"
         ) from None
     if not messages or messages[-1]["role"] != "assistant":
         raise BadExample(
-            f"the example with prompt {_shown(prompt)}: {field} must be text or messages ending with an "
+            f"the example with prompt {shown(prompt)}: {field} must be text or messages ending with an "
             "assistant message"
         )
     return messages[-1]["content"], messages[:-1]
@@ -128,13 +121,13 @@ def example_texts(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, list[st
     for field in fields:
         value = row[field]
         if not isinstance(value, (str, list, np.ndarray)):
-            raise BadExample(f"the example with prompt {_shown(prompt)}: no {field} answer (found {value!r})")
+            raise BadExample(f"the example with prompt {shown(prompt)}: no {field} answer (found {value!r})")
         text, earlier = split_answer(list(value) if isinstance(value, np.ndarray) else value, field, prompt)
         if not text.strip():
-            raise BadExample(f"the example with prompt {_shown(prompt)}: its {field} answer is empty")
+            raise BadExample(f"the example with prompt {shown(prompt)}: its {field} answer is empty")
         if before is not None and earlier != before:
             raise BadExample(
-                f"the example with prompt {_shown(prompt)}: chosen and rejected differ before their last "
+                f"the example with prompt {shown(prompt)}: chosen and rejected differ before their last "
                 "message; the conversation before the answer must be the same"
             )
         before = earlier
@@ -146,7 +139,7 @@ def encoded_answer(prompt: str, answer: str, tokenizer, spec: SFTDataSpec) -> tu
     ids, labels = encode(prompt, answer, tokenizer, spec)
     if all(label == IGNORE for label in labels[1:]):
         raise BadExample(
-            f"the example with prompt {_shown(prompt)}: the prompt fills data.seq_len ({spec.seq_len} "
+            f"the example with prompt {shown(prompt)}: the prompt fills data.seq_len ({spec.seq_len} "
             "tokens), leaving no room for the answer; raise data.seq_len or shorten the prompt"
         )
     return ids, labels
@@ -161,7 +154,7 @@ def held(prompt: str, spec: SFTDataSpec) -> bool:
 def desirable(value, prompt) -> bool:
     if isinstance(value, (bool, np.bool_)) or value in (0, 1):
         return bool(value)
-    raise BadExample(f"the example with prompt {_shown(prompt)}: label {value!r} is not true or false")
+    raise BadExample(f"the example with prompt {shown(prompt)}: label {value!r} is not true or false")
 
 
 def preference_rows(batch: dict, tokenizer, spec: SFTDataSpec):

@@ -18,6 +18,7 @@ import json
 import numpy as np
 
 from raylm.data.sources import (
+    BadExample,
     check_dataset,
     file_size,
     files_under,
@@ -30,6 +31,7 @@ from raylm.data.sources import (
     open_file,
     read_head,
     saved_dataset_in_store,
+    shown,
     suffix,
     to_ray,
 )
@@ -59,47 +61,75 @@ def required_fields(spec: SFTDataSpec) -> tuple[str, ...]:
 
 
 def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
-    """(prompt, response) text of one example (choices: the right choice is the response)."""
+    """(prompt, response) text of one example (choices: the right choice is the response); BadExample
+    names an example that cannot be rendered."""
     if spec.format == "completion":
-        return str(row[spec.prompt_field]), str(row[spec.completion_field])
+        return _text(row, spec.prompt_field), _text(row, spec.completion_field)
     if spec.format == "choices":
         options = choice_texts(row, spec)
-        return str(row[spec.prompt_field]), options[answer_index(row, spec, len(options))]
+        return _text(row, spec.prompt_field), options[answer_index(row, spec, len(options))]
     if spec.format == "alpaca":
         extra = str(row.get("input") or "").strip()
         prompt = ALPACA.format(
             context=", paired with an input that provides further context" if extra else "",
-            instruction=str(row["instruction"]).strip(),
+            instruction=_text(row, "instruction").strip(),
             input=f"### Input:\n{extra}\n\n" if extra else "",
         )
-        return prompt, str(row["output"])
-    messages = list(row[spec.messages_field])
+        return prompt, _text(row, "output")
+    messages = _messages(row, spec.messages_field)
     if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("a chat example must end with an assistant message (the response)")
+        raise BadExample(
+            f"the example {shown(row)}: a chat example must end with an assistant message (the response)"
+        )
     prompt = tokenizer.apply_chat_template(
-        [dict(m) for m in messages[:-1]],
-        tokenize=False,
-        add_generation_prompt=True,
-        chat_template=spec.chat_template,
+        messages[:-1], tokenize=False, add_generation_prompt=True, chat_template=spec.chat_template
     )
     return prompt, str(messages[-1]["content"])
 
 
+def _text(row: dict, field: str) -> str:
+    value = row.get(field)
+    if value is None or isinstance(value, float) and value != value:  # JSON null: None, or NaN from pandas
+        raise BadExample(f"the example {shown(row)} has no {field}")
+    return str(value)
+
+
+def _messages(row: dict, field: str) -> list[dict]:
+    value = row.get(field)
+    try:
+        messages = [dict(m) for m in value]
+        if all("role" in m and "content" in m for m in messages):
+            return messages
+    except (TypeError, ValueError):
+        pass
+    raise BadExample(f"the example {shown(row)}: its {field} must be a list of {{role, content}} messages")
+
+
 def choice_texts(row: dict, spec: SFTDataSpec) -> list[str]:
-    options = [str(c) for c in row[spec.choices_field]]
+    value = row.get(spec.choices_field)
+    if value is None or isinstance(value, str):
+        raise BadExample(f"the example {shown(row)}: its {spec.choices_field} must be a list of choices")
+    options = [str(c) for c in value]
     if len(options) != spec.num_choices:
-        raise ValueError(
-            f"an example has {len(options)} choices, data.num_choices is {spec.num_choices}: every "
-            "example needs the same number"
+        raise BadExample(
+            f"the example {shown(row)} has {len(options)} choices, data.num_choices is {spec.num_choices}: "
+            "every example needs the same number"
         )
     return options
 
 
 def answer_index(row: dict, spec: SFTDataSpec, count: int) -> int:
-    answer = row[spec.answer_field]
-    if isinstance(answer, (bool, float)) or not 0 <= int(answer) < count:
-        raise ValueError(f"{spec.answer_field}={answer!r} is not the index of one of the {count} choices")
-    return int(answer)
+    answer = row.get(spec.answer_field)
+    try:
+        index = None if isinstance(answer, (bool, float)) or answer is None else int(answer)
+    except (TypeError, ValueError):
+        index = None
+    if index is None or not 0 <= index < count:
+        raise BadExample(
+            f"the example {shown(row)}: {spec.answer_field}={answer!r} is not the index of one of the "
+            f"{count} choices"
+        )
+    return index
 
 
 def encode(prompt: str, response: str, tokenizer, spec: SFTDataSpec) -> tuple[list[int], list[int]]:
@@ -126,7 +156,8 @@ def is_val(prompt: str, response: str, val_fraction: float) -> bool:
 def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec):
     """Token rows of a batch of examples, each split's own (`val` marks the validation rows):
     input_ids, labels, attention_mask, seq_len each: packed, or right-padded (the training loop cuts
-    each batch to its longest example)."""
+    each batch to its longest example). An example that cannot be used ends the batch with one row
+    whose `bad` column names it (raylm.data.sources.BadExample); good rows hold "" there."""
     columns = list(batch)
     n = len(batch[columns[0]]) if columns else 0
     if spec.format == "choices":
@@ -134,7 +165,11 @@ def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec):
         return
     encoded: dict[bool, list] = {False: [], True: []}
     for i in range(n):
-        prompt, response = render({c: batch[c][i] for c in columns}, spec, tokenizer)
+        try:
+            prompt, response = render({c: batch[c][i] for c in columns}, spec, tokenizer)
+        except BadExample as err:  # reported by the driver (raylm.data.cache.write), without a traceback
+            yield bad_row(str(err), spec)
+            return
         ids, labels = encode(prompt, response, tokenizer, spec)
         if any(label != IGNORE for label in labels[1:]):  # a prompt filling seq_len has nothing to learn
             encoded[is_val(prompt, response, spec.val_fraction)].append((ids, labels))
@@ -144,7 +179,22 @@ def tokenize_batch(batch: dict, tokenizer, spec: SFTDataSpec):
             packed(rows, spec.seq_len) if spec.packing else collate(rows, spec.seq_len, pad) if rows else None
         )
         if out is not None:
-            yield {**out, "val": np.full(len(out["input_ids"]), val)}
+            count = len(out["input_ids"])
+            yield {**out, "val": np.full(count, val), "bad": np.full(count, "", dtype=object)}
+
+
+def bad_row(message: str, spec: SFTDataSpec) -> dict:
+    """One row naming an example that cannot train, with every column a good batch has: Ray Data may
+    merge it into one block with the task's earlier good rows, which needs one schema."""
+    shape = (1, spec.num_choices, spec.seq_len) if spec.format == "choices" else (1, spec.seq_len)
+    row = {
+        "input_ids": np.zeros(shape, dtype=np.int64),
+        "labels": np.full(shape, IGNORE, dtype=np.int64),
+        "attention_mask": np.zeros(shape, dtype=np.int64),
+    }
+    if spec.format == "choices":
+        row["answer"] = np.zeros(1, dtype=np.int64)
+    return {**row, "val": np.zeros(1, dtype=bool), "bad": np.asarray([message], dtype=object)}
 
 
 def packed(encoded: list, seq_len: int) -> dict | None:
@@ -169,16 +219,25 @@ def choice_rows(batch: dict, columns: list, n: int, tokenizer, spec: SFTDataSpec
     rows, answers, val = [], [], []
     for i in range(n):
         row = {c: batch[c][i] for c in columns}
-        prompt, right = render(row, spec, tokenizer)
-        options = choice_texts(row, spec)
+        try:
+            prompt, right = render(row, spec, tokenizer)
+            options = choice_texts(row, spec)
+            answers.append(answer_index(row, spec, len(options)))
+        except BadExample as err:  # reported by the driver (raylm.data.cache.write), without a traceback
+            yield bad_row(str(err), spec)
+            return
         rows.append(
             collate([encode(prompt, option, tokenizer, spec) for option in options], spec.seq_len, pad)
         )
-        answers.append(answer_index(row, spec, len(options)))
         val.append(is_val(prompt, right, spec.val_fraction))
     if rows:
         out = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-        yield {**out, "answer": np.asarray(answers, dtype=np.int64), "val": np.asarray(val)}
+        yield {
+            **out,
+            "answer": np.asarray(answers, dtype=np.int64),
+            "val": np.asarray(val),
+            "bad": np.full(len(rows), "", dtype=object),
+        }
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> dict:

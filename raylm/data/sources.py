@@ -25,6 +25,23 @@ class BadExample(ValueError):
     a problem of the data."""
 
 
+def shown(value) -> str:
+    """An example's value as a message shows it: its first 60 characters (numpy values as the lists and
+    numbers of the file they were read from)."""
+    text = value if isinstance(value, str) else repr(_plain(value))
+    return repr(text[:60] + ("..." if len(text) > 60 else ""))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value != value:  # a JSON null in a column pandas read as numbers
+        return None
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
 def filesystem(where: str):
     """(pyarrow filesystem, path in it) for a local path or a storage URI."""
     import pyarrow.fs as pafs

@@ -96,15 +96,15 @@ class Evaluate:
 def model_problems(entry, where: str) -> list[tuple[str, str]]:
     """A local model (or adapter base) path that does not exist or holds nothing raylm loads; a
     storage URI is fetched by the task on its node."""
-    from raylm.infer.loading import resolve
     from raylm.runtime import storage
+    from raylm.runtime.storage import run_artifact
 
     problems = []
     for field, raw in (("path", entry.path), ("base", entry.base)):
         if raw is None or storage.is_uri(raw):
             continue
         try:
-            path = resolve(Path(raw).expanduser())
+            path = run_artifact(Path(raw).expanduser())
         except (OSError, ValueError) as err:  # an unreadable run summary
             problems.append((f"{where}.{field}", f"cannot read {raw}: {err}"))
             continue

@@ -27,11 +27,11 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
         from transformers import AutoTokenizer
 
         from raylm.evaluate.endpoint import Endpoint, shown
-        from raylm.infer.loading import fetch, resolve
+        from raylm.runtime.storage import fetch_artifact, run_artifact
 
         model = Endpoint(entry.endpoint)
         # this node's copy of the tokenizer (a run folder: its model's), for lm-eval's client too
-        entry.endpoint.tokenizer = str(resolve(Path(fetch(entry.endpoint.tokenizer))))
+        entry.endpoint.tokenizer = str(run_artifact(Path(fetch_artifact(entry.endpoint.tokenizer))))
         tokenizer = AutoTokenizer.from_pretrained(entry.endpoint.tokenizer)
         loaded = f"{entry.endpoint.model} at {shown(entry.endpoint.url)}"
     else:

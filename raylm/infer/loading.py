@@ -15,44 +15,6 @@ class LoadError(ValueError):
     """The path is not something raylm can generate from; the message says what it expected."""
 
 
-def resolve(path: Path) -> Path:
-    """A raylm run folder -> what it produced: a fine-tuning run's adapter or model, a quantization's
-    artifact, a pruning's folder, a pretraining run's model/."""
-    summary_file = path / "summary.json"
-    if path.is_dir() and not (path / "config.json").exists() and summary_file.exists():
-        summary = json.loads(summary_file.read_text())
-        for key in ("artifact", "model"):
-            found = summary.get(key)
-            if not found:
-                continue
-            candidate = Path(found)
-            if not candidate.is_absolute() and not candidate.exists():
-                candidate = path / candidate.name  # a run moved since: look inside it
-            if candidate.exists() and candidate != path:
-                return candidate
-        if (path / "model" / "config.json").exists():
-            return path / "model"
-    return path
-
-
-def fetch(path: str | None) -> str | None:
-    """A model, adapter or GGUF file, or a raylm run folder, named by a storage URI -> this node's copy
-    of what it holds (a run folder's artifact, not its checkpoints); a local path as it is."""
-    from raylm.runtime import storage
-
-    if path is None or not storage.is_uri(path):
-        return path
-    if (
-        storage.read_text(path, "config.json") is None
-        and storage.read_text(path, "adapter_config.json") is None
-    ):
-        summary = storage.read_text(path, "summary.json")
-        if summary is not None:  # a run folder: its artifact (or model/), by name inside the run
-            found = json.loads(summary).get("artifact") or json.loads(summary).get("model") or "model"
-            path = f"{path.rstrip('/')}/{Path(str(found)).name}"
-    return storage.localize(path)
-
-
 def load_for_generation(path: str, base: str | None = None, device: str = "cpu", dtype: str = "auto"):
     """(model, tokenizer, a description of what was loaded); weights in the checkpoint's own dtype
     unless `dtype` names another."""
@@ -61,8 +23,10 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu",
 
     hf_logging.disable_progress_bar()  # its per-load "Loading weights" bar says nothing here
 
-    path, base = fetch(path), fetch(base)  # a storage URI: this node's copy
-    target = resolve(Path(path).expanduser())
+    from raylm.runtime.storage import fetch_artifact, run_artifact
+
+    path, base = fetch_artifact(path), fetch_artifact(base)  # a storage URI: this node's copy
+    target = run_artifact(Path(path).expanduser())
     if target.is_dir() and not (target / "config.json").exists():
         ggufs = sorted(target.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -76,7 +40,7 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu",
 
         record = target / "raylm_method.json"
         if base is None and record.exists():  # a base recorded as a storage URI: this node's copy
-            base = fetch(json.loads(record.read_text()).get("base")) or None
+            base = fetch_artifact(json.loads(record.read_text()).get("base")) or None
         try:
             model, method, base_folder = load_adapter(target, base, device)
         except MergeError as err:

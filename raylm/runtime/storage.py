@@ -6,6 +6,7 @@ in with renames, so a failure while exporting never leaves a half-written `model
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import uuid
@@ -297,10 +298,44 @@ def localize(path: str) -> str:
     return str(target / identity[0][0]) if info.type == pafs.FileType.File else str(target)
 
 
+def run_artifact(path: Path) -> Path:
+    """A raylm run folder -> what it produced: a fine-tuning run's adapter or model, a quantization's
+    artifact, a pruning's folder, a pretraining run's model/."""
+    summary_file = path / "summary.json"
+    if path.is_dir() and not (path / "config.json").exists() and summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        for key in ("artifact", "model"):
+            found = summary.get(key)
+            if not found:
+                continue
+            candidate = Path(found)
+            if not candidate.is_absolute() and not candidate.exists():
+                candidate = path / candidate.name  # a run moved since: look inside it
+            if candidate.exists() and candidate != path:
+                return candidate
+        if (path / "model" / "config.json").exists():
+            return path / "model"
+    return path
+
+
+def fetch_artifact(path: str | None) -> str | None:
+    """A model, adapter or GGUF file, or a raylm run folder, named by a storage URI -> this node's copy
+    of what it holds (a run folder's artifact, not its checkpoints); a local path as it is."""
+    if path is None or not is_uri(path):
+        return path
+    if read_text(path, "config.json") is None and read_text(path, "adapter_config.json") is None:
+        summary = read_text(path, "summary.json")
+        if summary is not None:  # a run folder: its artifact (or model/), by name inside the run
+            found = json.loads(summary).get("artifact") or json.loads(summary).get("model") or "model"
+            path = f"{path.rstrip('/')}/{Path(str(found)).name}"
+    return localize(path)
+
+
 def localize_inputs(job) -> list[tuple[str, str]]:
     """Point the job's model / tokenizer / teacher sections that name a storage URI at their copies
     on this node (see `localize`), remembering the URI: a worker on another node calls this again and
-    fetches its own copy, and the run's spec record keeps the URI. Returns (field, problem) pairs for
+    fetches its own copy, and the run's spec record keeps the URI. A section naming a raylm run folder
+    (local or a URI) reads what the run produced (`run_artifact`). Returns (field, problem) pairs for
     inputs that cannot be fetched."""
     wanted = [id(section) for section in getattr(job, "path_sections", ())]
     problems = []
@@ -309,12 +344,17 @@ def localize_inputs(job) -> list[tuple[str, str]]:
         if id(section) not in wanted:
             continue
         source = section._source or section.path
-        if not source or not is_uri(source):
+        if not source:
+            continue
+        if not is_uri(source):  # a raylm run folder: what it produced (its model/, adapter, artifact)
+            folder = Path(source).expanduser()
+            if run_artifact(folder) != folder:
+                section.path = str(run_artifact(folder))
             continue
         section._source = source
         if is_uri(section.path) or not Path(section.path).exists():  # not fetched on this node yet
             try:
-                section.path = localize(source)
+                section.path = fetch_artifact(source)
             except (OSError, ValueError) as err:  # pyarrow: no such bucket or object, no credentials
                 problems.append((f"{name}.path", f"cannot fetch {source}: {err}"))
     return problems

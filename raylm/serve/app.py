@@ -375,11 +375,11 @@ class Server:
 
     async def _load_adapter_now(self, name: str):
         """What Serve's multiplexer calls (self._load_adapter, made in __init__ with the spec's limit)."""
-        from raylm.infer.loading import fetch
+        from raylm.runtime.storage import fetch_artifact
 
         loop = asyncio.get_running_loop()
         # an adapter named by a storage URI is fetched here, off the model's thread (streams go on)
-        folder = await asyncio.to_thread(fetch, self.job.adapters[name])
+        folder = await asyncio.to_thread(fetch_artifact, self.job.adapters[name])
         token = await asyncio.wrap_future(
             self.decoder.call(lambda: self._attach(name, folder), changes_model=True), loop=loop
         )

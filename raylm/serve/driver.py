@@ -201,20 +201,20 @@ def absolute_paths(job):
 def fetched(job):
     """A copy of the serve spec whose model, base and adapters named by storage URIs are this node's
     copies (for the checks; the replicas fetch from the URIs on their own nodes)."""
-    from raylm.infer.loading import fetch
+    from raylm.runtime.storage import fetch_artifact
 
     job = job.model_copy(deep=True)
-    job.model.path, job.model.base = fetch(job.model.path), fetch(job.model.base)
-    job.adapters = {name: fetch(folder) for name, folder in job.adapters.items()}
+    job.model.path, job.model.base = fetch_artifact(job.model.path), fetch_artifact(job.model.base)
+    job.adapters = {name: fetch_artifact(folder) for name, folder in job.adapters.items()}
     return job
 
 
 def adapter_folder(path: str) -> str:
     """The adapter folder `path` names: itself, or the adapter a raylm fine-tuning run folder produced."""
-    from raylm.infer.loading import resolve
+    from raylm.runtime.storage import run_artifact
 
     folder = Path(path).expanduser()
-    return str(resolve(folder)) if folder.exists() else path
+    return str(run_artifact(folder)) if folder.exists() else path
 
 
 def _model_problems(job) -> Problems:
@@ -222,9 +222,9 @@ def _model_problems(job) -> Problems:
     if not path.exists():
         return [("model.path", f"{job.model.path} does not exist")]
     if job.adapters:
-        from raylm.infer.loading import resolve
+        from raylm.runtime.storage import run_artifact
 
-        target = resolve(path)
+        target = run_artifact(path)
         if not (target / "config.json").exists() or (target / "adapter_config.json").exists():
             return [("adapters", f"adapters need model.path to be a full model folder; {target} is not one")]
     return []
@@ -245,7 +245,7 @@ def vllm_config(job) -> dict:
     """The keyword arguments of ray.serve.llm.LLMConfig for a ServeJob with engine: vllm: the model
     resolved as the transformers engine resolves it (a raylm run folder means what it produced),
     whole GPUs per replica as tensor parallelism, the spec's dtype, chat template and defaults."""
-    from raylm.infer.loading import resolve
+    from raylm.runtime.storage import run_artifact
 
     scaling = job.scaling
     deployment = {"max_ongoing_requests": scaling.max_ongoing_requests}
@@ -270,7 +270,7 @@ def vllm_config(job) -> dict:
     return {
         "model_loading_config": {
             "model_id": job.model_name,
-            "model_source": str(resolve(Path(job.model.path))),
+            "model_source": str(run_artifact(Path(job.model.path))),
         },
         "engine_kwargs": engine,
         "deployment_config": deployment,
@@ -279,10 +279,10 @@ def vllm_config(job) -> dict:
 
 def vllm_problems(job) -> list[tuple[str, str]]:
     """What engine: vllm cannot honour, refused at validate rather than ignored."""
-    from raylm.infer.loading import resolve
+    from raylm.runtime.storage import run_artifact
 
     problems = []
-    target = resolve(Path(job.model.path))
+    target = run_artifact(Path(job.model.path))
     if (target / "adapter_config.json").exists() or (target / "raylm_method.json").exists():
         problems.append(
             ("model.path", f"{target} is an adapter: engine vllm serves full models (merge it first)")

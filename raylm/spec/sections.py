@@ -111,7 +111,9 @@ class ModelSpec(Section):
     """Where the model comes from: a local Hugging Face folder / hub id, or an architecture block."""
 
     path: str | None = Field(
-        None, description="Local Hugging Face model folder or hub id (e.g. runs/tiny/model)."
+        None,
+        description="Local Hugging Face model folder, hub id, storage URI, or raylm run folder (what the run "
+        "produced: runs/tiny means runs/tiny/model).",
     )
     revision: str | None = Field(
         None, description="Hub revision (branch, tag or commit) when path is a hub id."

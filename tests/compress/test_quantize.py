@@ -339,7 +339,13 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path, trained, quantized):
 
     out = tmp_path / "out"
     assert "is not a folder here" in validate_fails(tmp_path, quantize_spec(tmp_path / "nowhere", out, "nf4"))
-    assert "use its model/" in validate_fails(tmp_path, quantize_spec(trained.parent, out, "nf4"))
+    # a finished run folder reads what it produced (its model/); an unfinished one is named with the fix
+    from raylm.kinds import preflight
+
+    job = validate_dict(quantize_spec(trained.parent, out, "nf4"))
+    assert preflight(job) == [] and job.model.path == str(trained)
+    (tmp_path / "unfinished" / "model").mkdir(parents=True)
+    assert "use its model/" in validate_fails(tmp_path, quantize_spec(tmp_path / "unfinished", out, "nf4"))
     t5 = tmp_path / "t5"
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=32).save_pretrained(t5)
     assert "not a causal language model" in validate_fails(tmp_path, quantize_spec(t5, out, "nf4"))

@@ -3,9 +3,11 @@ a deterministic validation split, and input checks that name the field and the f
 
 import json
 
+import numpy as np
 import pytest
 
 from raylm.data.sft import IGNORE, check_sft_data, encode, examples, held_out, render, token_rows
+from raylm.data.sources import BadExample
 from raylm.spec.sft import SFTDataSpec
 
 CHATML = (
@@ -41,8 +43,63 @@ def test_chat_uses_the_template_and_the_last_assistant_turn(tokenizer):
     ]
     prompt, response = render({"messages": messages}, spec, tokenizer)
     assert prompt == "<|user|>hi\n<|assistant|>hello\n<|user|>2+2?\n<|assistant|>" and response == "4"
-    with pytest.raises(ValueError, match="must end with an assistant"):
+    with pytest.raises(BadExample, match="must end with an assistant"):
         render({"messages": messages[:-1]}, spec, tokenizer)
+
+
+@pytest.mark.quick
+def test_an_example_that_cannot_train_becomes_a_row_naming_it(tokenizer):
+    """A Ray Data task does not raise for a bad example (its traceback would reach the console): it
+    yields one row whose `bad` column names the example; good rows hold "" there, with the same columns."""
+    from raylm.data.sft import tokenize_batch
+
+    def rows_of(rows, **fields):
+        spec = SFTDataSpec(path="x.jsonl", seq_len=32, chat_template=CHATML, **fields)
+        batch = {k: np.empty(len(rows), dtype=object) for k in rows[0]}  # as Ray Data hands JSON rows
+        for i, row in enumerate(rows):
+            for k in batch:
+                batch[k][i] = row.get(k)
+        return list(tokenize_batch(batch, tokenizer, spec))
+
+    def problem(rows, **fields):
+        (out,) = rows_of(rows, **fields)  # the batch ends at its bad example
+        assert len(out["bad"]) == 1
+        return str(out["bad"][0])
+
+    fine = {"prompt": "1+1=", "completion": " 2"}
+    assert """the example "{'prompt': '2+2=', 'completion': None}" has no completion""" == problem(
+        [fine, {"prompt": "2+2=", "completion": None}]
+    )
+    (good,) = rows_of([fine])
+    (bad,) = rows_of([{"prompt": "2+2=", "completion": None}])
+    assert good["bad"].tolist() == [""] and set(good) == set(bad)
+    assert good["input_ids"].shape[1:] == bad["input_ids"].shape[1:]
+    assert "has no output" in problem([{"instruction": "Add.", "output": None}], format="alpaca")
+    user_only = {"messages": [{"role": "user", "content": "say 150"}]}
+    assert """"{'messages': [{'role': 'user', 'content': 'say 150'}]}": a chat example must end""" in problem(
+        [user_only], format="chat"
+    )
+    assert "messages must be a list of {role, content} messages" in problem(
+        [{"messages": "hello"}], format="chat"
+    )
+    row = {"prompt": "pick", "choices": ["a", "b"], "answer": 0}
+    assert "has 2 choices, data.num_choices is 4" in problem([row], format="choices")
+    out_of_range = {"prompt": "pick", "choices": ["a", "b", "c", "d"], "answer": 7}
+    assert "answer=7 is not the index of one of the 4 choices" in problem([out_of_range], format="choices")
+
+
+def test_a_bad_example_stops_the_cache_in_the_driver_and_leaves_nothing(ray_local, tokenizer, tmp_path):
+    """Through Ray Data: the driver raises the example's problem (which the training kinds report as a
+    problem of `data`, exit 2, no traceback) and no cache folder is left behind."""
+    from raylm.data.cache import ensure
+
+    rows = [{"prompt": f"{i}+1=", "completion": f" {i + 1}"} for i in range(600)]
+    rows[550]["completion"] = None  # in the second batch: earlier good rows are already on their way
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = SFTDataSpec(path=str(tmp_path / "sft.jsonl"), seq_len=16)
+    with pytest.raises(BadExample, match="'550\\+1=', 'completion': None}\" has no completion"):
+        ensure(str(tmp_path / "cache" / "key"), lambda: token_rows(examples(spec), tokenizer, spec))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 @pytest.mark.quick
