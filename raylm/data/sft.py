@@ -69,7 +69,7 @@ def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
         options = choice_texts(row, spec)
         return _text(row, spec.prompt_field), options[answer_index(row, spec, len(options))]
     if spec.format == "alpaca":
-        extra = str(row.get("input") or "").strip()
+        extra = "" if _missing(row.get("input")) else str(row["input"]).strip()
         prompt = ALPACA.format(
             context=", paired with an input that provides further context" if extra else "",
             instruction=_text(row, "instruction").strip(),
@@ -88,10 +88,14 @@ def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
 
 
 def _text(row: dict, field: str) -> str:
-    value = row.get(field)
-    if value is None or isinstance(value, float) and value != value:  # JSON null: None, or NaN from pandas
+    if _missing(row.get(field)):
         raise BadExample(f"the example {shown(row)} has no {field}")
-    return str(value)
+    return str(row[field])
+
+
+def _missing(value) -> bool:
+    """A JSON null, as Ray Data hands it: None, or NaN where pandas read the column."""
+    return value is None or isinstance(value, float) and value != value
 
 
 def _messages(row: dict, field: str) -> list[dict]:

@@ -28,8 +28,9 @@ def test_alpaca_renders_with_and_without_input(tokenizer):
     spec = SFTDataSpec(path="x.jsonl", format="alpaca")
     prompt, response = render({"instruction": "Add.", "input": "2 and 3", "output": "5"}, spec, tokenizer)
     assert "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n" in prompt and response == "5"
-    prompt, _ = render({"instruction": "Add.", "input": "", "output": "5"}, spec, tokenizer)
-    assert "### Input" not in prompt and "paired with an input" not in prompt
+    for empty in ("", None, float("nan")):  # a JSON null reaches here as None, or NaN from pandas
+        prompt, _ = render({"instruction": "Add.", "input": empty, "output": "5"}, spec, tokenizer)
+        assert "### Input" not in prompt and "paired with an input" not in prompt
 
 
 @pytest.mark.quick
