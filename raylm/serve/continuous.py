@@ -375,23 +375,8 @@ class DecodeLoop:
 
         greedy = logits.argmax(-1).tolist()  # plain greedy rows: one operation and one copy for all
         for i, row in enumerate(rows):
-            sampling = row.choice.request.controls.sampling
-            if not row.processors and not sampling:
-                token = greedy[i]
-                row.history.append(token)
-                row.choice.add(token)
-                continue
-            scores = logits[i : i + 1]
-            if row.processors:
-                history = torch.tensor([row.history], device=scores.device)
-                scores = row.processors(history, scores)
-            if sampling:
-                if self.random is None:  # not torch's global generator, which a seeded generate uses
-                    self.random = torch.Generator(device=scores.device)
-                    self.random.seed()
-                token = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.random)[0, 0])
-            else:
-                token = int(scores.argmax(-1)[0])
+            plain = not row.processors and not row.choice.request.controls.sampling
+            token = greedy[i] if plain else self._pick(row, logits[i : i + 1])
             row.history.append(token)
             row.choice.add(token)
         keep = [i for i, row in enumerate(self.rows) if row.choice.finish is None]
@@ -411,6 +396,19 @@ class DecodeLoop:
                 if self.compiled is not None:  # contiguous, as every other step leaves them: the compiled
                     # graphs assume those strides, and a view would make torch compile another
                     layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
+
+    def _pick(self, row, scores) -> int:
+        """A row's next token after its logits processors: sampled, or their argmax."""
+        import torch
+
+        if row.processors:
+            scores = row.processors(torch.tensor([row.history], device=scores.device), scores)
+        if not row.choice.request.controls.sampling:
+            return int(scores.argmax(-1)[0])
+        if self.random is None:  # not torch's global generator, which a seeded generate uses
+            self.random = torch.Generator(device=scores.device)
+            self.random.seed()
+        return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=self.random)[0, 0])
 
 
 class CacheBudgetError(RuntimeError):
