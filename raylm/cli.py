@@ -50,7 +50,9 @@ def main():
     """raylm: LLM pretraining, fine-tuning, search, compression and serving from one job spec, on Ray."""
     # torchao (installed with the gptq extra; transformers and PEFT import it) warns on import about
     # its CUDA-only kernels and enums this torch already knows: nothing a raylm user can act on.
-    for name in ("torchao", "torch.utils._pytree"):
+    # bitsandbytes (PEFT imports it) on a CPU with AVX512-BF16 tries to fetch a 4-bit kernel from the hub
+    # when the `kernels` package is installed, and warns when it cannot: it computes with its own instead.
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -369,69 +371,129 @@ def estimate(
     gradient_checkpointing,
     flash_attention,
 ):
-    """Per-worker training memory for each strategy: weights, gradients, optimizer, activations."""
-    from raylm.planning import memory, plan
+    """Per-worker training memory for each strategy: weights, gradients, optimizer, activations (a
+    pipeline: for each of its training stages)."""
+    options = {
+        "workers": workers,
+        "gpu_memory": gpu_memory,
+        "precision": precision,
+        "dtype": dtype,
+        "batch": batch,
+        "seq_len": seq_len,
+        "gradient_checkpointing": gradient_checkpointing,
+        "flash_attention": flash_attention,
+    }
+    if not spec_file and not params:
+        fail("give a SPEC_FILE or --params")
+    if not spec_file:
+        from raylm.planning import memory
 
-    teacher, reference, terms = 0.0, 0.0, {}
+        flash = True if flash_attention is None else flash_attention
+        options.update(flash_attention=flash, gpu=flash)  # a size alone: a GPU worker unless told otherwise
+        click.echo(_memory_report(memory.shape_from_params(params), **options))
+        return
     try:
-        if spec_file:
-            job = load_spec(spec_file, overrides)
-            if job.kind == "tune":  # a search: one trial's base (its searched values may change it)
-                click.echo("[raylm] estimating the search's base spec; its searched values may change it")
-                job = job.base
-            if not hasattr(job, "train"):
-                fail(f"{spec_file}: estimate answers for training jobs; a {job.kind} job does not train")
-            shape = memory.shape_of_job(job)
-            workers = workers or job.resources.max_workers
-            precision = precision or job.train.precision
-            dtype = dtype or job.model.dtype
-            preference = plan.preference_terms(job)  # two answers per example, a reference copy
-            if preference and not batch:
-                click.echo(
-                    f"[raylm] preference data: two answers per example, so batch {job.train.batch_size} "
-                    f"(pairs) is {preference['batch']} sequences"
-                )
-            batch = batch or preference.get("batch", job.train.batch_size)
-            seq_len = seq_len or job.data.seq_len
-            if gradient_checkpointing is None:
-                gradient_checkpointing = job.train.gradient_checkpointing
-            gpu = job.resources.use_gpu
-            if flash_attention is None:
-                flash_attention = gpu
-            teacher = plan.teacher_terms(job).get("teacher", 0.0)
-            # what `strategy: auto` counts for a fine-tuning method, and an explicit DeepSpeed's settings
-            terms = {**plan.method_terms(job), **plan.deepspeed_terms(job.strategy)}
-            if "exclude" in preference:
-                terms["exclude"] = (*terms.get("exclude", ()), *preference["exclude"])
-            reference = preference.get("reference", 0.0)
-        elif params:
-            shape = memory.shape_from_params(params)
-            flash_attention = True if flash_attention is None else flash_attention
-            gpu = flash_attention  # a size alone: a GPU worker unless --no-flash-attention says otherwise
-        else:
-            fail("give a SPEC_FILE or --params")
+        job = load_spec(spec_file, overrides)
     except SpecError as err:
-        if any(where == "model.path" for where, _ in err.problems):
-            err.problems.append(
-                ("hint", "estimate without the model folder from its size: raylm estimate --params 7e9 ...")
-            )
         fail(str(err))
-    click.echo(
-        memory.report(
-            shape,
-            workers or 1,
-            precision or "fp32",
-            batch or 1,
-            seq_len or 2048,
-            bool(gradient_checkpointing),
-            bool(flash_attention),
-            gpu_memory,
-            dtype or "float32",
-            teacher,
-            terms,
-            gpu,
-            reference,
+    if job.kind != "pipeline":
+        try:
+            click.echo(_job_estimate(job, spec_file, options))
+        except SpecError as err:
+            fail(str(_with_size_hint(err)))
+        return
+    trained = [s for s in job.order if job.job(s).kind == "tune" or hasattr(job.job(s), "train")]
+    if not trained:
+        fail(f"{spec_file}: no stage of this pipeline trains; estimate answers for training stages")
+    unread = False
+    for stage in trained:
+        click.echo(f"\n== stage {stage} ({job.job(stage).kind})")
+        producers = [r.stage for r in job.references(stage) if r.location[:1] in (("model",), ("base",))]
+        try:
+            click.echo(_job_estimate(job.job(stage), f"stage {stage}", options))
+        except SpecError as err:  # said here: the other stages are still estimated
+            if producers:
+                click.echo(
+                    f"[raylm] its model is stage {producers[0]}'s output, which does not exist yet: estimate "
+                    f"it once {producers[0]} has run, or from its size (raylm estimate --params ...)"
+                )
+            else:
+                unread = True
+                click.echo(f"error: {_with_size_hint(err)}", err=True)
+    if unread:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _job_estimate(job, label: str, options: dict) -> str:
+    """raylm estimate's table for one training job (a search: its base), the command line's options
+    over the job's own values; fails (exit 2) naming what cannot be read."""
+    from raylm.planning import memory, plan
+    from raylm.runtime.storage import read_run_folders
+
+    if job.kind == "tune":  # a search: one trial's base (its searched values may change it)
+        click.echo("[raylm] estimating the search's base spec; its searched values may change it")
+        job = job.base
+    if not hasattr(job, "train"):
+        fail(f"{label}: estimate answers for training jobs; a {job.kind} job does not train")
+    read_run_folders(job)
+    shape = memory.shape_of_job(job)  # SpecError where the model cannot be read here
+    preference = plan.preference_terms(job)  # two answers per example, a reference copy
+    if preference and not options["batch"]:
+        click.echo(
+            f"[raylm] preference data: two answers per example, so batch {job.train.batch_size} "
+            f"(pairs) is {preference['batch']} sequences"
         )
+    # what `strategy: auto` counts for a fine-tuning method, and an explicit DeepSpeed's settings
+    terms = {**plan.method_terms(job), **plan.deepspeed_terms(job.strategy)}
+    if "exclude" in preference:
+        terms["exclude"] = (*terms.get("exclude", ()), *preference["exclude"])
+    gpu = job.resources.use_gpu
+    given = {k: v for k, v in options.items() if v is not None}
+    return _memory_report(
+        shape,
+        **{
+            "workers": job.resources.max_workers,
+            "precision": job.train.precision,
+            "dtype": job.model.dtype,
+            "batch": preference.get("batch", job.train.batch_size),
+            "seq_len": job.data.seq_len,
+            "gradient_checkpointing": job.train.gradient_checkpointing,
+            "flash_attention": gpu,
+            "gpu_memory": None,
+            **given,
+        },
+        gpu=gpu,
+        teacher=plan.teacher_terms(job).get("teacher", 0.0),
+        terms=terms,
+        reference=preference.get("reference", 0.0),
+    )
+
+
+def _with_size_hint(err: SpecError) -> SpecError:
+    if any(where == "model.path" for where, _ in err.problems):
+        err.problems.append(
+            ("hint", "estimate without the model folder from its size: raylm estimate --params 7e9 ...")
+        )
+    return err
+
+
+def _memory_report(shape, gpu: bool, teacher: float = 0.0, terms=None, reference: float = 0.0, **o) -> str:
+    from raylm.planning import memory
+
+    return memory.report(
+        shape,
+        o["workers"] or 1,
+        o["precision"] or "fp32",
+        o["batch"] or 1,
+        o["seq_len"] or 2048,
+        bool(o["gradient_checkpointing"]),
+        bool(o["flash_attention"]),
+        o["gpu_memory"],
+        o["dtype"] or "float32",
+        teacher,
+        terms or {},
+        gpu,
+        reference,
     )
 
 

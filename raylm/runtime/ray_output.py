@@ -25,6 +25,8 @@ LIBRARY_NOTICES = (
     "Python GIL is enabled",
     # PEFT reading transformers 5's deprecated property when it loads an adapter
     "`is_gradient_checkpointing` is deprecated",
+    # bitsandbytes on an AVX512-BF16 CPU, failing to fetch a hub kernel it can do without (raylm.cli.main)
+    "Failed to load CPU gemm_4bit_forward",
 )
 
 

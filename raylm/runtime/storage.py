@@ -331,12 +331,23 @@ def fetch_artifact(path: str | None) -> str | None:
     return localize(path)
 
 
+def read_run_folders(job) -> None:
+    """Point the job's model / tokenizer / teacher sections that name a local raylm run folder at what
+    the run produced (`run_artifact`: its model/, adapter or artifact)."""
+    for section in getattr(job, "path_sections", ()):
+        if section.path and not is_uri(section.path) and section._source is None:
+            folder = Path(section.path).expanduser()
+            if run_artifact(folder) != folder:
+                section.path = str(run_artifact(folder))
+
+
 def localize_inputs(job) -> list[tuple[str, str]]:
     """Point the job's model / tokenizer / teacher sections that name a storage URI at their copies
     on this node (see `localize`), remembering the URI: a worker on another node calls this again and
     fetches its own copy, and the run's spec record keeps the URI. A section naming a raylm run folder
     (local or a URI) reads what the run produced (`run_artifact`). Returns (field, problem) pairs for
     inputs that cannot be fetched."""
+    read_run_folders(job)
     wanted = [id(section) for section in getattr(job, "path_sections", ())]
     problems = []
     for name in type(job).model_fields:
@@ -344,12 +355,7 @@ def localize_inputs(job) -> list[tuple[str, str]]:
         if id(section) not in wanted:
             continue
         source = section._source or section.path
-        if not source:
-            continue
-        if not is_uri(source):  # a raylm run folder: what it produced (its model/, adapter, artifact)
-            folder = Path(source).expanduser()
-            if run_artifact(folder) != folder:
-                section.path = str(run_artifact(folder))
+        if not source or not is_uri(source):
             continue
         section._source = source
         if is_uri(section.path) or not Path(section.path).exists():  # not fetched on this node yet

@@ -285,3 +285,55 @@ def test_estimate_of_a_qlora_spec_counts_what_auto_counts(tmp_path):
     assert out.exit_code == 0, out.output
     marked = [line.split()[0] for line in out.output.splitlines() if "cannot run" in line]
     assert sorted(marked) == ["zero1", "zero2", "zero3"], out.output
+
+
+@pytest.mark.quick
+def test_estimate_answers_for_each_training_stage_of_a_pipeline_and_reads_run_folders(tmp_path):
+    """`raylm estimate` on a pipeline: a table for each training stage in order (a pretraining stage from
+    its architecture, a finetune whose base is a finished run folder given by its run folder), a stage
+    whose model another stage produces says so; a model that cannot be read anywhere fails with exit 2
+    after the other stages were estimated."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+    from transformers import LlamaConfig
+
+    from raylm.cli import main
+
+    run = tmp_path / "done"  # a finished raylm run folder: its summary names the model it produced
+    LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+    ).save_pretrained(run / "model")
+    (run / "summary.json").write_text(json.dumps({"kind": "pretrain", "model": str(run / "model")}))
+    arch = {"family": "llama", "layers": 2, "heads": 2, "hidden": 64, "context": 256}
+    finetune = {"method": "lora", "data": {"generate": {"task": "arithmetic"}}}
+    stages = {
+        "base": {"kind": "pretrain", "model": {"architecture": arch}, "data": {"generate": {}}},
+        "sft": {"kind": "finetune", "model": {"from": "base"}, **finetune},
+        "other": {"kind": "finetune", "model": {"path": str(run)}, **finetune},
+        "gguf": {
+            "kind": "quantize",
+            "model": {"from": "sft", "pick": "merged"},
+            "method": "gguf",
+            "data": {"generate": {}},
+        },  # fmt: skip
+    }
+    spec = {"kind": "pipeline", "output": str(tmp_path / "out"), "stages": stages}
+    spec["stages"]["sft"]["output"] = {"merge": True}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    out = CliRunner().invoke(main, ["estimate", str(tmp_path / "p.yaml")])
+    assert out.exit_code == 0, out.output
+    headers = [line for line in out.output.splitlines() if line.startswith("== stage")]
+    assert headers == ["== stage base (pretrain)", "== stage sft (finetune)", "== stage other (finetune)"]
+    base, sft, other = out.output.split("== stage")[1:]
+    assert "2 layers, hidden 64" in base and "ddp" in base
+    assert "stage base's output, which does not exist yet" in sft and "ddp " not in sft
+    assert "2 layers, hidden 128" in other and "fsdp" in other  # read from the run's model/
+
+    stages["other"]["model"]["path"] = str(tmp_path / "nowhere")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    out = CliRunner().invoke(main, ["estimate", str(tmp_path / "p.yaml")])
+    assert out.exit_code == 2 and "== stage other" in out.output
+    assert "nowhere is not a folder on this machine" in out.output and "--params" in out.output
+    assert "2 layers, hidden 64" in out.output  # the other stages still estimated
