@@ -11,10 +11,10 @@ the text and encodes the prompts, so the numbers compare with a local evaluation
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from raylm.data.sft import IGNORE
+from raylm.runtime.secrets import ApiKeyError, read_api_key
 
 
 class EndpointError(RuntimeError):
@@ -23,14 +23,7 @@ class EndpointError(RuntimeError):
 
 def api_key(spec) -> str | None:
     """The key from endpoint.api_key_file or the endpoint.api_key_env variable (never from the spec)."""
-    if spec.api_key_file:
-        try:
-            return Path(spec.api_key_file).expanduser().read_text(encoding="utf-8").strip() or None
-        except (OSError, UnicodeDecodeError) as err:
-            raise EndpointError(
-                f"endpoint.api_key_file {spec.api_key_file}: cannot read it ({err})"
-            ) from None
-    return os.environ.get(spec.api_key_env, "").strip() or None
+    return read_api_key(spec.api_key_file, spec.api_key_env, "endpoint.api_key_file")
 
 
 def problems(spec, where: str) -> list[tuple[str, str]]:
@@ -43,7 +36,7 @@ def problems(spec, where: str) -> list[tuple[str, str]]:
         found.append((f"{where}.endpoint.tokenizer", f"{spec.tokenizer} does not exist"))
     try:
         key = api_key(spec)
-    except EndpointError as err:
+    except ApiKeyError as err:
         return [*found, (f"{where}.endpoint.api_key_file", str(err))]
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     url = spec.url.rstrip("/") + "/models"

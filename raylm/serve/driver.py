@@ -16,12 +16,8 @@ import signal
 import threading
 from pathlib import Path
 
+from raylm.runtime.secrets import ApiKeyError, read_api_key
 from raylm.spec.reading import Problems
-
-
-class ApiKeyError(ValueError):
-    """The API key is required but missing or unreadable; the message says where raylm looked."""
-
 
 DIGEST_ENV = (
     "RAYLM_API_KEY_SHA256"  # a submitted job's key, as its digest (the key never leaves this machine)
@@ -38,16 +34,7 @@ def key_hash(job) -> str | None:
 
 def api_key(job) -> str | None:
     """The API key from http.api_key_file or the http.api_key_env variable (never from the spec)."""
-    http = job.http
-    if http.api_key_file:
-        try:
-            key = Path(http.api_key_file).expanduser().read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ApiKeyError(f"http.api_key_file {http.api_key_file}: cannot read it ({err})") from None
-        if not key:
-            raise ApiKeyError(f"http.api_key_file {http.api_key_file} is empty")
-        return key
-    return os.environ.get(http.api_key_env, "").strip() or None
+    return read_api_key(job.http.api_key_file, job.http.api_key_env, "http.api_key_file")
 
 
 class Serve:
