@@ -40,8 +40,9 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
 def user_errors():
     """Exceptions that mean bad input: printed as a message, exit 2, no traceback."""
     from raylm.runtime.cluster import SubmitError
+    from raylm.runtime.storage import RunFolderError
 
-    return (SpecError, SubmitError)
+    return (SpecError, SubmitError, RunFolderError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -385,6 +386,8 @@ def estimate(
     }
     if not spec_file and not params:
         fail("give a SPEC_FILE or --params")
+    if spec_file and params:
+        fail("give a SPEC_FILE or --params, not both (--params estimates a model of that size alone)")
     if not spec_file:
         from raylm.planning import memory
 
@@ -408,17 +411,20 @@ def estimate(
     unread = False
     for stage in trained:
         click.echo(f"\n== stage {stage} ({job.job(stage).kind})")
-        producers = [r.stage for r in job.references(stage) if r.location[:1] in (("model",), ("base",))]
+        producers = [
+            r.stage for r in job.references(stage) if r.location[:1] in (("model",), ("base",), ("teacher",))
+        ]
         try:
             click.echo(_job_estimate(job.job(stage), f"stage {stage}", options))
         except SpecError as err:  # said here: the other stages are still estimated
             if producers:
                 click.echo(
                     f"[raylm] its model is stage {producers[0]}'s output, which does not exist yet: estimate "
-                    f"it once {producers[0]} has run, or from its size (raylm estimate --params ...)"
+                    f"it once {producers[0]} has run, or from its size alone (raylm estimate --params N)"
                 )
             else:
                 unread = True
+                err.source = f"stage {stage}"
                 click.echo(f"error: {_with_size_hint(err)}", err=True)
     if unread:
         sys.exit(EXIT_BAD_INPUT)
@@ -435,7 +441,9 @@ def _job_estimate(job, label: str, options: dict) -> str:
         job = job.base
     if not hasattr(job, "train"):
         fail(f"{label}: estimate answers for training jobs; a {job.kind} job does not train")
-    read_run_folders(job)
+    problems = read_run_folders(job)
+    if problems:
+        raise SpecError(problems)
     shape = memory.shape_of_job(job)  # SpecError where the model cannot be read here
     preference = plan.preference_terms(job)  # two answers per example, a reference copy
     if preference and not options["batch"]:
@@ -472,7 +480,7 @@ def _job_estimate(job, label: str, options: dict) -> str:
 def _with_size_hint(err: SpecError) -> SpecError:
     if any(where == "model.path" for where, _ in err.problems):
         err.problems.append(
-            ("hint", "estimate without the model folder from its size: raylm estimate --params 7e9 ...")
+            ("hint", "estimate from the model's size alone, without the spec: raylm estimate --params 7e9 ...")
         )
     return err
 

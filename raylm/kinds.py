@@ -95,6 +95,9 @@ def json_schema(kind: str | None = None) -> dict:
 def preflight(job) -> Problems:
     """Every problem the job's kind finds before a worker starts (paths, files, model modules). Model,
     tokenizer and teacher folders named by a storage URI are fetched into this node's cache first."""
-    from raylm.runtime.storage import localize_inputs
+    from raylm.runtime.storage import RunFolderError, localize_inputs
 
-    return localize_inputs(job) or driver(job).preflight(job)
+    try:
+        return localize_inputs(job) or driver(job).preflight(job)
+    except RunFolderError as err:  # a serve / evaluate input naming a run folder that leads nowhere
+        return [("model.path", str(err))]

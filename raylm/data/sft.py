@@ -88,9 +88,12 @@ def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
 
 
 def _text(row: dict, field: str) -> str:
-    if _missing(row.get(field)):
+    value = row.get(field)
+    if _missing(value):
         raise BadExample(f"the example {shown(row)} has no {field}")
-    return str(row[field])
+    if not _is_text(value):
+        raise BadExample(f"the example {shown(row)}: its {field} is {shown(value)}, not text")
+    return str(value)
 
 
 def _missing(value) -> bool:
@@ -98,21 +101,34 @@ def _missing(value) -> bool:
     return value is None or isinstance(value, float) and value != value
 
 
+def _is_text(value) -> bool:
+    """Text, or a number written as one (not a list, a mapping, true / false or a null)."""
+    return (
+        isinstance(value, (str, int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and not _missing(value)
+    )
+
+
 def _messages(row: dict, field: str) -> list[dict]:
     value = row.get(field)
     try:
         messages = [dict(m) for m in value]
-        if all("role" in m and "content" in m for m in messages):
+        if all(_is_text(m.get("role")) and _is_text(m.get("content")) for m in messages):
             return messages
     except (TypeError, ValueError):
         pass
-    raise BadExample(f"the example {shown(row)}: its {field} must be a list of {{role, content}} messages")
+    raise BadExample(
+        f"the example {shown(row)}: its {field} must be a list of {{role, content}} messages with text"
+    )
 
 
 def choice_texts(row: dict, spec: SFTDataSpec) -> list[str]:
     value = row.get(spec.choices_field)
     if value is None or isinstance(value, str):
         raise BadExample(f"the example {shown(row)}: its {spec.choices_field} must be a list of choices")
+    if not all(_is_text(c) for c in value):
+        raise BadExample(f"the example {shown(row)}: every one of its {spec.choices_field} must be text")
     options = [str(c) for c in value]
     if len(options) != spec.num_choices:
         raise BadExample(
@@ -124,14 +140,18 @@ def choice_texts(row: dict, spec: SFTDataSpec) -> list[str]:
 
 def answer_index(row: dict, spec: SFTDataSpec, count: int) -> int:
     answer = row.get(spec.answer_field)
-    try:
-        index = None if isinstance(answer, (bool, float)) or answer is None else int(answer)
+    try:  # a whole float too: pandas reads an integer column with a null in it as floats
+        whole = (
+            not isinstance(answer, (bool, np.bool_)) and not _missing(answer) and float(answer).is_integer()
+        )
+        index = int(float(answer)) if whole else None
     except (TypeError, ValueError):
         index = None
     if index is None or not 0 <= index < count:
+        shown_answer = "none" if _missing(answer) else repr(getattr(answer, "tolist", lambda: answer)())
         raise BadExample(
-            f"the example {shown(row)}: {spec.answer_field}={answer!r} is not the index of one of the "
-            f"{count} choices"
+            f"the example {shown(row)}: its {spec.answer_field} ({shown_answer}) is not the index of one "
+            f"of its {count} choices (0 to {count - 1})"
         )
     return index
 

@@ -26,7 +26,10 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu",
     from raylm.runtime.storage import fetch_artifact, run_artifact
 
     path, base = fetch_artifact(path), fetch_artifact(base)  # a storage URI: this node's copy
-    target = run_artifact(Path(path).expanduser())
+    try:
+        target = run_artifact(Path(path).expanduser())
+    except ValueError as err:  # RunFolderError: a run folder that leads nowhere
+        raise LoadError(str(err)) from None
     if target.is_dir() and not (target / "config.json").exists():
         ggufs = sorted(target.glob("*.gguf"))
         if len(ggufs) == 1:

@@ -298,24 +298,51 @@ def localize(path: str) -> str:
     return str(target / identity[0][0]) if info.type == pafs.FileType.File else str(target)
 
 
-def run_artifact(path: Path) -> Path:
+class RunFolderError(ValueError):
+    """A raylm run folder that does not lead to what it produced; the message says why and what to give."""
+
+
+def run_artifact(path: Path, full_model: bool = False) -> Path:
     """A raylm run folder -> what it produced: a fine-tuning run's adapter or model, a quantization's
-    artifact, a pruning's folder, a pretraining run's model/."""
+    artifact, a pruning's folder, a pretraining run's model/ (anything else: `path` itself). The folders
+    its summary.json names are looked for inside the run (the summary may name them relative to where it
+    ran). `full_model`: a model that loads alone, so a fine-tuning run's merged/ rather than its
+    adapter. RunFolderError where the run's summary or what it names cannot be used."""
     summary_file = path / "summary.json"
-    if path.is_dir() and not (path / "config.json").exists() and summary_file.exists():
+    if not path.is_dir() or (path / "config.json").exists() or not summary_file.exists():
+        return path
+    try:
         summary = json.loads(summary_file.read_text())
-        for key in ("artifact", "model"):
-            found = summary.get(key)
-            if not found:
-                continue
-            candidate = Path(found)
-            if not candidate.is_absolute() and not candidate.exists():
-                candidate = path / candidate.name  # a run moved since: look inside it
-            if candidate.exists() and candidate != path:
-                return candidate
-        if (path / "model" / "config.json").exists():
-            return path / "model"
-    return path
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise RunFolderError(
+            f"{summary_file} is not readable ({err}): is {path} a finished raylm run?"
+        ) from None
+    # a compression run's `model` is its input: only a run without an artifact produced `model`
+    keys = ["merged", "artifact"] if full_model else ["artifact"]
+    named = [summary[k] for k in keys if isinstance(summary.get(k), str)] or (
+        [summary["model"]] if isinstance(summary.get("model"), str) else ["model"]
+    )
+    for found in named:
+        inside, named_path = path / Path(found).name, Path(found)
+        if inside.exists() and inside != path:
+            option = inside
+        elif named_path.is_absolute() and named_path.exists():
+            option = named_path
+        else:
+            continue
+        if full_model and (option / "adapter_config.json").exists():
+            raise RunFolderError(
+                f"{path} is a fine-tuning run whose artifact {option} is an adapter, not a model that loads "
+                f"alone: give its merged model ({path}/merged, written with output.merge: true or "
+                f"`raylm merge {option} --out ...`) or its base"
+            )
+        return option
+    raise RunFolderError(
+        f"{path} is a raylm run folder, but what its summary.json names ({', '.join(map(str, named))}) is "
+        "not there: give the artifact's folder itself"
+    )
 
 
 def fetch_artifact(path: str | None) -> str | None:
@@ -331,14 +358,26 @@ def fetch_artifact(path: str | None) -> str | None:
     return localize(path)
 
 
-def read_run_folders(job) -> None:
+def read_run_folders(job) -> list[tuple[str, str]]:
     """Point the job's model / tokenizer / teacher sections that name a local raylm run folder at what
-    the run produced (`run_artifact`: its model/, adapter or artifact)."""
-    for section in getattr(job, "path_sections", ()):
-        if section.path and not is_uri(section.path) and section._source is None:
-            folder = Path(section.path).expanduser()
-            if run_artifact(folder) != folder:
-                section.path = str(run_artifact(folder))
+    the run produced (`run_artifact`: a model that loads alone for the model and teacher). Returns
+    (field, problem) pairs for run folders that lead nowhere."""
+    problems = []
+    for name in type(job).model_fields:
+        section = getattr(job, name)
+        if section is None or not any(section is s for s in getattr(job, "path_sections", ())):
+            continue
+        if not section.path or is_uri(section.path) or section._source is not None:
+            continue
+        folder = Path(section.path).expanduser()
+        try:
+            found = run_artifact(folder, full_model=name != "tokenizer")
+        except RunFolderError as err:
+            problems.append((f"{name}.path", str(err)))
+            continue
+        if found != folder:
+            section.path = str(found)
+    return problems
 
 
 def localize_inputs(job) -> list[tuple[str, str]]:
@@ -347,9 +386,8 @@ def localize_inputs(job) -> list[tuple[str, str]]:
     fetches its own copy, and the run's spec record keeps the URI. A section naming a raylm run folder
     (local or a URI) reads what the run produced (`run_artifact`). Returns (field, problem) pairs for
     inputs that cannot be fetched."""
-    read_run_folders(job)
+    problems = read_run_folders(job)
     wanted = [id(section) for section in getattr(job, "path_sections", ())]
-    problems = []
     for name in type(job).model_fields:
         section = getattr(job, name)
         if id(section) not in wanted:

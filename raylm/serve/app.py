@@ -58,25 +58,48 @@ def failure(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+class Events(asyncio.Queue):
+    """One request's (choice, delta, finish, tokens) events, on the replica's event loop; `ended` is set
+    once every choice has finished."""
+
+    def __init__(self, choices: int):
+        super().__init__()
+        self.open, self.ended = choices, asyncio.Event()
+        self.started = False  # set by Outbox once the first event was emitted
+
+    def put_nowait(self, event) -> None:
+        super().put_nowait(event)
+        if event[2] is not None:
+            self.open -= 1
+            if self.open <= 0:
+                self.ended.set()
+
+
 class Outbox:
-    """Hands events from the decoding thread to the replica's event loop: one wake-up per batch of
-    events (a decoding step emits one per row), not one per event."""
+    """Hands events from the decoding thread to the replica's event loop. A request's first event and
+    every choice's last wake the loop at once (time to first token; the end of a stream); the others
+    wait in the outbox for the stream's next flush, which takes them (`deliver`, on the loop every
+    FLUSH_S): the decoding thread does not wake the loop, and wait for its interpreter lock, at every
+    step."""
 
     def __init__(self, loop):
         self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
 
-    def emitter(self, queue):
+    def emitter(self, queue: Events):
         def emit(index, delta, reason, count):
             with self.lock:
                 self.items.append((queue, (index, delta, reason, count)))
-                if self.scheduled:
+                urgent = reason is not None or not queue.started
+                queue.started = True
+                if not urgent or self.scheduled:
                     return
                 self.scheduled = True
-            self.loop.call_soon_threadsafe(self._deliver)
+            self.loop.call_soon_threadsafe(self.deliver)
 
         return emit
 
-    def _deliver(self) -> None:
+    def deliver(self) -> None:
+        """Every waiting event into its request's queue (on the event loop)."""
         with self.lock:
             items, self.items, self.scheduled = self.items, [], False
         for queue, event in items:
@@ -95,22 +118,6 @@ def _strip_adapter_layers(model) -> None:
             setattr(model.get_submodule(parent), child, module.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
-
-
-class Events(asyncio.Queue):
-    """One request's (choice, delta, finish, tokens) events, on the replica's event loop; `ended` is set
-    once every choice has finished."""
-
-    def __init__(self, choices: int):
-        super().__init__()
-        self.open, self.ended = choices, asyncio.Event()
-
-    def put_nowait(self, event) -> None:
-        super().put_nowait(event)
-        if event[2] is not None:
-            self.open -= 1
-            if self.open <= 0:
-                self.ended.set()
 
 
 async def _until_flush(events: Events) -> None:
@@ -443,15 +450,17 @@ class Server:
             events = await self._submit(job_)
             remaining, first = controls.n, True
             while remaining:
-                pending = [await events.get()]
-                self._time(job_, pending, arrived, first_token)
-                timed = 1
-                if not first and not events.ended.is_set():  # the first text goes out at once
+                if first:  # the first text goes out at once
+                    pending, first = [await events.get()], False
+                else:
                     await _until_flush(events)
-                first = False
+                    self.outbox.deliver()  # what the decoding thread emitted since the last flush
+                    pending = []
                 while not events.empty():
                     pending.append(events.get_nowait())
-                self._time(job_, pending[timed:], arrived, first_token)
+                if not pending:
+                    continue
+                self._time(job_, pending, arrived, first_token)
                 merged: dict[int, tuple] = {}
                 for index, delta, reason, count in pending:
                     text = merged.get(index, (index, "", None, 0))[1]

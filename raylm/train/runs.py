@@ -223,14 +223,16 @@ def planned_steps(job, train_rows: int) -> int:
 
 def check_same_run(job, output: str) -> None:
     """Refuse to resume a run (a folder or a URI) written by a different spec; record the spec for
-    new runs."""
+    new runs (and over the record of one that stopped before its first checkpoint)."""
     from raylm.runtime import storage
     from raylm.train.tracking import recordable
 
     # a fetched input is recorded as the URI it came from; a tracking URI without its credentials
     current = recordable(storage.as_written(job))
     recorded = storage.read_text(output, "spec.yaml")
-    if recorded is not None:
+    # a run that stopped before its first checkpoint (a problem in its data, say) kept nothing to resume
+    started = storage.exists(output, "summary.json") or storage.listing(f"{output.rstrip('/')}/checkpoints")
+    if recorded is not None and started:
         earlier = yaml.safe_load(recorded)
         resumable = RESUMABLE_CHANGES | ({("resources", "num_workers")} if job.resources.elastic else set())
         differences = _diff(earlier, current)

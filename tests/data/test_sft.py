@@ -80,13 +80,30 @@ def test_an_example_that_cannot_train_becomes_a_row_naming_it(tokenizer):
     assert """"{'messages': [{'role': 'user', 'content': 'say 150'}]}": a chat example must end""" in problem(
         [user_only], format="chat"
     )
-    assert "messages must be a list of {role, content} messages" in problem(
+    assert "messages must be a list of {role, content} messages with text" in problem(
         [{"messages": "hello"}], format="chat"
     )
     row = {"prompt": "pick", "choices": ["a", "b"], "answer": 0}
     assert "has 2 choices, data.num_choices is 4" in problem([row], format="choices")
     out_of_range = {"prompt": "pick", "choices": ["a", "b", "c", "d"], "answer": 7}
-    assert "answer=7 is not the index of one of the 4 choices" in problem([out_of_range], format="choices")
+    assert "its answer (7) is not the index of one of its 4 choices (0 to 3)" in problem(
+        [out_of_range], format="choices"
+    )
+    # pandas reads an integer column with a null in it as floats: the whole ones are indices, the null
+    # is the example named
+    answers = [dict(out_of_range, answer=1.0), dict(out_of_range, prompt="blank", answer=float("nan"))]
+    assert "'prompt': 'blank'" in problem(answers, format="choices") and "(none)" in problem(
+        answers, format="choices"
+    )
+    # what is not text is refused, not trained as its Python spelling
+    assert "its completion is \"['a', 'b']\", not text" in problem(
+        [{"prompt": "p", "completion": ["a", "b"]}]
+    )
+    assert "its instruction is" in problem([{"instruction": {"x": 1}, "output": "o"}], format="alpaca")
+    no_content = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}
+    assert "messages with text" in problem([no_content], format="chat")
+    a_null_choice = {"prompt": "pick", "choices": ["a", None, "c", "d"], "answer": 0}
+    assert "every one of its choices must be text" in problem([a_null_choice], format="choices")
 
 
 def test_a_bad_example_stops_the_cache_in_the_driver_and_leaves_nothing(ray_local, tokenizer, tmp_path):

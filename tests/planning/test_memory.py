@@ -335,5 +335,15 @@ def test_estimate_answers_for_each_training_stage_of_a_pipeline_and_reads_run_fo
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     out = CliRunner().invoke(main, ["estimate", str(tmp_path / "p.yaml")])
     assert out.exit_code == 2 and "== stage other" in out.output
-    assert "nowhere is not a folder on this machine" in out.output and "--params" in out.output
+    assert (
+        "stage other: 2 problem(s)" in out.output and "nowhere is not a folder on this machine" in out.output
+    )
     assert "2 layers, hidden 64" in out.output  # the other stages still estimated
+    assert CliRunner().invoke(main, ["estimate", str(tmp_path / "p.yaml"), "--params", "1e9"]).exit_code == 2
+
+    stages["other"] = {"kind": "distill", "teacher": {"from": "base"}, "model": {"architecture": arch},
+                       "data": {"generate": {}}}  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    out = CliRunner().invoke(main, ["estimate", str(tmp_path / "p.yaml")])
+    assert out.exit_code == 0, out.output
+    assert "== stage other (distill)\n[raylm] its model is stage base's output" in out.output

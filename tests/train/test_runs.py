@@ -30,14 +30,20 @@ def test_a_changed_spec_is_refused_and_auto_keeps_its_strategy(ray_local, tmp_pa
     kept, why = resolve_strategy(longer)
     assert kept["name"] == "fsdp" and why.startswith("kept from the run's first attempt")
 
+    # before its first checkpoint (it stopped on a problem in its data, say) a run kept nothing: a
+    # changed spec starts it over and is recorded instead
     other = validate_dict(tiny_spec(output, strategy="auto", train={"lr": 1e-2, "schedule": "constant"}))
+    check_same_run(other, output)
+    assert "lr: 0.01" in (tmp_path / "run" / "spec.yaml").read_text()
+    (tmp_path / "run" / "checkpoints" / "checkpoint_00000010").mkdir(parents=True)
     with pytest.raises(SpecError) as refused:
-        check_same_run(other, output)
-    assert "different spec (changed: train.lr)" in str(refused.value)
+        check_same_run(longer, output)
+    assert "different spec (changed: train.lr)" in str(refused.value)  # max_steps: resumable
 
     # under a decaying schedule the length is part of the schedule: changing it on resume is refused
     cosine = f"{scheme}{tmp_path / 'cosine'}"
     check_same_run(validate_dict(tiny_spec(cosine, train={"schedule": "cosine"})), cosine)
+    (tmp_path / "cosine" / "summary.json").write_text("{}")  # a finished run
     with pytest.raises(SpecError, match="train.max_steps: changed on resume: the cosine"):
         check_same_run(
             validate_dict(tiny_spec(cosine, train={"schedule": "cosine", "max_steps": 99})), cosine

@@ -1,0 +1,60 @@
+"""A raylm run folder given where a model is read leads to what the run produced, found inside the run,
+or to a message saying why it cannot."""
+
+import json
+
+import pytest
+
+from raylm.runtime.storage import RunFolderError, run_artifact
+
+pytestmark = pytest.mark.quick
+
+
+def run_folder(root, summary, *folders):
+    root.mkdir(parents=True)
+    for name, marker in folders:
+        (root / name).mkdir()
+        (root / name / marker).write_text("{}")
+    (root / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    return root
+
+
+def test_a_run_folder_leads_to_what_it_produced_inside_it(tmp_path, monkeypatch):
+    # the summary names its model relative to where the run ran: another runs/x/model where the
+    # command runs now must not be taken for it
+    run = run_folder(tmp_path / "a" / "runs" / "x", {"model": "runs/x/model"}, ("model", "config.json"))
+    elsewhere = tmp_path / "b"
+    (elsewhere / "runs" / "x" / "model").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    assert run_artifact(run) == run / "model"
+    assert run_artifact(run / "model") == run / "model"  # a model folder is itself
+
+    lora = run_folder(
+        tmp_path / "lora",
+        {"artifact": str(tmp_path / "lora" / "adapter"), "merged": str(tmp_path / "lora" / "merged")},
+        ("adapter", "adapter_config.json"),
+        ("merged", "config.json"),
+    )
+    assert run_artifact(lora) == lora / "adapter"  # what serving and generation load
+    assert run_artifact(lora, full_model=True) == lora / "merged"  # what training and compression read
+    (lora / "merged" / "config.json").unlink()
+    (lora / "merged").rmdir()
+    with pytest.raises(RunFolderError, match="is an adapter, not a model that loads alone: give its merged"):
+        run_artifact(lora, full_model=True)
+
+
+def test_a_run_folder_that_leads_nowhere_is_named(tmp_path):
+    # a quantization whose artifact is gone: its summary's `model` is its input, not what it produced
+    gone = run_folder(
+        tmp_path / "q", {"artifact": str(tmp_path / "q" / "m-q8_0.gguf"), "model": str(tmp_path)}
+    )
+    with pytest.raises(RunFolderError, match=r"m-q8_0.gguf\) is not there: give the artifact's folder"):
+        run_artifact(gone)
+    broken = run_folder(tmp_path / "broken", '{"kind": "pretrain", "model": ')
+    with pytest.raises(
+        RunFolderError, match="summary.json is not readable .*: is .*broken a finished raylm run"
+    ):
+        run_artifact(broken)
+    listed = run_folder(tmp_path / "listed", "[1, 2]")
+    with pytest.raises(RunFolderError, match="not a JSON object"):
+        run_artifact(listed)
