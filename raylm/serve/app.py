@@ -58,48 +58,25 @@ def failure(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-class Events(asyncio.Queue):
-    """One request's (choice, delta, finish, tokens) events, on the replica's event loop; `ended` is set
-    once every choice has finished."""
-
-    def __init__(self, choices: int):
-        super().__init__()
-        self.open, self.ended = choices, asyncio.Event()
-        self.started = False  # set by Outbox once the first event was emitted
-
-    def put_nowait(self, event) -> None:
-        super().put_nowait(event)
-        if event[2] is not None:
-            self.open -= 1
-            if self.open <= 0:
-                self.ended.set()
-
-
 class Outbox:
-    """Hands events from the decoding thread to the replica's event loop. A request's first event and
-    every choice's last wake the loop at once (time to first token; the end of a stream); the others
-    wait in the outbox for the stream's next flush, which takes them (`deliver`, on the loop every
-    FLUSH_S): the decoding thread does not wake the loop, and wait for its interpreter lock, at every
-    step."""
+    """Hands events from the decoding thread to the replica's event loop: one wake-up per batch of
+    events (a decoding step emits one per row), not one per event."""
 
     def __init__(self, loop):
         self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
 
-    def emitter(self, queue: Events):
+    def emitter(self, queue):
         def emit(index, delta, reason, count):
             with self.lock:
                 self.items.append((queue, (index, delta, reason, count)))
-                urgent = reason is not None or not queue.started
-                queue.started = True
-                if not urgent or self.scheduled:
+                if self.scheduled:
                     return
                 self.scheduled = True
-            self.loop.call_soon_threadsafe(self.deliver)
+            self.loop.call_soon_threadsafe(self._deliver)
 
         return emit
 
-    def deliver(self) -> None:
-        """Every waiting event into its request's queue (on the event loop)."""
+    def _deliver(self) -> None:
         with self.lock:
             items, self.items, self.scheduled = self.items, [], False
         for queue, event in items:
@@ -118,6 +95,22 @@ def _strip_adapter_layers(model) -> None:
             setattr(model.get_submodule(parent), child, module.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
+
+
+class Events(asyncio.Queue):
+    """One request's (choice, delta, finish, tokens) events, on the replica's event loop; `ended` is set
+    once every choice has finished."""
+
+    def __init__(self, choices: int):
+        super().__init__()
+        self.open, self.ended = choices, asyncio.Event()
+
+    def put_nowait(self, event) -> None:
+        super().put_nowait(event)
+        if event[2] is not None:
+            self.open -= 1
+            if self.open <= 0:
+                self.ended.set()
 
 
 async def _until_flush(events: Events) -> None:
@@ -450,17 +443,15 @@ class Server:
             events = await self._submit(job_)
             remaining, first = controls.n, True
             while remaining:
-                if first:  # the first text goes out at once
-                    pending, first = [await events.get()], False
-                else:
+                pending = [await events.get()]
+                self._time(job_, pending, arrived, first_token)
+                timed = 1
+                if not first and not events.ended.is_set():  # the first text goes out at once
                     await _until_flush(events)
-                    self.outbox.deliver()  # what the decoding thread emitted since the last flush
-                    pending = []
+                first = False
                 while not events.empty():
                     pending.append(events.get_nowait())
-                if not pending:
-                    continue
-                self._time(job_, pending, arrived, first_token)
+                self._time(job_, pending[timed:], arrived, first_token)
                 merged: dict[int, tuple] = {}
                 for index, delta, reason, count in pending:
                     text = merged.get(index, (index, "", None, 0))[1]

@@ -30,37 +30,3 @@ def test_the_wait_for_a_flush_ends_when_every_choice_has_finished(monkeypatch):
         assert got == [(0, "a", None, 1), (0, "b", "length", 2), (1, "c", "error", 1)]
 
     asyncio.run(scenario())
-
-
-def test_the_decoding_thread_wakes_the_loop_for_a_first_text_and_an_end_only():
-    """Outbox: a request's first event and each choice's last reach its queue at once (the loop is woken
-    from the decoding thread); the events between wait for the stream's next flush (`deliver`)."""
-    import threading
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        outbox = app.Outbox(loop)
-        events = app.Events(choices=1)
-        emit = outbox.emitter(events)
-
-        def decode(steps):  # as the decoding thread does, off the event loop
-            thread = threading.Thread(target=lambda: [emit(*step) for step in steps])
-            thread.start()
-            thread.join()
-
-        decode([(0, "a", None, 1)])
-        await asyncio.sleep(0.05)
-        assert [events.get_nowait() for _ in range(events.qsize())] == [(0, "a", None, 1)]  # at once
-        decode([(0, "b", None, 2), (0, "c", None, 3)])
-        await asyncio.sleep(0.05)
-        assert events.empty()  # no wake-up for these: they wait for the flush
-        outbox.deliver()
-        assert [events.get_nowait() for _ in range(events.qsize())] == [(0, "b", None, 2), (0, "c", None, 3)]
-        decode([(0, "d", None, 4), (0, "", "length", 4)])
-        await asyncio.wait_for(events.ended.wait(), 10)  # the end wakes the loop, the text before it with it
-        assert [events.get_nowait() for _ in range(events.qsize())] == [
-            (0, "d", None, 4),
-            (0, "", "length", 4),
-        ]
-
-    asyncio.run(scenario())
