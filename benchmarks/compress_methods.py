@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from scratch import scratch_dir
 from tune_search import run  # noqa: E402 - `raylm run` in its own process: (summary, wall seconds)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--base", help="an already pretrained model folder (skips pretraining)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress_methods.json"))
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-compress-bench-"))
+    scratch = scratch_dir("raylm-compress-bench-")
     if args.base:
         model, base = Path(args.base), {"model": args.base}
     else:

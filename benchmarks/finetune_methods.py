@@ -18,10 +18,10 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+from scratch import scratch_dir
 
 METHODS = {
     "full": {"name": "full"},
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "finetune_methods.json"))
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-ft-"))
+    scratch = scratch_dir("raylm-bench-ft-")
     base = scratch / "base"
     pretrain_base(base, args.base_steps)
     rows = []

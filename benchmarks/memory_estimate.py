@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from scratch import scratch_dir
 
 STRATEGIES = {
     "ddp": "ddp",
@@ -90,7 +91,7 @@ def main() -> None:
     from raylm.spec.loading import validate_dict
     from raylm.submit import run_here
 
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-memory-"))
+    scratch = scratch_dir("raylm-memory-")
     cells = []
     for precision in args.precisions:
         for name in args.strategies:

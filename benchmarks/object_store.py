@@ -21,10 +21,10 @@ import json
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from scratch import scratch_dir
 from tune_search import run  # noqa: E402 - `raylm run` in its own process: (summary, wall seconds)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "object_store.json"))
     args = parser.parse_args()
     bucket = start_s3()
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-objstore-bench-"))
+    scratch = scratch_dir("raylm-objstore-bench-")
     runs = []
     for round_ in range(args.rounds):
         for where in ("local", "bucket"):

@@ -31,13 +31,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_methods import pretrain_base  # noqa: E402  (the same base as the methods benchmark)
+from scratch import scratch_dir
 
 LR = 2e-3
 START_STEPS = 100  # full fine-tuning on the chosen answers: the supervised starting point
@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "preference.json"))
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # the runs' Ray workers inherit it
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-preference-"))
+    scratch = scratch_dir("raylm-preference-")
     result = {}
     if "quality" in args.parts:
         result["quality"] = quality(scratch, args.steps)

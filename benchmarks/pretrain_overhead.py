@@ -28,11 +28,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((ROOT / "jobs" / "tinyshakespeare-char.yaml").read_text())
@@ -116,7 +116,7 @@ def in_ray_train(spec_file: str) -> dict:
     trainer = TorchTrainer(
         lambda: plain(spec_file),
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker=job.resources.per_worker),
-        run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="raylm-bench-train-")),
+        run_config=RunConfig(storage_path=str(scratch_dir("raylm-bench-train-"))),
     )
     return trainer.fit().return_value
 
@@ -182,7 +182,7 @@ def main() -> None:
         return
 
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
+    scratch = scratch_dir("raylm-bench-")
     rows = []
     for name in names:
         for round_ in range(args.rounds):

@@ -19,11 +19,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "resume_time.json"))
     args = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-resume-"))
+    scratch = scratch_dir("raylm-resume-")
     full = scratch / "full"
     spec_file = scratch / "full.yaml"
     spec_file.write_text(yaml.safe_dump(spec(args.corpus, args.steps, str(full))))

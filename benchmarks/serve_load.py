@@ -24,11 +24,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from scratch import scratch_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -195,7 +195,7 @@ def main() -> None:
     from raylm.spec.loading import validate_dict
 
     model = Path(args.model)
-    work = Path(tempfile.mkdtemp(prefix="raylm-bench-serve-"))
+    work = scratch_dir("raylm-bench-serve-")
     method = QuantizeJob.model_validate(
         {
             "kind": "quantize",

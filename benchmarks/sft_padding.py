@@ -16,10 +16,10 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+from scratch import scratch_dir
 
 VARIANTS = {
     "max_length": {"padding": "max_length"},
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sft_padding.json"))
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-pad-"))
+    scratch = scratch_dir("raylm-bench-pad-")
     data = make_data(scratch, 3000)
     base = base_model(scratch / "base", data)
     rows = []

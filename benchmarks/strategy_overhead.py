@@ -20,9 +20,10 @@ import json
 import os
 import socket
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_dir
 
 SPEC = {
     "kind": "pretrain",
@@ -174,7 +175,7 @@ def main() -> None:
 
     start_local_ray(num_cpus=4)  # as `raylm run` starts it on this machine
     configure_ray_data()
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
+    scratch = scratch_dir("raylm-bench-")
     spec = {
         **SPEC,
         "data": {**SPEC["data"], "path": args.corpus},

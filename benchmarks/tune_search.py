@@ -18,7 +18,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from finetune_methods import LR, METHODS, pretrain_base, spec  # noqa: E402
+from scratch import scratch_dir
 
 # Each method's own fields, searched beside the learning rate (a decade either side of the table's).
 FIELDS = {
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tune_search.json"))
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="raylm-bench-tune-"))
+    scratch = scratch_dir("raylm-bench-tune-")
     base = scratch / "base"
     pretrain_base(base, args.base_steps)
     searches = []

@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from scratch import scratch_dir
+
 sys.path.insert(0, str(Path(__file__).parent))  # memory_estimate's model
 sys.path.insert(0, str(Path(__file__).parent.parent))  # raylm from this checkout
 
@@ -112,7 +114,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # as memory_estimate.py: freed blocks go back at once
     import socket
-    import tempfile
 
     import torch.multiprocessing as mp
     from memory_estimate import estimated, job_spec
@@ -124,7 +125,7 @@ def main() -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        scratch = tempfile.mkdtemp(prefix="raylm-zero-phases-")
+        scratch = str(scratch_dir("raylm-zero-phases-"))
         rank0 = os.path.join(scratch, "rank0.json")
         mp.spawn(rank_main, args=(args.stage, precision, port, rank0), nprocs=2)
         measured = json.loads(Path(rank0).read_text())
