@@ -480,7 +480,10 @@ def _job_estimate(job, label: str, options: dict) -> str:
 def _with_size_hint(err: SpecError) -> SpecError:
     if any(where == "model.path" for where, _ in err.problems):
         err.problems.append(
-            ("hint", "estimate from the model's size alone, without the spec: raylm estimate --params 7e9 ...")
+            (
+                "hint",
+                "estimate from the model's size alone, without the spec: raylm estimate --params 7e9 ...",
+            )
         )
     return err
 
