@@ -211,12 +211,15 @@ def read_head(file: str) -> tuple[str, str | None]:
     with open_file(file) as handle:
         head = handle.read(SNIFF_BYTES)
     try:
-        return head.decode("utf-8"), None
+        text = head.decode("utf-8")
     except UnicodeDecodeError as err:
         if err.start < len(head) - 4:  # not just a character cut at the sniff boundary
             byte = head[err.start : err.start + 1]
             return "", f"not UTF-8 text (byte {err.start}: {byte!r}); convert it to UTF-8"
         return head[: err.start].decode("utf-8"), None
+    if not text.strip() and len(head) < SNIFF_BYTES:  # read whole: nothing but blank lines
+        return "", "file is empty (blank lines only)"
+    return text, None
 
 
 def in_validation(key: bytes, fraction: float) -> bool:

@@ -11,6 +11,9 @@ def check_model_folder(path: str, where: str, marker: str) -> list[tuple[str, st
         if not (folder / marker).exists():
             return [(where, f"{path} has no {marker}: not a Hugging Face folder")]
         return []
+    if folder.is_file():
+        return [(where, f"{path} is a file, not a Hugging Face folder (a GGUF file is served, evaluated or "
+                        "generated from, not trained or compressed: give the model it was exported from)")]  # fmt: skip
     from raylm.planning.models import looks_like_hub_id
 
     if looks_like_hub_id(path):

@@ -312,18 +312,11 @@ def run_artifact(path: Path, full_model: bool = False) -> Path:
     if not path.is_dir() or (path / "config.json").exists() or not summary_file.exists():
         return path
     try:
-        summary = json.loads(summary_file.read_text())
-        if not isinstance(summary, dict):
-            raise ValueError("not a JSON object")
+        named = _produced(summary_file.read_text(), full_model)
     except (OSError, ValueError) as err:
         raise RunFolderError(
             f"{summary_file} is not readable ({err}): is {path} a finished raylm run?"
         ) from None
-    # a compression run's `model` is its input: only a run without an artifact produced `model`
-    keys = ["merged", "artifact"] if full_model else ["artifact"]
-    named = [summary[k] for k in keys if isinstance(summary.get(k), str)] or (
-        [summary["model"]] if isinstance(summary.get("model"), str) else ["model"]
-    )
     for found in named:
         inside, named_path = path / Path(found).name, Path(found)
         if inside.exists() and inside != path:
@@ -333,11 +326,7 @@ def run_artifact(path: Path, full_model: bool = False) -> Path:
         else:
             continue
         if full_model and (option / "adapter_config.json").exists():
-            raise RunFolderError(
-                f"{path} is a fine-tuning run whose artifact {option} is an adapter, not a model that loads "
-                f"alone: give its merged model ({path}/merged, written with output.merge: true or "
-                f"`raylm merge {option} --out ...`) or its base"
-            )
+            raise _adapter_only(path, option)
         return option
     raise RunFolderError(
         f"{path} is a raylm run folder, but what its summary.json names ({', '.join(map(str, named))}) is "
@@ -345,16 +334,41 @@ def run_artifact(path: Path, full_model: bool = False) -> Path:
     )
 
 
-def fetch_artifact(path: str | None) -> str | None:
+def _produced(summary: str, full_model: bool) -> list[str]:
+    """The names a run's summary.json gives what it produced, the first choice first (a compression
+    run's `model` is its input: only a run without an artifact produced `model`)."""
+    record = json.loads(summary)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    keys = ["merged", "artifact"] if full_model else ["artifact"]
+    named = [record[k] for k in keys if isinstance(record.get(k), str)]
+    return named or ([record["model"]] if isinstance(record.get("model"), str) else ["model"])
+
+
+def _adapter_only(run, adapter) -> RunFolderError:
+    return RunFolderError(
+        f"{run} is a fine-tuning run whose artifact {adapter} is an adapter, not a model that loads alone: "
+        f"give its merged model ({str(run).rstrip('/')}/merged, written with output.merge: true or "
+        f"`raylm merge {adapter} --out ...`) or its base"
+    )
+
+
+def fetch_artifact(path: str | None, full_model: bool = False) -> str | None:
     """A model, adapter or GGUF file, or a raylm run folder, named by a storage URI -> this node's copy
-    of what it holds (a run folder's artifact, not its checkpoints); a local path as it is."""
+    of what it holds (a run folder's artifact, not its checkpoints; `full_model` as for run_artifact);
+    a local path as it is."""
     if path is None or not is_uri(path):
         return path
     if read_text(path, "config.json") is None and read_text(path, "adapter_config.json") is None:
         summary = read_text(path, "summary.json")
-        if summary is not None:  # a run folder: its artifact (or model/), by name inside the run
-            found = json.loads(summary).get("artifact") or json.loads(summary).get("model") or "model"
-            path = f"{path.rstrip('/')}/{Path(str(found)).name}"
+        if summary is not None:  # a run folder: what it produced, by name inside the run
+            try:
+                found = _produced(summary, full_model)[0]
+            except ValueError as err:
+                raise RunFolderError(f"{path}/summary.json is not readable ({err})") from None
+            run, path = path, f"{path.rstrip('/')}/{Path(str(found)).name}"
+            if full_model and read_text(path, "adapter_config.json") is not None:
+                raise _adapter_only(run, path)
     return localize(path)
 
 
@@ -398,7 +412,7 @@ def localize_inputs(job) -> list[tuple[str, str]]:
         section._source = source
         if is_uri(section.path) or not Path(section.path).exists():  # not fetched on this node yet
             try:
-                section.path = fetch_artifact(source)
+                section.path = fetch_artifact(source, full_model=name != "tokenizer")
             except (OSError, ValueError) as err:  # pyarrow: no such bucket or object, no credentials
                 problems.append((f"{name}.path", f"cannot fetch {source}: {err}"))
     return problems

@@ -159,6 +159,11 @@ def test_input_checks_name_the_field_and_the_fix(tmp_path):
     assert (
         check_sft_data(SFTDataSpec(path=str(rows), prompt_field="question", completion_field="answer")) == []
     )
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    assert (
+        "blank lines only"
+        in dict(check_sft_data(SFTDataSpec(path=str(tmp_path / "blank.jsonl"))))["data.path"]
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     assert "not JSON" in dict(check_sft_data(SFTDataSpec(path=str(bad))))["data.path"]

@@ -2,6 +2,7 @@
 or to a message saying why it cannot."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,35 @@ def test_a_run_folder_that_leads_nowhere_is_named(tmp_path):
     listed = run_folder(tmp_path / "listed", "[1, 2]")
     with pytest.raises(RunFolderError, match="not a JSON object"):
         run_artifact(listed)
+
+
+def test_a_run_folder_in_a_bucket_is_fetched_as_what_it_produced(object_store, tmp_path, monkeypatch):
+    """The same choice for a run folder named by a storage URI: only what it produced is fetched."""
+    from raylm.runtime.storage import fetch_artifact
+    from tests.runtime.test_object_store import upload
+
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path / "cache"))
+    bucket = object_store("run-folders")
+    summary = {"artifact": "/elsewhere/lora/adapter", "merged": "/elsewhere/lora/merged"}
+    lora = run_folder(
+        tmp_path / "lora", summary, ("adapter", "adapter_config.json"), ("merged", "config.json")
+    )
+    upload(lora, f"{bucket}/lora")
+    assert (Path(fetch_artifact(f"{bucket}/lora")) / "adapter_config.json").exists()
+    assert (Path(fetch_artifact(f"{bucket}/lora", full_model=True)) / "config.json").exists()
+    only = run_folder(tmp_path / "only", {"artifact": "adapter"}, ("adapter", "adapter_config.json"))
+    upload(only, f"{bucket}/only")
+    with pytest.raises(RunFolderError, match="is an adapter, not a model that loads alone"):
+        fetch_artifact(f"{bucket}/only", full_model=True)
+    broken = run_folder(tmp_path / "broken", "[1]")
+    upload(broken, f"{bucket}/broken")
+    with pytest.raises(RunFolderError, match="summary.json is not readable"):
+        fetch_artifact(f"{bucket}/broken")
+
+
+def test_a_file_where_a_model_folder_belongs_is_named(tmp_path):
+    from raylm.runtime.preflight import check_model_folder
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    ((field, message),) = check_model_folder(str(tmp_path / "m.gguf"), "model.path", "config.json")
+    assert field == "model.path" and "is a file, not a Hugging Face folder" in message
