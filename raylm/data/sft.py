@@ -26,9 +26,11 @@ from raylm.data.sources import (
     is_saved_dataset,
     load_hub_dataset,
     load_saved_dataset,
+    missing,
     missing_paths,
     one_store,
     open_file,
+    plain,
     read_head,
     saved_dataset_in_store,
     shown,
@@ -69,7 +71,7 @@ def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
         options = choice_texts(row, spec)
         return _text(row, spec.prompt_field), options[answer_index(row, spec, len(options))]
     if spec.format == "alpaca":
-        extra = "" if _missing(row.get("input")) else str(row["input"]).strip()
+        extra = "" if missing(row.get("input")) else str(row["input"]).strip()
         prompt = ALPACA.format(
             context=", paired with an input that provides further context" if extra else "",
             instruction=_text(row, "instruction").strip(),
@@ -89,16 +91,11 @@ def render(row: dict, spec: SFTDataSpec, tokenizer) -> tuple[str, str]:
 
 def _text(row: dict, field: str) -> str:
     value = row.get(field)
-    if _missing(value):
+    if missing(value):
         raise BadExample(f"the example {shown(row)} has no {field}")
     if not _is_text(value):
         raise BadExample(f"the example {shown(row)}: its {field} is {shown(value)}, not text")
     return str(value)
-
-
-def _missing(value) -> bool:
-    """A JSON null, as Ray Data hands it: None, or NaN where pandas read the column."""
-    return value is None or isinstance(value, float) and value != value
 
 
 def _is_text(value) -> bool:
@@ -106,7 +103,7 @@ def _is_text(value) -> bool:
     return (
         isinstance(value, (str, int, float, np.integer, np.floating))
         and not isinstance(value, (bool, np.bool_))
-        and not _missing(value)
+        and not missing(value)
     )
 
 
@@ -142,13 +139,13 @@ def answer_index(row: dict, spec: SFTDataSpec, count: int) -> int:
     answer = row.get(spec.answer_field)
     try:  # a whole float too: pandas reads an integer column with a null in it as floats
         whole = (
-            not isinstance(answer, (bool, np.bool_)) and not _missing(answer) and float(answer).is_integer()
+            not isinstance(answer, (bool, np.bool_)) and not missing(answer) and float(answer).is_integer()
         )
         index = int(float(answer)) if whole else None
     except (TypeError, ValueError):
         index = None
     if index is None or not 0 <= index < count:
-        shown_answer = "none" if _missing(answer) else repr(getattr(answer, "tolist", lambda: answer)())
+        shown_answer = "none" if missing(answer) else repr(plain(answer))
         raise BadExample(
             f"the example {shown(row)}: its {spec.answer_field} ({shown_answer}) is not the index of one "
             f"of its {count} choices (0 to {count - 1})"

@@ -28,18 +28,25 @@ class BadExample(ValueError):
 def shown(value) -> str:
     """An example's value as a message shows it: its first 60 characters (numpy values as the lists and
     numbers of the file they were read from)."""
-    text = value if isinstance(value, str) else repr(_plain(value))
+    text = value if isinstance(value, str) else repr(plain(value))
     return repr(text[:60] + ("..." if len(text) > 60 else ""))
 
 
-def _plain(value):
+def plain(value):
+    """A value Ray Data read, as the file had it: numpy arrays and numbers as lists and numbers, a JSON
+    null as None."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and value != value:  # a JSON null in a column pandas read as numbers
+        return [plain(v) for v in value]
+    if missing(value):
         return None
     return value.tolist() if hasattr(value, "tolist") else value
+
+
+def missing(value) -> bool:
+    """A JSON null, as Ray Data hands it: None, or NaN where pandas read the column as numbers."""
+    return value is None or isinstance(value, float) and value != value
 
 
 def filesystem(where: str):

@@ -372,15 +372,18 @@ def fetch_artifact(path: str | None, full_model: bool = False) -> str | None:
     return localize(path)
 
 
+def _path_sections(job):
+    """(field name, section) of the job's sections whose `path` names an input (job.path_sections)."""
+    wanted = [id(section) for section in getattr(job, "path_sections", ())]
+    return [(name, getattr(job, name)) for name in type(job).model_fields if id(getattr(job, name)) in wanted]
+
+
 def read_run_folders(job) -> list[tuple[str, str]]:
     """Point the job's model / tokenizer / teacher sections that name a local raylm run folder at what
     the run produced (`run_artifact`: a model that loads alone for the model and teacher). Returns
     (field, problem) pairs for run folders that lead nowhere."""
     problems = []
-    for name in type(job).model_fields:
-        section = getattr(job, name)
-        if section is None or not any(section is s for s in getattr(job, "path_sections", ())):
-            continue
+    for name, section in _path_sections(job):
         if not section.path or is_uri(section.path) or section._source is not None:
             continue
         folder = Path(section.path).expanduser()
@@ -401,11 +404,7 @@ def localize_inputs(job) -> list[tuple[str, str]]:
     (local or a URI) reads what the run produced (`run_artifact`). Returns (field, problem) pairs for
     inputs that cannot be fetched."""
     problems = read_run_folders(job)
-    wanted = [id(section) for section in getattr(job, "path_sections", ())]
-    for name in type(job).model_fields:
-        section = getattr(job, name)
-        if id(section) not in wanted:
-            continue
+    for name, section in _path_sections(job):
         source = section._source or section.path
         if not source or not is_uri(source):
             continue
