@@ -312,7 +312,9 @@ def run_artifact(path: Path, full_model: bool = False) -> Path:
     if not path.is_dir() or (path / "config.json").exists() or not summary_file.exists():
         return path
     try:
-        named = _produced(summary_file.read_text(), full_model)
+        named = _produced(summary_file.read_text(), full_model, path)
+    except RunFolderError:
+        raise
     except (OSError, ValueError) as err:
         raise RunFolderError(
             f"{summary_file} is not readable ({err}): is {path} a finished raylm run?"
@@ -328,21 +330,33 @@ def run_artifact(path: Path, full_model: bool = False) -> Path:
         if full_model and (option / "adapter_config.json").exists():
             raise _adapter_only(path, option)
         return option
-    raise RunFolderError(
-        f"{path} is a raylm run folder, but what its summary.json names ({', '.join(map(str, named))}) is "
-        "not there: give the artifact's folder itself"
-    )
+    raise _nowhere(path, named)
 
 
-def _produced(summary: str, full_model: bool) -> list[str]:
+def _produced(summary: str, full_model: bool, run) -> list[str]:
     """The names a run's summary.json gives what it produced, the first choice first (a compression
-    run's `model` is its input: only a run without an artifact produced `model`)."""
+    run's `model` is its input: only a run without an artifact produced `model`; a search produced its
+    best trial's artifact, `best/`). ValueError where the summary is not a run's record."""
     record = json.loads(summary)
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
+    if record.get("kind") == "tune":
+        best = record.get("best")
+        if not isinstance(best, dict) or not isinstance(best.get("artifact"), str):
+            raise RunFolderError(
+                f"{run} is a search that finished without a completed trial: it has no model"
+            )
+        return [best["artifact"]]
     keys = ["merged", "artifact"] if full_model else ["artifact"]
     named = [record[k] for k in keys if isinstance(record.get(k), str)]
     return named or ([record["model"]] if isinstance(record.get("model"), str) else ["model"])
+
+
+def _nowhere(run, named: list[str]) -> RunFolderError:
+    return RunFolderError(
+        f"{run} is a raylm run folder, but what its summary.json names ({', '.join(map(str, named))}) is "
+        "not there: give the artifact's folder itself"
+    )
 
 
 def _adapter_only(run, adapter) -> RunFolderError:
@@ -363,10 +377,16 @@ def fetch_artifact(path: str | None, full_model: bool = False) -> str | None:
         summary = read_text(path, "summary.json")
         if summary is not None:  # a run folder: what it produced, by name inside the run
             try:
-                found = _produced(summary, full_model)[0]
+                named = _produced(summary, full_model, path)
+            except RunFolderError:
+                raise
             except ValueError as err:
                 raise RunFolderError(f"{path}/summary.json is not readable ({err})") from None
-            run, path = path, f"{path.rstrip('/')}/{Path(str(found)).name}"
+            run = path
+            inside = [name for name in (Path(str(n)).name for n in named) if name and exists(run, name)]
+            if not inside:
+                raise _nowhere(run, named)
+            path = f"{run.rstrip('/')}/{inside[0]}"
             if full_model and read_text(path, "adapter_config.json") is not None:
                 raise _adapter_only(run, path)
     return localize(path)

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from raylm.runtime.secrets import ApiKeyError, read_api_key
+from raylm.runtime.storage import RunFolderError
 from raylm.spec.reading import Problems
 
 DIGEST_ENV = (
@@ -69,13 +70,16 @@ class Serve:
                     ("engine", "vllm is not installed here: pip install vllm (a CUDA build, GPU nodes)")
                 )
             return problems + vllm_problems(job)
-        try:  # what a storage URI names, fetched into this node's cache (the replicas fetch their own)
-            job = fetched(job)
-        except (OSError, ValueError) as err:
-            return [*problems, ("model.path", f"cannot fetch from the object store: {err}")]
+        job, unreadable = fetched(job)
+        if unreadable:
+            return problems + unreadable
         problems += _model_problems(job)
         for name, folder in job.adapters.items():
-            config = Path(adapter_folder(folder)) / "adapter_config.json"
+            try:
+                config = Path(adapter_folder(folder)) / "adapter_config.json"
+            except RunFolderError as err:
+                problems.append((f"adapters.{name}", str(err)))
+                continue
             if not config.is_file():
                 problems.append(
                     (
@@ -185,15 +189,24 @@ def absolute_paths(job):
     return job
 
 
-def fetched(job):
+def fetched(job) -> tuple[object, Problems]:
     """A copy of the serve spec whose model, base and adapters named by storage URIs are this node's
-    copies (for the checks; the replicas fetch from the URIs on their own nodes)."""
+    copies (for the checks; the replicas fetch from the URIs on their own nodes), and a (field,
+    problem) pair for each that cannot be fetched."""
     from raylm.runtime.storage import fetch_artifact
 
-    job = job.model_copy(deep=True)
-    job.model.path, job.model.base = fetch_artifact(job.model.path), fetch_artifact(job.model.base)
-    job.adapters = {name: fetch_artifact(folder) for name, folder in job.adapters.items()}
-    return job
+    job, problems = job.model_copy(deep=True), []
+
+    def fetch(field: str, where: str | None) -> str | None:
+        try:
+            return fetch_artifact(where)
+        except (OSError, ValueError) as err:  # RunFolderError, or pyarrow: no bucket, object, credentials
+            problems.append((field, f"cannot fetch {where}: {err}"))
+            return where
+
+    job.model.path, job.model.base = fetch("model.path", job.model.path), fetch("model.base", job.model.base)
+    job.adapters = {name: fetch(f"adapters.{name}", folder) for name, folder in job.adapters.items()}
+    return job, problems
 
 
 def adapter_folder(path: str) -> str:
@@ -211,7 +224,10 @@ def _model_problems(job) -> Problems:
     if job.adapters:
         from raylm.runtime.storage import run_artifact
 
-        target = run_artifact(path)
+        try:
+            target = run_artifact(path)
+        except RunFolderError as err:
+            return [("model.path", str(err))]
         if not (target / "config.json").exists() or (target / "adapter_config.json").exists():
             return [("adapters", f"adapters need model.path to be a full model folder; {target} is not one")]
     return []

@@ -91,3 +91,52 @@ def test_a_file_where_a_model_folder_belongs_is_named(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     ((field, message),) = check_model_folder(str(tmp_path / "m.gguf"), "model.path", "config.json")
     assert field == "model.path" and "is a file, not a Hugging Face folder" in message
+
+
+def test_a_search_folder_leads_to_its_best_trial(tmp_path):
+    search = run_folder(
+        tmp_path / "search",
+        {"kind": "tune", "best": {"trial_id": "t1", "artifact": "runs/search/best"}},
+        ("best", "adapter_config.json"),
+    )
+    assert run_artifact(search) == search / "best"  # served, evaluated, generated from as an adapter
+    with pytest.raises(RunFolderError, match="is an adapter, not a model that loads alone"):
+        run_artifact(search, full_model=True)
+    empty = run_folder(tmp_path / "empty", {"kind": "tune", "best": None})
+    with pytest.raises(RunFolderError, match="a search that finished without a completed trial"):
+        run_artifact(empty)
+
+
+def test_a_bucket_run_folder_falls_back_to_what_is_there(object_store, tmp_path, monkeypatch):
+    """A run whose merged model was removed gives its artifact (as a local one does), and one whose
+    named folders are all gone is named, not fetched as something else."""
+    from raylm.runtime.storage import fetch_artifact
+    from tests.runtime.test_object_store import upload
+
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path / "cache"))
+    bucket = object_store("run-fallback")
+    full = run_folder(tmp_path / "full", {"merged": "merged", "artifact": "model"}, ("model", "config.json"))
+    upload(full, f"{bucket}/full")
+    assert (Path(fetch_artifact(f"{bucket}/full", full_model=True)) / "config.json").exists()
+    gone = run_folder(tmp_path / "gone", {"artifact": "adapter"})
+    upload(gone, f"{bucket}/gone")
+    with pytest.raises(RunFolderError, match=r"\(adapter\) is not there"):
+        fetch_artifact(f"{bucket}/gone")
+
+
+def test_a_serve_input_that_leads_nowhere_is_named_by_its_own_field(tmp_path):
+    from raylm.kinds import preflight
+    from raylm.spec.loading import validate_dict
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    broken = run_folder(tmp_path / "poet", "[1]")
+    search = run_folder(tmp_path / "search", {"kind": "tune", "best": None})
+    job = validate_dict(
+        {"kind": "serve", "model": str(model), "adapters": {"poet": str(broken), "best": str(search)}}
+    )
+    problems = dict(preflight(job))
+    assert "summary.json is not readable" in problems["adapters.poet"]
+    assert "without a completed trial" in problems["adapters.best"]
+    assert "model.path" not in problems
