@@ -132,7 +132,13 @@ def resolve(job) -> tuple[dict, str]:
 
 def unfit_reason(job, memory_bytes: float) -> str | None:
     """Why `job` cannot train in `memory_bytes` per worker by the estimate (None when it can): under
-    `auto`, no candidate fits; otherwise the spec's strategy does not."""
+    `auto`, no candidate fits; otherwise the spec's strategy does not (or a precomputed preference
+    reference does not: precompute_reason)."""
+    preference = getattr(job, "preference", None)
+    if preference is not None and preference.precompute_reference:
+        reason = precompute_reason(job, memory_bytes)
+        if reason is not None:
+            return reason
     if job.strategy.name == "auto":
         try:
             choose(memory_bytes=memory_bytes, headroom=job.strategy.headroom, **_job_terms(job))
@@ -151,6 +157,30 @@ def unfit_reason(job, memory_bytes: float) -> str | None:
     return (
         f"{key} needs {size(needed)} per worker by the estimate, more than {size(budget)} "
         f"({HEADROOM:.0%} of {size(memory_bytes)})"
+    )
+
+
+def precompute_reason(job, memory_bytes: float) -> str | None:
+    """Why `preference.precompute_reference` cannot run in `memory_bytes` per worker by the estimate
+    (None when it can): each of its tasks holds the whole starting model on one worker, whatever the
+    training strategy shards, and a forward pass over a batch of chosen and rejected answers (one
+    layer's transients at a time, no gradients, and the answers' fp32 logits and log-softmax)."""
+    from raylm.planning.memory import shape_of_job
+
+    shape = shape_of_job(job)
+    bits = method_terms(job).get("weight_bits") or (32 if job.model.dtype == "float32" else 16)
+    element = 4 if job.train.precision == "fp32" else 2
+    rows, seq = 2 * job.train.batch_size, job.data.seq_len
+    layer = rows * seq * (10 * shape.hidden + 4 * shape.intermediate) * element
+    if not job.resources.use_gpu:  # no flash kernel: the attention scores and probabilities too
+        layer += 2 * rows * shape.heads * seq * seq * element
+    needed = shape.params * bits / 8 + layer + 2 * rows * seq * shape.vocab * 4
+    budget = memory_bytes * HEADROOM
+    if needed <= budget:
+        return None
+    return (
+        f"computing the reference's log-probabilities holds the whole starting model on one worker: "
+        f"{size(needed)} by the estimate, more than {size(budget)} ({HEADROOM:.0%} of {size(memory_bytes)})"
     )
 
 

@@ -154,6 +154,8 @@ def _reference_copy(job: FinetuneJob, tokenizer, device, engine, config: dict):
 def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dict:
     """Run `job` on the connected Ray; `callbacks`: Ray Train callbacks (a search's report to Tune)."""
     output = job.output.path
+    if job.preference is not None and job.preference.precompute_reference:
+        refuse_unfit_precompute(job)  # before the run folder or the tokenized data are written
     local_output = prepare_run(job)
     tokenizer, records, where, splits = prepare_data(job)
     held = held_out_pairs(job, tokenizer, records)
@@ -194,6 +196,22 @@ def run_finetune(kind: Finetune, job: FinetuneJob, callbacks: tuple = ()) -> dic
         summary["merged"] = f"{output.rstrip('/')}/merged"
     finish(job, local_output, summary, outcome)
     return summary
+
+
+def refuse_unfit_precompute(job: FinetuneJob) -> None:
+    """Stop before any work where the precomputed reference would not fit one worker: its tasks hold
+    the whole starting model each, which a large model trained sharded would not survive."""
+    from raylm.planning.plan import precompute_reason, worker_memory
+
+    reason = precompute_reason(job, worker_memory(job))
+    if reason is None:
+        return
+    live = (
+        "the live reference is the trained model with its adapters off: no second copy"
+        if not job.trains_base_weights
+        else "a live reference is sharded like the model under fsdp or ZeRO-3"
+    )
+    raise SpecError([("preference.precompute_reference", f"{reason}: set it to false ({live})")])
 
 
 def prepare_data(job: FinetuneJob):

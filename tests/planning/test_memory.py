@@ -347,3 +347,48 @@ def test_estimate_answers_for_each_training_stage_of_a_pipeline_and_reads_run_fo
     out = CliRunner().invoke(main, ["estimate", str(tmp_path / "p.yaml")])
     assert out.exit_code == 0, out.output
     assert "== stage other (distill)\n[raylm] its model is stage base's output" in out.output
+
+
+@pytest.mark.quick
+def test_a_precomputed_reference_must_fit_one_worker_whole(tmp_path):
+    """preference.precompute_reference loads the whole starting model on each of its workers, whatever
+    the strategy shards: its weights (counted by transformers) plus one forward pass of the chosen and
+    rejected answers (a layer's transients, the answers' fp32 logits and log-softmax) must fit, else the
+    run stops before any work, naming the field and the fix, and a search rejects such a trial."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raylm.planning.plan import HEADROOM, precompute_reason, unfit_reason
+    from raylm.spec.loading import validate_dict
+    from raylm.spec.reading import SpecError
+    from raylm.train.finetune import refuse_unfit_precompute
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2
+    )
+    config.save_pretrained(tmp_path / "base")
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    spec = {
+        "kind": "finetune",
+        "model": {"path": str(tmp_path / "base")},
+        "method": "full",
+        "data": {"path": str(tmp_path / "pairs.jsonl"), "format": "preference", "seq_len": 32},
+        "preference": {"objective": "dpo", "precompute_reference": True},
+        "train": {"batch_size": 4},
+        "strategy": {"name": "auto", "memory_per_worker_gb": 1e-6},
+        "output": str(tmp_path / "out"),
+    }
+    job = validate_dict(spec)
+    rows, seq = 8, 32  # 4 examples x (chosen, rejected)
+    layer = rows * seq * (10 * 64 + 4 * 128) * 4 + 2 * rows * 2 * seq * seq * 4
+    needed = params * 4 + layer + 2 * rows * seq * 300 * 4
+    assert precompute_reason(job, needed / HEADROOM * 1.001) is None
+    assert "holds the whole starting model on one worker" in precompute_reason(job, needed / HEADROOM * 0.999)
+    assert "whole starting model" in unfit_reason(job, needed / HEADROOM * 0.999)
+    with pytest.raises(SpecError) as err:
+        refuse_unfit_precompute(job)  # memory_per_worker_gb: 1e-6 (the check needs no Ray then)
+    ((field, message),) = err.value.problems
+    assert field == "preference.precompute_reference"
+    assert "set it to false (a live reference is sharded like the model under fsdp or ZeRO-3)" in message
+    assert not (tmp_path / "out").exists()
