@@ -6,8 +6,9 @@
 Requests from different callers meet in `@serve.batch` and enter the replica's continuous-batching loop
 (raylm/serve/continuous.py);
 LoRA adapters over the base are loaded on demand per replica (`@serve.multiplexed`, least recently used
-unloaded past the limit) and serve mixed batches. The loop's thread is the only one that touches the
-model, so adapter loads never race a step.
+unloaded past the limit) and serve mixed batches. The model, its loop and every adapter load live in
+a process of their own (raylm/serve/worker.py), one thread of which touches the model, so adapter
+loads never race a step and the replica's HTTP work never takes the interpreter from a step.
 """
 
 import asyncio
@@ -26,13 +27,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from raylm.infer.sampling import GenerationError, check_fits, context_length
-from raylm.serve.compiled import warm_up
-from raylm.serve.continuous import CacheBudgetError, DecodeLoop, cache_cost, default_cache_budget
-from raylm.serve.engine import Engine, Request, hooks_dropped_on_failure
+from raylm.infer.sampling import GenerationError, check_fits
+from raylm.serve.continuous import CacheBudgetError, cache_cost
+from raylm.serve.engine import Request
 from raylm.serve.metrics import ServerMetrics
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
-from raylm.spec.generation import GenerationSpec
+from raylm.serve.worker import EngineProcess
 
 
 def build_app(job, key_hash: str | None):
@@ -81,20 +81,6 @@ class Outbox:
             items, self.items, self.scheduled = self.items, [], False
         for queue, event in items:
             queue.put_nowait(event)
-
-
-def _strip_adapter_layers(model) -> None:
-    """Undo a first adapter load that failed part way: PEFT injects its layers into the base model in
-    place before it reads the adapter's weights, and left there (with a non-zero initialisation, or
-    half-loaded weights) they would answer every request for the base model."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for key, module in list(model.named_modules()):
-        if key and isinstance(module, BaseTunerLayer):
-            parent, _, child = key.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
 
 
 class Events(asyncio.Queue):
@@ -180,43 +166,23 @@ class Adapter:
 @serve.ingress(api)
 class Server:
     def __init__(self, spec: dict, key_hash: str | None):
-        import torch
-
-        from raylm.infer.loading import load_for_generation
         from raylm.infer.strategies import prepare
         from raylm.spec.serve import ServeJob
 
         self.job = ServeJob.model_validate(spec)
-        device = "cuda" if self.job.scaling.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
-        model, self.tokenizer, _ = load_for_generation(
-            self.job.model.path, self.job.model.base, device, self.job.model.dtype
-        )
-        self.engine = Engine(model, self.tokenizer)
         self.key_hash = key_hash
         self.metrics = ServerMetrics()
         model_name = self.job.model_name
-        self.cache_budget = self.job.batching.max_cached_tokens or default_cache_budget(model)
-        self.decoder = DecodeLoop(
-            self.engine,
-            max_rows=self.job.batching.max_batch_size,
-            observe=lambda waiting, running: self.metrics.load(model_name, waiting, running),
-            max_cached_tokens=self.cache_budget,
-            compiled=self.job.batching.compile,
+        self.engine = EngineProcess(  # loads the model in its own process (raylm/serve/worker.py)
+            spec, observe=lambda waiting, running: self.metrics.load(model_name, waiting, running)
         )
-        if self.job.batching.compile:  # build the compiled graphs now, not under the first requests
-            prompt = self.tokenizer("Hello")["input_ids"] or [0]
-            if not warm_up(self.decoder, prompt, GenerationSpec(max_new_tokens=4)):
-                logging.getLogger(__name__).warning(
-                    "batching.compile: no compiled step ran while the replica started (%s)",
-                    "compiling failed: decoding uncompiled" if self.decoder.compiled is None
-                    else "a model with adapters decodes uncompiled" if hasattr(model, "peft_config")
-                    else "the warm-up ended at once: the graphs are built under the first requests",
-                )  # fmt: skip
+        if self.engine.warning:
+            logging.getLogger(__name__).warning(self.engine.warning)
+        self.tokenizer, self.cache_budget = self.engine.tokenizer, self.engine.cache_budget
         self.outbox = None  # made on the replica's event loop by the first request
         self.loaded: dict[str, int] = {}  # adapter -> load token
         self.retired: set[str] = set()
         self.in_use: Counter[str] = Counter()  # adapter -> requests admitted and not yet answered
-        self.in_use_lock = threading.Lock()  # read by the model thread, written by the event loop
 
         # Serve's public pattern for a per-instance limit: multiplex a function made here (Serve finds
         # multiplexed functions among instance attributes too).
@@ -230,14 +196,24 @@ class Server:
         self.chat_template = _template(self.job.chat_template)
         self._submit.set_max_batch_size(self.job.batching.max_batch_size)
         self._submit.set_batch_wait_timeout_s(self.job.batching.batch_wait_timeout_s)
-        self.context = context_length(model)
-        self.vocabulary = model.get_input_embeddings().num_embeddings
+        self.context, self.vocabulary = self.engine.context, self.engine.vocabulary
+
+    def check_health(self):
+        """Serve's health check: a replica whose model's process ended is replaced."""
+        if not self.engine.alive():
+            raise RuntimeError(self.engine.ended or "the model's process ended")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
     # ---- routes ------------------------------------------------------------------------
     @api.get("/health")
     async def health(self):
         """Up; `compiled_steps`: decoding steps run through torch.compile (batching.compile)."""
-        return {"status": "ok", "model": self.job.model_name, "compiled_steps": self.decoder.compiled_steps}
+        steps = await asyncio.wrap_future(self.engine.call("compiled_steps"))
+        return {"status": "ok", "model": self.job.model_name, "compiled_steps": steps}
 
     @api.get("/v1/models")
     async def models(self, request: HttpRequest):
@@ -365,13 +341,11 @@ class Server:
 
     def _hold(self, adapter: str | None) -> None:
         if adapter is not None:
-            with self.in_use_lock:
-                self.in_use[adapter] += 1
+            self.in_use[adapter] += 1
 
     def _release(self, adapter: str | None) -> None:
         if adapter is not None:
-            with self.in_use_lock:
-                self.in_use[adapter] -= 1
+            self.in_use[adapter] -= 1
 
     async def _load_adapter_now(self, name: str):
         """What Serve's multiplexer calls (self._load_adapter, made in __init__ with the spec's limit)."""
@@ -380,40 +354,19 @@ class Server:
         loop = asyncio.get_running_loop()
         # an adapter named by a storage URI is fetched here, off the model's thread (streams go on)
         folder = await asyncio.to_thread(fetch_artifact, self.job.adapters[name])
-        token = await asyncio.wrap_future(
-            self.decoder.call(lambda: self._attach(name, folder), changes_model=True), loop=loop
-        )
-        return Adapter(self, name, token)
-
-    def _attach(self, name: str, path: str) -> int:
-        """In the model thread: load (or keep) adapter `name` (from folder `path`) into the PEFT model."""
-        from peft import PeftModel
-
-        from raylm.methods.gptqmodel_import import before_lora
-
+        # the retired adapters no request holds (admitted, waiting or decoding) go as this one loads;
+        # the model's process runs the calls in order, so a request for one of them admitted after
+        # this list was made loads it again after this call
         self.retired.discard(name)
-        with self.in_use_lock:
-            busy = {adapter for adapter, count in self.in_use.items() if count}
-        for old in sorted(self.retired - busy):
-            if len(self.loaded) > 1:  # PEFT keeps at least one adapter in the model
-                self.engine.model.delete_adapter(old)
-                del self.loaded[old]
+        busy = {adapter for adapter, count in self.in_use.items() if count}
+        retired = sorted(self.retired - busy)
+        deleted = await asyncio.wrap_future(self.engine.call("attach", name, folder, retired), loop=loop)
+        for old in deleted:
+            self.loaded.pop(old, None)
             self.retired.discard(old)
-        if name not in self.loaded:
-            before_lora()  # PEFT imports gptqmodel as it injects LoRA layers: quietly, first
-            if hasattr(self.engine.model, "peft_config"):
-                self.engine.model.load_adapter(path, adapter_name=name)
-            else:
-                base = self.engine.model
-                try:
-                    self.engine.model = PeftModel.from_pretrained(base, path, adapter_name=name)
-                except Exception:
-                    _strip_adapter_layers(base)
-                    raise
-            self.engine.model.eval()
         self.tokens += 1
         self.loaded[name] = self.tokens
-        return self.tokens
+        return Adapter(self, name, self.tokens)
 
     def _retire(self, name: str, token: int) -> None:
         if self.loaded.get(name) == token:
@@ -429,7 +382,7 @@ class Server:
         for job_ in jobs:
             queues.append(Events(job_.controls.n))
             job_.emit = self.outbox.emitter(queues[-1])
-        self.decoder.submit(jobs)
+        self.engine.submit(jobs)
         return queues
 
     async def _stream(self, job_: Request):
@@ -462,7 +415,7 @@ class Server:
                         remaining -= 1
                 yield list(merged.values())
         finally:
-            job_.cancelled = True  # the caller left (timeout, disconnect): its rows stop at the next step
+            self.engine.cancel(job_)  # the caller left (timeout, disconnect): its rows stop at the next step
 
     def _time(self, job_: Request, events, arrived: float, first_token: dict) -> None:
         """Time to first token (per request) and per output token (per choice, at its end)."""
@@ -495,22 +448,13 @@ class Server:
     async def _logprobs(self, results: list[dict], prompts, top: int | None, echo: bool, adapter) -> None:
         """Each choice's token logprobs (and the prompt's, with echo): one forward pass per choice over
         prompt + completion on the model's thread, under the choice's own adapter."""
-        from raylm.infer.scoring import token_logprobs
-
-        (name,) = self.engine.adapter_names([adapter]) or [None]
         loop = asyncio.get_running_loop()
         for result, ids in zip(results, prompts, strict=True):
             result["logprobs"] = []
             for completion in result["token_ids"]:
                 start = 0 if echo else len(ids)
-
-                def score(tokens=ids + completion, start=start):
-                    with hooks_dropped_on_failure(self.engine.model):
-                        return token_logprobs(
-                            self.engine.model, self.tokenizer, tokens, start, top or 0, name
-                        )
-
-                result["logprobs"].append(await asyncio.wrap_future(self.decoder.call(score), loop=loop))
+                scored = self.engine.call("score", ids + completion, start, top or 0, adapter)
+                result["logprobs"].append(await asyncio.wrap_future(scored, loop=loop))
 
     def _prompts(self, body, chat: bool) -> list[list[int]]:
         if chat:
