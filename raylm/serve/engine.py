@@ -33,6 +33,7 @@ class Request:
     cancelled: bool = False  # set by the server when the caller gave up (timeout, disconnect)
     error: Exception | None = None  # set with finish reason "error" when generation failed
     token_ids: dict = field(default_factory=dict)  # choice index -> its tokens, set as it finishes
+    engine_id: int | None = None  # its number between the replica and the model's process
 
 
 class Choice:

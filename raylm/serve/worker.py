@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -79,6 +80,7 @@ class EngineProcess:
         self.calls: dict[int, Future] = {}
         self.lock = threading.Lock()  # the tables above, and one sender at a time
         self.ended: str | None = None  # why the child is gone
+        self.closing = False
         threading.Thread(target=self._read, name="raylm-engine-reader", daemon=True).start()
 
     # ---- from the replica ---------------------------------------------------------------------
@@ -98,7 +100,7 @@ class EngineProcess:
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
-        number = getattr(request, "engine_id", None)
+        number = request.engine_id
         with self.lock:
             if number in self.requests and self.ended is None:
                 self._send(("cancel", number))
@@ -119,8 +121,12 @@ class EngineProcess:
         return self.ended is None and self.process.poll() is None
 
     def close(self) -> None:
+        """End the child: shut the socket down (closing it would leave the reader thread's pending
+        read holding it open), as the replica's own end does."""
+        self.closing = True
         try:
-            self.conn.close()
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as end:
+                end.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         try:
@@ -179,10 +185,15 @@ class EngineProcess:
     def _gone(self) -> None:
         code = self.process.wait()
         with self.lock:
-            self.ended = f"the model's process ended (exit code {code}); the replica is restarted"
+            self.ended = (
+                "the replica is shutting down"
+                if self.closing
+                else f"the model's process ended (exit code {code}); the replica is restarted"
+            )
             requests, self.requests = list(self.requests.values()), {}
             calls, self.calls = list(self.calls.values()), {}
-        logging.getLogger(__name__).error(self.ended)
+        if not self.closing:
+            logging.getLogger(__name__).error(self.ended)
         for request, open_choices in requests:
             _fail(request, open_choices, EngineError(self.ended))
         for done in calls:
@@ -238,9 +249,7 @@ class _Model:
         self.conn, self.send_lock = conn, threading.Lock()
         self.engine = Engine(model, tokenizer)
         self.requests: dict[int, tuple[Request, int]] = {}  # id -> (request, choices not finished)
-        self.pending: list = []  # emitted, not yet sent
-        self.pending_lock, self.wake = threading.Lock(), threading.Event()
-        threading.Thread(target=self._flush, name="raylm-engine-sender", daemon=True).start()
+        self.pending: list = []  # emitted on the loop's thread, sent after its pass
         budget = job.batching.max_cached_tokens or default_cache_budget(model)
         self.decoder = DecodeLoop(
             self.engine,
@@ -248,6 +257,7 @@ class _Model:
             observe=lambda waiting, running: self._send(("load", waiting, running)),
             max_cached_tokens=budget,
             compiled=job.batching.compile,
+            after_step=self._flush,
         )
         warning = None
         if job.batching.compile:  # build the compiled graphs now, not under the first requests
@@ -358,21 +368,19 @@ class _Model:
                 else:
                     self.requests[number] = (request, left - 1)
                 error = _portable(error) if error is not None else None
-            with self.pending_lock:
-                self.pending.append((number, index, delta, reason, count, tokens, error))
-            self.wake.set()
+            event = (number, index, delta, reason, count, tokens, error)
+            if threading.current_thread() is self.decoder.thread:
+                self.pending.append(event)  # sent with the rest of this pass's (_flush)
+            else:  # generate's thread (beams, seeded sampling): at once
+                self._send(("emit", [event]))
 
         return emit
 
     def _flush(self) -> None:
-        """Send what was emitted, together: one message for every row a step moved."""
-        while True:
-            self.wake.wait()
-            self.wake.clear()
-            with self.pending_lock:
-                items, self.pending = self.pending, []
-            if items:
-                self._send(("emit", items))
+        """After each pass of the loop, on its thread: every row's text of the pass in one message."""
+        if self.pending:
+            items, self.pending = self.pending, []
+            self._send(("emit", items))
 
     def _send(self, message) -> None:
         with self.send_lock:
