@@ -113,14 +113,11 @@ class DecodeLoop:
         observe=None,
         max_cached_tokens: int | None = None,
         compiled: bool = False,
-        after_step=None,
     ):
         """`observe(waiting, running)`, if given, hears the queue length and batch size (at most
         every OBSERVE_S); `max_cached_tokens` bounds the key/value cache (see `cache_cost`);
-        `compiled`: decoding steps through torch.compile (raylm.serve.compiled); `after_step()`, if
-        given, runs on the loop's thread after each pass (what the pass emitted can go out together)."""
+        `compiled`: decoding steps through torch.compile (raylm.serve.compiled)."""
         self.engine, self.max_rows, self.observe = engine, max_rows, observe
-        self.after_step = after_step
         self.compiled_for = engine.model  # the model the compiled step calls (not one PEFT wrapped later)
         self.compiled = compile_step(engine.model, _cache_argument(engine.model)) if compiled else None
         self.compiled_steps = 0  # decoding steps the compiled step ran
@@ -169,8 +166,6 @@ class DecodeLoop:
                 except Exception as err:  # a failed step fails its requests, never the loop
                     _fail([row.choice for row in self.rows], err)
                     self.rows, self.cache, self.mask = [], None, None
-            if self.after_step is not None:
-                self.after_step()
 
     def _idle(self) -> bool:
         """Nothing to do until something arrives in the inbox (a request, a call, `generate`'s end):

@@ -16,7 +16,7 @@ model (benchmarks/serve_load.py). vLLM runs its engine in a process of its own f
 The two talk through a socket pair (multiprocessing's Connection: pickled messages). Parent to child:
 `submit`, `cancel`, `call` (an operation between steps: load an adapter, score tokens, read a count).
 Child to parent: `ready` (after loading: the tokenizer and the model's limits) or `failed`, `emit` (the
-text deltas of every row that moved since the last message: one message per decoding step at most),
+text deltas of every row that moved since the last message: about one message per decoding step),
 `result` (of a call), `load` (queue length and batch size, for the metrics). The child reads its
 socket until it closes: when the replica goes, however it goes, its model's process ends with it.
 """
@@ -249,7 +249,9 @@ class _Model:
         self.conn, self.send_lock = conn, threading.Lock()
         self.engine = Engine(model, tokenizer)
         self.requests: dict[int, tuple[Request, int]] = {}  # id -> (request, choices not finished)
-        self.pending: list = []  # emitted on the loop's thread, sent after its pass
+        self.pending: list = []  # emitted, not yet sent
+        self.pending_lock, self.wake = threading.Lock(), threading.Event()
+        threading.Thread(target=self._flush, name="raylm-engine-sender", daemon=True).start()
         budget = job.batching.max_cached_tokens or default_cache_budget(model)
         self.decoder = DecodeLoop(
             self.engine,
@@ -257,7 +259,6 @@ class _Model:
             observe=lambda waiting, running: self._send(("load", waiting, running)),
             max_cached_tokens=budget,
             compiled=job.batching.compile,
-            after_step=self._flush,
         )
         warning = None
         if job.batching.compile:  # build the compiled graphs now, not under the first requests
@@ -368,19 +369,23 @@ class _Model:
                 else:
                     self.requests[number] = (request, left - 1)
                 error = _portable(error) if error is not None else None
-            event = (number, index, delta, reason, count, tokens, error)
-            if threading.current_thread() is self.decoder.thread:
-                self.pending.append(event)  # sent with the rest of this pass's (_flush)
-            else:  # generate's thread (beams, seeded sampling): at once
-                self._send(("emit", [event]))
+            with self.pending_lock:
+                self.pending.append((number, index, delta, reason, count, tokens, error))
+            self.wake.set()
 
         return emit
 
     def _flush(self) -> None:
-        """After each pass of the loop, on its thread: every row's text of the pass in one message."""
-        if self.pending:
-            items, self.pending = self.pending, []
-            self._send(("emit", items))
+        """Send what was emitted since the last message, together (every row a step moved, or more
+        steps' worth when the replica reads slower than the loop decodes), on a thread of its own: the
+        loop never waits for the socket, and pickling and writing overlap its tensor operations."""
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            with self.pending_lock:
+                items, self.pending = self.pending, []
+            if items:
+                self._send(("emit", items))
 
     def _send(self, message) -> None:
         with self.send_lock:
