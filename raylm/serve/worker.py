@@ -10,8 +10,9 @@ child process, and keeps HTTP, validation, tokenizing prompts and streaming in i
 Why a process: a Python interpreter runs one thread at a time. In the replica's process the decoding
 loop shared it with Ray Serve's event loop and request threads, and under load each step (a few
 hundred small tensor operations, each releasing and re-taking the interpreter lock) spent more time
-waiting for it than computing: 6.1 ms a step against 2.8 ms of CPU at 16 streams on the quickstart
-model (benchmarks/serve_load.py). vLLM runs its engine in a process of its own for the same reason.
+waiting for it than computing (6.1 ms a step against 2.8 ms of CPU at 16 streams on the quickstart
+model, in one instrumented run); with the model in its own process batching serves 1.5x the requests/s
+(benchmarks/serve_load.py). vLLM runs its engine in a process of its own for the same reason.
 
 The two talk through a socket pair (multiprocessing's Connection: pickled messages). Parent to child:
 `submit`, `cancel`, `call` (an operation between steps: load an adapter, score tokens, read a count).
