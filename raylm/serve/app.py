@@ -32,7 +32,7 @@ from raylm.serve.continuous import CacheBudgetError, cache_cost
 from raylm.serve.engine import Request
 from raylm.serve.metrics import ServerMetrics
 from raylm.serve.protocol import ApiError, ChatRequest, CompletionRequest, key_digest, validation_message
-from raylm.serve.worker import EngineProcess
+from raylm.serve.worker import EngineError, EngineProcess
 
 
 def build_app(job, key_hash: str | None):
@@ -42,6 +42,8 @@ def build_app(job, key_hash: str | None):
         "ray_actor_options": {"num_cpus": scaling.cpus_per_replica, "num_gpus": scaling.gpus_per_replica},
         "max_ongoing_requests": scaling.max_ongoing_requests,
         "max_queued_requests": scaling.max_queued_requests,
+        # a replica whose model process ended is found within ~3 checks (Serve's threshold), then replaced
+        "health_check_period_s": 2,
     }
     if scaling.autoscaling:
         options["autoscaling_config"] = scaling.autoscaling.model_dump()
@@ -409,8 +411,9 @@ class Server:
                 for index, delta, reason, count in pending:
                     text = merged.get(index, (index, "", None, 0))[1]
                     merged[index] = (index, text + delta, reason, count)
-                    if reason == "error":
-                        raise ApiError(500, f"generation failed: {job_.error}")
+                    if reason == "error":  # 503 while the replica replaces a model process that ended
+                        status = 503 if isinstance(job_.error, EngineError) else 500
+                        raise ApiError(status, f"generation failed: {job_.error}")
                     if reason is not None:
                         remaining -= 1
                 yield list(merged.values())

@@ -672,3 +672,30 @@ def test_an_endpoint_evaluates_as_the_same_model_here(served, tmp_path):
     assert (
         result.exit_code == 2 and "models.1.endpoint.model" in result.output and "not 'nope'" in result.output
     )
+
+
+def test_a_replica_whose_model_process_dies_answers_503_then_is_replaced(served):
+    """SIGKILL the poet-alone replica's model process (raylm/serve/worker.py): its requests get 503 (a
+    status the OpenAI client retries) saying why, and Serve's health check replaces the replica, whose
+    new model process answers again."""
+    import psutil
+
+    replicas = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:poet-alone")
+    ]
+    (model,) = [c for r in replicas for c in r.children() if "raylm.serve.worker" in " ".join(c.cmdline())]
+    model.kill()
+    model.wait(timeout=30)
+    url, body = (
+        f"{served['url']}/poet/v1/completions",
+        {"model": "poet-alone", "prompt": "The", "max_tokens": 4},
+    )
+    first = httpx.post(url, json=body, timeout=60)
+    assert first.status_code == 503 and "the model's process ended" in first.json()["error"]["message"]
+    deadline = time.monotonic() + 120
+    while (answer := httpx.post(url, json=body, timeout=60)).status_code != 200:
+        assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+        time.sleep(1)
+    assert answer.json()["usage"]["completion_tokens"] > 0
