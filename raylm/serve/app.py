@@ -356,19 +356,35 @@ class Server:
         loop = asyncio.get_running_loop()
         # an adapter named by a storage URI is fetched here, off the model's thread (streams go on)
         folder = await asyncio.to_thread(fetch_artifact, self.job.adapters[name])
-        # the retired adapters no request holds (admitted, waiting or decoding) go as this one loads;
-        # the model's process runs the calls in order, so a request for one of them admitted after
-        # this list was made loads it again after this call
+        # the retired adapters no request holds (admitted here, or still named by a row in the model's
+        # process, which checks that itself) go as this one loads; the model's process runs the calls
+        # in order, so a request for one of them admitted after this list was made loads it again
         self.retired.discard(name)
         busy = {adapter for adapter, count in self.in_use.items() if count}
         retired = sorted(self.retired - busy)
-        deleted = await asyncio.wrap_future(self.engine.call("attach", name, folder, retired), loop=loop)
-        for old in deleted:
+        attach = asyncio.wrap_future(self.engine.call("attach", name, folder, retired), loop=loop)
+        given_up = []  # the caller left before the load ended: no Adapter will hold it
+        attach.add_done_callback(lambda done: self._attached(name, done, given_up))
+        try:
+            await asyncio.shield(attach)  # the load ends, and is recorded, even if the caller leaves
+        except asyncio.CancelledError:
+            given_up.append(True)
+            if attach.done() and not attach.cancelled() and attach.exception() is None:
+                self.retired.add(name)  # recorded already: the next load may unload it
+            raise
+        return Adapter(self, name, self.loaded[name])
+
+    def _attached(self, name: str, done: asyncio.Future, given_up: list) -> None:
+        """Record an adapter load that ended (on the event loop, whether or not its caller waited)."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        for old in done.result():
             self.loaded.pop(old, None)
             self.retired.discard(old)
         self.tokens += 1
         self.loaded[name] = self.tokens
-        return Adapter(self, name, self.tokens)
+        if given_up:
+            self.retired.add(name)
 
     def _retire(self, name: str, token: int) -> None:
         if self.loaded.get(name) == token:

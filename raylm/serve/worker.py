@@ -79,10 +79,12 @@ class EngineProcess:
         self.ids = itertools.count()
         self.requests: dict[int, tuple[Request, set[int]]] = {}  # id -> (request, its open choices)
         self.calls: dict[int, Future] = {}
-        self.lock = threading.Lock()  # the tables above, and one sender at a time
+        self.lock = threading.Lock()  # the tables above (never held while sending)
+        self.send_lock = threading.Lock()  # one writer at a time
         self.ended: str | None = None  # why the child is gone
         self.closing = False
-        threading.Thread(target=self._read, name="raylm-engine-reader", daemon=True).start()
+        self.reader = threading.Thread(target=self._read, name="raylm-engine-reader", daemon=True)
+        self.reader.start()
 
     # ---- from the replica ---------------------------------------------------------------------
     def submit(self, requests: list[Request]) -> None:
@@ -94,17 +96,18 @@ class EngineProcess:
                     request.engine_id = number
                     self.requests[number] = (request, set(range(request.controls.n)))
                     sent.append((number, request.prompt_ids, request.controls, request.adapter))
-                self._send(("submit", sent))
-        if not sent:
+        if sent:
+            self._send(("submit", sent))
+        else:
             for request in requests:
                 _fail(request, set(range(request.controls.n)), EngineError(self.ended))
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
-        number = request.engine_id
         with self.lock:
-            if number in self.requests and self.ended is None:
-                self._send(("cancel", number))
+            wanted = request.engine_id in self.requests and self.ended is None
+        if wanted:
+            self._send(("cancel", request.engine_id))
 
     def call(self, operation: str, *args) -> Future:
         """Run `operation` (see _Model.operation) in the child between two decoding steps."""
@@ -115,11 +118,11 @@ class EngineProcess:
                 return done
             number = next(self.ids)
             self.calls[number] = done
-            self._send(("call", number, operation, args))
+        self._send(("call", number, operation, args))
         return done
 
     def alive(self) -> bool:
-        return self.ended is None and self.process.poll() is None
+        return self.ended is None and self.process.poll() is None and self.reader.is_alive()
 
     def close(self) -> None:
         """End the child: shut the socket down (closing it would leave the reader thread's pending
@@ -134,14 +137,18 @@ class EngineProcess:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.reader.join(timeout=10)
+        self.conn.close()
+
+    def _send(self, message) -> None:
+        with self.send_lock:
+            try:
+                self.conn.send(message)
+            except OSError:  # the child is gone: the reader fails what is open
+                pass
 
     # ---- the reader thread ------------------------------------------------------------------
-    def _send(self, message) -> None:
-        try:
-            self.conn.send(message)
-        except OSError:  # the child is gone: the reader fails what is open
-            pass
-
     def _read(self) -> None:
         while True:
             try:
@@ -149,39 +156,40 @@ class EngineProcess:
             except (EOFError, OSError):
                 self._gone()
                 return
-            kind = message[0]
-            if kind == "emit":
-                for number, index, delta, reason, count, tokens, error in message[1]:
-                    with self.lock:
-                        entry = self.requests.get(number)
-                        if entry is None:
-                            continue
-                        request, open_choices = entry
-                        if reason is not None:
-                            open_choices.discard(index)
-                            if not open_choices:
-                                del self.requests[number]
-                    if tokens is not None:
-                        request.token_ids[index] = tokens
-                    if error is not None:
-                        request.error = error
-                    request.emit(index, delta, reason, count)
-            elif kind == "result":
-                _, number, ok, value = message
+            try:
+                self._handle(message)
+            except Exception:  # noqa: BLE001 - one message must not stop every other request's text
+                logging.getLogger(__name__).exception("handling a message of the model's process failed")
+
+    def _handle(self, message) -> None:
+        kind = message[0]
+        if kind == "emit":
+            for number, index, delta, reason, count, tokens, error in message[1]:
                 with self.lock:
-                    done = self.calls.pop(number)
-                if ok:
-                    done.set_result(value)
-                else:
-                    done.set_exception(value)
-            elif kind == "load" and self.observe is not None:
-                try:
-                    self.observe(*message[1:])
-                except Exception:  # noqa: BLE001 - metrics must never stop the text
-                    logging.getLogger(__name__).exception(
-                        "reporting the decoding loop's load failed; stopped"
-                    )
-                    self.observe = None
+                    entry = self.requests.get(number)
+                    if entry is None:
+                        continue
+                    request, open_choices = entry
+                    if reason is not None:
+                        open_choices.discard(index)
+                        if not open_choices:
+                            del self.requests[number]
+                if tokens is not None:
+                    request.token_ids[index] = tokens
+                if error is not None:
+                    request.error = error
+                request.emit(index, delta, reason, count)
+        elif kind == "result":
+            _, number, ok, value = message
+            with self.lock:
+                done = self.calls.pop(number, None)
+            _settle(done, ok, value)
+        elif kind == "load" and self.observe is not None:
+            try:
+                self.observe(*message[1:])
+            except Exception:  # noqa: BLE001 - metrics must never stop the text
+                logging.getLogger(__name__).exception("reporting the decoding loop's load failed; stopped")
+                self.observe = None
 
     def _gone(self) -> None:
         code = self.process.wait()
@@ -196,9 +204,22 @@ class EngineProcess:
         if not self.closing:
             logging.getLogger(__name__).error(self.ended)
         for request, open_choices in requests:
-            _fail(request, open_choices, EngineError(self.ended))
+            try:
+                _fail(request, open_choices, EngineError(self.ended))
+            except Exception:  # noqa: BLE001 - the replica's event loop may be closed already
+                pass
         for done in calls:
-            done.set_exception(EngineError(self.ended))
+            _settle(done, False, EngineError(self.ended))
+
+
+def _settle(done: Future | None, ok: bool, value) -> None:
+    """A call's result, unless its caller gave up on it (a cancelled future takes none)."""
+    if done is None or not done.set_running_or_notify_cancel():
+        return
+    if ok:
+        done.set_result(value)
+    else:
+        done.set_exception(value)
 
 
 def _fail(request: Request, choices, err: Exception) -> None:
@@ -221,6 +242,9 @@ def main() -> None:
     from multiprocessing.connection import Connection
 
     conn = Connection(int(os.environ.pop("RAYLM_ENGINE_FD")))
+    threading.Thread(
+        target=_exit_with_replica, args=(conn.fileno(),), name="raylm-watchdog", daemon=True
+    ).start()
     try:
         model = _Model(conn.recv(), conn)
     except BaseException as err:  # noqa: BLE001 - the replica reports it
@@ -228,6 +252,19 @@ def main() -> None:
         conn.send(("failed", _portable(err)))
         return
     model.serve()
+
+
+def _exit_with_replica(fd: int) -> None:
+    """End this process once the replica's end of the socket is gone, whatever the process is doing
+    (loading a model for minutes, compiling): an orphan would hold memory the replica's successor needs."""
+    import select
+
+    watch = select.poll()
+    watch.register(fd, select.POLLRDHUP)  # (hang-ups and errors are reported whatever is asked)
+    while True:
+        for _, events in watch.poll():
+            if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                os._exit(0)
 
 
 class _Model:
@@ -247,11 +284,11 @@ class _Model:
         job = ServeJob.model_validate(spec)
         device = "cuda" if job.scaling.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
         model, tokenizer, _ = load_for_generation(job.model.path, job.model.base, device, job.model.dtype)
-        self.conn, self.send_lock = conn, threading.Lock()
+        self.conn = conn
         self.engine = Engine(model, tokenizer)
-        self.requests: dict[int, tuple[Request, int]] = {}  # id -> (request, choices not finished)
-        self.pending: list = []  # emitted, not yet sent
-        self.pending_lock, self.wake = threading.Lock(), threading.Event()
+        self.requests: dict[int, tuple[Request, set[int]]] = {}  # id -> (request, its open choices)
+        self.outgoing: list = []  # messages not yet sent (text events and everything else, in order)
+        self.outgoing_lock, self.wake = threading.Lock(), threading.Event()
         threading.Thread(target=self._flush, name="raylm-engine-sender", daemon=True).start()
         budget = job.batching.max_cached_tokens or default_cache_budget(model)
         self.decoder = DecodeLoop(
@@ -289,23 +326,31 @@ class _Model:
                 message = self.conn.recv()
             except (EOFError, OSError):  # the replica is gone
                 os._exit(0)
-            kind = message[0]
-            if kind == "submit":
-                batch = []
-                for number, prompt_ids, controls, adapter in message[1]:
-                    request = Request(prompt_ids, controls, emit=self._emitter(number), adapter=adapter)
-                    self.requests[number] = (request, controls.n)
-                    batch.append(request)
-                self.decoder.submit(batch)
-            elif kind == "cancel":
-                entry = self.requests.get(message[1])
-                if entry is not None:
-                    entry[0].cancelled = True
-            elif kind == "call":
-                _, number, operation, args = message
-                fn, changes_model = self.operation(operation, args)
-                done = self.decoder.call(fn, changes_model=changes_model)
-                done.add_done_callback(lambda d, number=number: self._answer(number, d))
+            try:
+                self._handle(message)
+            except Exception as err:  # noqa: BLE001 - one bad message fails its own call, not the process
+                logging.getLogger(__name__).exception("a message from the replica could not be handled")
+                if message[0] == "call":
+                    self._send(("result", message[1], False, _portable(err)))
+
+    def _handle(self, message) -> None:
+        kind = message[0]
+        if kind == "submit":
+            batch = []
+            for number, prompt_ids, controls, adapter in message[1]:
+                request = Request(prompt_ids, controls, emit=self._emitter(number), adapter=adapter)
+                self.requests[number] = (request, set(range(controls.n)))
+                batch.append(request)
+            self.decoder.submit(batch)
+        elif kind == "cancel":
+            entry = self.requests.get(message[1])
+            if entry is not None:
+                entry[0].cancelled = True
+        elif kind == "call":
+            _, number, operation, args = message
+            fn, changes_model = self.operation(operation, args)
+            done = self.decoder.call(fn, changes_model=changes_model)
+            done.add_done_callback(lambda d, number=number: self._answer(number, d))
 
     def operation(self, name: str, args: tuple):
         """(function run between steps on the model's thread, whether it changes the model)."""
@@ -318,18 +363,20 @@ class _Model:
         raise ValueError(f"unknown operation {name!r}")
 
     def _attach(self, name: str, path: str, retired: list[str]) -> list[str]:
-        """Load adapter `name` (from folder `path`) unless it is loaded, after deleting the `retired`
-        ones (unloaded by the replica's multiplexer, no request holding them; PEFT keeps at least one).
-        Returns the adapters deleted."""
+        """Load adapter `name` (from folder `path`) unless it is loaded, after deleting those of the
+        `retired` ones (unloaded by the replica's multiplexer) that no request here names, waiting,
+        decoding or just cancelled (its row leaves at the next step); PEFT keeps at least one. Runs on
+        the loop's thread between steps. Returns the adapters deleted."""
         from peft import PeftModel
 
         from raylm.methods.gptqmodel_import import before_lora
 
         model = self.engine.model
         loaded = list(getattr(model, "peft_config", {}))
+        named = {request.adapter for request, _ in list(self.requests.values())}
         deleted = []
         for old in retired:
-            if old in loaded and old != name and len(loaded) > 1:
+            if old in loaded and old != name and old not in named and len(loaded) > 1:
                 model.delete_adapter(old)
                 loaded.remove(old)
                 deleted.append(old)
@@ -362,38 +409,52 @@ class _Model:
     def _emitter(self, number: int):
         def emit(index, delta, reason, count):
             tokens = error = None
-            if reason is not None:
-                request, left = self.requests[number]
+            entry = self.requests.get(number)
+            if reason is not None and entry is not None:
+                request, open_choices = entry
                 tokens, error = request.token_ids.get(index), request.error
-                if left <= 1:
-                    del self.requests[number]
-                else:
-                    self.requests[number] = (request, left - 1)
+                open_choices.discard(index)
+                if not open_choices:
+                    self.requests.pop(number, None)
                 error = _portable(error) if error is not None else None
-            with self.pending_lock:
-                self.pending.append((number, index, delta, reason, count, tokens, error))
-            self.wake.set()
+            self._send(("emit", (number, index, delta, reason, count, tokens, error)))
 
         return emit
 
+    def _send(self, message) -> None:
+        """Queue a message for the sender thread: the loop never waits for the socket."""
+        with self.outgoing_lock:
+            self.outgoing.append(message)
+        self.wake.set()
+
     def _flush(self) -> None:
-        """Send what was emitted since the last message, together (every row a step moved, or more
-        steps' worth when the replica reads slower than the loop decodes), on a thread of its own: the
-        loop never waits for the socket, and pickling and writing overlap its tensor operations."""
+        """Send what was queued since the last message, in order, text events of consecutive steps
+        together (every row a step moved, or more steps' worth when the replica reads slower than
+        the loop decodes), on a thread of its own: pickling and writing overlap the tensor operations."""
         while True:
             self.wake.wait()
             self.wake.clear()
-            with self.pending_lock:
-                items, self.pending = self.pending, []
-            if items:
-                self._send(("emit", items))
+            with self.outgoing_lock:
+                queued, self.outgoing = self.outgoing, []
+            for message in _grouped(queued):
+                try:
+                    self.conn.send(message)
+                except OSError:  # the replica is gone
+                    os._exit(0)
 
-    def _send(self, message) -> None:
-        with self.send_lock:
-            try:
-                self.conn.send(message)
-            except OSError:  # the replica is gone
-                os._exit(0)
+
+def _grouped(messages: list) -> list:
+    """Consecutive ("emit", event) messages as one ("emit", [events])."""
+    out: list = []
+    for message in messages:
+        if message[0] == "emit":
+            if out and out[-1][0] == "emit":
+                out[-1][1].append(message[1])
+            else:
+                out.append(("emit", [message[1]]))
+        else:
+            out.append(message)
+    return out
 
 
 def _strip_adapter_layers(model) -> None:

@@ -33,6 +33,8 @@ def finished(events: queue.Queue) -> tuple:
 
 
 def test_the_model_process_answers_and_ends_with_its_replica(spec):
+    """It answers a request and a call, survives a call whose caller gave up, and exits when the
+    replica's end of the socket goes."""
     from raylm.serve.worker import EngineProcess
 
     engine = EngineProcess(spec)
@@ -41,6 +43,15 @@ def test_the_model_process_answers_and_ends_with_its_replica(spec):
     engine.submit([asked])
     assert finished(events)[2] in ("stop", "length") and asked.token_ids[0]
     assert engine.call("compiled_steps").result(timeout=60) == 0
+    # a call whose caller gave up (a timed-out logprobs request, a disconnected /health) gets its
+    # answer dropped: the reader goes on delivering text (it used to die on the cancelled future)
+    os.kill(engine.process.pid, signal.SIGSTOP)
+    abandoned = engine.call("compiled_steps")
+    assert abandoned.cancel()
+    os.kill(engine.process.pid, signal.SIGCONT)
+    again = request(engine.tokenizer, events)
+    engine.submit([again])
+    assert finished(events)[2] in ("stop", "length") and engine.alive()
     # the replica's end of the socket goes, however the replica ends (here: shut down under the reader)
     with socket.socket(fileno=os.dup(engine.conn.fileno())) as end:
         end.shutdown(socket.SHUT_RDWR)
