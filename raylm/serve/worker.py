@@ -36,6 +36,8 @@ from concurrent.futures import Future
 
 from raylm.serve.engine import Request
 
+GATHER_S = 0.02  # the longest a text event in the middle of a request waits in the model's process
+
 
 class EngineError(RuntimeError):
     """The model's process could not be started, or ended."""
@@ -289,12 +291,13 @@ class _Model:
         self.requests: dict[int, tuple[Request, set[int]]] = {}  # id -> (request, its open choices)
         self.outgoing: list = []  # messages not yet sent (text events and everything else, in order)
         self.outgoing_lock, self.wake = threading.Lock(), threading.Event()
+        self.urgent = threading.Event()  # something queued must go now
         threading.Thread(target=self._flush, name="raylm-engine-sender", daemon=True).start()
         budget = job.batching.max_cached_tokens or default_cache_budget(model)
         self.decoder = DecodeLoop(
             self.engine,
             max_rows=job.batching.max_batch_size,
-            observe=lambda waiting, running: self._send(("load", waiting, running)),
+            observe=lambda waiting, running: self._send(("load", waiting, running), urgent=False),
             max_cached_tokens=budget,
             compiled=job.batching.compile,
         )
@@ -417,23 +420,32 @@ class _Model:
                 if not open_choices:
                     self.requests.pop(number, None)
                 error = _portable(error) if error is not None else None
-            self._send(("emit", (number, index, delta, reason, count, tokens, error)))
+            # a choice's first and last text go at once (time to first token, the end of a request);
+            # the text between may wait GATHER_S, joined with later steps' (streams flush every 50 ms)
+            urgent = reason is not None or count <= 1
+            self._send(("emit", (number, index, delta, reason, count, tokens, error)), urgent)
 
         return emit
 
-    def _send(self, message) -> None:
+    def _send(self, message, urgent: bool = True) -> None:
         """Queue a message for the sender thread: the loop never waits for the socket."""
         with self.outgoing_lock:
             self.outgoing.append(message)
         self.wake.set()
+        if urgent:
+            self.urgent.set()
 
     def _flush(self) -> None:
-        """Send what was queued since the last message, in order, text events of consecutive steps
-        together (every row a step moved, or more steps' worth when the replica reads slower than
-        the loop decodes), on a thread of its own: pickling and writing overlap the tensor operations."""
+        """Send what was queued, in order, text events of consecutive steps together, on a thread of
+        its own: pickling and writing overlap the tensor operations. Text in the middle of a request
+        waits up to GATHER_S for more (one message, one wake-up of this thread and of the replica's
+        reader for several tokens: a single stream's steps are ~1 ms); anything else goes at once."""
         while True:
             self.wake.wait()
             self.wake.clear()
+            if not self.urgent.is_set():
+                self.urgent.wait(GATHER_S)
+            self.urgent.clear()
             with self.outgoing_lock:
                 queued, self.outgoing = self.outgoing, []
             for message in _grouped(queued):
