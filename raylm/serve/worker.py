@@ -11,15 +11,17 @@ Why a process: a Python interpreter runs one thread at a time. In the replica's 
 loop shared it with Ray Serve's event loop and request threads, and under load each step (a few
 hundred small tensor operations, each releasing and re-taking the interpreter lock) spent more time
 waiting for it than computing (6.1 ms a step against 2.8 ms of CPU at 16 streams on the quickstart
-model, in one instrumented run); with the model in its own process batching serves 1.5x the requests/s
-(benchmarks/serve_load.py). vLLM runs its engine in a process of its own for the same reason.
+model, in one instrumented run); with the model in its own process batching serves more requests/s
+(benchmarks/serve_load.py, BENCHMARKS.md). vLLM runs its engine in a process of its own for the same
+reason.
 
 The two talk through a socket pair (multiprocessing's Connection: pickled messages). Parent to child:
 `submit`, `cancel`, `call` (an operation between steps: load an adapter, score tokens, read a count).
 Child to parent: `ready` (after loading: the tokenizer and the model's limits) or `failed`, `emit` (the
-text deltas of every row that moved since the last message: about one message per decoding step),
-`result` (of a call), `load` (queue length and batch size, for the metrics). The child reads its
-socket until it closes: when the replica goes, however it goes, its model's process ends with it.
+text deltas of the rows that moved since the last message; a choice's first and last text go at once,
+the text between waits up to GATHER_S), `result` (of a call), `load` (queue length and batch size, for
+the metrics). The child watches its end of the socket: when the replica goes, however it goes and
+whatever the child is doing, the model's process ends with it.
 """
 
 from __future__ import annotations
