@@ -106,8 +106,9 @@ def worker_memory(job) -> float:
     """Bytes of device memory per worker: the spec's figure, a GPU's total memory, or a CPU share."""
     import ray
 
-    if job.strategy.memory_per_worker_gb is not None:
-        return job.strategy.memory_per_worker_gb * GiB
+    given = getattr(job.strategy, "memory_per_worker_gb", None)  # strategy: auto's field
+    if given is not None:
+        return given * GiB
     if job.resources.use_gpu:
         if not ray.cluster_resources().get("GPU"):
             raise NothingFits("resources.use_gpu is set but the Ray cluster has no GPU")

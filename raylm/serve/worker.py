@@ -76,6 +76,7 @@ class EngineProcess:
                     f"the model's process ended while loading the model (exit code {code})"
                 ) from None
         if kind == "failed":
+            self.process.wait(timeout=60)  # it exits once it has reported
             raise payload
         self.tokenizer = payload["tokenizer"]
         self.context, self.vocabulary = payload["context"], payload["vocabulary"]
