@@ -118,9 +118,7 @@ def activation_bytes(
     """
     element = 4 if precision == "fp32" else 2
     tokens = batch * seq_len
-    per_layer = tokens * (10 * shape.hidden + 4 * shape.intermediate) * element
-    if not flash_attention:
-        per_layer += 2 * batch * shape.heads * seq_len * seq_len * element  # scores and probabilities
+    per_layer = layer_activation_bytes(shape, batch, seq_len, precision, flash_attention)
     layers = (
         tokens * shape.hidden * element * shape.layers + per_layer
         if gradient_checkpointing
@@ -128,6 +126,17 @@ def activation_bytes(
     )
     logits = 3 * tokens * shape.vocab * 4  # fp32 logits, log-softmax, and their gradient in backward
     return float(layers + logits)
+
+
+def layer_activation_bytes(
+    shape: Shape, batch: int, seq_len: int, precision: str, flash_attention: bool = False
+) -> float:
+    """One decoder layer's activations for one micro-batch (the elements activation_bytes lists)."""
+    element = 4 if precision == "fp32" else 2
+    per_layer = batch * seq_len * (10 * shape.hidden + 4 * shape.intermediate) * element
+    if not flash_attention:
+        per_layer += 2 * batch * shape.heads * seq_len * seq_len * element  # scores and probabilities
+    return per_layer
 
 
 def bytes_per_parameter(strategy: str, precision: str, dtype: str = "float32") -> tuple[int, int, int]:

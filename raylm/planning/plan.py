@@ -166,15 +166,13 @@ def precompute_reason(job, memory_bytes: float) -> str | None:
     (None when it can): each of its tasks holds the whole starting model on one worker, whatever the
     training strategy shards, and a forward pass over a batch of chosen and rejected answers (one
     layer's transients at a time, no gradients, and the answers' fp32 logits and log-softmax)."""
-    from raylm.planning.memory import shape_of_job
+    from raylm.planning.memory import layer_activation_bytes, shape_of_job
 
     shape = shape_of_job(job)
     bits = method_terms(job).get("weight_bits") or (32 if job.model.dtype == "float32" else 16)
-    element = 4 if job.train.precision == "fp32" else 2
     rows, seq = 2 * job.train.batch_size, job.data.seq_len
-    layer = rows * seq * (10 * shape.hidden + 4 * shape.intermediate) * element
-    if not job.resources.use_gpu:  # no flash kernel: the attention scores and probabilities too
-        layer += 2 * rows * shape.heads * seq * seq * element
+    # a GPU worker's flash kernel keeps no attention scores, as in the training estimate
+    layer = layer_activation_bytes(shape, rows, seq, job.train.precision, job.resources.use_gpu)
     needed = shape.params * bits / 8 + layer + 2 * rows * seq * shape.vocab * 4
     budget = memory_bytes * HEADROOM
     if needed <= budget:
