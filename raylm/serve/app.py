@@ -60,6 +60,14 @@ def failure(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+def unexpected(err: BaseException, doing: str = "internal error") -> ApiError:
+    """An error no check foresaw: 503 while the replica replaces a model process that ended (a status
+    clients retry; the message says the process ended), else 500 naming the exception."""
+    if isinstance(err, EngineError):
+        return ApiError(503, f"{doing}: {err}")
+    return ApiError(500, f"{doing}: {type(err).__name__}: {err}")
+
+
 class Outbox:
     """Hands events from the decoding thread to the replica's event loop: one wake-up per batch of
     events (a decoding step emits one per row), not one per event."""
@@ -304,7 +312,7 @@ class Server:
                 )
             )
         except Exception as err:  # noqa: BLE001 - a caller gets an OpenAI error body, never a cut connection
-            return failure(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
+            return failure(unexpected(err))
         finally:
             if not streaming:
                 self._release(adapter)
@@ -335,9 +343,7 @@ class Server:
         except BaseException as err:
             self._release(name)
             if isinstance(err, Exception) and not isinstance(err, ApiError):
-                raise ApiError(
-                    500, f"adapter {name!r} could not be loaded: {type(err).__name__}: {err}"
-                ) from err
+                raise unexpected(err, f"adapter {name!r} could not be loaded") from err
             raise
         return name
 
@@ -427,9 +433,8 @@ class Server:
                 for index, delta, reason, count in pending:
                     text = merged.get(index, (index, "", None, 0))[1]
                     merged[index] = (index, text + delta, reason, count)
-                    if reason == "error":  # 503 while the replica replaces a model process that ended
-                        status = 503 if isinstance(job_.error, EngineError) else 500
-                        raise ApiError(status, f"generation failed: {job_.error}")
+                    if reason == "error":
+                        raise unexpected(job_.error, "generation failed")
                     if reason is not None:
                         remaining -= 1
                 yield list(merged.values())
@@ -630,8 +635,9 @@ class Server:
             yield _error_event(err)
             return
         except Exception as err:  # noqa: BLE001 - an error event and [DONE], never a cut connection
-            usage["status"] = 500
-            yield _error_event(ApiError(500, f"internal error: {type(err).__name__}: {err}"))
+            error = unexpected(err)
+            usage["status"] = error.status
+            yield _error_event(error)
             return
         finally:
             await events.aclose()

@@ -675,8 +675,8 @@ def test_an_endpoint_evaluates_as_the_same_model_here(served, tmp_path):
 
 
 def test_a_replica_whose_model_process_dies_answers_503_then_is_replaced(served):
-    """SIGKILL the poet-alone replica's model process (raylm/serve/worker.py): its requests get 503 (a
-    status the OpenAI client retries) saying why, and Serve's health check replaces the replica, whose
+    """SIGKILL the poet-alone replica's model process (raylm/serve/worker.py): its requests, text and
+    scoring alike, get 503 (a status the OpenAI client retries) saying why, and Serve's health check replaces the replica, whose
     new model process answers again."""
     import psutil
 
@@ -694,6 +694,9 @@ def test_a_replica_whose_model_process_dies_answers_503_then_is_replaced(served)
     )
     first = httpx.post(url, json=body, timeout=60)
     assert first.status_code == 503 and "the model's process ended" in first.json()["error"]["message"]
+    # a call into the model's process (scoring the prompt) says the same, not 500
+    scored = httpx.post(url, json={**body, "max_tokens": 0, "echo": True, "logprobs": 1}, timeout=60)
+    assert scored.status_code == 503 and "the model's process ended" in scored.json()["error"]["message"]
     deadline = time.monotonic() + 120
     while (answer := httpx.post(url, json=body, timeout=60)).status_code != 200:
         assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
