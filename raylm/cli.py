@@ -513,7 +513,8 @@ def _memory_report(shape, gpu: bool, teacher: float = 0.0, terms=None, reference
 @click.option("--out", "out", required=True, type=click.Path(), help="Folder for the merged model.")
 @click.option("--base", default=None, help="Base model folder (default: the one the run used).")
 def merge(artifact, out, base):
-    """Merge a LoRA / QLoRA / IA3 adapter folder into its base: a plain Hugging Face folder."""
+    """Merge a LoRA / QLoRA / IA3 adapter into its base: a plain Hugging Face folder. ARTIFACT: the
+    adapter folder, or the fine-tuning run folder that wrote it."""
     from raylm.methods.merging import MergeError, merge_adapter
 
     try:

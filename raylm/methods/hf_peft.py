@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 from raylm.methods.gptqmodel_import import before_lora
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT reading a property transformers 5 deprecated (on wrapping and on loading an adapter):
+    nothing a raylm user can change, so not printed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def refuses_sharded_blocks(strategy, method, train) -> str | None:
@@ -18,14 +29,11 @@ def refuses_sharded_blocks(strategy, method, train) -> str | None:
 
 
 def wrap(model, config):
-    import warnings
-
     from peft import get_peft_model
 
     if str(config.peft_type.value) == "LORA":
         before_lora()
-    with warnings.catch_warnings():  # PEFT reading a property transformers 5 deprecated: nothing to do
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with quiet_peft():
         return get_peft_model(model, config)
 
 
@@ -39,7 +47,8 @@ def load(base, folder):
     from peft import PeftModel
 
     before_lora()
-    return PeftModel.from_pretrained(base, str(folder))
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(folder))
 
 
 def reference(model):

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from raylm.methods.hf_peft import (  # noqa: F401 - the method's artifact
     load,
+    quiet_peft,
     reference,  # noqa: F401 - its base, for preference objectives
     save,
 )
@@ -162,5 +163,6 @@ def merge(model):
             use_safetensors=True,
         )
         base = base.dequantize()
-        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+        with quiet_peft():
+            merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     return merged.float()

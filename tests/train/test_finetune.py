@@ -119,6 +119,30 @@ def test_a_lora_run_folder_serves_as_an_adapter(lora_run, sft_base):
     assert absolute_paths(job).adapters == {"tuned": str((run_dir / "adapter").resolve())}
 
 
+def test_raylm_merge_takes_the_run_folder(lora_run, sft_base, tmp_path):
+    """`raylm merge RUN_FOLDER` folds the run's adapter/ into its base: the logits of PEFT's model."""
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from raylm.cli import main
+
+    run_dir, _ = lora_run
+    result = CliRunner().invoke(main, ["merge", str(run_dir), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_base), run_dir / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = probe_ids(tmp_path / "merged")  # the tokenizer went with it
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged.eval()(input_ids=ids).logits, adapted.eval()(input_ids=ids).logits, atol=1e-4, rtol=0
+        )
+    nowhere = tmp_path / "empty-run"
+    (nowhere / "checkpoints").mkdir(parents=True)
+    refused = CliRunner().invoke(main, ["merge", str(nowhere), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "no adapter_config.json" in refused.output, refused.output
+
+
 def test_ia3_with_tfew_objectives_on_multiple_choice(ray_local, sft_base, tmp_path):
     """IA3 with T-Few's three loss terms on a generated multiple-choice task, 2 workers: the validation
     reports choice accuracy at every evaluation (reduced over both workers' examples), the loss of the
