@@ -516,10 +516,11 @@ def merge(artifact, out, base):
     """Merge a LoRA / QLoRA / IA3 adapter into its base: a plain Hugging Face folder. ARTIFACT: the
     adapter folder, or the fine-tuning run folder that wrote it."""
     from raylm.methods.merging import MergeError, merge_adapter
+    from raylm.runtime.storage import RunFolderError, run_artifact
 
-    try:
-        merge_adapter(artifact, out, base)
-    except MergeError as err:
+    try:  # a fine-tuning run's folder: its adapter/
+        merge_adapter(str(run_artifact(Path(artifact))), out, base)
+    except (MergeError, RunFolderError) as err:
         fail(str(err))
     click.echo(f"[raylm] merged model saved to {out}")
 

@@ -1,6 +1,6 @@
 """`raylm merge`: fold a saved LoRA / QLoRA / IA3 adapter into its base and save a plain HF folder.
 
-raylm merge runs/lora --out runs/lora/merged             # the run folder: its adapter/
+raylm merge runs/lora --out runs/lora/merged             # the run folder: its adapter/ (raylm.cli)
 raylm merge runs/lora/adapter --out runs/lora/merged
 raylm merge runs/lora/adapter --base some/other/copy/of/the/base --out merged/
 """
@@ -19,19 +19,15 @@ def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
     from transformers import AutoTokenizer
 
     from raylm import methods
-    from raylm.runtime.storage import RunFolderError, run_artifact
 
-    try:
-        folder = run_artifact(Path(artifact))  # a fine-tuning run's folder: its adapter/
-    except RunFolderError as err:
-        raise MergeError(str(err)) from None
-    model, method, base = load_adapter(folder, base)
+    model, method, base = load_adapter(Path(artifact), base)
     if method.name not in methods.mergeable():
         raise MergeError(
             f"method {method.name} cannot be merged into its base (mergeable: {', '.join(methods.mergeable())})"
         )
     merged = methods.module(method.name).merge(model)
     merged.save_pretrained(out, safe_serialization=True)
+    folder = Path(artifact)
     source = folder if (folder / "tokenizer_config.json").exists() else Path(base)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
