@@ -312,13 +312,10 @@ def run_artifact(path: Path, full_model: bool = False) -> Path:
     if not path.is_dir() or (path / "config.json").exists() or not summary_file.exists():
         return path
     try:
-        named = _produced(summary_file.read_text(), full_model, path)
-    except RunFolderError:
-        raise
-    except (OSError, ValueError) as err:
-        raise RunFolderError(
-            f"{summary_file} is not readable ({err}): is {path} a finished raylm run?"
-        ) from None
+        summary = summary_file.read_text()
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8
+        raise _unreadable(path, err) from None
+    named = _produced(summary, full_model, path)
     for found in named:
         inside, named_path = path / Path(found).name, Path(found)
         if inside.exists() and inside != path:
@@ -336,10 +333,13 @@ def run_artifact(path: Path, full_model: bool = False) -> Path:
 def _produced(summary: str, full_model: bool, run) -> list[str]:
     """The names a run's summary.json gives what it produced, the first choice first (a compression
     run's `model` is its input: only a run without an artifact produced `model`; a search produced its
-    best trial's artifact, `best/`). ValueError where the summary is not a run's record."""
-    record = json.loads(summary)
+    best trial's artifact, `best/`). RunFolderError where the summary is not a run's record."""
+    try:
+        record = json.loads(summary)
+    except ValueError as err:
+        raise _unreadable(run, err) from None
     if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
+        raise _unreadable(run, "not a JSON object")
     if record.get("kind") == "tune":
         best = record.get("best")
         if not isinstance(best, dict) or not isinstance(best.get("artifact"), str):
@@ -350,6 +350,12 @@ def _produced(summary: str, full_model: bool, run) -> list[str]:
     keys = ["merged", "artifact"] if full_model else ["artifact"]
     named = [record[k] for k in keys if isinstance(record.get(k), str)]
     return named or ([record["model"]] if isinstance(record.get("model"), str) else ["model"])
+
+
+def _unreadable(run, why) -> RunFolderError:
+    return RunFolderError(
+        f"{str(run).rstrip('/')}/summary.json is not readable ({why}): is {run} a finished raylm run?"
+    )
 
 
 def _nowhere(run, named: list[str]) -> RunFolderError:
@@ -376,12 +382,7 @@ def fetch_artifact(path: str | None, full_model: bool = False) -> str | None:
     if read_text(path, "config.json") is None and read_text(path, "adapter_config.json") is None:
         summary = read_text(path, "summary.json")
         if summary is not None:  # a run folder: what it produced, by name inside the run
-            try:
-                named = _produced(summary, full_model, path)
-            except RunFolderError:
-                raise
-            except ValueError as err:
-                raise RunFolderError(f"{path}/summary.json is not readable ({err})") from None
+            named = _produced(summary, full_model, path)
             run = path
             inside = [name for name in (Path(str(n)).name for n in named) if name and exists(run, name)]
             if not inside:
