@@ -8,14 +8,24 @@ from pathlib import Path
 
 from raylm.methods.gptqmodel_import import before_lora
 
+# PEFT reads a property transformers 5 deprecated whenever it wraps a model or loads an adapter:
+# nothing a raylm user can change, so not printed.
+DEPRECATION = "`is_gradient_checkpointing` is deprecated"
+
 
 @contextlib.contextmanager
 def quiet_peft():
-    """PEFT reading a property transformers 5 deprecated (on wrapping and on loading an adapter):
-    nothing a raylm user can change, so not printed."""
+    """DEPRECATION not printed within (for a process whose other threads may warn meanwhile, the
+    filter is not thread-safe: use silence_peft)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        silence_peft()
         yield
+
+
+def silence_peft() -> None:
+    """DEPRECATION never printed by this process (a training worker, a trial, the server's model
+    process, where adapters load on the decoding thread while another thread generates)."""
+    warnings.filterwarnings("ignore", DEPRECATION, FutureWarning)
 
 
 def refuses_sharded_blocks(strategy, method, train) -> str | None:

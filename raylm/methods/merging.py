@@ -20,43 +20,63 @@ def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
 
     from raylm import methods
 
-    model, method, base = load_adapter(Path(artifact), base)
-    if method.name not in methods.mergeable():
+    folder = Path(artifact)
+    method = saved_method(folder)
+    if method.name not in methods.mergeable():  # refused before loading anything
         raise MergeError(
-            f"method {method.name} cannot be merged into its base (mergeable: {', '.join(methods.mergeable())})"
+            f"{folder} holds method {method.name}, which cannot be merged into its base (mergeable: "
+            f"{', '.join(methods.mergeable())})"
+            + (
+                ": the folder is already a model that loads alone"
+                if (folder / "config.json").exists()
+                else ""
+            )
         )
+    model, method, base = load_adapter(folder, base)
     merged = methods.module(method.name).merge(model)
     merged.save_pretrained(out, safe_serialization=True)
-    folder = Path(artifact)
     source = folder if (folder / "tokenizer_config.json").exists() else Path(base)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
+
+
+def saved_method(folder: Path):
+    """The method of a folder a fine-tuning run wrote (raylm_method.json) or PEFT saved
+    (adapter_config.json)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from raylm.methods import MethodSpec
+
+    record, peft = folder / "raylm_method.json", folder / "adapter_config.json"
+    if not record.exists() and not peft.exists():
+        if (folder / "config.json").exists():
+            raise MergeError(f"{folder} is a model that loads alone (a Hugging Face folder), not an adapter")
+        raise MergeError(f"{folder} is not an adapter folder (no adapter_config.json)")
+    try:
+        if record.exists():
+            saved = json.loads(record.read_text()).get("method")
+        else:
+            saved = {"name": str(json.loads(peft.read_text()).get("peft_type", "")).lower()}
+    except (ValueError, AttributeError) as err:  # not JSON, not an object
+        raise MergeError(f"{folder}: its adapter record is not readable ({err})") from None
+    try:
+        return TypeAdapter(MethodSpec).validate_python(saved)
+    except ValidationError as err:
+        raise MergeError(f"{folder}: not a method raylm knows ({err.errors()[0]['msg']})") from None
 
 
 def load_adapter(folder: Path, base: str | None = None, device: str = "cpu"):
     """(the base with the saved adapter loaded onto it, the method, the base folder) for an adapter
     folder written by a fine-tuning run (raylm_method.json) or by PEFT (adapter_config.json)."""
-    from pydantic import TypeAdapter, ValidationError
     from transformers import AutoModelForCausalLM
 
     from raylm import methods
-    from raylm.methods import MethodSpec
 
-    record = folder / "raylm_method.json"
-    if not record.exists():
-        if not (folder / "adapter_config.json").exists():
-            raise MergeError(f"{folder} is not an adapter folder (no adapter_config.json)")
-        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type", "").lower()
-        saved = {"method": {"name": peft_type}, "base": None}
-    else:
-        saved = json.loads(record.read_text())
-    try:
-        method = TypeAdapter(MethodSpec).validate_python(saved["method"])
-    except ValidationError as err:
-        raise MergeError(f"{record}: not a method raylm knows ({err.errors()[0]['msg']})") from None
+    method = saved_method(folder)  # (both records, where present, are JSON objects)
+    record, peft = folder / "raylm_method.json", folder / "adapter_config.json"
     base = (
         base
-        or saved.get("base")
-        or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        or (json.loads(record.read_text()).get("base") if record.exists() else None)
+        or (json.loads(peft.read_text()).get("base_model_name_or_path") if peft.exists() else None)
     )
     if not base or not Path(base).exists():
         raise MergeError(f"base model {base!r} not found: pass --base FOLDER")

@@ -60,12 +60,12 @@ def failure(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def unexpected(err: BaseException, doing: str = "internal error") -> ApiError:
+def unexpected(err: BaseException, doing: str | None = None) -> ApiError:
     """An error no check foresaw: 503 while the replica replaces a model process that ended (a status
     clients retry; the message says the process ended), else 500 naming the exception."""
     if isinstance(err, EngineError):
-        return ApiError(503, f"{doing}: {err}")
-    return ApiError(500, f"{doing}: {type(err).__name__}: {err}")
+        return ApiError(503, f"{doing}: {err}" if doing else str(err))
+    return ApiError(500, f"{doing or 'internal error'}: {type(err).__name__}: {err}")
 
 
 class Outbox:
@@ -222,7 +222,10 @@ class Server:
     @api.get("/health")
     async def health(self):
         """Up; `compiled_steps`: decoding steps run through torch.compile (batching.compile)."""
-        steps = await asyncio.wrap_future(self.engine.call("compiled_steps"))
+        try:
+            steps = await asyncio.wrap_future(self.engine.call("compiled_steps"))
+        except Exception as err:  # noqa: BLE001 - the model's process ended: 503, saying so
+            return failure(unexpected(err))
         return {"status": "ok", "model": self.job.model_name, "compiled_steps": steps}
 
     @api.get("/v1/models")
@@ -678,6 +681,8 @@ class Server:
         try:
             outcome = await asyncio.to_thread(strategies.run, spec, question, complete, exemplars, tools)
         except ApiError as err:
+            if err.status >= 500:  # the server's failure, not the strategy's: the client retries it
+                raise
             outcome = strategies.Outcome(None, "", err.message)
         answer = {
             "texts": [outcome.answer or ""],

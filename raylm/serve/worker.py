@@ -246,6 +246,9 @@ def main() -> None:
     """The child's entry: the socket from RAYLM_ENGINE_FD, the spec first."""
     from multiprocessing.connection import Connection
 
+    from raylm.methods.hf_peft import silence_peft
+
+    silence_peft()  # adapters load on the decoding thread while another thread generates
     conn = Connection(int(os.environ.pop("RAYLM_ENGINE_FD")))
     threading.Thread(
         target=_exit_with_replica, args=(conn.fileno(),), name="raylm-watchdog", daemon=True

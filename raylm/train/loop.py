@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from pydantic import TypeAdapter
@@ -26,6 +25,7 @@ def train_loop(config: dict) -> dict | None:
     import ray.train
     import torch
 
+    from raylm.methods.hf_peft import silence_peft
     from raylm.runtime import storage
     from raylm.train import checkpoint, hostmem, metrics, preemption, strategies
     from raylm.train.metrics import MetricsLog, emit
@@ -42,8 +42,7 @@ def train_loop(config: dict) -> dict | None:
         metrics.connect(config.get("console"))
     torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    # transformers' own call of its deprecated name (through PEFT): nothing for a raylm user to change
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    silence_peft()  # PEFT reading transformers' deprecated property: nothing for a raylm user to change
     if device.type == "cpu":  # DeepSpeed (imported by transformers' integrations) need not guess
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -41,6 +40,7 @@ def run_trial(config: dict, search: dict) -> None:
     output folder, the driver's working folder and each worker's memory for the estimate check."""
     import ray.tune
 
+    from raylm.methods.hf_peft import silence_peft
     from raylm.planning.plan import unfit_reason
     from raylm.runtime import storage
     from raylm.spec.loading import validate_dict
@@ -48,8 +48,7 @@ def run_trial(config: dict, search: dict) -> None:
     from raylm.spec.tune import trial_spec
     from raylm.train.finetune import Finetune, run_finetune
 
-    # transformers' own call of its deprecated name (through PEFT): nothing for a raylm user to change
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    silence_peft()
     if Path(search["cwd"]).is_dir():  # relative paths in the spec mean the driver's folder
         os.chdir(search["cwd"])
     context = ray.tune.get_context()

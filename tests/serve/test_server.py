@@ -694,9 +694,11 @@ def test_a_replica_whose_model_process_dies_answers_503_then_is_replaced(served)
     )
     first = httpx.post(url, json=body, timeout=60)
     assert first.status_code == 503 and "the model's process ended" in first.json()["error"]["message"]
-    # a call into the model's process (scoring the prompt) says the same, not 500
+    # so do a call into the model's process (scoring the prompt) and the health route, not 500
     scored = httpx.post(url, json={**body, "max_tokens": 0, "echo": True, "logprobs": 1}, timeout=60)
-    assert scored.status_code == 503 and "the model's process ended" in scored.json()["error"]["message"]
+    health = httpx.get(f"{served['url']}/poet/health", timeout=60)
+    for failed in (scored, health):
+        assert failed.status_code == 503 and "the model's process ended" in failed.json()["error"]["message"]
     deadline = time.monotonic() + 120
     while (answer := httpx.post(url, json=body, timeout=60)).status_code != 200:
         assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
