@@ -509,18 +509,24 @@ def _memory_report(shape, gpu: bool, teacher: float = 0.0, terms=None, reference
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.argument("artifact")
 @click.option("--out", "out", required=True, type=click.Path(), help="Folder for the merged model.")
-@click.option("--base", default=None, help="Base model folder (default: the one the run used).")
+@click.option("--base", default=None, help="Base model folder or URI (default: the one the run used).")
 def merge(artifact, out, base):
     """Merge a LoRA / QLoRA / IA3 adapter into its base: a plain Hugging Face folder. ARTIFACT: the
-    adapter folder, or the fine-tuning run folder that wrote it."""
+    adapter folder or the fine-tuning run folder that wrote it, local or a storage URI (s3://, gs://)."""
+    from raylm.infer.loading import adapter_base
     from raylm.methods.merging import MergeError, merge_adapter
-    from raylm.runtime.storage import RunFolderError, run_artifact
+    from raylm.runtime.storage import fetch_artifact, is_uri, run_artifact
 
-    try:  # a fine-tuning run's folder: its adapter/
-        merge_adapter(str(run_artifact(Path(artifact))), out, base)
-    except (MergeError, RunFolderError) as err:
+    if not is_uri(artifact) and not Path(artifact).expanduser().is_dir():
+        fail(f"{artifact}: no such folder (give an adapter folder, its run folder or a storage URI)")
+    try:  # this node's copy of what a URI names; a fine-tuning run's folder: its adapter/
+        folder = run_artifact(Path(fetch_artifact(artifact)).expanduser())
+        merge_adapter(str(folder), out, adapter_base(folder, base))
+    except OSError as err:  # pyarrow: no such bucket or object, no credentials
+        fail(f"{artifact}: cannot read it: {err}")
+    except (MergeError, ValueError) as err:  # ValueError: a RunFolderError, a record not JSON
         fail(str(err))
     click.echo(f"[raylm] merged model saved to {out}")
 

@@ -15,6 +15,17 @@ class LoadError(ValueError):
     """The path is not something raylm can generate from; the message says what it expected."""
 
 
+def adapter_base(folder: Path, base: str | None) -> str | None:
+    """`base`, else the base the adapter folder recorded (raylm_method.json); this node's copy where it
+    names a storage URI."""
+    from raylm.runtime.storage import fetch_artifact
+
+    record = folder / "raylm_method.json"
+    if base is None and record.exists():
+        base = json.loads(record.read_text()).get("base")
+    return fetch_artifact(base) or None
+
+
 def load_for_generation(path: str, base: str | None = None, device: str = "cpu", dtype: str = "auto"):
     """(model, tokenizer, a description of what was loaded); weights in the checkpoint's own dtype
     unless `dtype` names another."""
@@ -41,11 +52,8 @@ def load_for_generation(path: str, base: str | None = None, device: str = "cpu",
     if (target / "adapter_config.json").exists() or (target / "raylm_method.json").exists():
         from raylm.methods.merging import MergeError, load_adapter
 
-        record = target / "raylm_method.json"
-        if base is None and record.exists():  # a base recorded as a storage URI: this node's copy
-            base = fetch_artifact(json.loads(record.read_text()).get("base")) or None
         try:
-            model, method, base_folder = load_adapter(target, base, device)
+            model, method, base_folder = load_adapter(target, adapter_base(target, base), device)
         except MergeError as err:
             raise LoadError(str(err)) from None
         model = _cast(model, dtype)

@@ -1,6 +1,7 @@
 """`raylm merge`: fold a saved LoRA / QLoRA / IA3 adapter into its base and save a plain HF folder.
 
 raylm merge runs/lora --out runs/lora/merged             # the run folder: its adapter/ (raylm.cli)
+raylm merge s3://bucket/runs/lora --out merged/          # fetched, its recorded base too
 raylm merge runs/lora/adapter --out runs/lora/merged
 raylm merge runs/lora/adapter --base some/other/copy/of/the/base --out merged/
 """

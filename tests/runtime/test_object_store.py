@@ -196,9 +196,11 @@ def test_a_finetune_reads_its_base_from_the_bucket_and_writes_its_adapter_there(
     worker), and so do the training rows (JSONL read by Ray Data's tasks from the bucket); the run's
     outputs go to the bucket; the adapter records the base's URI, and PEFT loads the adapter fetched
     back from the bucket over the base fetched from the bucket."""
+    from click.testing import CliRunner
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from raylm.cli import main
     from raylm.data.tasks import generate
     from raylm.infer.loading import load_for_generation
     from tests.train.test_finetune import finetune_spec
@@ -236,6 +238,12 @@ def test_a_finetune_reads_its_base_from_the_bucket_and_writes_its_adapter_there(
         torch.testing.assert_close(served(ids).logits, expected, atol=1e-5, rtol=0)
         with adapted.disable_adapter():
             assert not torch.allclose(adapted(ids).logits, expected, atol=1e-3)  # the adapter trained
+    # `raylm merge` given the run's URI: its adapter over the base it recorded, both fetched
+    merged = CliRunner().invoke(main, ["merge", output, "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    with torch.no_grad():
+        folded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(folded, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.quick
