@@ -76,7 +76,7 @@ class EngineProcess:
                     f"the model's process ended while loading the model (exit code {code})"
                 ) from None
         if kind == "failed":
-            self.process.wait(timeout=60)  # it exits once it has reported
+            self._reap(timeout=60)  # it exits once it has reported
             raise payload
         self.tokenizer = payload["tokenizer"]
         self.context, self.vocabulary = payload["context"], payload["vocabulary"]
@@ -138,13 +138,17 @@ class EngineProcess:
                 end.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._reap(timeout=10)
+        self.reader.join(timeout=10)
+        self.conn.close()
+
+    def _reap(self, timeout: float) -> None:
+        """Wait for the child to exit, killing it past `timeout` s (a stuck exit never hides why)."""
         try:
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.reader.join(timeout=10)
-        self.conn.close()
 
     def _send(self, message) -> None:
         with self.send_lock:
