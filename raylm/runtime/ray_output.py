@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 
+from raylm.methods.hf_peft import DEPRECATION
+
 # Lines from Ray's processes that reach the console without --verbose: warnings, errors, tracebacks.
 IMPORTANT = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Error\b|Exception\b|Warning\b")
 
@@ -24,7 +26,7 @@ LIBRARY_NOTICES = (
     # gptqmodel, which PEFT's LoRA imports to check each layer for GPTQ whenever gptqmodel is installed
     "Python GIL is enabled",
     # PEFT reading transformers 5's deprecated property when it loads an adapter
-    "`is_gradient_checkpointing` is deprecated",
+    DEPRECATION,
     # bitsandbytes on an AVX512-BF16 CPU, failing to fetch a hub kernel it can do without (raylm.cli.main)
     "Failed to load CPU gemm_4bit_forward",
 )
