@@ -128,6 +128,7 @@ def run_search(job: TuneJob) -> dict:
                 max_concurrent_trials=concurrent if job.algorithm == "optuna" else None,
                 search_alg=search_algorithm(job, space, concurrent),
                 scheduler=scheduler(job, eval_every, None if step_varies else steps),
+                reuse_actors=reuses_trial_processes(job),
             ),
             run_config=tune.RunConfig(
                 name="search",
@@ -171,6 +172,15 @@ def scheduler(job: TuneJob, eval_every: int, steps: int | None):
 
         return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=2)
     return None
+
+
+def reuses_trial_processes(job: TuneJob) -> bool:
+    """Whether a finished trial's process runs the next trial. A trial's process imports torch,
+    transformers and PEFT (its memory check builds the model on the meta device) before it does
+    anything: seconds a trial, and most of a rejected or already finished one. Only where no scheduler
+    stops trials: Tune keeps a stopped trial's process for reuse without ending the function still
+    running in it, so a stopped trial's fit would go on training and holding its workers."""
+    return job.scheduler.name == "none"
 
 
 def trials_at_once(job: TuneJob, reserve_cpu: bool) -> int:
