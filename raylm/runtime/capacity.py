@@ -20,19 +20,36 @@ def workers_that_fit(nodes: list[dict[str, float]], per_worker: dict[str, float]
     return count
 
 
-def check_capacity(resources, what: str = "training workers") -> None:
-    """Raise SpecError when the connected cluster's nodes cannot hold `resources`' minimum workers
-    (unless `resources.autoscale`: an autoscaler may add nodes)."""
+def check_cluster(output: str, resources, what: str = "training workers", field: str = "resources") -> None:
+    """Raise SpecError, naming every problem at once, when the connected cluster cannot run the job:
+    its nodes cannot hold the workers, or its output is a local path that other nodes do not see.
+    `field`: where the spec holds `resources`."""
     import ray
 
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    problems = [
+        problem
+        for problem in (
+            capacity_problem(alive, resources, what, field),
+            output_problem(alive, output, resources, field),
+        )
+        if problem
+    ]
+    if problems:
+        raise SpecError(problems)
+
+
+def capacity_problem(alive: list[dict], resources, what: str, field: str) -> tuple[str, str] | None:
+    """When the alive nodes cannot hold `resources`' minimum workers (unless `resources.autoscale`: an
+    autoscaler may add nodes): what is missing and what to change."""
     if resources.autoscale:
-        return
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        return None
+    nodes = [n["Resources"] for n in alive]
     per_worker = resources.per_worker
     needed = resources.min_workers
     fits = workers_that_fit(nodes, per_worker, resources.placement == "strict_spread")
     if fits >= needed:
-        return
+        return None
     have = ", ".join(
         "/".join(
             f"{int(n.get(k, 0)) if float(n.get(k, 0)).is_integer() else n.get(k, 0)} {k}" for k in per_worker
@@ -41,38 +58,25 @@ def check_capacity(resources, what: str = "training workers") -> None:
     )
     each = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
     spread = " one per node (placement: strict_spread)," if resources.placement == "strict_spread" else ""
-    raise SpecError(
-        [
-            (
-                "resources",
-                f"the cluster's {len(nodes)} node(s) ({have}) hold {fits} of the {needed} {what} "
-                f"of {each} each{spread} that this job needs, so it would wait forever: lower "
-                "resources.num_workers or resources.cpus_per_worker / gpus_per_worker, add nodes, or "
-                "on an autoscaling cluster set resources.autoscale: true",
-            )
-        ]
+    return (
+        field,
+        f"the cluster's {len(nodes)} node(s) ({have}) hold {fits} of the {needed} {what} "
+        f"of {each} each{spread} that this job needs, so it would wait forever: lower "
+        f"{field}.num_workers or {field}.cpus_per_worker / gpus_per_worker, add nodes, or "
+        f"on an autoscaling cluster set {field}.autoscale: true",
     )
 
 
-def check_output_reachable(output: str, resources, resources_field: str = "resources") -> None:
-    """Raise SpecError when `output` is a local path and the connected cluster has more than one alive
-    node: workers on the other nodes would write their files where no one reads them (unless the
-    spec says the nodes share a filesystem)."""
-    import ray
-
+def output_problem(alive: list[dict], output: str, resources, field: str) -> tuple[str, str] | None:
+    """When `output` is a local path and more than one node is alive: workers on the other nodes would
+    write their files where no one reads them (unless the spec says the nodes share a filesystem)."""
     from raylm.runtime.storage import is_uri
 
-    if is_uri(output) or resources.shared_filesystem:
-        return
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    if len(alive) > 1:
-        raise SpecError(
-            [
-                (
-                    "output",
-                    f"{output} is a local path, and this cluster has {len(alive)} nodes with disks of their "
-                    f"own: use a storage URI (s3://bucket/prefix, gs://...), or set "
-                    f"{resources_field}.shared_filesystem: true if every node sees this path",
-                )
-            ]
-        )
+    if is_uri(output) or resources.shared_filesystem or len(alive) <= 1:
+        return None
+    return (
+        "output",
+        f"{output} is a local path, and this cluster has {len(alive)} nodes with disks of their "
+        f"own: use a storage URI (s3://bucket/prefix, gs://...), or set "
+        f"{field}.shared_filesystem: true if every node sees this path",
+    )

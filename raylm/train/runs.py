@@ -43,10 +43,9 @@ def prepare_run(job) -> Path | None:
     (None for a storage URI)."""
     from raylm.data.pipeline import configure_ray_data
     from raylm.runtime import storage
-    from raylm.runtime.capacity import check_capacity, check_output_reachable
+    from raylm.runtime.capacity import check_cluster
 
-    check_capacity(job.resources)
-    check_output_reachable(job.output.path, job.resources)
+    check_cluster(job.output.path, job.resources)
     for section in job.path_sections:
         if section.path and Path(section.path).expanduser().exists():
             section.path = str(Path(section.path).expanduser().resolve())

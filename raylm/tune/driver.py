@@ -48,7 +48,7 @@ def run_search(job: TuneJob) -> dict:
     from ray import tune
 
     from raylm.runtime import storage
-    from raylm.runtime.capacity import check_capacity, check_output_reachable
+    from raylm.runtime.capacity import check_cluster
     from raylm.spec.loading import validate_dict
     from raylm.spec.space import has_grid, parse
     from raylm.train.finetune import prepare_data
@@ -61,8 +61,8 @@ def run_search(job: TuneJob) -> dict:
     if not storage.is_uri(output):
         output = str(Path(output).expanduser().resolve())
         Path(output).mkdir(parents=True, exist_ok=True)
-    check_capacity(job.base.resources, "training workers of one trial")
-    check_output_reachable(output, job.base.resources, "base.resources")  # trials write under it
+    # the trials write under the output
+    check_cluster(output, job.base.resources, "training workers of one trial", "base.resources")
     check_same_run(job, output)
     # the search is unfinished from here on (its results are rewritten): a reader of the output must
     # not take the last run's summary for this one's, nor its best/ while it is replaced
