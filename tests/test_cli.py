@@ -88,12 +88,15 @@ def test_schema_command():
 
 
 def test_merge_writes_a_plain_folder_equal_to_the_adapter(sft_base, tmp_path):
-    """`raylm merge` folds a saved LoRA adapter into its base; refuses what cannot merge."""
+    """`raylm merge` folds a saved LoRA adapter into its base; refuses what cannot merge. (Run in this
+    process: a command of its own would spend seconds importing torch, transformers and PEFT again.)"""
     import torch
+    from click.testing import CliRunner
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from raylm import methods
+    from raylm.cli import main
     from raylm.methods.adapter import AdapterMethod
     from raylm.methods.lora import LoraMethod
 
@@ -107,8 +110,8 @@ def test_merge_writes_a_plain_folder_equal_to_the_adapter(sft_base, tmp_path):
     (tmp_path / "adapter" / "raylm_method.json").write_text(
         json.dumps({"method": lora.model_dump(), "base": str(sft_base)})
     )
-    out = raylm("merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(main, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
+    assert out.exit_code == 0, out.output
     ids = torch.tensor([[5, 9, 12, 7, 3]])
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_base), tmp_path / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -122,7 +125,6 @@ def test_merge_writes_a_plain_folder_equal_to_the_adapter(sft_base, tmp_path):
     (tmp_path / "houlsby" / "raylm_method.json").write_text(
         json.dumps({"method": {"name": "adapter"}, "base": str(sft_base)})
     )
-    refused = raylm("merge", str(tmp_path / "houlsby"), "--out", str(tmp_path / "x"))
-    assert (
-        refused.returncode == 2 and "cannot be merged" in refused.stderr and "Traceback" not in refused.stderr
-    )
+    refused = CliRunner().invoke(main, ["merge", str(tmp_path / "houlsby"), "--out", str(tmp_path / "x")])
+    # exit 2 is raylm's message; an exception escaping the command would exit 1 with a traceback
+    assert refused.exit_code == 2 and "cannot be merged" in refused.output, refused.output
