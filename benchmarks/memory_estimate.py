@@ -8,9 +8,9 @@ layers, hidden 512, vocab 2048, batch 4 x 128). Measured: the most host memory a
 added from just before it built the model to the end of training (Linux's peak-RSS counter, reset
 then; raylm reports it per rank in summary.json's host_memory.train), the larger of the two ranks.
 glibc returns large freed blocks at once (MALLOC_MMAP_THRESHOLD_=65536), so the peak follows live
-memory. Predicted: raylm.planning.memory.estimate for the same strategy, precision, model.dtype, 2 workers,
-batch and sequence, unadjusted (with optimizer offload, its host term too: on a CPU worker the host is
-the device). bf16 runs load the weights in bfloat16 (model.dtype), but ddp's (autocast over float32 weights).
+memory. Predicted: raylm.planning.memory.estimate for the same strategy, precision, model.dtype,
+attention kernel, 2 workers, batch and sequence, unadjusted (with optimizer offload, its host term too: on a
+CPU worker the host is the device). bf16 runs load the weights in bfloat16 (model.dtype), but ddp's (autocast over float32 weights).
 Written to --out (default benchmarks/results/memory_estimate.json; BENCHMARKS.md's files are per precision).
 """
 
@@ -64,7 +64,7 @@ def estimated(job, precision: str):
     """raylm's estimate for a benchmark job: its strategy, precision, model.dtype, 2 workers, batch and
     sequence, unadjusted."""
     from raylm.planning.memory import estimate, shape_of_job
-    from raylm.planning.plan import deepspeed_terms
+    from raylm.planning.plan import deepspeed_terms, flash_attention
     from raylm.spec.strategies import memory_key
 
     return estimate(
@@ -74,6 +74,7 @@ def estimated(job, precision: str):
         2,
         BATCH,
         SEQ,
+        flash_attention=flash_attention(job),  # SDPA: torch's CPU flash kernel keeps no seq^2 scores
         dtype=job.model.dtype,
         **deepspeed_terms(job.strategy),
     )

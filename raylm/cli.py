@@ -466,7 +466,7 @@ def _job_estimate(job, label: str, options: dict) -> str:
             "batch": preference.get("batch", job.train.batch_size),
             "seq_len": job.data.seq_len,
             "gradient_checkpointing": job.train.gradient_checkpointing,
-            "flash_attention": gpu,
+            "flash_attention": plan.flash_attention(job),
             "gpu_memory": None,
             **given,
         },

@@ -16,7 +16,34 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 GiB = 1024**3
+MiB = 1024**2
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+
+# A CPU worker process's own host memory beyond the model's tensors, which its peak includes (measured
+# in raylm's Ray Train workers, 2 ranks, torch 2.13 CPU wheel, pyarrow 26; BENCHMARKS.md "Memory", issue
+# 27). None of it grows with the model: the same at hidden 512 and 768, 2 and 12 layers, batch 4 and 8.
+# On a GPU worker it is host memory, not the device's: the estimate leaves it out there.
+CPU_PROCESS = {
+    # libtorch_cpu's code that the first forward, backward and optimizer step run: file-backed pages, which
+    # count in the resident size (more kernels in 16 bits: the bf16 ones beside the fp32 master's)
+    "kernel_code": {"fp32": 14 * MiB, "16-bit": 18 * MiB},
+    # what the CPU math libraries keep after their first matrix products: MKL's fast memory manager
+    # (fp32 sgemm: 17 MiB allocated, ~6 of it touched) and oneDNN's bf16 primitive cache (~4 MiB of the
+    # 16-bit case's 11.7: ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 frees it)
+    "math_libraries": {"fp32": 6 * MiB, "16-bit": 12 * MiB},
+    # the tokenized cache's reader (raylm.train.reader): pyarrow's Parquet code (~5 MiB of pages) and
+    # the pages its mimalloc pool and I/O threads keep after the first read (~18 MiB)
+    "reader": 23 * MiB,
+    # Python objects training makes: the engine's per-parameter bookkeeping, metrics logging
+    # (tensorboard on rank 0), the loop's objects (CPython's allocator and glibc's small blocks)
+    "python": 10 * MiB,
+}
+
+
+def cpu_process_bytes(mixed: bool) -> float:
+    """CPU_PROCESS for a run computing in 16 bits (`mixed`: bf16 / fp16 autocast or weights) or fp32."""
+    compute = "16-bit" if mixed else "fp32"
+    return float(sum(value[compute] if isinstance(value, dict) else value for value in CPU_PROCESS.values()))
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,7 @@ class Breakdown:
     teacher: float = 0.0
     reference: float = 0.0  # a preference run's frozen reference copy (full / freeze fine-tuning)
     host: float = 0.0  # offloaded optimizer state in host memory: not in the device's peak
+    process: float = 0.0  # a CPU worker process's own memory beyond the model (CPU_PROCESS)
     gradients_persist: bool = False  # DeepSpeed's gradient partitions live through backward too
 
     @property
@@ -53,12 +81,14 @@ class Breakdown:
         partitions instead persist (`gradients_persist`): they add to the larger of the activations and
         the step's temporaries. DDP's buckets hold one more copy (DeepSpeed's: its reduce bucket); a
         distillation teacher's weights and output distributions, or a preference run's frozen reference
-        copy, come on top."""
+        copy, come on top, and on a CPU worker the process's own memory (`process`)."""
         if self.gradients_persist:
             live = self.gradients + max(self.activations, self.temporary)
         else:
             live = max(self.activations, self.gradients + self.temporary)
-        return self.weights + self.optimizer + live + self.buckets + self.teacher + self.reference
+        return (
+            self.weights + self.optimizer + live + self.buckets + self.teacher + self.reference + self.process
+        )
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -195,13 +225,17 @@ def zero_estimate(
     weights (a clone, also in fp32 runs) and AdamW's two moments: 12 bytes per trained parameter / N.
     ZeRO-1 and -2 keep a contiguous gradient partition in the module's dtype between steps, ZeRO-3 one
     in fp32 (these persist through backward, beside the activations); the step adds 8 bytes / N on a
-    GPU; on a CPU worker the optimizer reads an fp32 gradient partition (a 16-bit one is copied to fp32
-    and freed: stage_1_and_2.py `step`) and torch's AdamW makes two partition-sized temporaries, 12
-    bytes / N in place of the gradient partition (measured with 2 ranks). ZeRO-3 partitions the module too;
+    GPU; on a CPU worker the optimizer reads an fp32 gradient partition (a 16-bit one is copied to fp32,
+    stage_1_and_2.py `step`) and torch's AdamW makes two partition-sized temporaries: 12 bytes / N beside
+    the 16-bit partition, which is freed only after the last parameter group's step (one contiguous
+    buffer holds every group's partition, and raylm passes two groups: decay, then norms and biases;
+    measured with 2 ranks: one group frees it before the step, two keep it). ZeRO-3 partitions the module too;
     each rank holds what it gathered, up to stage3_max_live_parameters, and the parameters under the
     persistence threshold whole. Buckets: the reduce bucket (x2 with overlap_comm, ZeRO-3's default).
     With offload_optimizer the master weights, moments, gradient partitions and the step live in host
-    memory (`host`)."""
+    memory (`host`); on a CPU worker, where the host is the worker's memory, they persist there beside
+    ZeRO-1/2's 16-bit copy of the partition and two largest-parameter gradient buffers, and AdamW's two
+    temporaries come only at the step (they do not add to the activations)."""
     zero = {**zero_sizes(shape.hidden), **(zero or {})}
     n = workers
     module = 2 if precision != "fp32" or dtype != "float32" else 4
@@ -231,14 +265,24 @@ def zero_estimate(
     # partition, fp32 and bf16 alike
     adamw = 8 * trained / n
     # a CPU worker's step also reads an fp32 gradient partition: in fp32 runs and at ZeRO-3 the partition
-    # itself; of a 16-bit ZeRO-1/2 partition an fp32 copy, after which the 16-bit one is freed
-    temporary = adamw if gpu else adamw + 4 * trained / n - gradients
+    # itself; of a 16-bit ZeRO-1/2 partition an fp32 copy, made while the 16-bit one still lives (it goes
+    # after the last parameter group's step)
+    fp32_copy = 4 * trained / n if stage < 3 and module != 4 else 0.0
+    temporary = adamw if gpu else adamw + fp32_copy
     host = 0.0
-    if offload_optimizer:  # the master, the fp32 gradient partitions and the CPU AdamW on the host
+    if offload_optimizer and gpu:  # the master, the fp32 gradient partitions and the CPU AdamW on the host
         host = step_state + adamw + 4 * trained / n
         step_state = temporary = gradients = 0.0
-        if not gpu:  # a CPU worker's host memory is its memory: offloading moves nothing out of it
-            step_state, host = host, 0.0
+    elif offload_optimizer:  # a CPU worker: the host is its memory, so offloading moves nothing out of it
+        # persistent: the fp32 gradient partitions and a module-dtype copy of the weight partition (ZeRO-1/2:
+        # the buffer its step copies the master into, stage_1_and_2.py cpu_offload; ZeRO-3 measured the same
+        # bytes); ZeRO-1/2 also two gradient buffers of the largest parameter. AdamW's temporaries come
+        # at the step only.
+        gradients = 4 * trained / n + trained * module / n
+        if stage < 3:
+            largest = max(shape.vocab, shape.intermediate) * shape.hidden
+            gradients += 2 * min(largest, trained) * module
+        temporary = adamw
     return Breakdown(
         weights=weights,
         gradients=gradients,
@@ -280,11 +324,13 @@ def estimate(
     `trainable` parameters (default all) carry gradients and AdamW state (bytes_per_parameter); a
     frozen base (LoRA) only weights, in `dtype` (16 bits under DeepSpeed's bf16 / fp16), or
     `weight_bits` per parameter when quantised (QLoRA: raylm.methods.qlora.QUANT_BITS). `flash_attention`: attention
-    kernels that keep no seq^2 scores (CUDA SDPA); CPU keeps them. fsdp and ZeRO-3 also hold the
+    kernels that keep no seq^2 scores: SDPA on CUDA, and on a CPU too (torch's CPU flash kernel, in fp32
+    and bf16, with or without a padding mask); eager attention keeps them. fsdp and ZeRO-3 also hold the
     gathered weights of two blocks at a time (the one computing and the one prefetched). `teacher`:
     bytes of a distillation teacher on every worker (teacher_bytes). `reference`: bytes of a whole
     frozen copy of the starting model (a preference run's reference for full / freeze fine-tuning),
-    sharded like the policy under fsdp and ZeRO-3, whole on every worker otherwise.
+    sharded like the policy under fsdp and ZeRO-3, whole on every worker otherwise. A CPU worker's peak
+    also holds its process's own memory beyond the model (`process`: CPU_PROCESS).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -294,6 +340,7 @@ def estimate(
         shape, batch, seq_len, "bf16" if mixed else "fp32", gradient_checkpointing, flash_attention
     )
     held = reference / workers if strategy in ("fsdp", "zero3") else reference
+    process = 0.0 if gpu else cpu_process_bytes(mixed)
     if strategy.startswith("zero"):
         return replace(
             zero_estimate(
@@ -311,6 +358,7 @@ def estimate(
                 gpu,
             ),
             reference=held,
+            process=process,
         )
     weight_bytes, gradient_bytes, optimizer_bytes = bytes_per_parameter(strategy, precision, dtype)
     frozen = shape.params - trained
@@ -334,6 +382,7 @@ def estimate(
         buckets=trained * gradient_bytes if strategy == "ddp" and workers > 1 else 0.0,
         teacher=teacher,
         reference=held,
+        process=process,
     )
 
 
@@ -422,6 +471,7 @@ def report(
         f"{'strategy':<9}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}{'temporary':>11}"
         f"{'buckets':>9}"
         + (f"{frozen_name:>11}" if frozen_name else "")
+        + ("" if gpu else f"{'process':>9}")
         + f"{'peak ' + unit:>11}"
         + ("  fits" if gpu_memory_gb else ""),
     ]
@@ -430,6 +480,7 @@ def report(
             f"{strategy:<9}{b.weights / scale:>10.2f}{b.gradients / scale:>10.2f}{b.optimizer / scale:>11.2f}"
             f"{b.activations / scale:>13.2f}{b.temporary / scale:>11.2f}{b.buckets / scale:>9.2f}"
             + (f"{(b.teacher + b.reference) / scale:>11.2f}" if frozen_name else "")
+            + ("" if gpu else f"{b.process / scale:>9.2f}")
             + f"{b.total / scale:>11.2f}"
         )
         if gpu_memory_gb:
@@ -444,6 +495,11 @@ def report(
         "peak = weights + optimizer + the larger of activations and grads + temporary (the step's) + buckets"
         + (" + teacher" if teacher else "")
         + (" + reference" if reference else "")
+        + (
+            ""
+            if gpu
+            else " + process (a CPU worker's own memory: the libraries' code and caches, the data reader)"
+        )
         + "; ZeRO rows: weights + optimizer + grads + the larger of activations and temporary + buckets "
         "(DeepSpeed's gradient partitions live through backward; its fp32 master partition is in optimizer, "
         "the fp32 gradients its step reads in temporary, its reduce bucket as raylm sizes it from hidden)"

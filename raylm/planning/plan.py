@@ -195,7 +195,7 @@ def _job_terms(job) -> dict:
         "batch": job.train.batch_size,
         "seq_len": job.data.seq_len,
         "gradient_checkpointing": job.train.gradient_checkpointing,
-        "flash_attention": job.resources.use_gpu,
+        "flash_attention": flash_attention(job),
         "gpu": job.resources.use_gpu,
         "elastic": job.resources.elastic,
         "dtype": job.model.dtype,
@@ -212,6 +212,13 @@ def _job_terms(job) -> dict:
     if excluded:
         terms["exclude"] = tuple(dict.fromkeys(excluded))
     return terms
+
+
+def flash_attention(job) -> bool:
+    """Whether the job's attention keeps no seq^2 scores for backward: SDPA, transformers' default, runs a
+    flash kernel on a GPU and on a CPU too (torch's CPU flash kernel, fp32 and bf16, with a padding mask or
+    without: torch 2.13); `model.attention: eager` keeps them on a CPU worker."""
+    return job.resources.use_gpu or getattr(job.model, "attention", None) != "eager"
 
 
 def deepspeed_terms(strategy) -> dict:

@@ -9,6 +9,7 @@ shards into) and `worker_export` (what the run leaves behind).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import tempfile
@@ -417,6 +418,17 @@ def import_model_code(job, plan) -> None:
         import deepspeed  # noqa: F401
         import deepspeed.runtime.zero.stage3  # noqa: F401
         import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
+
+        # and what deepspeed.initialize imports at its first call (~35 MiB of module objects in a CPU
+        # worker): its Muon optimizer, whose import runs torch.compile (dynamo, functorch, networkx); its
+        # expert-parallel presets; its op builders (setuptools, distutils)
+        for name in (
+            "deepspeed.runtime.zero.muon.muon_optimizer",
+            "deepspeed.module_inject.auto_ep_layer",
+            "deepspeed.ops.op_builder.all_ops",
+        ):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 

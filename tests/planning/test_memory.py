@@ -108,10 +108,11 @@ def test_bytes_per_parameter_rules():
     assert mixed.weights == 4e9 and state(mixed) == 16  # autocast stores nothing in bf16
     assert state(estimate(shape, "ddp", "bf16", workers=1, batch=1, seq_len=128, dtype="bfloat16")) == 8
     # DeepSpeed bf16: a 2-byte module and gradient partition, the fp32 master 4 + moments 8; at the step
-    # an fp32 copy of the gradient partition (4, the 2-byte one freed) and AdamW's two temporaries (8)
+    # an fp32 copy of the gradient partition (4) and AdamW's two temporaries (8) beside the 2-byte one,
+    # which DeepSpeed frees after the last of raylm's two parameter groups has stepped
     zero_bf16 = estimate(shape, "zero1", "bf16", workers=1, batch=1, seq_len=128)
     assert zero_bf16.weights == 2e9 and state(zero_bf16) == 2 + 2 + 12
-    assert zero_bf16.gradients + zero_bf16.temporary == 12e9  # a CPU worker's step
+    assert zero_bf16.gradients + zero_bf16.temporary == 14e9  # a CPU worker's step
     on_gpu = estimate(shape, "zero1", "bf16", workers=1, batch=1, seq_len=128, gpu=True)
     assert on_gpu.temporary == 8e9  # measured on an H200 (foreach AdamW: one temporary)
     fsdp_bf16 = estimate(shape, "fsdp", "bf16", workers=8, batch=1, seq_len=128, dtype="bfloat16")
@@ -127,7 +128,13 @@ def test_bytes_per_parameter_rules():
     assert z3.weights > 4 * p / n + 4 * p  # plus what it gathered: up to 1e9 live parameters, and the norms
     # the gradient partitions persist beside the activations; the step's temporaries do not
     assert (
-        z2.total == z2.weights + z2.optimizer + z2.gradients + max(z2.activations, z2.temporary) + z2.buckets
+        z2.total
+        == z2.weights
+        + z2.optimizer
+        + z2.gradients
+        + max(z2.activations, z2.temporary)
+        + z2.buckets
+        + z2.process
     )
     # buckets: raylm sizes the reduce bucket hidden^2 elements (fp32), DeepSpeed's default is 5e8
     assert z2.buckets == shape.hidden**2 * 4 and z3.buckets == 2 * shape.hidden**2 * 4  # overlap_comm
@@ -138,9 +145,38 @@ def test_bytes_per_parameter_rules():
     )
     assert offloaded.optimizer == offloaded.temporary == offloaded.gradients == 0
     assert offloaded.host == pytest.approx((12 + 8 + 4) * p / n)
-    # on CPU workers the host is the worker's memory: offloading moves nothing out of the peak
+    # on CPU workers the host is the worker's memory: offloading moves nothing out of the peak. The
+    # master, moments and fp32 gradient partitions persist, with a module-dtype copy of the weight
+    # partition and two largest-parameter gradient buffers; AdamW's temporaries come at the step only
     on_cpu = estimate(shape, "zero2", "fp32", workers=n, batch=1, seq_len=128, offload_optimizer=True)
-    assert on_cpu.host == 0 and on_cpu.total == pytest.approx(offloaded.total + offloaded.host)
+    largest = max(shape.vocab, shape.intermediate) * shape.hidden
+    assert on_cpu.host == 0 and on_cpu.optimizer == 12 * p / n and on_cpu.temporary == 8 * p / n
+    assert on_cpu.gradients == pytest.approx((4 + 4) * p / n + 2 * largest * 4)
+    assert on_cpu.total == pytest.approx(
+        on_cpu.weights
+        + on_cpu.optimizer
+        + on_cpu.gradients
+        + max(on_cpu.activations, on_cpu.temporary)
+        + on_cpu.buckets
+        + on_cpu.process
+    )
+
+
+@pytest.mark.quick
+def test_a_cpu_worker_counts_its_process_memory_a_gpu_worker_does_not():
+    """A CPU worker's peak holds its process's own memory beyond the model (memory.CPU_PROCESS: the
+    kernels' code, the math libraries' caches, the data reader, Python objects), whatever the model's
+    size; a GPU worker's is host memory, not the device's."""
+    small, large = shape_from_params(1e8), shape_from_params(1e9)
+    for strategy in memory.STRATEGIES:
+        for precision, mixed in (("fp32", False), ("bf16", True)):
+            on_cpu = [
+                estimate(s, strategy, precision, workers=2, batch=1, seq_len=128) for s in (small, large)
+            ]
+            assert on_cpu[0].process == on_cpu[1].process == memory.cpu_process_bytes(mixed)
+            gpu = estimate(small, strategy, precision, workers=2, batch=1, seq_len=128, gpu=True)
+            assert gpu.process == 0
+    assert memory.cpu_process_bytes(True) > memory.cpu_process_bytes(False) > 0
 
 
 @pytest.mark.quick

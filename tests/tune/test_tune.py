@@ -167,7 +167,7 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
         "method": {"grid": [{"name": "lora", "r": 4}, {"name": "lora", "r": 8}]},
     }
     spec = search_spec(sft_base, output, search, max_concurrent_trials=1)
-    spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.05}
+    spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.1}
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
 
@@ -241,7 +241,7 @@ def test_a_search_without_a_completed_trial_exits_1(ray_local, sft_base, tmp_pat
 
     search = {"train.batch_size": {"grid": [4096]}, "method": {"grid": [{"name": "lora", "r": 4}]}}
     spec = search_spec(sft_base, tmp_path / "search", search, max_concurrent_trials=1)
-    spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.05}
+    spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.1}
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(main, ["run", str(spec_file)])
