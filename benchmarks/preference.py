@@ -242,7 +242,7 @@ def memory_job(model: Path, output: Path, precompute: bool) -> dict:
 
 def memory(scratch: Path) -> dict:
     from raylm.planning.memory import estimate, shape_of_job
-    from raylm.planning.plan import preference_terms
+    from raylm.planning.plan import flash_attention, preference_terms
     from raylm.spec.loading import validate_dict
 
     cells = []
@@ -253,7 +253,14 @@ def memory(scratch: Path) -> dict:
         job = validate_dict(spec)
         terms = preference_terms(job)
         predicted = estimate(
-            shape_of_job(job), "ddp", "fp32", 2, terms["batch"], SEQ, reference=terms.get("reference", 0.0)
+            shape_of_job(job),
+            "ddp",
+            "fp32",
+            2,
+            terms["batch"],
+            SEQ,
+            flash_attention=flash_attention(job),  # as `strategy: auto` counts the job
+            reference=terms.get("reference", 0.0),
         )
         measured = max(summary["host_memory"]["train"])
         cells.append(

@@ -357,7 +357,9 @@ def schema(kind):
 @click.option(
     "--flash-attention/--no-flash-attention",
     default=None,
-    help="Attention without seq^2 scores (default: on with GPUs).",
+    help="Attention without seq^2 scores. Default with a SPEC: as its workers run it (SDPA keeps none, "
+    "but on CPU workers training with attention dropout, or with model.attention: eager); with --params: "
+    "on, for GPU workers (--no-flash-attention: CPU workers, scores kept).",
 )
 def estimate(
     spec_file,

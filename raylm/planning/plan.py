@@ -166,14 +166,17 @@ def precompute_reason(job, memory_bytes: float) -> str | None:
     (None when it can): each of its tasks holds the whole starting model on one worker, whatever the
     training strategy shards, and a forward pass over a batch of chosen and rejected answers (one
     layer's transients at a time, no gradients, and the answers' fp32 logits and log-softmax)."""
-    from raylm.planning.memory import layer_activation_bytes, shape_of_job
+    from raylm.planning.memory import cpu_process_bytes, layer_activation_bytes, shape_of_job
 
     shape = shape_of_job(job)
     bits = method_terms(job).get("weight_bits") or (32 if job.model.dtype == "float32" else 16)
     rows, seq = 2 * job.train.batch_size, job.data.seq_len
-    # a GPU worker's flash kernel keeps no attention scores, as in the training estimate
-    layer = layer_activation_bytes(shape, rows, seq, job.train.precision, job.resources.use_gpu)
+    # an evaluation pass: no dropout, so SDPA's flash kernel keeps no attention scores on CPUs too
+    flash = flash_attention(job, training=False)
+    layer = layer_activation_bytes(shape, rows, seq, job.train.precision, flash)
     needed = shape.params * bits / 8 + layer + 2 * rows * seq * shape.vocab * 4
+    if not job.resources.use_gpu:  # a CPU worker's own memory beyond the model (memory.CPU_PROCESS)
+        needed += cpu_process_bytes(job.train.precision != "fp32" or job.model.dtype != "float32")
     budget = memory_bytes * HEADROOM
     if needed <= budget:
         return None
@@ -214,11 +217,23 @@ def _job_terms(job) -> dict:
     return terms
 
 
-def flash_attention(job) -> bool:
-    """Whether the job's attention keeps no seq^2 scores for backward: SDPA, transformers' default, runs a
-    flash kernel on a GPU and on a CPU too (torch's CPU flash kernel, fp32 and bf16, with a padding mask or
-    without: torch 2.13); `model.attention: eager` keeps them on a CPU worker."""
-    return job.resources.use_gpu or getattr(job.model, "attention", None) != "eager"
+def flash_attention(job, training: bool = True) -> bool:
+    """Whether the job's attention keeps no seq^2 scores: SDPA, transformers' default, runs a flash kernel
+    on a GPU, and on a CPU too (torch's CPU flash kernel, fp32 and bf16, with a padding mask or without:
+    torch 2.13) unless attention dropout is on while `training`: torch's CPU SDPA then takes its math
+    path, which keeps them. `model.attention: eager` keeps them everywhere."""
+    if getattr(job.model, "attention", None) == "eager":
+        return False
+    return job.resources.use_gpu or not training or attention_dropout(job) == 0
+
+
+def attention_dropout(job) -> float:
+    """The dropout on attention weights of the job's model: its architecture block's `dropout`, or its
+    config.json's (attention_dropout in Llama-style configs, attn_pdrop in GPT-2's)."""
+    from raylm.planning.models import model_config
+
+    config = model_config(job)
+    return float(getattr(config, "attention_dropout", None) or getattr(config, "attn_pdrop", None) or 0.0)
 
 
 def deepspeed_terms(strategy) -> dict:

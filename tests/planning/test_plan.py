@@ -98,3 +98,32 @@ def test_sixteen_bit_weights_never_train_under_ddp():
     auto = validate_dict({**spec, "strategy": {"name": "auto", "memory_per_worker_gb": 80}})
     assert plan.resolve(auto)[0]["name"] != "ddp"  # the smallest model: ddp would fit first
     validate_dict({**spec, "model": {**spec["model"], "dtype": "float32"}})  # autocast over float32: fine
+
+
+def test_attention_scores_are_counted_where_the_kernel_keeps_them(tmp_path):
+    """SDPA runs a flash kernel (no seq^2 scores kept) on a GPU, and on a CPU unless attention dropout is
+    on in training (torch's CPU SDPA then takes its math path); eager attention keeps them everywhere. The
+    dropout is read from the architecture block or from the model folder's config (GPT-2's attn_pdrop)."""
+    from transformers import GPT2Config
+
+    from raylm.spec.loading import validate_dict
+    from tests.conftest import tiny_spec
+
+    def job(dropout=0.0, gpu=False, attention=None, path=None):
+        spec = tiny_spec(tmp_path / "out")
+        spec["model"]["architecture"]["dropout"] = dropout
+        if attention:
+            spec["model"]["attention"] = attention
+        if path:
+            spec["model"] = {"path": str(path)}
+        spec["resources"] = {"num_workers": 2, "use_gpu": gpu}
+        return validate_dict(spec)
+
+    assert plan.flash_attention(job())  # a CPU worker, SDPA, no dropout
+    assert not plan.flash_attention(job(dropout=0.1))
+    assert plan.flash_attention(job(dropout=0.1), training=False)  # an evaluation pass: no dropout
+    assert plan.flash_attention(job(dropout=0.1, gpu=True))
+    assert not plan.flash_attention(job(attention="eager", gpu=True))
+    GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=300).save_pretrained(tmp_path / "gpt2")
+    assert plan.attention_dropout(job(path=tmp_path / "gpt2")) == 0.1  # transformers' GPT-2 default
+    assert not plan.flash_attention(job(path=tmp_path / "gpt2"))

@@ -47,15 +47,26 @@ def assert_reloads_and_generates(run_dir):
 
 
 def auto_budget_for_fsdp(spec: dict) -> float:
-    """A memory_per_worker_gb in which the estimate fits FSDP but not ZeRO-2 (nor ddp, ZeRO-1)."""
+    """A memory_per_worker_gb in which the estimate fits FSDP but not ddp (an elastic run's only other
+    candidate), on 2 workers, counted as `auto` counts this job (its attention kernel on CPU workers)."""
+    from raylm.planning.plan import HEADROOM, flash_attention
+
     job = validate_dict(spec)
     shape = memory.shape_of_job(job)
     needs = {
-        key: memory.estimate(shape, key, "fp32", 2, job.train.batch_size, job.data.seq_len).total
-        for key in ("zero2", "fsdp")
+        key: memory.estimate(
+            shape,
+            key,
+            "fp32",
+            2,
+            job.train.batch_size,
+            job.data.seq_len,
+            flash_attention=flash_attention(job),
+        ).total
+        for key in ("ddp", "fsdp")
     }
-    assert needs["fsdp"] < needs["zero2"]
-    return (needs["fsdp"] + needs["zero2"]) / 2 / 0.9 / GiB
+    assert needs["fsdp"] < needs["ddp"]
+    return (needs["fsdp"] + needs["ddp"]) / 2 / HEADROOM / GiB
 
 
 @pytest.fixture(scope="module")
