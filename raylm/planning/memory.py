@@ -19,7 +19,7 @@ GiB = 1024**3
 MiB = 1024**2
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 
-# A CPU worker process's own host memory beyond the model's tensors, which its peak includes (measured
+# What a CPU worker process adds, after its imports, beyond the model's tensors; its peak includes it (measured
 # in raylm's Ray Train workers, 2 ranks, torch 2.13 CPU wheel, pyarrow 26; BENCHMARKS.md "Memory", issue
 # 27). None of it grows with the model: the same at hidden 512 and 768, 2 and 12 layers, batch 4 and 8.
 # On a GPU worker it is host memory, not the device's: the estimate leaves it out there.

@@ -179,7 +179,8 @@ def reuses_trial_processes(job: TuneJob) -> bool:
     transformers and PEFT (its memory check builds the model on the meta device) before it does
     anything: seconds a trial, and most of a rejected or already finished one. Only where no scheduler
     stops trials: Tune keeps a stopped trial's process for reuse without ending the function still
-    running in it, so a stopped trial's fit would go on training and holding its workers."""
+    running in it, so a stopped trial's fit would go on training and holding its workers, and the next
+    trial given that process would fail (its reset waits 2 s for the function to end)."""
     return job.scheduler.name == "none"
 
 
