@@ -234,16 +234,23 @@ def test_killed_search_in_a_bucket_resumes_without_rerunning_finished_trials(
 
 def test_a_search_without_a_completed_trial_exits_1(ray_local, sft_base, tmp_path):
     """Every trial rejected by the memory estimate: the table says why, and `raylm run` exits 1 (a script
-    must not go on with no result)."""
+    must not go on with no result). With no scheduler to stop trials, the second trial runs in the first
+    one's process (Tune's reuse_actors), not in a new one that imports torch and PEFT again."""
     from click.testing import CliRunner
+    from ray.util.state import list_actors
 
     from raylm.cli import main
 
-    search = {"train.batch_size": {"grid": [4096]}, "method": {"grid": [{"name": "lora", "r": 4}]}}
+    def trial_processes() -> set[str]:  # Tune's function trainables, dead ones included
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=10_000)}
+
+    search = {"train.batch_size": {"grid": [4096, 8192]}, "method": {"grid": [{"name": "lora", "r": 4}]}}
     spec = search_spec(sft_base, tmp_path / "search", search, max_concurrent_trials=1)
     spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.1}
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
+    before = trial_processes()
     result = CliRunner().invoke(main, ["run", str(spec_file)])
     assert result.exit_code == 1, result.output
-    assert "1 rejected" in result.output and "no trial completed" in result.output
+    assert "2 rejected" in result.output and "no trial completed" in result.output
+    assert len(trial_processes() - before) == 1
