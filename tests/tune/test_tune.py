@@ -242,7 +242,11 @@ def test_a_search_without_a_completed_trial_exits_1(ray_local, sft_base, tmp_pat
     from raylm.cli import main
 
     def trial_processes() -> set[str]:  # Tune's function trainables, dead ones included
-        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=10_000)}
+        # this Ray's address: left to itself the state API asks the Ray started last on the machine
+        # (the suite's `ray start` cluster, whose searches' trials it then counted)
+        here = ray_local.get_runtime_context().gcs_address
+        trainables = list_actors(address=here, filters=[("class_name", "=", "ImplicitFunc")], limit=10_000)
+        return {a.actor_id for a in trainables}
 
     search = {"train.batch_size": {"grid": [4096, 8192]}, "method": {"grid": [{"name": "lora", "r": 4}]}}
     spec = search_spec(sft_base, tmp_path / "search", search, max_concurrent_trials=1)
