@@ -118,6 +118,13 @@ def train_worker_pids() -> list[int]:
     `raylm run` it spawned), sorted: processes Ray titles ray::RayTrainWorker below this one, read from
     /proc. Not Ray's state API: on a loaded 2-core machine it answered seconds late, after the step a
     test meant to interrupt (or raised, stopping the watching thread)."""
+    return ray_actor_pids("RayTrainWorker")
+
+
+def ray_actor_pids(actor_class: str) -> list[int]:
+    """The PIDs of the alive processes of `actor_class`'s actors in a Ray this test process started,
+    sorted (their process title is ray::<class>, ray::<class>.<method> while one runs). Not Ray's state
+    API: its list of dead actors leaves some out."""
     import psutil
 
     me = os.getpid()
@@ -125,7 +132,7 @@ def train_worker_pids() -> list[int]:
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             title = (proc.info["cmdline"] or [""])[0]
-            if title.startswith("ray::RayTrainWorker") and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            if title.startswith(f"ray::{actor_class}") and proc.info["status"] != psutil.STATUS_ZOMBIE:
                 if any(parent.pid == me for parent in proc.parents()):
                     found.append(proc.pid)
         except psutil.Error:  # gone meanwhile

@@ -15,7 +15,7 @@ import yaml
 
 from raylm.spec.loading import validate_dict
 from raylm.submit import run_here
-from tests.conftest import run_cli_then_kill, train_worker_pids
+from tests.conftest import ray_actor_pids, run_cli_then_kill, train_worker_pids
 
 
 def search_spec(base_folder, output, search, **fields) -> dict:
@@ -236,25 +236,33 @@ def test_a_search_without_a_completed_trial_exits_1(ray_local, sft_base, tmp_pat
     """Every trial rejected by the memory estimate: the table says why, and `raylm run` exits 1 (a script
     must not go on with no result). With no scheduler to stop trials, the second trial runs in the first
     one's process (Tune's reuse_actors), not in a new one that imports torch and PEFT again."""
+    import threading
+
     from click.testing import CliRunner
-    from ray.util.state import list_actors
 
     from raylm.cli import main
-
-    def trial_processes() -> set[str]:  # Tune's function trainables, dead ones included
-        # this Ray's address: left to itself the state API asks the Ray started last on the machine
-        # (the suite's `ray start` cluster, whose searches' trials it then counted)
-        here = ray_local.get_runtime_context().gcs_address
-        trainables = list_actors(address=here, filters=[("class_name", "=", "ImplicitFunc")], limit=10_000)
-        return {a.actor_id for a in trainables}
 
     search = {"train.batch_size": {"grid": [4096, 8192]}, "method": {"grid": [{"name": "lora", "r": 4}]}}
     spec = search_spec(sft_base, tmp_path / "search", search, max_concurrent_trials=1)
     spec["base"]["strategy"] = {"name": "auto", "memory_per_worker_gb": 0.1}
     spec_file = tmp_path / "tune.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
-    before = trial_processes()
-    result = CliRunner().invoke(main, ["run", str(spec_file)])
+    # the processes of Tune's function trainables, watched while the search runs (each lives seconds:
+    # Ray, torch and raylm's imports, then the estimate)
+    trial_processes: set[int] = set()
+    searching = threading.Event()
+
+    def watch() -> None:
+        while not searching.wait(0.05):
+            trial_processes.update(ray_actor_pids("ImplicitFunc"))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = CliRunner().invoke(main, ["run", str(spec_file)])
+    finally:
+        searching.set()
+        watcher.join()
     assert result.exit_code == 1, result.output
     assert "2 rejected" in result.output and "no trial completed" in result.output
-    assert len(trial_processes() - before) == 1
+    assert len(trial_processes) == 1, trial_processes
