@@ -1,6 +1,8 @@
 """Shared fixtures: one local Ray for the whole session (each start costs seconds), tiny specs."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +16,62 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # ended, so a faster poll saves about a second a fit. (The driver-kill test runs its killed attempt at
 # the default: at 0.5 s a 30-step run registered all its checkpoints before the kill landed.)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# pytest-xdist's workers share the cores: torch in each would start a thread per core, and on 2 cores
+# four busy threads took the quick tier from 93 s (one session) to 134 s; 64 s with a thread per worker.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 CHROMIUM_INSTALL: dict = {}
 
 
+# The test files' groups, slowest first (docs/contributing.md's table of durations). pytest-xdist runs a
+# group on one worker, whole, so that its module fixtures are built once; handing the slowest out first
+# keeps one worker from starting a long group when the other is nearly done.
+SLOWEST_FIRST = [
+    "tests/test_submit.py",
+    "tests/tune/test_tune.py",
+    "tests/train/test_finetune.py",
+    "tests/train/test_strategies.py",
+    "tests/train/test_preference_runs.py",
+    "tests/runtime/test_object_store.py",
+    "tests/train/test_pretrain.py",
+    "tests/compress/test_retrain.py",
+    "tests/compress/test_prune.py",
+    "tests/serve/test_server.py",
+    "tests/train/test_distill.py",
+    "tests/pipeline/test_pipeline.py",
+    "tests/compress/test_quantize.py",
+]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most 2. Each worker is a session with its
+    own Ray, and half of what the suite waits on is Ray starting, stopping and polling: a second worker
+    fills those gaps on 2 cores (docs/contributing.md)."""
+    return max(1, min(os.cpu_count() or 1, 2))
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
+    start_chromium_install(items)
+    group_for_workers(config, items)
+
+
+def group_for_workers(config, items) -> None:
+    """Each test file is one xdist_group (`--dist loadgroup`), and the files run slowest first."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    # a stable sort: the other files keep their order
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+def start_chromium_install(items) -> None:
     """Where a selected test opens a page in Chromium and Debian's chromium is missing, start installing
-    it (as root, with apt-get) in the background now: the download overlaps the tests before it."""
-    import shutil
+    it (as root, with apt-get) in the background now: the download overlaps the tests before it. Each
+    xdist worker starts one; a lock lets the first install and the other find it installed."""
     import tempfile
 
     from tests.browser import chromium
@@ -30,7 +80,8 @@ def pytest_collection_modifyitems(session, config, items):
     if not wanted or chromium() or os.geteuid() != 0 or not shutil.which("apt-get"):
         return
     log = Path(tempfile.mkdtemp(prefix="raylm-apt-")) / "chromium-install.log"
-    script = "apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium"
+    install = "apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium"
+    script = f"flock {tempfile.gettempdir()}/raylm-chromium-install.lock bash -c 'command -v chromium || ({install})'"
     CHROMIUM_INSTALL["log"] = log
     CHROMIUM_INSTALL["process"] = subprocess.Popen(
         ["bash", "-c", script],
@@ -108,9 +159,12 @@ def reference_run(ray_local, tmp_path_factory):
     from raylm.spec.loading import validate_dict
     from raylm.submit import run_here
 
-    output = tmp_path_factory.mktemp("reference") / "run"
-    summary = run_here(validate_dict(tiny_spec(output)))
-    return output, summary
+    def build(folder: Path) -> None:
+        summary = run_here(validate_dict(tiny_spec(folder / "run")))
+        (folder / "returned.json").write_text(json.dumps(summary))
+
+    folder = built_once(tmp_path_factory, "reference", build)
+    return folder / "run", json.loads((folder / "returned.json").read_text())
 
 
 def train_worker_pids() -> list[int]:
@@ -222,31 +276,54 @@ SFT_BASE = {"layers": 2, "heads": 4, "kv_heads": 2, "hidden": 64, "intermediate"
 def sft_base(tmp_path_factory):
     """A tiny Llama, briefly pretrained on generated stories, and a char tokenizer that also covers
     the generated tasks, saved as a Hugging Face folder."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from raylm.data.corpus import stories
-    from raylm.data.tasks import generate
-    from raylm.data.tokenizer import train_tokenizer
-    from raylm.planning.models import architecture_config
-    from raylm.spec.sections import Architecture
+    def build(folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    texts = list(stories(300, seed=0))
-    examples = generate("arithmetic", 200, seed=0)
-    tokenizer = train_tokenizer(texts + [e["prompt"] + e["completion"] for e in examples], "char", 0)
-    arch = Architecture(**SFT_BASE)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(architecture_config(arch, len(tokenizer), tokenizer))
-    # A little pretraining on stories, so that a frozen base has features an adapter can use.
-    stream = torch.tensor(tokenizer("".join(texts), add_special_tokens=False)["input_ids"])
-    blocks = stream[: len(stream) // 32 * 32].view(-1, 32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(150):
-        ids = blocks[step * 16 % (len(blocks) - 16) :][:16]
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    folder = tmp_path_factory.mktemp("base") / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+        from raylm.data.corpus import stories
+        from raylm.data.tasks import generate
+        from raylm.data.tokenizer import train_tokenizer
+        from raylm.planning.models import architecture_config
+        from raylm.spec.sections import Architecture
+
+        texts = list(stories(300, seed=0))
+        examples = generate("arithmetic", 200, seed=0)
+        tokenizer = train_tokenizer(texts + [e["prompt"] + e["completion"] for e in examples], "char", 0)
+        arch = Architecture(**SFT_BASE)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(architecture_config(arch, len(tokenizer), tokenizer))
+        # A little pretraining on stories, so that a frozen base has features an adapter can use.
+        stream = torch.tensor(tokenizer("".join(texts), add_special_tokens=False)["input_ids"])
+        blocks = stream[: len(stream) // 32 * 32].view(-1, 32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(150):
+            ids = blocks[step * 16 % (len(blocks) - 16) :][:16]
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+
+    return built_once(tmp_path_factory, "base", build) / "model"
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills, made once per run. Under pytest-xdist every worker is a
+    session of its own: the first worker to ask builds it in the run's shared temporary folder while the
+    others wait on a lock, then they all read it (the pattern of xdist's docs)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's, beside every worker's own
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (shared / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed left
+            folder.mkdir()
+            build(folder)
+            (shared / f"{name}.done").touch()
     return folder
