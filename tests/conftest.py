@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 def group_for_workers(config, items) -> None:
     """Each test file is one xdist_group (`--dist loadgroup`), and the files run slowest first."""
-    if config.getoption("dist", "no") != "loadgroup":
+    if not getattr(config.option, "loadgroup", False):  # what xdist tells its workers of `--dist loadgroup`
         return
     rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
     for item in items:

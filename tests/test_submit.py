@@ -121,6 +121,7 @@ def two_node_cluster(tmp_path_factory, object_store):
             f"--port={gcs}",
             f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={free_port()}",  # not 10001: another head may be on this machine
             temp=temp[0],
         )
     ]

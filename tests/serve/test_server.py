@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raylm.serve.driver import Serve, deploy
 from raylm.spec.loading import validate_dict
-from tests.conftest import free_port
+from tests.conftest import free_port, ray_actor_pids
 
 KEY = "test-key-not-a-secret"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # the tiny model's context is 32
@@ -680,11 +680,7 @@ def test_a_replica_whose_model_process_dies_answers_503_then_is_replaced(served)
     new model process answers again."""
     import psutil
 
-    replicas = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:poet-alone")
-    ]
+    replicas = [psutil.Process(pid) for pid in ray_actor_pids("ServeReplica:poet-alone")]  # this session's
     (model,) = [c for r in replicas for c in r.children() if "raylm.serve.worker" in " ".join(c.cmdline())]
     model.kill()
     model.wait(timeout=30)
