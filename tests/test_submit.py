@@ -5,11 +5,14 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
@@ -70,7 +73,7 @@ SECOND_NODE: dict = {}  # the second node's `ray start --block` process (the nod
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory, object_store):
+def two_node_cluster(object_store):
     """A token-authenticated head on loopback and a second node joined to it, each 2 CPUs, each with
     temp and cache folders of its own (as separate machines would have), both reaching the session's
     S3-compatible server (object_store: AWS_ENDPOINT_URL and credentials in their environment)."""
@@ -89,7 +92,9 @@ def two_node_cluster(tmp_path_factory, object_store):
     )
     gcs, dashboard = free_port(), free_port()
     # Each node gets its own temp dir: nodes sharing one would garbage-collect each other's job files.
-    temp = [tmp_path_factory.mktemp("ray", numbered=True) for _ in range(2)]
+    # A short path in the system's temp folder: the sockets Ray makes in it must fit AF_UNIX's 107 bytes,
+    # which a pytest-xdist worker's basetemp (.../pytest-N/popen-gw0/ray0/session_<date>_<pid>/...) overran.
+    temp = [Path(tempfile.mkdtemp(prefix="raylm-node-")) for _ in range(2)]
 
     def start_node(*args: str, temp) -> subprocess.Popen:
         """`ray start --block` in its own session: SIGTERM stops the node's processes with it. The
@@ -142,6 +147,8 @@ def two_node_cluster(tmp_path_factory, object_store):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        for folder in temp:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _ready(url: str, env: dict, nodes: int) -> bool:
