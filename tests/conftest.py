@@ -16,34 +16,53 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # ended, so a faster poll saves about a second a fit. (The driver-kill test runs its killed attempt at
 # the default: at 0.5 s a 30-step run registered all its checkpoints before the kill landed.)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-# pytest-xdist's workers share the cores: torch in each would start a thread per core, and on 2 cores
-# four busy threads took the quick tier from 93 s (one session) to 134 s; 64 s with a thread per worker.
 if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+    # pytest-xdist's workers share the cores: torch in each would start a thread per core, and on 2 cores
+    # four busy threads took the quick tier from 93 s (one session) to 134 s; 64 s with a thread per worker.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(workers))))
+    # Each worker's own temp folder (its Ray's, its runs' staging folders): a test that looks at what a run
+    # left in the temp folder must not see the other worker's runs. Short, for the AF_UNIX sockets Ray
+    # makes in it; torch's compiled-kernel cache stays the machine's.
+    import atexit
+    import getpass
+    import tempfile
+
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", f"{tempfile.gettempdir()}/torchinductor_{getpass.getuser()}"
+    )
+    worker_temp = tempfile.mkdtemp(prefix=f"rl-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ["TMPDIR"] = tempfile.tempdir = worker_temp
+    atexit.register(shutil.rmtree, worker_temp, True)
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 CHROMIUM_INSTALL: dict = {}
 
 
-# The test files' groups, slowest first (docs/contributing.md's table of durations). pytest-xdist runs a
-# group on one worker, whole, so that its module fixtures are built once; handing the slowest out first
-# keeps one worker from starting a long group when the other is nearly done.
+# The test files' groups, slowest first: their summed times in a two-worker run (af40405's, about twice
+# one session's, as each worker had a core). pytest-xdist runs a group on one worker, whole, so that its
+# module fixtures are built once; handing the slowest out first keeps one worker from starting a long
+# group when the other is nearly done. The files not named here are short; they follow in their order.
 SLOWEST_FIRST = [
-    "tests/test_submit.py",
-    "tests/tune/test_tune.py",
-    "tests/train/test_finetune.py",
-    "tests/train/test_strategies.py",
-    "tests/train/test_preference_runs.py",
-    "tests/runtime/test_object_store.py",
+    "tests/test_submit.py",  # ~600 s
+    "tests/train/test_finetune.py",  # ~450 s
+    "tests/train/test_strategies.py",  # ~400 s
+    "tests/tune/test_tune.py",  # ~300 s
+    "tests/train/test_preference_runs.py",  # ~280 s
+    "tests/runtime/test_object_store.py",  # ~250 s
+    "tests/serve/test_server.py",  # ~200 s
     "tests/train/test_pretrain.py",
     "tests/compress/test_retrain.py",
-    "tests/compress/test_prune.py",
-    "tests/serve/test_server.py",
     "tests/train/test_distill.py",
+    "tests/compress/test_prune.py",
     "tests/pipeline/test_pipeline.py",
     "tests/compress/test_quantize.py",
+    "tests/planning/test_memory.py",
+    "tests/evaluate/test_evaluate.py",
+    "tests/serve/test_continuous.py",
 ]
 
 
+@pytest.hookimpl(optionalhook=True)  # no hook to implement where xdist is absent
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject's addopts): one worker per core, at most 2. Each worker is a session with its
     own Ray, and half of what the suite waits on is Ray starting, stopping and polling: a second worker
@@ -51,7 +70,7 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, 2))
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the xdist_group marks into @group ids
 def pytest_collection_modifyitems(session, config, items):
     start_chromium_install(items)
     group_for_workers(config, items)
@@ -81,7 +100,7 @@ def start_chromium_install(items) -> None:
         return
     log = Path(tempfile.mkdtemp(prefix="raylm-apt-")) / "chromium-install.log"
     install = "apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium"
-    script = f"flock {tempfile.gettempdir()}/raylm-chromium-install.lock bash -c 'command -v chromium || ({install})'"
+    script = f"flock /tmp/raylm-chromium-install.lock bash -c 'command -v chromium || ({install})'"  # the machine's
     CHROMIUM_INSTALL["log"] = log
     CHROMIUM_INSTALL["process"] = subprocess.Popen(
         ["bash", "-c", script],
@@ -223,14 +242,20 @@ def free_port() -> int:
     """A free loopback port below the kernel's ephemeral range, never the same one twice in a session.
     A port from bind(0) lies in that range, where any outgoing connection of the Ray processes starting
     meanwhile may take it before the process it was meant for binds it (a second node's metrics agent
-    once failed so: "Address already in use", and the node never joined)."""
+    once failed so: "Address already in use", and the node never joined). Each pytest-xdist worker draws
+    from its own share of the range, so that two cannot probe the same port before either binds it."""
     import random
     import socket
 
     ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
     ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    low, high = 20000, ephemeral  # Ray's worker ports are 10002-19999 by default
+    if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+        share = (high - low) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        low += int(worker.removeprefix("gw")) * share
+        high = low + share
     for _ in range(1000):
-        port = random.randrange(20000, ephemeral)  # Ray's worker ports are 10002-19999 by default
+        port = random.randrange(low, high)
         if port in GIVEN_PORTS:
             continue
         with socket.socket() as probe:
@@ -240,7 +265,7 @@ def free_port() -> int:
                 continue
         GIVEN_PORTS.add(port)
         return port
-    raise RuntimeError(f"no free port between 20000 and {ephemeral}")
+    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 def tiny_spec(output, **sections) -> dict:

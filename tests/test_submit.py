@@ -92,9 +92,9 @@ def two_node_cluster(object_store):
     )
     gcs, dashboard = free_port(), free_port()
     # Each node gets its own temp dir: nodes sharing one would garbage-collect each other's job files.
-    # A short path in the system's temp folder: the sockets Ray makes in it must fit AF_UNIX's 107 bytes,
-    # which a pytest-xdist worker's basetemp (.../pytest-N/popen-gw0/ray0/session_<date>_<pid>/...) overran.
-    temp = [Path(tempfile.mkdtemp(prefix="raylm-node-")) for _ in range(2)]
+    # A short path: the sockets Ray makes in it must fit AF_UNIX's 107 bytes, which a pytest-xdist worker's
+    # basetemp (/tmp/pytest-of-root/pytest-N/popen-gw0/ray0/session_<date>_<pid>/sockets/...) overran.
+    temp = [Path(tempfile.mkdtemp(prefix="rl-node-", dir="/tmp")) for _ in range(2)]
 
     def start_node(*args: str, temp) -> subprocess.Popen:
         """`ray start --block` in its own session: SIGTERM stops the node's processes with it. The

@@ -1,6 +1,6 @@
 """CUDA paths of fine-tuning (bitsandbytes' CUDA kernels, bf16), on one GPU: skipped without one.
 
-python -m pytest -m gpu tests/gpu -q -s
+python -m pytest -n 0 -m gpu tests/gpu -q -s
 """
 
 import pytest

@@ -1,6 +1,6 @@
 """The serving loop's compiled decoding step (`batching.compile`) on CUDA: skipped without a GPU.
 
-python -m pytest -m gpu tests/gpu/test_cuda_serve.py -q -s
+python -m pytest -n 0 -m gpu tests/gpu/test_cuda_serve.py -q -s
 """
 
 import threading

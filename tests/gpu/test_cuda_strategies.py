@@ -1,6 +1,6 @@
 """CUDA paths of the strategies (NCCL, bf16), on one GPU: skipped on machines without one.
 
-    python -m pytest -m gpu tests/gpu -q -s
+    python -m pytest -n 0 -m gpu tests/gpu -q -s
 
 FSDP2 with a bf16 mixed-precision policy and DeepSpeed ZeRO-2/3 (bf16, optimizer offload at stage 3)
 train a small Llama on a learnable sequence, checkpoint, reload into a fresh engine that continues

@@ -253,7 +253,7 @@ def test_a_search_without_a_completed_trial_exits_1(ray_local, sft_base, tmp_pat
     searching = threading.Event()
 
     def watch() -> None:
-        while not searching.wait(0.05):
+        while not searching.wait(0.25):
             trial_processes.update(ray_actor_pids("ImplicitFunc"))
 
     watcher = threading.Thread(target=watch, daemon=True)
