@@ -21,19 +21,6 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # four busy threads took the quick tier from 93 s (one session) to 134 s; 64 s with a thread per worker.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(workers))))
-    # Each worker's own temp folder (its Ray's, its runs' staging folders): a test that looks at what a run
-    # left in the temp folder must not see the other worker's runs. Short, for the AF_UNIX sockets Ray
-    # makes in it; torch's compiled-kernel cache stays the machine's.
-    import atexit
-    import getpass
-    import tempfile
-
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", f"{tempfile.gettempdir()}/torchinductor_{getpass.getuser()}"
-    )
-    worker_temp = tempfile.mkdtemp(prefix=f"rl-{os.environ['PYTEST_XDIST_WORKER']}-")
-    os.environ["TMPDIR"] = tempfile.tempdir = worker_temp
-    atexit.register(shutil.rmtree, worker_temp, True)
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 CHROMIUM_INSTALL: dict = {}
 
@@ -76,13 +63,19 @@ def pytest_collection_modifyitems(session, config, items):
     group_for_workers(config, items)
 
 
+# Files that must not run beside each other: the bucket tests check that runs leave no staging folder in
+# the temp folder, and the killed bucket search leaves its own there for good.
+SAME_WORKER = {"tests/runtime/test_object_store.py": "tests/tune/test_tune.py"}
+
+
 def group_for_workers(config, items) -> None:
     """Each test file is one xdist_group (`--dist loadgroup`), and the files run slowest first."""
     if not getattr(config.option, "loadgroup", False):  # what xdist tells its workers of `--dist loadgroup`
         return
     rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(path, path)))
     # a stable sort: the other files keep their order
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
 

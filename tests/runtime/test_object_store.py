@@ -6,6 +6,7 @@ nothing of the run stays on the local disk."""
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -40,6 +41,14 @@ def registered(uri: str, step: int) -> bool:
 
 def stages() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("raylm-stage-*")}
+
+
+def none_left_beside(before: set[str]) -> bool:
+    """No staging folder but `before`'s stays: the other test worker's runs make short-lived ones too."""
+    deadline = time.monotonic() + 30
+    while (left := stages() - before) and time.monotonic() < deadline:
+        time.sleep(1)
+    return not left
 
 
 def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
@@ -127,13 +136,13 @@ def test_a_bucket_run_killed_resumes_from_the_bucket_and_keeps_nothing_local(
     evaluated = json.loads(read_bytes(f"{root}/eval", "summary.json"))
     assert evaluated["models"][0]["model"] == "pretrain" and evaluated["models"][0]["perplexity"] > 1
     assert {s["status"] for s in pipeline["stages"].values()} == {"complete"}
-    assert list(work.iterdir()) == [] and stages() == before
+    assert list(work.iterdir()) == [] and none_left_beside(before)
 
     again = run_here(validate_dict(spec))  # nothing left to do
     assert not any(s["ran"] for s in again["stages"].values())
     chain = CliRunner().invoke(cli.main, ["lineage", f"{output}/model"])
     assert chain.exit_code == 0 and "pretrain (pretrain" in chain.output and "eval (" not in chain.output
-    assert list(work.iterdir()) == [] and stages() == before
+    assert list(work.iterdir()) == [] and none_left_beside(before)
 
 
 @pytest.mark.quick
