@@ -16,11 +16,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # ended, so a faster poll saves about a second a fit. (The driver-kill test runs its killed attempt at
 # the default: at 0.5 s a 30-step run registered all its checkpoints before the kill landed.)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # pytest-xdist's workers share the cores: torch in each would start a thread per core, and on 2 cores
     # four busy threads took the quick tier from 93 s (one session) to 134 s; 64 s with a thread per worker.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(workers))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // int(workers))))
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 CHROMIUM_INSTALL: dict = {}
 
@@ -54,7 +54,7 @@ def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pyproject's addopts): one worker per core, at most 2. Each worker is a session with its
     own Ray, and half of what the suite waits on is Ray starting, stopping and polling: a second worker
     fills those gaps on 2 cores (docs/contributing.md)."""
-    return max(1, min(os.cpu_count() or 1, 2))
+    return min(CORES, 2)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the xdist_group marks into @group ids

@@ -420,8 +420,8 @@ def test_overload_is_refused_at_once_and_slow_requests_time_out(served):
     results = asyncio.run(burst())
     codes = sorted(code for code, _ in results)
     assert codes.count(503) >= 10 and set(codes) <= {408, 503}, results
-    # refused before any work: none waited the batch's 2 s (with the other test worker busy on the cores)
-    assert all(seconds < 2.0 for code, seconds in results if code == 503), results
+    # refused before any work: well under the batch's 2 s wait
+    assert all(seconds < 1.5 for code, seconds in results if code == 503), results
     late = httpx.post(url, json={"model": "tight", "prompt": "a", "max_tokens": 4}, timeout=30)
     assert late.status_code == 408 and late.json()["error"]["type"] == "timeout_error"
     # a request that could never fit in the key/value-cache budget is refused at once, naming it
