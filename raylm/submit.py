@@ -8,11 +8,13 @@ a Ray cluster through the Ray Jobs API.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shlex
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -50,12 +52,18 @@ def client(address: str):
         raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {err}") from None
 
 
-def job_environment(job) -> dict:
+@contextlib.contextmanager
+def job_environment(job) -> Iterator[dict]:
     """The Ray job's runtime_env: a working folder holding the spec, this raylm, and the environment
-    variables the job needs from the submitting shell."""
+    variables the job needs from the submitting shell. The folder is removed at exit (the Jobs API
+    client uploads it while submitting)."""
+    with tempfile.TemporaryDirectory(prefix="raylm-submit-") as folder:
+        yield _runtime_env(job, Path(folder))
+
+
+def _runtime_env(job, workdir: Path) -> dict:
     import raylm
 
-    workdir = Path(tempfile.mkdtemp(prefix="raylm-submit-"))
     spec = job.model_dump(mode="json", exclude_none=True)
     (workdir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     # Secrets (HF_TOKEN, cloud credentials) never travel here: the Jobs API shows a job's runtime
@@ -83,23 +91,23 @@ def submit(address: str, job, verbose: bool = False) -> str:
     """Submit the validated job as a Ray job running `raylm run` on its spec (the cluster's raylm
     finds the kind in the same registry); returns the submission id."""
     rc = client(address)
-    runtime_env = job_environment(job)
     entrypoint = f"python -m raylm run {shlex.quote('spec.yaml')}" + (" --verbose" if verbose else "")
     submission_id = f"raylm-{job.run_name}-{uuid.uuid4().hex[:8]}"
-    for attempt in itertools.count():
-        try:
-            return rc.submit_job(
-                entrypoint=entrypoint,
-                runtime_env=runtime_env,
-                submission_id=submission_id,
-                metadata={"raylm_run": job.run_name, "raylm_kind": job.kind},
-            )
-        except RuntimeError as err:  # the SDK's HTTP errors
-            # A head that just started answers 500 "No available agent" until its job agent is up.
-            if "No available agent" in str(err) and attempt < AGENT_RETRIES:
-                time.sleep(2)
-                continue
-            raise SubmitError(f"the Jobs API at {address} refused the job: {err}") from None
+    with job_environment(job) as runtime_env:
+        for attempt in itertools.count():
+            try:
+                return rc.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env=runtime_env,
+                    submission_id=submission_id,
+                    metadata={"raylm_run": job.run_name, "raylm_kind": job.kind},
+                )
+            except RuntimeError as err:  # the SDK's HTTP errors
+                # A head that just started answers 500 "No available agent" until its job agent is up.
+                if "No available agent" in str(err) and attempt < AGENT_RETRIES:
+                    time.sleep(2)
+                    continue
+                raise SubmitError(f"the Jobs API at {address} refused the job: {err}") from None
 
 
 def follow(address: str, submission_id: str, echo) -> str:

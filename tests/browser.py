@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -47,6 +49,11 @@ def open_page(path: Path, timeout: float = 60) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its renderer and helper processes end with it
+        env={
+            **os.environ,
+            "TMPDIR": profile,
+        },  # its own temp folders (its singleton socket) go with the profile
     )
     try:
         port = _devtools_port(proc, timeout)
@@ -93,7 +100,7 @@ def open_page(path: Path, timeout: float = 60) -> dict:
             )
         return {**found, "errors": errors, "requests": requests}
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
 

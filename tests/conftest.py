@@ -37,6 +37,7 @@ SLOWEST_FIRST = [
     "tests/train/test_preference_runs.py",  # ~280 s
     "tests/runtime/test_object_store.py",  # ~250 s
     "tests/serve/test_server.py",  # ~200 s
+    "tests/runtime/test_local_ray.py",  # ~40 s, most of it waiting: beside the other worker's fits
     "tests/train/test_pretrain.py",
     "tests/compress/test_retrain.py",
     "tests/train/test_distill.py",

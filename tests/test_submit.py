@@ -331,10 +331,11 @@ def test_hf_token_never_travels_with_the_job(monkeypatch, tmp_path):
 
     secret = "hf_" + uuid.uuid4().hex
     monkeypatch.setenv("HF_TOKEN", secret)
-    env = job_environment(validate_dict(tiny_spec(tmp_path / "run")))
-    assert secret not in str(env["env_vars"]) and "HF_TOKEN" not in env["env_vars"]
-    written = [p.read_text() for p in Path(env["working_dir"]).rglob("*") if p.is_file()]
-    assert written and not any(secret in text for text in written)  # not in the spec the job reads
+    with job_environment(validate_dict(tiny_spec(tmp_path / "run"))) as env:
+        assert secret not in str(env["env_vars"]) and "HF_TOKEN" not in env["env_vars"]
+        written = [p.read_text() for p in Path(env["working_dir"]).rglob("*") if p.is_file()]
+        assert written and not any(secret in text for text in written)  # not in the spec the job reads
+    assert not Path(env["working_dir"]).exists()  # a submission leaves no folder behind
 
 
 @pytest.mark.cluster

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,6 +44,10 @@ def ensure_ray(job, verbose: bool = False) -> None:
 
 
 _EMBEDDED = False
+# Ray's raylet waits ~20 s for its dashboard agent to report its ports, then aborts, and ray.init gives
+# up ("The current node timed out during startup"); the agent is a Python process importing much of
+# Ray, and beside another busy Ray on the same 2 cores it missed that window. A new start succeeds.
+STARTS = 3
 
 
 def embedded() -> bool:
@@ -57,6 +62,35 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     and the driver, and lost ~10% of their CPU time to them (benchmarks/pretrain_overhead.py), so
     the embedded Ray runs its workers at normal priority.
     """
+    import ray
+
+    for attempt in range(1, STARTS + 1):
+        try:
+            _init_local_ray(num_cpus, verbose)
+            break
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
+            if attempt == STARTS:
+                raise SubmitError(
+                    f"the local Ray did not come up in {STARTS} tries: {err} On a busy machine its dashboard "
+                    "agent can take longer to start than Ray waits for (the raylet's log, raylet.out in Ray's "
+                    "session folder, /tmp/ray/session_latest/logs by default, then ends with 'Timed out waiting "
+                    "for file'); "
+                    "run again when the machine is less loaded, or start Ray yourself (`ray start --head`) "
+                    "and run with RAY_ADDRESS=auto."
+                ) from None
+            print(
+                f"[raylm] the local Ray did not come up in time (try {attempt} of {STARTS}; a busy machine); "
+                "starting it again",
+                file=sys.stderr,
+            )
+    global _EMBEDDED
+    _EMBEDDED = True
+
+
+def _init_local_ray(num_cpus: int, verbose: bool) -> None:
     import ray
     from ray.util import get_node_ip_address
 
@@ -86,8 +120,6 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
         )
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
-    global _EMBEDDED
-    _EMBEDDED = True
 
 
 def is_loopback(address: str) -> bool:
