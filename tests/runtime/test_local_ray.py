@@ -1,6 +1,6 @@
 """The embedded local Ray that `raylm run` starts.
 
-    pytest tests/runtime/test_local_ray.py
+pytest tests/runtime/test_local_ray.py
 """
 
 from __future__ import annotations
@@ -43,9 +43,7 @@ def test_a_local_ray_whose_first_start_times_out_is_started_again(tmp_path):
         "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
         "SLOW_AGENT_MARKER": str(marker),
     }
-    done = subprocess.run(
-        [sys.executable, "-c", START], env=env, capture_output=True, text=True, timeout=240
-    )
+    done = subprocess.run([sys.executable, "-c", START], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert marker.exists()  # the first agent was slowed: the failure was real
     assert "the local Ray did not come up in time (try 1 of 3" in done.stderr
