@@ -8,6 +8,7 @@ decoded, and its visible text.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -50,10 +51,8 @@ def open_page(path: Path, timeout: float = 60) -> dict:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its renderer and helper processes end with it
-        env={
-            **os.environ,
-            "TMPDIR": profile,
-        },  # its own temp folders (its singleton socket) go with the profile
+        # its own temp folders (its singleton socket) go with the profile
+        env={**os.environ, "TMPDIR": profile},
     )
     try:
         port = _devtools_port(proc, timeout)
@@ -100,7 +99,8 @@ def open_page(path: Path, timeout: float = 60) -> dict:
             )
         return {**found, "errors": errors, "requests": requests}
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # already ended (and reaped) on its own
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
 

@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 
 
 class SubmitError(Exception):
-    """A problem with where or how a job is submitted; the message says how to fix it."""
+    """A problem with where or how a job runs (the address, its token, the local Ray not starting); the
+    message says how to fix it."""
 
 
 def ensure_ray(job, verbose: bool = False) -> None:
@@ -47,6 +48,7 @@ _EMBEDDED = False
 # Ray's raylet waits ~20 s for its dashboard agent to report its ports, then aborts, and ray.init gives
 # up ("The current node timed out during startup"); the agent is a Python process importing much of
 # Ray, and beside another busy Ray on the same 2 cores it missed that window. A new start succeeds.
+# (RAY_agent_register_timeout_ms=90000 did not lengthen that wait in Ray 2.60: tried.)
 STARTS = 3
 
 
@@ -62,8 +64,6 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
     and the driver, and lost ~10% of their CPU time to them (benchmarks/pretrain_overhead.py), so
     the embedded Ray runs its workers at normal priority.
     """
-    import ray
-
     for attempt in range(1, STARTS + 1):
         try:
             _init_local_ray(num_cpus, verbose)
@@ -71,15 +71,14 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
         except Exception as err:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(err):
                 raise
-            ray.shutdown()
+            logs = _stop_half_started_node(err)
             if attempt == STARTS:
                 raise SubmitError(
-                    f"the local Ray did not come up in {STARTS} tries: {err} On a busy machine its dashboard "
-                    "agent can take longer to start than Ray waits for (the raylet's log, raylet.out in Ray's "
-                    "session folder, /tmp/ray/session_latest/logs by default, then ends with 'Timed out waiting "
-                    "for file'); "
-                    "run again when the machine is less loaded, or start Ray yourself (`ray start --head`) "
-                    "and run with RAY_ADDRESS=auto."
+                    f"the local Ray did not come up in {STARTS} tries: {err} Often its dashboard agent took "
+                    "longer to start than the raylet waits for, on a busy machine (the raylet's log, "
+                    f"{logs}/raylet.out, then ends with 'Timed out waiting for file'). Run again when the "
+                    "machine is less loaded, or start Ray yourself (`ray start --head`) and run with "
+                    "RAY_ADDRESS=auto."
                 ) from None
             print(
                 f"[raylm] the local Ray did not come up in time (try {attempt} of {STARTS}; a busy machine); "
@@ -88,6 +87,23 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
             )
     global _EMBEDDED
     _EMBEDDED = True
+
+
+def _stop_half_started_node(err: Exception) -> str:
+    """Stop what a failed `ray.init` left running, and return its log folder. The exception comes from
+    inside the `Node` constructor, so `ray.init` never kept the node and `ray.shutdown()` cannot stop
+    it: its GCS, dashboard and monitors would run on beside the next try (and until this process
+    exits), on a machine already too busy."""
+    from ray._private.node import Node
+
+    frame = err.__traceback__
+    while frame is not None:
+        node = frame.tb_frame.f_locals.get("self")
+        if isinstance(node, Node):
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+            return node.get_logs_dir_path()
+        frame = frame.tb_next
+    return "/tmp/ray/session_latest/logs"
 
 
 def _init_local_ray(num_cpus: int, verbose: bool) -> None:

@@ -23,10 +23,12 @@ if any(arg.endswith("dashboard/agent.py") for arg in sys.argv):
 """
 
 START = """
-import ray
+import psutil, ray
 from raylm.runtime.cluster import start_local_ray
 start_local_ray(1)
 print("CPUs:", ray.cluster_resources()["CPU"], flush=True)
+mine = psutil.Process().children(recursive=True)
+print("GCS servers:", sum(p.name() == "gcs_server" for p in mine), flush=True)
 ray.shutdown()
 """
 
@@ -38,6 +40,7 @@ def test_a_local_ray_whose_first_start_times_out_is_started_again(tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(textwrap.dedent(SLOW_FIRST_AGENT))
     marker = tmp_path / "slowed"
+    # (a sitecustomize of the environment's own would be hidden by this one: this environment has none)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
@@ -48,4 +51,5 @@ def test_a_local_ray_whose_first_start_times_out_is_started_again(tmp_path):
     assert marker.exists()  # the first agent was slowed: the failure was real
     assert "the local Ray did not come up in time (try 1 of 3" in done.stderr
     assert "CPUs: 1.0" in done.stdout
+    assert "GCS servers: 1" in done.stdout  # the failed try's node was stopped, not left beside this one
     assert "Traceback" not in done.stderr
