@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raylm.methods.unimported import save_pretrained
+
 BLOCK = 64  # bitsandbytes' 4-bit block size, as transformers uses it
 CPU_ROWS = 32  # the CPU kernel packs output rows in groups of 32
 
@@ -63,7 +65,7 @@ def write(source: Path, target: Path, method, device: str, keep: list[str]) -> P
     model = AutoModelForCausalLM.from_pretrained(
         str(source), quantization_config=config(method, keep), device_map={"": device}, use_safetensors=True
     )
-    model.save_pretrained(str(target))
+    save_pretrained(model, str(target))
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(target))
     return target
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from raylm.compress import inputs, iterative, remote, retrain, staging
 from raylm.methods.blocks import prunable
+from raylm.methods.unimported import save_pretrained
 from raylm.spec.compress import PruneJob
 
 
@@ -149,7 +150,7 @@ def prune_only_task(spec: dict, calibration, folder: str) -> None:
     model = apply_method(build_model(job.model, vocab_size=0).to(device), job.method, calibration)
     partial = Path(folder).parent / f".{Path(folder).name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(str(partial))
+    save_pretrained(model, str(partial))
     AutoTokenizer.from_pretrained(job.model.path).save_pretrained(str(partial))
     partial.rename(folder)
 
@@ -178,7 +179,7 @@ def prune_task(spec: dict, blocks, prompts, calibration, retrained: dict) -> dic
         model.generation_config = generation  # the original's (a training run saves use_cache off)
     else:
         model = apply_method(model, method, calibration)
-    model.save_pretrained(str(stage))
+    save_pretrained(model, str(stage))
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(stage))
     del model
 

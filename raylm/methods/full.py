@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from raylm.methods.unimported import save_pretrained
 from raylm.spec.sections import Section
 
 
@@ -26,7 +27,7 @@ def apply(model, method, tokenizer=None):
 
 
 def save(model, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+    save_pretrained(model, folder, safe_serialization=True)
 
 
 def load(base, folder):

@@ -1,13 +1,14 @@
 """gptqmodel, imported quietly and without touching the job's environment.
 
-PEFT's LoRA imports gptqmodel (whenever it is installed) to check every target layer for GPTQ kernels,
-and raylm's GPTQ quantization and GPTQ models use it. On import it prints a banner and notices (the GIL
-one as a warning) into the job's console, and rewrites the process's environment: PYTORCH_ALLOC_CONF
-and CUDA_DEVICE_ORDER (a GPU LoRA run's CUDA allocator), and through its tokenizer helper HF_HOME,
-HF_HUB_CACHE, TRANSFORMERS_CACHE and HF_MODULES_CACHE (to a folder under /tmp: the job's own Hugging
-Face cache would be missed), KMP_DUPLICATE_LIB_OK, TORCHINDUCTOR_CACHE_DIR. Imported here first, its
-output goes nowhere and the environment is put back as the job had it (but for raylm's own
-GPTQMODEL_* settings; for the seconds of the import, other threads' prints go nowhere too).
+raylm's GPTQ quantization and GPTQ models use it. (PEFT's LoRA would import it too, whenever it is
+installed, to check each target layer for GPTQ kernels: raylm.methods.unimported spares that.) On import
+it prints a banner and notices (the GIL one as a warning) into the job's console, and rewrites the
+process's environment: PYTORCH_ALLOC_CONF and CUDA_DEVICE_ORDER (a GPU LoRA run's CUDA allocator), and
+through its tokenizer helper HF_HOME, HF_HUB_CACHE, TRANSFORMERS_CACHE and HF_MODULES_CACHE (to a folder
+under /tmp: the job's own Hugging Face cache would be missed), KMP_DUPLICATE_LIB_OK,
+TORCHINDUCTOR_CACHE_DIR. Imported here first, its output goes nowhere and the environment is put back as
+the job had it (but for raylm's own GPTQMODEL_* settings; for the seconds of the import, other threads'
+prints go nowhere too).
 
     from raylm.methods.gptqmodel_import import import_gptqmodel
     gptqmodel = import_gptqmodel()
@@ -40,12 +41,3 @@ def import_gptqmodel():
             del os.environ[name]
         os.environ.update(before)
     return gptqmodel
-
-
-def before_lora():
-    """Call before PEFT injects LoRA layers (building or loading an adapter): it imports gptqmodel then,
-    if installed, to look for GPTQ layers; this imports it first, quietly."""
-    import importlib.util
-
-    if importlib.util.find_spec("gptqmodel") is not None:
-        import_gptqmodel()

@@ -6,7 +6,7 @@ import contextlib
 import warnings
 from pathlib import Path
 
-from raylm.methods.gptqmodel_import import before_lora
+from raylm.methods.unimported import unimported_as_absent
 
 # PEFT reads a property transformers 5 deprecated whenever it wraps a model or loads an adapter:
 # nothing a raylm user can change, so not printed.
@@ -41,9 +41,7 @@ def refuses_sharded_blocks(strategy, method, train) -> str | None:
 def wrap(model, config):
     from peft import get_peft_model
 
-    if str(config.peft_type.value) == "LORA":
-        before_lora()
-    with quiet_peft():
+    with quiet_peft(), unimported_as_absent("gptqmodel"):  # LoRA's injection asks for GPTQ layers
         return get_peft_model(model, config)
 
 
@@ -56,8 +54,7 @@ def load(base, folder):
     """The base with the adapter of `folder`, as PEFT's own loader puts it."""
     from peft import PeftModel
 
-    before_lora()
-    with quiet_peft():
+    with quiet_peft(), unimported_as_absent("gptqmodel"):
         return PeftModel.from_pretrained(base, str(folder))
 
 

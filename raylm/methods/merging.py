@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raylm.methods.unimported import save_pretrained
+
 
 class MergeError(Exception):
     pass
@@ -35,7 +37,7 @@ def merge_adapter(artifact: str, out: str, base: str | None = None) -> None:
         )
     model, method, base = load_adapter(folder, base)
     merged = methods.module(method.name).merge(model)
-    merged.save_pretrained(out, safe_serialization=True)
+    save_pretrained(merged, out, safe_serialization=True)
     source = folder if (folder / "tokenizer_config.json").exists() else Path(base)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
 

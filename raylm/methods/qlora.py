@@ -25,6 +25,7 @@ from raylm.methods.hf_peft import (  # noqa: F401 - the method's artifact
     save,
 )
 from raylm.methods.lora import LoraMethod
+from raylm.methods.unimported import unimported_as_absent
 
 # Bits per base weight stored by bitsandbytes' 4-bit formats: the 4-bit codes plus an fp32 absmax per
 # 64 weights, or (double quantization) an 8-bit absmax per 64 and an fp32 scale per 256 of those.
@@ -163,6 +164,6 @@ def merge(model):
             use_safetensors=True,
         )
         base = base.dequantize()
-        with quiet_peft():
+        with quiet_peft(), unimported_as_absent("gptqmodel"):
             merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     return merged.float()

@@ -12,6 +12,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from raylm.methods.unimported import save_pretrained
+
 
 def is_uri(path: str) -> bool:
     return "://" in path
@@ -197,7 +199,7 @@ def export_model(model, tokenizer, stage: Path, publish_to: str | None) -> None:
     """Save `model` and `tokenizer` as a Hugging Face folder `model/` (safetensors) in the run."""
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        save_pretrained(model, folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     export_dir(stage, "model", write, publish_to)

@@ -382,7 +382,7 @@ class _Model:
         the loop's thread between steps. Returns the adapters deleted."""
         from peft import PeftModel
 
-        from raylm.methods.gptqmodel_import import before_lora
+        from raylm.methods.unimported import unimported_as_absent
 
         model = self.engine.model
         loaded = list(getattr(model, "peft_config", {}))
@@ -394,15 +394,15 @@ class _Model:
                 loaded.remove(old)
                 deleted.append(old)
         if name not in loaded:
-            before_lora()  # PEFT imports gptqmodel as it injects LoRA layers: quietly, first
-            if hasattr(model, "peft_config"):
-                model.load_adapter(path, adapter_name=name)
-            else:
-                try:
-                    self.engine.model = PeftModel.from_pretrained(model, path, adapter_name=name)
-                except Exception:
-                    _strip_adapter_layers(model)
-                    raise
+            with unimported_as_absent("gptqmodel"):  # LoRA's injection asks for GPTQ layers
+                if hasattr(model, "peft_config"):
+                    model.load_adapter(path, adapter_name=name)
+                else:
+                    try:
+                        self.engine.model = PeftModel.from_pretrained(model, path, adapter_name=name)
+                    except Exception:
+                        _strip_adapter_layers(model)
+                        raise
             self.engine.model.eval()
         return deleted
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raylm.methods.unimported import save_pretrained
 from raylm.runtime import storage
 from raylm.spec.jobs import FinetuneJob
 from raylm.spec.reading import SpecError
@@ -299,7 +300,7 @@ def export(final, tokenizer, stage: Path, config: dict, job: FinetuneJob) -> dic
         merged = method.merge(final)
 
         def write_merged(folder: Path) -> None:
-            merged.save_pretrained(folder, safe_serialization=True)
+            save_pretrained(merged, folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
 
         storage.export_dir(stage, "merged", write_merged, config["publish_to"])

@@ -2,12 +2,14 @@
 parameter count equals the method's analytic count, and the artifact round-trips through its loader
 (PEFT's own for PEFT methods) and, where the method merges, through the merge, to the same logits."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from raylm import methods
 from raylm.data.sft import collate, encode
@@ -174,34 +176,54 @@ def test_saved_artifact_reloads_and_merges_to_the_same_logits(case, base_dir, tm
         torch.testing.assert_close(folded, logits, atol=1e-4, rtol=0)
 
 
-def test_lora_wraps_quietly_and_leaves_the_environment_alone(tmp_path):
-    """PEFT's LoRA imports gptqmodel (installed with the gptq extra), which prints a banner and rewrites
-    the environment on import (the CUDA allocator's settings, the Hugging Face cache folders): wrapping
-    a model prints nothing and leaves the environment as it was."""
+def test_lora_wraps_and_a_model_saves_without_importing_gptqmodel_or_deepspeed(tmp_path):
+    """PEFT's LoRA imports gptqmodel (installed with the gptq extra) to look for GPTQ layers, and
+    transformers' save_pretrained imports DeepSpeed (through accelerate) to look for a DeepSpeed engine:
+    seconds of CPU in each process, a banner and a rewritten environment (gptqmodel), DeepSpeed's
+    accelerator line. Through raylm neither is imported, nothing is printed, the environment stays as it
+    was, PEFT's check is its own again afterwards, and the saved folder equals transformers' own save
+    (which does import DeepSpeed: the check this spares is real)."""
     program = (
-        "import os\n"
+        "import os, sys\n"
+        "before = dict(os.environ)\n"
+        "import peft.import_utils\n"
         "from transformers import AutoModelForCausalLM, LlamaConfig\n"
         "from raylm.methods.lora import LoraMethod, apply\n"
+        "from raylm.methods.unimported import save_pretrained\n"
+        "original = peft.import_utils.is_gptqmodel_available\n"
         "config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,"
         " vocab_size=64)\n"
         "model = apply(AutoModelForCausalLM.from_config(config), LoraMethod(name='lora', r=4))\n"
-        "after = {k: v for k, v in os.environ.items() if not k.startswith(OWN)}\n"
-        "print('gptqmodel' in __import__('sys').modules, after == before)\n"
+        "base = model.get_base_model()\n"
+        "save_pretrained(base, sys.argv[1], safe_serialization=True)\n"
+        # torch's compiler records its cache folder for itself
+        "changed = sorted(k for k in set(before) | set(os.environ)"
+        " if before.get(k) != os.environ.get(k) and k != 'TORCHINDUCTOR_CACHE_DIR')\n"
+        "print('gptqmodel' in sys.modules, 'deepspeed' in sys.modules,"
+        " peft.import_utils.is_gptqmodel_available is original, changed, flush=True)\n"
+        "base.save_pretrained(sys.argv[2], safe_serialization=True)\n"
+        "print('deepspeed' in sys.modules, flush=True)\n"
     )
-    # raylm's own settings for gptqmodel, and the cache folder torch's compiler records for itself
-    own = "OWN = ('GPTQMODEL_', 'TORCHINDUCTOR_CACHE_DIR')\n"
-    program = (
-        "import os\n"
-        + own
-        + "before = {k: v for k, v in os.environ.items() if not k.startswith(OWN)}\n"
-        + program
-    )
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTORCH_ALLOC", "CUDA_", "HF_", "KMP_"))}
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip().splitlines() == ["True True"]  # imported, and the environment as it was
+    out = subprocess.run(
+        [sys.executable, "-c", program, str(ours), str(theirs)], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    # neither imported, PEFT's check its own again, the environment as it was; then transformers' save
+    assert [lines[0], lines[-1]] == ["False False True []", "True"], out.stdout + out.stderr[-3000:]
+    ours_weights, theirs_weights = (
+        load_file(ours / "model.safetensors"),
+        load_file(theirs / "model.safetensors"),
+    )
+    assert ours_weights.keys() == theirs_weights.keys() and len(ours_weights) > 0
+    for name, tensor in ours_weights.items():
+        assert torch.equal(tensor, theirs_weights[name]), name
+    assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
     printed = [line for line in out.stderr.splitlines() if line.strip()]
-    # torchao's own import-time lines (a CPU build: no CUDA kernels, no Triton) and, on a CPU with
-    # AVX512-BF16, bitsandbytes' notice that its optional hub kernel (kernels-community) is not to be had
-    # offline are all that may remain
-    others = ("torchao", "_pytree", "kernels-community")
+    # DeepSpeed's lines come from transformers' own save, after raylm's; torch's _pytree notices and, on
+    # a CPU with AVX512-BF16, bitsandbytes' notice that its optional hub kernel (kernels-community) is
+    # not to be had offline may remain
+    others = ("torchao", "_pytree", "kernels-community", "real_accelerator", "Writing model shards")
     assert [line for line in printed if not any(o in line for o in others)] == [], printed
