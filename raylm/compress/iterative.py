@@ -18,6 +18,7 @@ import yaml
 
 from raylm.compress import retrain
 from raylm.compress.inputs import check_causal_lm
+from raylm.methods.unimported import save_pretrained
 
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
 
@@ -116,6 +117,6 @@ def rewind_task(spec: dict, trained: str, start: str, sparsity: float, initial: 
     rewound.generation_config = model.generation_config
     partial = Path(start).parent / f".{Path(start).name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    rewound.save_pretrained(str(partial))
+    save_pretrained(rewound, str(partial))
     tokenizer.save_pretrained(str(partial))
     partial.rename(start)

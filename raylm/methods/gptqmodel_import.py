@@ -3,7 +3,7 @@
 raylm's GPTQ quantization and GPTQ models use it. (PEFT's LoRA would import it too, whenever it is
 installed, to check each target layer for GPTQ kernels: raylm.methods.unimported spares that.) On import
 it prints a banner and notices (the GIL one as a warning) into the job's console, and rewrites the
-process's environment: PYTORCH_ALLOC_CONF and CUDA_DEVICE_ORDER (a GPU LoRA run's CUDA allocator), and
+process's environment: PYTORCH_ALLOC_CONF and CUDA_DEVICE_ORDER (a GPU job's CUDA allocator), and
 through its tokenizer helper HF_HOME, HF_HUB_CACHE, TRANSFORMERS_CACHE and HF_MODULES_CACHE (to a folder
 under /tmp: the job's own Hugging Face cache would be missed), KMP_DUPLICATE_LIB_OK,
 TORCHINDUCTOR_CACHE_DIR. Imported here first, its output goes nowhere and the environment is put back as

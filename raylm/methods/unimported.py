@@ -36,7 +36,8 @@ _swapped: dict[str, tuple] = {}
 @contextlib.contextmanager
 def unimported_as_absent(package: str) -> Iterator[None]:
     """Within the block, the library's availability check for `package` says False while `package`
-    is not imported (for every thread: the answer it gives is the same either way)."""
+    is not imported, for every thread. raylm's saves and LoRA injections run these checks only to test
+    types; accelerate also asks before building a DeepSpeed Accelerator, which raylm never builds."""
     library, home, name = CHECKS[package]
     with _lock:
         if not _users.get(package):
@@ -45,8 +46,8 @@ def unimported_as_absent(package: str) -> Iterator[None]:
             def check() -> bool:
                 return package in sys.modules and original()
 
-            _replace(library, name, original, check)
             _swapped[package] = (original, check)
+            _replace(library, name, original, check)
         _users[package] = _users.get(package, 0) + 1
     try:
         yield
@@ -60,9 +61,14 @@ def unimported_as_absent(package: str) -> Iterator[None]:
 
 def _replace(library: str, name: str, old, new) -> None:
     """Each module of `library` that imported the check by name holds its own reference to it (read
-    with vars(): a lazy module's __getattr__ is not triggered)."""
+    from the module's __dict__: a lazy module's __getattr__ is not triggered)."""
     for module_name, module in list(sys.modules.items()):
-        if module_name.split(".")[0] == library and vars(module).get(name) is old:
+        namespace = getattr(module, "__dict__", None)  # sys.modules may hold None or other objects
+        if (
+            module_name.split(".")[0] == library
+            and isinstance(namespace, dict)
+            and namespace.get(name) is old
+        ):
             setattr(module, name, new)
 
 

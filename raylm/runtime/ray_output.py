@@ -23,7 +23,7 @@ KEPT_PREFIX = "[raylm] trial "  # a search's trial processes: one line as each s
 LIBRARY_NOTICES = (
     # torchao, imported by transformers' and PEFT's quantizer integrations, on a CPU build of torch
     "Detected no triton",
-    # gptqmodel, which PEFT's LoRA imports to check each layer for GPTQ whenever gptqmodel is installed
+    # gptqmodel, imported where a job quantizes to GPTQ or loads a GPTQ model
     "Python GIL is enabled",
     # PEFT reading transformers 5's deprecated property when it loads an adapter
     DEPRECATION,

@@ -184,7 +184,8 @@ def test_lora_wraps_and_a_model_saves_without_importing_gptqmodel_or_deepspeed(t
     was, PEFT's check is its own again afterwards, and the saved folder equals transformers' own save
     (which does import DeepSpeed: the check this spares is real)."""
     program = (
-        "import os, sys\n"
+        "import importlib.util, os, sys\n"
+        "assert importlib.util.find_spec('gptqmodel'), 'the gptq extra is not installed: nothing to spare'\n"
         "before = dict(os.environ)\n"
         "import peft.import_utils\n"
         "from transformers import AutoModelForCausalLM, LlamaConfig\n"
