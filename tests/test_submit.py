@@ -244,6 +244,8 @@ def test_a_search_submitted_to_the_cluster_runs_its_trials_there(
     done = raylm("run", str(spec_file), "--address", address, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "2 trial(s) at once" in done.stdout and "done: search search (2 completed)" in done.stdout
+    # the job's processes know their cluster beside the test sessions' Rays (Ray Train's cleaner)
+    assert "Found multiple active Ray instances" not in done.stdout + done.stderr
     files = bucket_files(output)
     trials = sorted(
         name.split("/")[1] for name in files if name.startswith("trials/") and name.endswith("/summary.json")
@@ -458,6 +460,7 @@ def test_a_node_reclaimed_with_notice_costs_no_step_and_the_run_finishes_on_the_
             job.kill()
     (tmp_path / "job.log").write_text(out)
     assert job.returncode == 0 and "SUCCEEDED" in out, out[-4000:]
+    assert "Found multiple active Ray instances" not in out  # Ray Train's cleaner found its cluster
     assert "2 worker(s) on 2 node(s)" in out and "1 worker(s) on 1 node(s)" in out  # before and after
     summary = json.loads(read_bytes(output, "summary.json"))
     assert summary["steps"] == 400 and summary["resumed_from"] >= notice  # restarted from the bucket
@@ -481,3 +484,17 @@ def test_a_node_reclaimed_with_notice_costs_no_step_and_the_run_finishes_on_the_
     assert stop.returncode == 0 and "not running" in stop.stdout
     unknown = raylm("jobs", "status", "no-such-job", "--address", address, env=env)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+
+
+@pytest.mark.quick
+def test_a_job_driver_passes_its_cluster_address_to_the_jobs_processes(monkeypatch):
+    """Inside a Ray job the driver's RAY_ADDRESS (the GCS address the Jobs API gives it) goes to the job's
+    processes, unless it is no address or the job's own runtime environment already sets it."""
+    from raylm.runtime.cluster import address_for_the_job
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert address_for_the_job("10.0.0.5:6379") == {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}
+    assert address_for_the_job("auto") is None and address_for_the_job("http://10.0.0.5:8265") is None
+    job = {"runtime_env": {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert address_for_the_job("10.0.0.5:6379") is None  # Ray would refuse the key twice

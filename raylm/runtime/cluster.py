@@ -8,6 +8,7 @@ unless Ray token authentication is configured (RAY_AUTH_MODE=token and a token).
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -29,7 +30,11 @@ def ensure_ray(job, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+        ray.init(
+            log_to_driver=True,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            runtime_env=address_for_the_job(os.environ["RAY_ADDRESS"]),
+        )
     else:
         needed = (
             job.cpus_needed
@@ -42,6 +47,20 @@ def ensure_ray(job, verbose: bool = False) -> None:
         from raylm.runtime.ray_output import quiet_ray_console
 
         quiet_ray_console()
+
+
+def address_for_the_job(address: str) -> dict | None:
+    """The job's processes are told the cluster's address, as the embedded Ray's are: Ray Train's
+    placement-group cleaner looks the cluster up by itself, and on a machine with a second Ray it
+    fails ("Found multiple active Ray instances"; seen in the Jobs-API tests, beside the test sessions'
+    Rays), leaving a stopped search trial's workers reserved. Not where the address is not one (`auto`,
+    a URL), nor where the job's own runtime environment sets RAY_ADDRESS (Ray refuses a key set twice)."""
+    if address == "auto" or "://" in address:
+        return None
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # a Ray job's own settings
+    if "RAY_ADDRESS" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"RAY_ADDRESS": address}}
 
 
 _EMBEDDED = False
