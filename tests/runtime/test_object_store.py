@@ -224,6 +224,9 @@ def test_a_finetune_reads_its_base_from_the_bucket_and_writes_its_adapter_there(
         output,
         {"name": "lora", "r": 4},
         train={"max_steps": 10, "eval_every": 5, "checkpoint_every": 10},
+        # one worker: the driver fills the node's cache before any starts, and the ranks' bucket writes
+        # are the killed run's and the node-loss test's
+        resources={"num_workers": 1},
     )
     spec["data"] = {"path": f"{bucket}/data/sft.jsonl", "seq_len": 24}
     summary = run_here(validate_dict(spec))
