@@ -489,12 +489,14 @@ def test_a_node_reclaimed_with_notice_costs_no_step_and_the_run_finishes_on_the_
 @pytest.mark.quick
 def test_a_job_driver_passes_its_cluster_address_to_the_jobs_processes(monkeypatch):
     """Inside a Ray job the driver's RAY_ADDRESS (the GCS address the Jobs API gives it) goes to the job's
-    processes, unless it is no address or the job's own runtime environment already sets it."""
+    processes; not outside a job, not a non-address, not where the job's own environment sets it."""
     from raylm.runtime.cluster import address_for_the_job
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert address_for_the_job("127.0.0.1:6379") is None  # set by hand: may be loopback on a cluster
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": {}}))
     assert address_for_the_job("10.0.0.5:6379") == {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}
-    assert address_for_the_job("auto") is None and address_for_the_job("http://10.0.0.5:8265") is None
+    assert address_for_the_job("auto") is None and address_for_the_job("ray://10.0.0.5:10001") is None
     job = {"runtime_env": {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}, "metadata": {}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert address_for_the_job("10.0.0.5:6379") is None  # Ray would refuse the key twice

@@ -56,16 +56,17 @@ def unimported_as_absent(package: str) -> Iterator[None]:
             _users[package] -= 1
             if not _users[package]:
                 original, check = _swapped.pop(package)
-                _replace(library, name, check, original)  # also in modules imported within the block
+                # in any module: one imported within the block, of any package, took the replacement
+                _replace(None, name, check, original)
 
 
-def _replace(library: str, name: str, old, new) -> None:
-    """Each module of `library` that imported the check by name holds its own reference to it (read
-    from the module's __dict__: a lazy module's __getattr__ is not triggered)."""
+def _replace(library: str | None, name: str, old, new) -> None:
+    """Each module (of `library`, or any) that imported the check by name holds its own reference to it
+    (read from the module's __dict__: a lazy module's __getattr__ is not triggered)."""
     for module_name, module in list(sys.modules.items()):
         namespace = getattr(module, "__dict__", None)  # sys.modules may hold None or other objects
         if (
-            module_name.split(".")[0] == library
+            library in (None, module_name.split(".")[0])
             and isinstance(namespace, dict)
             and namespace.get(name) is old
         ):

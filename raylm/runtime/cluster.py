@@ -7,6 +7,7 @@ unless Ray token authentication is configured (RAY_AUTH_MODE=token and a token).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -50,15 +51,17 @@ def ensure_ray(job, verbose: bool = False) -> None:
 
 
 def address_for_the_job(address: str) -> dict | None:
-    """The job's processes are told the cluster's address, as the embedded Ray's are: Ray Train's
-    placement-group cleaner looks the cluster up by itself, and on a machine with a second Ray it
-    fails ("Found multiple active Ray instances"; seen in the Jobs-API tests, beside the test sessions'
-    Rays), leaving a stopped search trial's workers reserved. Not where the address is not one (`auto`,
-    a URL), nor where the job's own runtime environment sets RAY_ADDRESS (Ray refuses a key set twice)."""
-    if address == "auto" or "://" in address:
+    """Inside a Ray job (the Jobs API's), the job's processes are told the cluster address its driver was
+    given, as the embedded Ray's are: Ray Train's placement-group cleaner looks the cluster up by itself,
+    and on a machine with a second Ray it fails ("Found multiple active Ray instances"; seen in the
+    Jobs-API tests, beside the test sessions' Rays), leaving a stopped search trial's workers reserved.
+    Not outside a job (RAY_ADDRESS set by hand may be loopback or `local`), not for a non-address
+    (`auto`, a URL), nor where the job's own runtime environment sets RAY_ADDRESS (Ray refuses a key set
+    twice). The Jobs API gives its drivers the GCS address, canonical."""
+    settings = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # a Ray job's own settings
+    if not settings or address == "auto" or "://" in address:
         return None
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # a Ray job's own settings
-    if "RAY_ADDRESS" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+    if "RAY_ADDRESS" in ((json.loads(settings).get("runtime_env") or {}).get("env_vars") or {}):
         return None
     return {"env_vars": {"RAY_ADDRESS": address}}
 
@@ -91,11 +94,15 @@ def start_local_ray(num_cpus: int, verbose: bool = False) -> None:
             if "timed out during startup" not in str(err):
                 raise
             logs = _stop_half_started_node(err)
+            if not _agent_was_late(logs):
+                raise SubmitError(
+                    f"the local Ray did not come up: {err} Its raylet's log: {logs}/raylet.out"
+                ) from None
             if attempt == STARTS:
                 raise SubmitError(
-                    f"the local Ray did not come up in {STARTS} tries: {err} Often its dashboard agent took "
+                    f"the local Ray did not come up in {STARTS} tries: {err} Each time its dashboard agent took "
                     "longer to start than the raylet waits for, on a busy machine (the raylet's log, "
-                    f"{logs}/raylet.out, then ends with 'Timed out waiting for file'). Run again when the "
+                    f"{logs}/raylet.out, ends with 'Timed out waiting for file'). Run again when the "
                     "machine is less loaded, or start Ray yourself (`ray start --head`) and run with "
                     "RAY_ADDRESS=auto."
                 ) from None
@@ -119,10 +126,20 @@ def _stop_half_started_node(err: Exception) -> str:
     while frame is not None:
         node = frame.tb_frame.f_locals.get("self")
         if isinstance(node, Node):
-            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+            with contextlib.suppress(Exception):  # Ray's own error is the one to report
+                node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
             return node.get_logs_dir_path()
         frame = frame.tb_next
     return "/tmp/ray/session_latest/logs"
+
+
+def _agent_was_late(logs: str) -> bool:
+    """Whether the raylet aborted waiting for its agents' port files (the busy-machine case a new start
+    gets past), not for another reason (a taken port, a full /dev/shm) that a new start would repeat."""
+    try:
+        return "Timed out waiting for file" in (Path(logs) / "raylet.out").read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _init_local_ray(num_cpus: int, verbose: bool) -> None:

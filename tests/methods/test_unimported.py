@@ -45,10 +45,14 @@ def test_the_library_checks_say_absent_within_the_block_and_are_their_own_after(
         late = types.ModuleType("fakelib.late")
         late.is_fakepkg_available = modules["fakelib.imports"].is_fakepkg_available
         monkeypatch.setitem(sys.modules, "fakelib.late", late)
+        # and so does a module of another package that imports it by name then
+        elsewhere = types.ModuleType("otherlib.late")
+        elsewhere.is_fakepkg_available = modules["fakelib.imports"].is_fakepkg_available
+        monkeypatch.setitem(sys.modules, "otherlib.late", elsewhere)
         # once the package is imported, the library's own answer
         monkeypatch.setitem(sys.modules, "fakepkg", types.ModuleType("fakepkg"))
         assert modules["fakelib.user"].is_fakepkg_available() is True
-    for module in (*modules.values(), late):
+    for module in (*modules.values(), late, elsewhere):
         assert module.is_fakepkg_available is original
 
 
