@@ -380,6 +380,8 @@ def test_a_server_deployed_through_the_jobs_api_stays_up_and_needs_the_key(
         )
         runtime_env = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert "RAYLM_API_KEY_SHA256" in runtime_env.stdout, runtime_env.stderr[-2000:]
+        # the job's processes start collecting garbage rarely (raylm.runtime.startup_gc)
+        assert '"worker_process_setup_hook": "raylm.runtime.startup_gc.during_startup"' in runtime_env.stdout
         assert key not in runtime_env.stdout and key not in done.stdout
     finally:
         subprocess.run(["serve", "shutdown", "-y", "-a", address], env=env, capture_output=True)

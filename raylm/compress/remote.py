@@ -33,8 +33,10 @@ def start(spec_model, spec: dict):
     task's CPUs."""
     import torch
 
+    from raylm.runtime.startup_gc import after_startup
     from raylm.runtime.storage import localize_inputs_here
 
+    after_startup()  # Python's collection thresholds while the model's tensors live
     job = spec_model(**spec)
     localize_inputs_here(job)  # a model named by a storage URI: this node's copy
     torch.set_num_threads(max(1, int(job.resources.cpus)))

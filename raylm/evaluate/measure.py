@@ -17,8 +17,10 @@ def evaluate_model(spec: dict, index: int, texts: list[str], task_rows: list[lis
 
     from raylm.compress.measure import cross_entropy
     from raylm.infer.loading import LoadError, load_for_generation
+    from raylm.runtime.startup_gc import after_startup
     from raylm.spec.evaluate import EvaluateJob
 
+    after_startup()  # Python's collection thresholds while the model's tensors live
     job = EvaluateJob(**spec)
     entry = job.models[index]
     torch.set_num_threads(max(1, int(job.resources.cpus)))

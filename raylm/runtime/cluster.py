@@ -146,6 +146,8 @@ def _init_local_ray(num_cpus: int, verbose: bool) -> None:
     import ray
     from ray.util import get_node_ip_address
 
+    from raylm.runtime import startup_gc
+
     # Ray's own processes (Ray Train's placement-group cleaner, state queries) find "the" cluster
     # through RAY_ADDRESS, else by looking for running Ray instances: with a second Ray on the same
     # machine they fail ("Found multiple active Ray instances"), and a Tune trial stopped early would
@@ -167,7 +169,8 @@ def _init_local_ray(num_cpus: int, verbose: bool) -> None:
                     # Ray Train's watcher of preempted nodes polls every 5 s: on the one machine this
                     # Ray lives on there is no other node to move to, only CPU taken from training
                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                }
+                },
+                "worker_process_setup_hook": startup_gc.HOOK,  # its imports at ~0.8 of their CPU
             },
         )
     finally:

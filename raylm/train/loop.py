@@ -27,7 +27,7 @@ def train_loop(config: dict) -> dict | None:
     import torch
 
     from raylm.methods.hf_peft import silence_peft
-    from raylm.runtime import storage
+    from raylm.runtime import startup_gc, storage
     from raylm.train import checkpoint, hostmem, metrics, preemption, strategies
     from raylm.train.metrics import MetricsLog, emit
     from raylm.train.preference import preference_row
@@ -62,6 +62,7 @@ def train_loop(config: dict) -> dict | None:
     sharded = strategies.fills_from_rank0(plan)
     config = {**config, "sharded": sharded, "empty": rank != 0 and sharded}
     import_model_code(job, plan)  # so that the host memory measured next is the model's, not code's
+    startup_gc.after_startup()  # imports done: Python's collection thresholds while tensors live
     host_start = hostmem.reset_peak()
     model, before = kind.worker_model(job, tokenizer, device, rank, config)
     model.config.use_cache = False

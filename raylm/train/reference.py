@@ -119,12 +119,13 @@ def reference_logps(job, tokenizer, where: str, split: str, info: dict, start: i
     import torch
 
     from raylm import methods
-    from raylm.runtime import storage
+    from raylm.runtime import startup_gc, storage
     from raylm.train.base_model import base_model
     from raylm.train.preference import answer_logps, without_dropout
     from raylm.train.reader import CachedSplit, to_longest
     from raylm.train.strategies import autocast
 
+    startup_gc.after_startup()  # Python's collection thresholds while the model's tensors live
     storage.localize_inputs_here(job)
     device = torch.device("cuda" if job.resources.use_gpu and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
