@@ -15,7 +15,8 @@ so Python's thresholds stay (700, 10, 10) everywhere. In each process one fit fi
 (Ray Data's and the tokenizer's first imports), then `--fits` fits, each measured as the machine's
 busy CPU seconds over the fit (/proc/stat: every process, Ray's included) and its wall time. Rounds
 alternate the sides. Also measured: the imports of a training worker alone (torch, ray.train.torch,
-transformers' Llama, PEFT) in a fresh Python with each side's thresholds (raylm: `during_startup`),
+transformers' Llama, PEFT) in a fresh Python that has imported ray (as a Ray worker has before its
+setup hook runs), with each side's thresholds (raylm: `during_startup`),
 their CPU time and the part of it spent collecting garbage (`gc.callbacks`), by the process's own
 clock (far steadier here than the machine's).
 Written to benchmarks/results/startup_gc.json.
@@ -95,6 +96,7 @@ def child(side: str, base: str, work: str, fits: int) -> None:
 
 IMPORT_CODE = """
 import gc, json, sys, time
+import ray  # a Ray worker has imported ray before its setup hook runs
 if sys.argv[1] == "raylm":
     from raylm.runtime.startup_gc import during_startup
     during_startup()
@@ -153,7 +155,7 @@ def main() -> None:
                 f"round {r} {side:8s} fits: {cpu:5.1f} CPU-s, {statistics.mean(row['wall_s'] for row in measured):5.1f} s"
             )
     imports: dict[str, list[dict]] = {"raylm": [], "default": []}
-    for _ in range(args.imports):  # (before the fits: a failing fit still leaves these measured)
+    for _ in range(args.imports):
         for side in imports:
             imports[side].append(import_cpu_s(side))
     summary = {}

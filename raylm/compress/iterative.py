@@ -94,9 +94,11 @@ def rewind_task(spec: dict, trained: str, start: str, sparsity: float, initial: 
     from raylm.compress.sparsity import mask_lowest
     from raylm.methods.blocks import prunable
     from raylm.planning.models import build_model
+    from raylm.runtime.startup_gc import after_startup
     from raylm.spec.compress import PruneJob
     from raylm.spec.sections import ModelSpec
 
+    after_startup()  # Python's collection thresholds while the models' tensors live
     job = PruneJob(**spec)
     torch.set_num_threads(max(1, int(job.resources.cpus)))
     tokenizer = AutoTokenizer.from_pretrained(trained)

@@ -143,7 +143,9 @@ def prune_only_task(spec: dict, calibration, folder: str) -> None:
     from transformers import AutoTokenizer
 
     from raylm.planning.models import build_model
+    from raylm.runtime.startup_gc import after_startup
 
+    after_startup()  # Python's collection thresholds while the model's tensors live
     job = PruneJob(**spec)
     torch.set_num_threads(max(1, int(job.resources.cpus)))
     device = "cuda" if job.resources.use_gpu else "cpu"

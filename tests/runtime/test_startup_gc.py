@@ -6,6 +6,7 @@ pytest tests/runtime/test_startup_gc.py
 from __future__ import annotations
 
 import gc
+import uuid
 
 import pytest
 
@@ -36,14 +37,17 @@ def test_startup_raises_the_youngest_threshold_and_after_startup_restores_the_pr
 
 def test_the_embedded_rays_processes_start_collecting_rarely(ray_local):
     """The setup hook of the job's runtime environment runs in its tasks and actors (Ray Train's
-    workers and controller are actors); the driver keeps Python's thresholds."""
+    workers and controller are actors), also in those with runtime environments of their own (merged
+    with the job's, as the compress tasks' and Ray Train's are); the driver keeps Python's thresholds.
+    (A fresh process each: a pooled worker that ran a restoring task has Python's thresholds again.)"""
     ray = ray_local
+    own = {"env_vars": {"RAYLM_TEST_PROCESS": uuid.uuid4().hex}}
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, runtime_env=own)
     def task_threshold():
         return gc.get_threshold()
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, runtime_env=own)
     class Actor:
         def threshold(self):
             return gc.get_threshold()
