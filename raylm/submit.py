@@ -85,7 +85,7 @@ def _runtime_env(job, workdir: Path) -> dict:
         # Ship this raylm so the cluster runs the code that validated the spec.
         "py_modules": [str(Path(raylm.__file__).parent)],
         "env_vars": env_vars,
-        "worker_process_setup_hook": startup_gc.HOOK,  # the job's processes start at ~0.8 of the CPU
+        "worker_process_setup_hook": startup_gc.HOOK,  # fewer collections while processes import
     }
 
 

@@ -170,7 +170,7 @@ def _init_local_ray(num_cpus: int, verbose: bool) -> None:
                     # Ray lives on there is no other node to move to, only CPU taken from training
                     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                 },
-                "worker_process_setup_hook": startup_gc.HOOK,  # its imports at ~0.8 of their CPU
+                "worker_process_setup_hook": startup_gc.HOOK,  # fewer collections while processes import
             },
         )
     finally:

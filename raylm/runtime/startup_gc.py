@@ -1,16 +1,17 @@
 """Python's garbage collector while a process of a job starts.
 
 Every Ray worker process of a raylm job imports before it does anything: a training worker torch,
-ray.train, transformers and PEFT (~8 s of CPU here), Ray Train's controller and its helper actors
-ray.train. Python's cyclic collector examines its youngest generation after every 700 net allocations
-of container objects, and an import of that size allocates hundreds of thousands (classes, functions,
-dicts): ~15-20% of the imports' CPU goes to collections that find almost nothing. So each process of a
-job collects rarely while it starts (the `worker_process_setup_hook` of the job's runtime environment,
-set by `raylm.runtime.cluster` and `raylm.submit`), and the code that then holds tensors for long (the
-training loop, a server's model process) restores Python's thresholds once its imports are done, so
-that cyclic garbage holding tensors is freed as promptly as in any other PyTorch program. Ray's own
-actors (the Train controller, Tune's trials) keep the rare collections: they hold no tensors.
-benchmarks/startup_gc.py measures a fit's CPU with and without it (BENCHMARKS.md).
+ray.train, transformers and PEFT (6-10 s of CPU on a 2-core machine), Ray Train's controller and its
+helper actors ray.train. Python's cyclic collector examines its youngest generation after every 700 net
+allocations of container objects, and an import of that size allocates hundreds of thousands (classes,
+functions, dicts): about a sixth of a training worker's import CPU went to collections that find almost
+nothing. So each process of a job collects rarely while it starts (the `worker_process_setup_hook` of
+the job's runtime environment, set by `raylm.runtime.cluster` and `raylm.submit`), and the code that then
+holds tensors for long (the training loop, a server's model process, the quantization, pruning,
+evaluation and preference-reference tasks) restores Python's thresholds once its imports are done, so
+that cyclic garbage holding tensors is freed as promptly as in any other PyTorch program. Processes that
+hold no tensors (Ray Train's controller, Tune's trials, Serve's replicas, Ray Data's tasks) keep the rare
+collections for their life. benchmarks/startup_gc.py measures it (BENCHMARKS.md).
 """
 
 from __future__ import annotations

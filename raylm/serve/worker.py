@@ -54,7 +54,7 @@ class EngineProcess:
 
         self.observe = observe
         self.conn, child = Pipe()
-        code = (  # imports at ~0.8 of their CPU (raylm.runtime.startup_gc)
+        code = (  # fewer collections while it imports (raylm.runtime.startup_gc)
             "from raylm.runtime.startup_gc import during_startup; during_startup(); "
             "from raylm.serve.worker import main; main()"
         )
